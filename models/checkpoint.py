@@ -1,0 +1,208 @@
+"""SAT checkpoint format: read and write it exactly (REFERENCE.md section 7).
+
+A SAT checkpoint is a directory: `model_config.json`, `latest` (the iteration as text) and
+`<iter>/mp_rank_XX_model_states.pt` holding `{'module': state_dict}` with SAT's key names.
+Our modules use the HF release's names; `sat_key()` is the whole rename table.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from .config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file, key and shapes."""
+
+
+# (our name regex, SAT name template). First match wins; \1 etc. refer to groups.
+_SAT_RENAMES = [
+    (r"embed_tokens\.weight", "transformer.word_embeddings.weight"),
+    (r"norm\.weight", "transformer.final_layernorm.weight"),
+    (r"lm_head\.weight", "mixins.lm.lm_head.weight"),
+    (r"rotary\.inv_freq", "mixins.rotary.rotary_emb.inv_freq"),
+    (r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm|post_cross_attention_layernorm)\.weight",
+     r"transformer.layers.\1.\2.weight"),
+    (r"layers\.(\d+)\.self_attn\.language_expert_query_key_value\.weight",
+     r"transformer.layers.\1.attention.query_key_value.weight"),
+    (r"layers\.(\d+)\.self_attn\.language_expert_dense\.weight",
+     r"transformer.layers.\1.attention.dense.weight"),
+    (r"layers\.(\d+)\.self_attn\.vision_expert_query_key_value\.weight",
+     r"mixins.rotary.vision_query_key_value_list.\1.weight"),
+    (r"layers\.(\d+)\.self_attn\.vision_expert_dense\.weight", r"mixins.rotary.vision_dense_list.\1.weight"),
+    (r"layers\.(\d+)\.mlp\.language_mlp\.up_proj\.weight", r"transformer.layers.\1.mlp.dense_h_to_4h.weight"),
+    (r"layers\.(\d+)\.mlp\.language_mlp\.down_proj\.weight", r"transformer.layers.\1.mlp.dense_4h_to_h.weight"),
+    (r"layers\.(\d+)\.mlp\.language_mlp\.gate_proj\.weight", r"mixins.mlp.gate_proj.\1.weight"),
+    (r"layers\.(\d+)\.mlp\.vision_mlp\.up_proj\.weight", r"mixins.mlp.vision_dense_h_to_4h_list.\1.weight"),
+    (r"layers\.(\d+)\.mlp\.vision_mlp\.down_proj\.weight", r"mixins.mlp.vision_dense_4h_to_h_list.\1.weight"),
+    (r"layers\.(\d+)\.mlp\.vision_mlp\.gate_proj\.weight", r"mixins.mlp.vision_gate_proj.\1.weight"),
+    (r"layers\.(\d+)\.cross_attn\.(query|key_value|dense)\.weight", r"transformer.layers.\1.cross_attention.\2.weight"),
+    # Low-res EVA2-CLIP-E and the adapter.
+    (r"vision\.patch_embedding\.proj\.(weight|bias)", r"mixins.eva.vit_model.mixins.patch_embedding.proj.\1"),
+    (r"vision\.patch_embedding\.cls_embedding", "mixins.eva.vit_model.transformer.word_embeddings.weight"),
+    (r"vision\.patch_embedding\.position_embedding\.weight",
+     "mixins.eva.vit_model.transformer.position_embeddings.weight"),
+    (r"vision\.transformer\.layers\.(\d+)\.mlp\.fc1\.(weight|bias)",
+     r"mixins.eva.vit_model.transformer.layers.\1.mlp.dense_h_to_4h.\2"),
+    (r"vision\.transformer\.layers\.(\d+)\.mlp\.fc2\.(weight|bias)",
+     r"mixins.eva.vit_model.transformer.layers.\1.mlp.dense_4h_to_h.\2"),
+    (r"vision\.transformer\.layers\.(.*)", r"mixins.eva.vit_model.transformer.layers.\1"),
+    (r"vision\.linear_proj\.(.*)", r"mixins.eva.linear_proj.\1"),
+    (r"vision\.(boi|eoi|pos_embed)", r"mixins.eva.\1"),
+    # CogAgent high-res encoder (timm-style names kept).
+    (r"cross_vision\.vit\.model\.(.*)", r"mixins.encoder.vit.model.\1"),
+    (r"cross_vision\.pos_embed", "mixins.encoder.pos_embed"),
+]
+_SAT_RENAMES = [(re.compile(p + "$"), t) for p, t in _SAT_RENAMES]
+
+# Buffers that are derived from the config, never trained: rotary tables. SAT checkpoints
+# store them; we accept them on load (shape-checked), regenerate them, and write them back.
+DERIVED = re.compile(r"(rotary\.inv_freq|.*rope\.freqs_(cos|sin))$")
+
+
+def sat_key(name: str) -> str:
+    for pat, tmpl in _SAT_RENAMES:
+        m = pat.match(name)
+        if m:
+            return m.expand(tmpl)
+    raise KeyError(f"no SAT name for parameter {name!r}")
+
+
+def sat_key_map(model: nn.Module) -> dict[str, str]:
+    """SAT key -> our key, for every entry of the model's state dict."""
+    return {sat_key(k): k for k in model.state_dict().keys()}
+
+
+# ----------------------------------------------------------------------------------------
+def _torch_load(path: Path, trust: bool) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust, mmap=True)
+    except pickle.UnpicklingError as e:
+        if trust:
+            raise CheckpointError(f"{path}: cannot unpickle: {e}") from None
+        raise CheckpointError(
+            f"{path} needs full unpickling (it stores Python objects beyond tensors, e.g. "
+            f"optimizer or RNG state), which can run arbitrary code. If you trust this file, "
+            f"pass --trust-checkpoint (trust_checkpoint=True).") from None
+    except RuntimeError as e:
+        if "mmap" in str(e) or "zip" in str(e).lower():   # legacy (non-zip) torch.save format
+            try:
+                return torch.load(path, map_location="cpu", weights_only=not trust)
+            except Exception as e2:  # noqa: BLE001 - reported with the file name
+                raise CheckpointError(f"{path}: not a readable torch checkpoint ({e2})") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from None
+    except (EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from None
+
+
+def checkpoint_files(ckpt_dir: Path) -> tuple[str, list[Path]]:
+    """The iteration named by `latest` and its model-state files, one per model-parallel rank."""
+    latest = ckpt_dir / "latest"
+    if not latest.is_file():
+        raise CheckpointError(f"{ckpt_dir}: no 'latest' file (not a SAT checkpoint directory)")
+    it = latest.read_text().strip()
+    files = sorted((ckpt_dir / it).glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise CheckpointError(f"{ckpt_dir / it}: no mp_rank_XX_model_states.pt files "
+                              f"('latest' says iteration {it!r})")
+    return it, files
+
+
+def read_sat_state_dict(ckpt_dir: Path, trust: bool = False) -> dict:
+    _, files = checkpoint_files(ckpt_dir)
+    if len(files) > 1:
+        raise CheckpointError(
+            f"{ckpt_dir}: holds {len(files)} model-parallel shards; merge them first with "
+            f"`python utils/merge_model.py`, or load under torchrun with that many ranks")
+    obj = _torch_load(files[0], trust)
+    if not isinstance(obj, dict) or "module" not in obj:
+        raise CheckpointError(f"{files[0]}: expected a dict with a 'module' state dict")
+    return obj["module"]
+
+
+def load_state_into(model: nn.Module, sat_sd: dict, source: str, dtype: Optional[torch.dtype] = None,
+                    device="cpu") -> None:
+    """Load a SAT-named state dict into a model built on any device (meta included), one
+    tensor at a time (assign, no second copy). Every key must match by name and shape."""
+    own = model.state_dict(keep_vars=True)
+    names = sat_key_map(model)
+    extra = [k for k in sat_sd if k not in names]
+    if extra:
+        raise CheckpointError(f"{source}: unexpected key(s) not in this architecture: "
+                              f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+    missing = [s for s, o in names.items() if s not in sat_sd and not DERIVED.match(o)]
+    if missing:
+        raise CheckpointError(f"{source}: missing key(s): {', '.join(missing[:5])}"
+                              f"{' ...' if len(missing) > 5 else ''}")
+    for skey, okey in names.items():
+        if skey in sat_sd and tuple(sat_sd[skey].shape) != tuple(own[okey].shape):
+            raise CheckpointError(f"{source}: key {skey} has shape {tuple(sat_sd[skey].shape)} "
+                                  f"in the checkpoint but {tuple(own[okey].shape)} in the model "
+                                  f"built from model_config.json")
+    new_sd = {}
+    for skey, okey in tqdm(names.items(), desc="loading weights", unit="tensor",
+                           disable=len(names) < 200, leave=False):
+        if DERIVED.match(okey):
+            continue
+        t = sat_sd[skey]
+        if not t.is_floating_point():
+            raise CheckpointError(f"{source}: key {skey} has dtype {t.dtype}, expected floating point")
+        new_sd[okey] = t.to(device=device, dtype=dtype or t.dtype)
+    model.load_state_dict(new_sd, strict=False, assign=True)
+    regenerate_derived(model, device)
+
+
+def regenerate_derived(model: nn.Module, device="cpu") -> None:
+    """(Re)build the derived rotary buffers on `device` in fp32 (never loaded)."""
+    from .cogvlm import Rotary
+    from .eva import RopeTables, rope_2d_tables
+    for mod in model.modules():
+        if isinstance(mod, Rotary):
+            mod.inv_freq = mod.compute_inv_freq(device)
+        elif isinstance(mod, RopeTables):
+            mod.freqs_cos, mod.freqs_sin = (t.to(device) for t in rope_2d_tables(*mod.shape_args))
+
+
+# ----------------------------------------------------------------------------------------
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def to_sat_state_dict(model: nn.Module) -> dict:
+    return {sat_key(k): v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def save_sat_checkpoint(model: nn.Module, cfg: ModelConfig, out_dir, iteration: int = 1,
+                        extra: Optional[dict] = None, overwrite: bool = False) -> Path:
+    """Write `out_dir` in the SAT layout. Files are written to temporaries and renamed, and
+    `latest` is written last, so a crash never leaves `latest` pointing at a partial save."""
+    out = Path(out_dir)
+    target = out / str(iteration) / "mp_rank_00_model_states.pt"
+    if target.exists() and not overwrite:
+        raise CheckpointError(f"{target} exists; refusing to overwrite (pass overwrite=True)")
+    state = {"module": to_sat_state_dict(model), **(extra or {})}
+    _atomic_write(out / "model_config.json", lambda p: cfg.save(p))
+    _atomic_write(target, lambda p: torch.save(state, p))
+    _atomic_write(out / "latest", lambda p: Path(p).write_text(str(iteration)))
+    return out

@@ -1,0 +1,272 @@
+"""CogVLM / CogAgent language model: LLaMA decoder with a visual expert in every layer, and for
+CogAgent a cross-attention block per layer reading the high-resolution image features.
+
+One implementation serves every front end (SAT checkpoints, HF checkpoints, tensor parallel,
+quantized): those are weight conversions or module swaps applied after the model is built.
+Parameter names follow the HF release (`model.` prefix dropped); checkpoint.py maps SAT keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .eva import CrossVisionEncoder, ImageEncoder
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight
+
+
+class Rotary(nn.Module):
+    """GPT-NeoX style rotary (the two halves of each head rotate together).
+    `inv_freq` is a persistent buffer because SAT checkpoints store it."""
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        self.head_dim, self.base = head_dim, base
+        self.register_buffer("inv_freq", self.compute_inv_freq())
+
+    def compute_inv_freq(self, device=None) -> torch.Tensor:
+        return 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, device=device).float()
+                                    / self.head_dim))
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """position_ids: B,T -> cos, sin: B,1,T,D. Positions are computed in fp32 (the
+        original rounded them in bf16 above 256)."""
+        freqs = position_ids.float()[..., None] * self.inv_freq.float()            # B,T,D/2
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]                            # B,1,T,D
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def expert_linear(x: torch.Tensor, vision_mask: Optional[torch.Tensor],
+                  language: nn.Module, vision: nn.Module) -> torch.Tensor:
+    """Route each token to the language or the vision copy of a projection.
+    vision_mask: B,T bool (True = vision expert) or None when no token is a vision token,
+    in which case only the language weights are read (every decode step)."""
+    if vision_mask is None:
+        return language(x)
+    lang_out = language(x[~vision_mask])                                         # n_lang,out
+    out = x.new_empty(*x.shape[:-1], lang_out.shape[-1])
+    out[~vision_mask] = lang_out
+    out[vision_mask] = vision(x[vision_mask])
+    return out
+
+
+@dataclass
+class Cache:
+    """Preallocated per-layer K/V, written by slot index. Slots are token indices; rotary
+    positions are separate (an image occupies many slots but only 3 positions).
+    For CogAgent, each layer's cross K/V are computed once per image and kept here."""
+    k: list
+    v: list
+    length: int = 0                                  # filled slots
+    pad_mask: Optional[torch.Tensor] = None          # B,max_len bool, False = padding slot
+    cross_kv: Optional[list] = None                  # per layer (k, v): B,H,N,D
+    cross_rows: Optional[torch.Tensor] = None        # B bool: rows that have an image
+    next_position: Optional[torch.Tensor] = None     # B: rotary position of the next token
+    extras: dict = field(default_factory=dict)
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, batch: int, max_len: int, dtype, device) -> "Cache":
+        shape = (batch, cfg.num_attention_heads, max_len, cfg.head_dim)
+        return cls(k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)],
+                   v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)])
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+
+class VisionExpertAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.head_dim = cfg.head_dim
+        self.language_expert_query_key_value = nn.Linear(h, 3 * h, bias=False)
+        self.vision_expert_query_key_value = nn.Linear(h, 3 * h, bias=False)
+        self.language_expert_dense = nn.Linear(h, h, bias=False)
+        self.vision_expert_dense = nn.Linear(h, h, bias=False)
+
+    def forward(self, x, vision_mask, cos, sin, cache: Optional[Cache], layer: int, attn_mask):
+        B, T, _ = x.shape
+        qkv = expert_linear(x, vision_mask, self.language_expert_query_key_value,
+                            self.vision_expert_query_key_value)
+        # [q; k; v] blocks, heads contiguous inside each block. Local head count comes from
+        # the weight so that a tensor-parallel shard works unchanged.
+        qkv = qkv.view(B, T, 3, -1, self.head_dim)                               # B,T,3,H,D
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                            # B,H,T,D
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            s = cache.length
+            cache.k[layer][:, :, s:s + T] = k
+            cache.v[layer][:, :, s:s + T] = v
+            k, v = cache.k[layer][:, :, :s + T], cache.v[layer][:, :, :s + T]
+        if attn_mask is None:                          # one causal mask over every token
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = out.transpose(1, 2).reshape(B, T, -1)                               # B,T,H*D
+        return expert_linear(out, vision_mask, self.language_expert_dense, self.vision_expert_dense)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class VisionExpertMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.language_mlp = SwiGLU(cfg.hidden_size, cfg.inner_hidden_size)
+        self.vision_mlp = SwiGLU(cfg.hidden_size, cfg.inner_hidden_size)
+
+    def forward(self, x, vision_mask):
+        return expert_linear(x, vision_mask, self.language_mlp, self.vision_mlp)
+
+
+class CrossAttention(nn.Module):
+    """Every token attends, without mask or rotary, to all high-res image tokens."""
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c = cfg.cross
+        self.head_dim = c.attn_head_dim
+        self.query = nn.Linear(cfg.hidden_size, c.attn_hidden_size, bias=False)
+        self.key_value = nn.Linear(c.hidden_size, 2 * c.attn_hidden_size, bias=False)
+        self.dense = nn.Linear(c.attn_hidden_size, cfg.hidden_size, bias=False)
+
+    def compute_kv(self, enc: torch.Tensor):
+        """enc: B,N,W -> (k, v), each B,H,N,D. Keys are the first half of key_value's output."""
+        B, N, _ = enc.shape
+        kv = self.key_value(enc).view(B, N, 2, -1, self.head_dim)                 # B,N,2,H,D
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
+
+    def forward(self, x: torch.Tensor, kv) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.query(x).view(B, T, -1, self.head_dim).transpose(1, 2)          # B,H,T,D
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1])
+        return self.dense(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        eps = cfg.layernorm_epsilon
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.self_attn = VisionExpertAttention(cfg)
+        if cfg.cross is not None:
+            # Named "post" in both releases, but it normalises the cross attention's input.
+            self.post_cross_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
+            self.cross_attn = CrossAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.mlp = VisionExpertMLP(cfg)
+
+    def forward(self, h, vision_mask, cos, sin, cache, layer, attn_mask, cross_kv, cross_rows):
+        h = h + self.self_attn(self.input_layernorm(h), vision_mask, cos, sin, cache, layer, attn_mask)
+        if cross_kv is not None:
+            c = self.cross_attn(self.post_cross_attention_layernorm(h), cross_kv)
+            if cross_rows is not None:                 # rows of a batch without an image
+                c = c * cross_rows[:, None, None].to(c.dtype)
+            h = h + c
+        return h + self.mlp(self.post_attention_layernorm(h), vision_mask)
+
+
+class CogVLM(nn.Module):
+    """The whole model. `vision` (+ `cross_vision` for CogAgent) encode images; the decoder
+    layers run the language model with visual experts."""
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
+        self.vision = ImageEncoder(cfg)
+        self.cross_vision = CrossVisionEncoder(cfg.cross) if cfg.cross is not None else None
+
+    # ----- pieces ---------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """images: n,3,S,S -> n, 1 + image_length + 1, hidden (boi, patches, eoi)."""
+        return self.vision(images.to(self.embed_tokens.weight.dtype))
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: Optional[torch.Tensor] = None,
+              image_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token embeddings with each image row's slots (boi, patches, eoi) overwritten by the
+        image embeddings (n_img rows, in the order of the rows that have slots)."""
+        h = self.embed_tokens(input_ids)
+        if image_embeds is not None:
+            h = h.clone()
+            h[image_mask] = image_embeds.to(h.dtype).reshape(-1, image_embeds.shape[-1])
+        return h
+
+    def cross_kv(self, cross_images: torch.Tensor) -> list:
+        """Run the high-res encoder once and every layer's cross K/V projection."""
+        enc = self.cross_vision(cross_images.to(self.embed_tokens.weight.dtype))
+        return [layer.cross_attn.compute_kv(enc) for layer in self.layers]
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                vision_mask: Optional[torch.Tensor] = None, images: Optional[torch.Tensor] = None,
+                image_embeds: Optional[torch.Tensor] = None, image_mask: Optional[torch.Tensor] = None, cache: Optional[Cache] = None,
+                cross_kv: Optional[list] = None, cross_rows: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None, last_only: bool = False) -> torch.Tensor:
+        """input_ids, position_ids, vision_mask, image_mask: B,T. Returns logits B,T,V
+        (B,1,V with last_only). With a cache, tokens are written from slot cache.length on
+        and cross K/V, when the cache holds them, are read from it."""
+        if images is not None:
+            image_embeds = self.encode_images(images)
+        h = self.embed(input_ids, image_embeds, image_mask)
+        T = input_ids.shape[1]
+        if attn_mask is None and cache is not None and (cache.pad_mask is not None
+                                                        or (cache.length > 0 and T > 1)):
+            attn_mask = self.cache_mask(cache, T)
+        if vision_mask is not None and not bool(vision_mask.any()):
+            vision_mask = None                 # no vision token: read only language weights
+        cos, sin = self.rotary(position_ids, h.dtype)
+        if cache is not None and cross_kv is None:
+            cross_kv, cross_rows = cache.cross_kv, cache.cross_rows
+        for i, layer in enumerate(self.layers):
+            h = layer(h, vision_mask, cos, sin, cache, i, attn_mask,
+                      cross_kv[i] if cross_kv is not None else None, cross_rows)
+        if cache is not None:
+            cache.length += T
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(self.norm(h))
+
+    @staticmethod
+    def cache_mask(cache: Cache, T: int) -> torch.Tensor:
+        """Bool mask B|1,1,T,S for T new tokens written from slot cache.length: causal over
+        slots, padding slots hidden, and every token sees itself (so that a padding row has
+        a finite output instead of NaN)."""
+        s = cache.length
+        dev = cache.k[0].device
+        q_slot = torch.arange(s, s + T, device=dev)[:, None]                     # T,1
+        k_slot = torch.arange(s + T, device=dev)[None, :]                         # 1,S
+        mask = (k_slot <= q_slot)[None, None]                                     # 1,1,T,S
+        if cache.pad_mask is not None:
+            mask = mask & cache.pad_mask[:, None, None, : s + T]
+        return mask | (k_slot == q_slot)[None, None]

@@ -1,0 +1,253 @@
+"""Model configurations: dataclasses, the released models by name, tiny configs for tests.
+
+The architecture of a checkpoint always comes from its `model_config.json` (SAT format);
+the named configs below describe the released checkpoints so that a full-size model can be
+built (e.g. on the meta device to count parameters) without any file.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class EVAConfig:
+    """Low-resolution EVA2-CLIP-E encoder (SAT `eva_args`)."""
+    num_layers: int = 63
+    hidden_size: int = 1792
+    num_attention_heads: int = 16
+    inner_hidden_size: int = 15360
+    image_size: int = 490
+    patch_size: int = 14
+    layernorm_epsilon: float = 1e-6
+    in_channels: int = 3
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class CrossConfig:
+    """CogAgent's high-resolution EVA2-CLIP-L encoder and the cross attention that reads it."""
+    image_size: int = 1120
+    patch_size: int = 14
+    hidden_size: int = 1024          # encoder width = cross_attn_hidden_size in SAT
+    num_layers: int = 24             # blocks stored; the last one is skipped in forward
+    num_attention_heads: int = 16
+    inner_hidden_size: int = 2730    # int(1024 * 2.6667)
+    head_out_dim: int = 768          # stored, unused CLIP head
+    rope_pretrain_grid: int = 16     # 2-D rotary built for a 16x16 grid, interpolated
+    layernorm_epsilon: float = 1e-6
+    attn_hidden_size: int = 1024     # cross attention inner size (heads x head dim)
+    attn_head_dim: int = 32          # cross_hidden_size_per_attention_head
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class ModelConfig:
+    model_class: str = "CogVLMModel"          # or "CogAgentModel"
+    num_layers: int = 32
+    hidden_size: int = 4096
+    num_attention_heads: int = 32
+    inner_hidden_size: int = 11008
+    vocab_size: int = 32000
+    max_sequence_length: int = 4096
+    layernorm_epsilon: float = 1e-5
+    rope_base: float = 10000.0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+    version: str = "chat_old"                 # default prompt template (`--version`)
+    eva: EVAConfig = field(default_factory=EVAConfig)
+    cross: Optional[CrossConfig] = None       # CogAgent only
+    adapter_has_pos_embed: bool = False       # CogAgent adds a learned pos_embed before the adapter
+    extra: dict = field(default_factory=dict)  # unknown model_config.json fields, written back unchanged
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def image_length(self) -> int:
+        """Image patch tokens fed to the language model (CLS dropped)."""
+        return self.eva.num_patches
+
+    @property
+    def is_cogagent(self) -> bool:
+        return self.cross is not None
+
+    # ----- SAT model_config.json ------------------------------------------------------
+    def to_sat_json(self) -> dict:
+        e = self.eva
+        d = dict(self.extra)
+        d.update({
+            "model_class": self.model_class, "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size, "num_attention_heads": self.num_attention_heads,
+            "vocab_size": self.vocab_size, "inner_hidden_size": self.inner_hidden_size,
+            "layernorm_order": "pre", "use_bias": False, "layernorm_epsilon": self.layernorm_epsilon,
+            "max_sequence_length": self.max_sequence_length, "model_parallel_size": 1,
+            "image_length": self.image_length, "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
+            "text_processor_version": self.version,
+            "eva_args": {
+                "model_class": "EVA2CLIPModel", "num_layers": e.num_layers,
+                "hidden_size": e.hidden_size, "num_attention_heads": e.num_attention_heads,
+                "vocab_size": 1, "layernorm_order": "post", "model_parallel_size": 1,
+                "max_sequence_length": e.num_patches + 1, "inner_hidden_size": e.inner_hidden_size,
+                "use_final_layernorm": False, "layernorm_epsilon": e.layernorm_epsilon,
+                "image_size": [e.image_size, e.image_size], "pre_len": 1, "post_len": 0,
+                "in_channels": e.in_channels, "num_classes": 0, "patch_size": e.patch_size,
+            },
+        })
+        if self.cross is not None:
+            c = self.cross
+            d.update({
+                "is_decoder": [True] * self.num_layers,
+                "cross_attn_hidden_size": c.hidden_size,
+                "cross_hidden_size_per_attention_head": c.attn_head_dim,
+                "cross_image_pix": c.image_size,
+                # Fields SAT does not have: the high-res encoder's size, so that small
+                # CogAgent models can be described (released configs lack them: defaults apply).
+                "cross_encoder_args": {
+                    "num_layers": c.num_layers, "hidden_size": c.hidden_size,
+                    "num_attention_heads": c.num_attention_heads,
+                    "inner_hidden_size": c.inner_hidden_size, "head_out_dim": c.head_out_dim,
+                    "patch_size": c.patch_size, "rope_pretrain_grid": c.rope_pretrain_grid,
+                    "attn_hidden_size": c.attn_hidden_size,
+                },
+            })
+        return d
+
+    @classmethod
+    def from_sat_json(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        known = {"model_class", "num_layers", "hidden_size", "num_attention_heads", "vocab_size",
+                 "inner_hidden_size", "layernorm_order", "use_bias", "layernorm_epsilon",
+                 "max_sequence_length", "model_parallel_size", "image_length", "bos_token_id",
+                 "eos_token_id", "pad_token_id", "text_processor_version", "eva_args", "is_decoder",
+                 "cross_attn_hidden_size", "cross_hidden_size_per_attention_head",
+                 "cross_image_pix", "cross_encoder_args"}
+        missing = [k for k in ("model_class", "num_layers", "hidden_size", "num_attention_heads",
+                               "vocab_size", "eva_args") if k not in d]
+        if missing:
+            raise ValueError(f"model_config.json lacks required field(s): {', '.join(missing)}")
+        if d["model_class"] not in ("CogVLMModel", "CogAgentModel", "FineTuneTrainCogVLMModel",
+                                    "FineTuneTestCogVLMModel", "FineTuneTrainCogAgentModel",
+                                    "FineTuneTestCogAgentModel"):
+            raise ValueError(f"model_config.json: unsupported model_class {d['model_class']!r}")
+        ea = d["eva_args"]
+        size = ea.get("image_size", [490, 490])
+        eva = EVAConfig(
+            num_layers=ea["num_layers"], hidden_size=ea["hidden_size"],
+            num_attention_heads=ea["num_attention_heads"],
+            inner_hidden_size=ea.get("inner_hidden_size") or 4 * ea["hidden_size"],
+            image_size=size[0] if isinstance(size, (list, tuple)) else int(size),
+            patch_size=ea.get("patch_size", 14),
+            layernorm_epsilon=ea.get("layernorm_epsilon", 1e-6),
+            in_channels=ea.get("in_channels", 3))
+        is_agent = "CogAgent" in d["model_class"] or "cross_image_pix" in d
+        cross = None
+        if is_agent:
+            ca = d.get("cross_encoder_args", {})
+            width = d.get("cross_attn_hidden_size", ca.get("hidden_size", 1024))
+            cross = CrossConfig(
+                image_size=d.get("cross_image_pix", 1120), hidden_size=width,
+                num_layers=ca.get("num_layers", 24),
+                num_attention_heads=ca.get("num_attention_heads", 16),
+                inner_hidden_size=ca.get("inner_hidden_size", int(width * 2.6667)),
+                head_out_dim=ca.get("head_out_dim", 768), patch_size=ca.get("patch_size", 14),
+                rope_pretrain_grid=ca.get("rope_pretrain_grid", 16),
+                attn_hidden_size=ca.get("attn_hidden_size", 1024),
+                attn_head_dim=d.get("cross_hidden_size_per_attention_head", 32))
+            dec = d.get("is_decoder", True)
+            if isinstance(dec, list) and not all(dec):
+                raise ValueError("model_config.json: is_decoder must be true for every layer "
+                                 "(cross attention in a subset of layers is not supported)")
+        cfg = cls(
+            model_class="CogAgentModel" if is_agent else "CogVLMModel",
+            num_layers=d["num_layers"], hidden_size=d["hidden_size"],
+            num_attention_heads=d["num_attention_heads"],
+            inner_hidden_size=d.get("inner_hidden_size") or 4 * d["hidden_size"],
+            vocab_size=d["vocab_size"], max_sequence_length=d.get("max_sequence_length", 4096),
+            layernorm_epsilon=d.get("layernorm_epsilon", 1e-5),
+            bos_token_id=d.get("bos_token_id", 1), eos_token_id=d.get("eos_token_id", 2),
+            pad_token_id=d.get("pad_token_id", 0),
+            version=d.get("text_processor_version", "chat" if is_agent else "chat_old"),
+            eva=eva, cross=cross, adapter_has_pos_embed=is_agent,
+            extra={k: v for k, v in d.items() if k not in known})
+        if "image_length" in d and d["image_length"] != cfg.image_length:
+            raise ValueError(f"model_config.json: image_length {d['image_length']} does not match "
+                             f"eva_args ({eva.image_size}px / patch {eva.patch_size} = "
+                             f"{cfg.image_length} patches)")
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise ValueError("model_config.json: hidden_size must be divisible by num_attention_heads")
+        return cfg
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_sat_json(), f, indent=2)
+
+    @classmethod
+    def load(cls, path: str) -> "ModelConfig":
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_sat_json(d)
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+
+def _cogvlm(image_size: int, version: str) -> ModelConfig:
+    return ModelConfig(version=version, eva=EVAConfig(image_size=image_size))
+
+
+def _cogagent(version: str) -> ModelConfig:
+    return ModelConfig(model_class="CogAgentModel", version=version,
+                       eva=EVAConfig(image_size=224), cross=CrossConfig(),
+                       adapter_has_pos_embed=True)
+
+
+# The released checkpoints (REFERENCE.md section 1), looked up by exact name.
+MODEL_CONFIGS: dict[str, ModelConfig] = {
+    "cogvlm-chat-v1.1": _cogvlm(490, "chat_old"),
+    "cogvlm-base-224": _cogvlm(224, "base"),
+    "cogvlm-base-490": _cogvlm(490, "base"),
+    "cogvlm-grounding-generalist-v1.1": _cogvlm(490, "base"),
+    "cogvlm-grounding-base": _cogvlm(490, "base"),
+    "cogagent-chat": _cogagent("chat"),
+    "cogagent-vqa": _cogagent("chat_old"),
+    # Tiny random models for tests: the same architecture at toy width.
+    "tiny-test-cogvlm": ModelConfig(
+        num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=128,
+        vocab_size=400, max_sequence_length=512, version="chat_old",
+        eva=EVAConfig(num_layers=2, hidden_size=32, num_attention_heads=2,
+                      inner_hidden_size=64, image_size=56)),
+    "tiny-test-cogagent": ModelConfig(
+        model_class="CogAgentModel", num_layers=2, hidden_size=64, num_attention_heads=4,
+        inner_hidden_size=128, vocab_size=400, max_sequence_length=512, version="chat",
+        eva=EVAConfig(num_layers=2, hidden_size=32, num_attention_heads=2,
+                      inner_hidden_size=64, image_size=28),
+        cross=CrossConfig(image_size=112, hidden_size=32, num_layers=3, num_attention_heads=2,
+                          inner_hidden_size=48, head_out_dim=16, rope_pretrain_grid=4,
+                          attn_hidden_size=32, attn_head_dim=8),
+        adapter_has_pos_embed=True),
+}
+ALIASES = {"cogvlm-chat": "cogvlm-chat-v1.1",
+           "cogvlm-grounding-generalist": "cogvlm-grounding-generalist-v1.1"}
+
+
+def get_config(name: str) -> ModelConfig:
+    name = ALIASES.get(name, name)
+    if name not in MODEL_CONFIGS:
+        raise KeyError(f"unknown model name {name!r}; known: {', '.join(sorted(MODEL_CONFIGS))}")
+    return copy.deepcopy(MODEL_CONFIGS[name])

@@ -1,0 +1,101 @@
+"""`load_model`: the one loader every demo, test and script uses."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .checkpoint import CheckpointError, load_state_into, read_sat_state_dict, regenerate_derived
+from .cogvlm import CogVLM
+from .config import ALIASES, MODEL_CONFIGS, ModelConfig
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ModelNotFound(FileNotFoundError):
+    pass
+
+
+def sat_home() -> Path:
+    return Path(os.environ.get("SAT_HOME", "~/.sat_models")).expanduser()
+
+
+def resolve_pretrained(name_or_path: str) -> Path:
+    """A directory path, or a released/bundled model name looked up under $SAT_HOME
+    (default ~/.sat_models) and then the repository's `checkpoints/` folder."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        return p
+    name = ALIASES.get(name_or_path, name_or_path)
+    looked = [sat_home() / name, REPO_ROOT / "checkpoints" / name]
+    for cand in looked:
+        if cand.is_dir():
+            return cand
+    if p.exists():
+        raise ModelNotFound(f"{p} is a file; --from_pretrained takes a SAT checkpoint directory "
+                            f"(model_config.json, latest, <iter>/mp_rank_00_model_states.pt)")
+    where = " or ".join(str(c) for c in looked)
+    if name in MODEL_CONFIGS or "/" not in name_or_path:
+        raise ModelNotFound(
+            f"model {name_or_path!r} is not on disk (looked in {where}).\n"
+            f"Get the SAT weights of {name!r} from the THUDM release (the model table of the "
+            f"original CogVLM README links each archive), unzip it so that "
+            f"{sat_home() / name}/model_config.json exists, or set SAT_HOME, or pass the "
+            f"directory itself. HF-format weights (THUDM/{name}-hf) load with cli_demo_hf.py.")
+    raise ModelNotFound(f"no such checkpoint directory: {p}")
+
+
+def default_dtype(device: Union[str, torch.device], fp16: bool = False, bf16: bool = False) -> torch.dtype:
+    """fp32 on CPU (no fast bf16 there), bf16 on CUDA; --fp16/--bf16 override."""
+    if fp16:
+        return torch.float16
+    if bf16:
+        return torch.bfloat16
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def build_model(cfg: ModelConfig, device="cpu", dtype: torch.dtype = torch.float32) -> CogVLM:
+    """A randomly initialised model (tests, benchmarks, training from scratch)."""
+    with torch.device(device):
+        model = CogVLM(cfg)
+    init_weights(model)
+    return model.to(dtype).eval()
+
+
+@torch.no_grad()
+def init_weights(model: CogVLM, std: float = 0.02) -> None:
+    for name, p in model.named_parameters():
+        if p.dim() >= 2 or name.endswith(("boi", "eoi", "cls_embedding", "cls_token", "pos_embed")):
+            p.normal_(0.0, std)
+        elif name.endswith("bias"):
+            p.zero_()
+        else:                                   # norm weights
+            p.fill_(1.0)
+    regenerate_derived(model, next(model.parameters()).device)
+
+
+def load_model(from_pretrained: str, device: Union[str, torch.device] = "cpu",
+               dtype: Optional[torch.dtype] = None, trust_checkpoint: bool = False):
+    """Build the model from `model_config.json` on the meta device, then load the weights
+    tensor by tensor from a memory-mapped file: one copy of the weights in memory.
+    Returns (model, config)."""
+    ckpt = resolve_pretrained(from_pretrained)
+    cfg_file = ckpt / "model_config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{ckpt}: no model_config.json (not a SAT checkpoint directory)")
+    try:
+        cfg = ModelConfig.load(cfg_file)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{cfg_file}: {e}") from None
+    dtype = dtype or default_dtype(device)
+    log.info("loading %s (%s, %d layers, hidden %d) on %s as %s", ckpt, cfg.model_class,
+             cfg.num_layers, cfg.hidden_size, device, dtype)
+    with torch.device("meta"):
+        model = CogVLM(cfg)
+    sd = read_sat_state_dict(ckpt, trust=trust_checkpoint)
+    load_state_into(model, sd, str(ckpt), dtype=dtype, device=device)
+    return model.eval(), cfg

@@ -1,0 +1,143 @@
+"""Conversation inputs and `chat()` / `stream_chat()` on top of models.generate.
+
+Token layout of one row with an image (REFERENCE.md sections 2 and 10):
+    ids        <s>  boi  patch x L  eoi  text...
+    position    0    1    2 ... 2     3   4, 5, ...
+    vision      0    1    1 ... 1     0   0 ...     (eoi uses the language expert)
+Without an image the row is `<s> text...` with positions 0, 1, 2, ...
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from models.cogvlm import CogVLM
+from models.config import ModelConfig
+from models.generate import GenerationConfig, ModelInputs, generate_tokens, token_budget
+from .image import image_to_tensor, load_image
+from .templates import IMAGE_MARK, build_prompt
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Row:
+    ids: list
+    positions: list
+    vision: list
+    image_slots: list
+
+    def __len__(self):
+        return len(self.ids)
+
+
+def build_row(tokenizer: Tokenizer, cfg: ModelConfig, prompt: str, has_image: bool) -> Row:
+    """`<s>` + pieces tokenized separately; the `<EOI>` mark becomes the image slots."""
+    before, mark, after = prompt.partition(IMAGE_MARK)
+    ids = [cfg.bos_token_id] + tokenizer.encode(before)
+    positions = list(range(len(ids)))
+    vision, slots = [False] * len(ids), [False] * len(ids)
+    if mark and has_image:
+        L, p = cfg.image_length, positions[-1]
+        ids += [cfg.pad_token_id] * (L + 2)
+        positions += [p + 1] + [p + 2] * L + [p + 3]
+        vision += [True] * (L + 1) + [False]
+        slots += [True] * (L + 2)
+    text = tokenizer.encode(after) if mark else []
+    start = positions[-1] + 1
+    ids += text
+    positions += list(range(start, start + len(text)))
+    vision += [False] * len(text)
+    slots += [False] * len(text)
+    return Row(ids, positions, vision, slots)
+
+
+def collate(rows: Sequence[Row], device="cpu") -> ModelInputs:
+    """Left-pad rows to one length (padding slots are masked out of attention)."""
+    T = max(len(r) for r in rows)
+    def pad(values, fill):
+        return [[fill] * (T - len(v)) + list(v) for v in values]
+    ids = torch.tensor(pad([r.ids for r in rows], 0), device=device)
+    pos = torch.tensor(pad([r.positions for r in rows], 0), device=device)
+    vision = torch.tensor(pad([r.vision for r in rows], False), device=device)
+    slots = torch.tensor(pad([r.image_slots for r in rows], False), device=device)
+    pad_mask = None
+    if any(len(r) != T for r in rows):
+        pad_mask = torch.tensor(pad([[True] * len(r) for r in rows], False), device=device)
+    return ModelInputs(ids, pos, vision, slots, pad_mask=pad_mask)
+
+
+class ImageContext:
+    """One image of a conversation: its pixels and, once computed, its encodings (low-res
+    embeddings, CogAgent's per-layer cross K/V). Kept across turns so that each image is
+    encoded once, not once per turn and never once per token."""
+
+    def __init__(self, image, cfg: ModelConfig):
+        self.image = load_image(image)
+        self.low = image_to_tensor(self.image, cfg.eva.image_size)
+        self.high = image_to_tensor(self.image, cfg.cross.image_size) if cfg.cross else None
+        self.image_embeds = None
+        self.cross_kv = None
+
+    @torch.inference_mode()
+    def encode(self, model: CogVLM):
+        dev = model.embed_tokens.weight.device
+        if self.image_embeds is None:
+            self.image_embeds = model.encode_images(self.low[None].to(dev))
+        if self.high is not None and self.cross_kv is None:
+            self.cross_kv = model.cross_kv(self.high[None].to(dev))
+        return self.image_embeds, self.cross_kv
+
+
+def prepare(model: CogVLM, tokenizer: Tokenizer, query: str, history=(),
+            image: Optional[ImageContext] = None, version: Optional[str] = None) -> ModelInputs:
+    cfg = model.config
+    prompt = build_prompt(query, history, version or cfg.version)
+    row = build_row(tokenizer, cfg, prompt, image is not None)
+    inputs = collate([row], device=model.embed_tokens.weight.device)
+    if image is not None:
+        inputs.image_embeds, inputs.cross_kv = image.encode(model)
+    return inputs
+
+
+def stream_chat(model: CogVLM, tokenizer: Tokenizer, query: str, history=(),
+                image: Optional[ImageContext] = None, version: Optional[str] = None,
+                gen: Optional[GenerationConfig] = None) -> Iterator[str]:
+    """Yield the answer as text deltas. A delta never ends in half a UTF-8 character: text
+    is only released once the decoded string no longer ends with U+FFFD."""
+    gen = gen or GenerationConfig()
+    inputs = prepare(model, tokenizer, query, history, image, version)
+    n_img = int(inputs.image_mask.sum())
+    budget = token_budget(inputs.input_ids.shape[1], n_img, gen, model.config.max_sequence_length)
+    yield from stream_text(generate_tokens(model, inputs, gen, model.config.eos_token_id, budget),
+                           tokenizer, model.config.eos_token_id)
+
+
+def stream_text(token_steps, tokenizer: Tokenizer, eos: int) -> Iterator[str]:
+    """Token steps (row 0) -> text deltas, holding back an incomplete UTF-8 character."""
+    out_ids, sent = [], ""
+    for tok in token_steps:
+        t = int(tok.reshape(-1)[0])
+        if t == eos:
+            break
+        out_ids.append(t)
+        text = tokenizer.decode(out_ids)
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > len(sent):
+            yield text[len(sent):]
+            sent = text
+    text = tokenizer.decode(out_ids).replace("\ufffd", "")
+    if len(text) > len(sent):
+        yield text[len(sent):]
+
+
+def chat(model: CogVLM, tokenizer: Tokenizer, query: str, history=(), image=None,
+         version: Optional[str] = None, gen: Optional[GenerationConfig] = None):
+    """One turn. `image` is a path, bytes, PIL image, an ImageContext from an earlier turn,
+    or None for text only. Returns (response, history, image_context)."""
+    if image is not None and not isinstance(image, ImageContext):
+        image = ImageContext(image, model.config)
+    response = "".join(stream_chat(model, tokenizer, query, history, image, version, gen)).strip()
+    return response, list(history) + [(query, response)], image

@@ -1,0 +1,77 @@
+"""Image loading and preprocessing with PIL + torch (no torchvision)."""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Union
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_PIXELS = 64_000_000          # ~8000 x 8000; larger files are refused before decoding
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message says why."""
+
+
+def load_image(src: Union[str, Path, bytes, Image.Image], max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open a path, bytes or PIL image as RGB, EXIF orientation applied. Refuses missing
+    files, non-images, truncated files, empty images and decompression bombs."""
+    name = "image" if isinstance(src, (bytes, Image.Image)) else str(src)
+    if isinstance(src, Image.Image):
+        img = src
+    else:
+        if isinstance(src, (str, Path)):
+            p = Path(src).expanduser()
+            if not p.exists():
+                raise ImageError(f"image not found: {p}")
+            if not p.is_file():
+                raise ImageError(f"not a file: {p}")
+            data = p.read_bytes()
+        else:
+            data = src
+        if not data:
+            raise ImageError(f"{name}: empty file")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data))
+        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            if isinstance(e, UnidentifiedImageError):
+                raise ImageError(f"{name}: not an image file (format not recognised)") from None
+            raise ImageError(f"{name}: image too large to decode safely ({e})") from None
+        except OSError as e:
+            raise ImageError(f"{name}: cannot read image ({e})") from None
+    w, h = img.size
+    if w == 0 or h == 0:
+        raise ImageError(f"{name}: image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise ImageError(f"{name}: {w}x{h} = {w * h / 1e6:.0f} megapixels is over the limit of "
+                         f"{max_pixels / 1e6:.0f} megapixels")
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")                 # composite transparency on white
+            bg = Image.new("RGB", rgba.size, (255, 255, 255))
+            bg.paste(rgba, mask=rgba.split()[-1])
+            img = bg
+        else:
+            img = img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{name}: image data is corrupt or truncated ({e})") from None
+    return img
+
+
+def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
+    """RGB PIL -> 3,size,size float tensor: bicubic resize, [0,1], CLIP mean/std."""
+    img = img.resize((size, size), Image.Resampling.BICUBIC)
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    x = x.view(size, size, 3).permute(2, 0, 1).float() / 255.0                   # 3,S,S
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (x - mean) / std
