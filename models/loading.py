@@ -45,7 +45,8 @@ def resolve_pretrained(name_or_path: str) -> Path:
             f"Get the SAT weights of {name!r} from the THUDM release (the model table of the "
             f"original CogVLM README links each archive), unzip it so that "
             f"{sat_home() / name}/model_config.json exists, or set SAT_HOME, or pass the "
-            f"directory itself. HF-format weights (THUDM/{name}-hf) load with cli_demo_hf.py.")
+            f"directory itself. HF-format weights (THUDM/{name.replace('-v1.1', '')}-hf) load "
+            f"with cli_demo_hf.py.")
     raise ModelNotFound(f"no such checkpoint directory: {p}")
 
 
