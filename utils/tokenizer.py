@@ -68,3 +68,46 @@ def _token_str(v):
     if isinstance(v, dict):          # {"content": "<s>", ...} in some tokenizer_config.json
         return v.get("content")
     return v
+
+
+def train_sentencepiece(text: str, out_dir, vocab_size: int = 400) -> Path:
+    """Train a small BPE SentencePiece tokenizer with the LLaMA layout (<unk>=0, <s>=1,
+    </s>=2, byte fallback) and save it as a tokenizer directory (tokenizer.model)."""
+    import sentencepiece as spm
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = out / "corpus.txt"
+    corpus.write_text(text)
+    try:
+        spm.SentencePieceTrainer.train(
+            input=str(corpus), model_prefix=str(out / "tokenizer"), vocab_size=vocab_size,
+            model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            character_coverage=1.0, add_dummy_prefix=True, minloglevel=2, num_threads=1)
+    finally:
+        corpus.unlink()
+        (out / "tokenizer.vocab").unlink(missing_ok=True)
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": True}, indent=1))
+    return out
+
+
+DEFAULT_TOKENIZER = "lmsys/vicuna-7b-v1.5"
+
+
+def resolve_tokenizer(arg, ckpt_dir=None) -> Path:
+    """--local_tokenizer: a directory; else a `tokenizer/` folder shipped inside the checkpoint;
+    else the Hugging Face cache (offline) for a hub name such as lmsys/vicuna-7b-v1.5."""
+    if arg and Path(arg).expanduser().is_dir():
+        return Path(arg).expanduser()
+    if ckpt_dir is not None and (Path(ckpt_dir) / "tokenizer").is_dir() and arg in (None, DEFAULT_TOKENIZER):
+        return Path(ckpt_dir) / "tokenizer"
+    name = arg or DEFAULT_TOKENIZER
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name, local_files_only=True,
+                                      allow_patterns=["tokenizer*", "special_tokens_map.json"]))
+    except Exception:  # noqa: BLE001 - any hub/cache failure means "not available offline"
+        raise TokenizerError(
+            f"tokenizer {name!r} is neither a directory nor in the local Hugging Face cache. "
+            f"Download it once (e.g. `huggingface-cli download {name} tokenizer.model "
+            f"tokenizer_config.json`) or pass --local_tokenizer DIR") from None

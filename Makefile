@@ -1,0 +1,43 @@
+# make demo : install what is missing, then run a one-shot chat on the bundled example image
+# make test : install the test dependencies, then run the whole test suite
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+DEMO_MODEL ?= build/demo-random-cogvlm
+DEMO_IMAGE ?= assets/demo.png
+DEMO_QUERY ?= What is in the image?
+
+.PHONY: install install-dev demo test bench clean
+
+$(VENV)/.core: requirements.txt
+	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	@# No CUDA here: the CPU wheel of torch (a bare `torch` pulls a multi-GB CUDA build).
+	@if command -v nvidia-smi >/dev/null 2>&1; then $(PYTHON) -m pip install -q torch; \
+	 else $(PYTHON) -m pip install -q torch==2.13.0; fi
+	$(PYTHON) -m pip install -q -r requirements.txt
+	@touch $@
+
+$(VENV)/.dev: $(VENV)/.core requirements-dev.txt
+	$(PYTHON) -m pip install -q -r requirements-dev.txt
+	@touch $@
+
+install: $(VENV)/.core
+install-dev: $(VENV)/.dev
+
+$(DEMO_MODEL)/latest: | $(VENV)/.core
+	$(PYTHON) utils/create_test_model.py --config tiny-test-cogvlm --out $(DEMO_MODEL) --overwrite
+
+demo: $(VENV)/.core $(DEMO_MODEL)/latest
+	$(PYTHON) basic_demo/cli_demo_sat.py --from_pretrained $(DEMO_MODEL) \
+	    --image $(DEMO_IMAGE) --query "$(DEMO_QUERY)" --max_new_tokens 24
+
+test: $(VENV)/.dev
+	$(PYTHON) -m pytest
+
+bench: $(VENV)/.core
+	$(PYTHON) bench/decode.py
+
+clean:
+	rm -rf $(VENV) build .pytest_cache

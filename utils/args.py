@@ -1,0 +1,77 @@
+"""Command-line flags shared by every entry point, declared once, and the one function that
+turns them into a loaded model + tokenizer."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import torch
+
+from models import load_model
+from models.config import ALIASES, MODEL_CONFIGS
+from models.generate import GenerationConfig
+from .tokenizer import DEFAULT_TOKENIZER, Tokenizer, resolve_tokenizer
+
+GEN_DEFAULTS = GenerationConfig()
+
+
+def add_model_args(p: argparse.ArgumentParser, default_model: str = "cogvlm-chat-v1.1") -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--from_pretrained", default=default_model,
+                   help=f"SAT checkpoint directory, or a model name looked up under $SAT_HOME "
+                        f"(default ~/.sat_models): {', '.join(list(MODEL_CONFIGS)[:7] + list(ALIASES))}")
+    g.add_argument("--local_tokenizer", default=DEFAULT_TOKENIZER,
+                   help="tokenizer directory (tokenizer.model or tokenizer.json); default: the "
+                        "checkpoint's own tokenizer/ folder, else lmsys/vicuna-7b-v1.5 from the HF cache")
+    g.add_argument("--version", default=None, choices=["base", "chat", "chat_old", "vqa"],
+                   help="prompt template (default: the checkpoint's own)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--fp16", action="store_true", help="load weights as float16")
+    g.add_argument("--bf16", action="store_true", help="load weights as bfloat16 (CUDA default)")
+    g.add_argument("--quant", type=int, choices=[4, 8], default=None,
+                   help="quantize the weights to 4 or 8 bits after loading")
+    g.add_argument("--trust-checkpoint", "--trust_checkpoint", dest="trust_checkpoint",
+                   action="store_true", help="allow checkpoint files that need full unpickling "
+                                             "(training checkpoints); only for files you trust")
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    d = GEN_DEFAULTS
+    g.add_argument("--max_length", type=int, default=d.max_length,
+                   help="total length limit, image tokens included")
+    g.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens)
+    g.add_argument("--top_p", type=float, default=d.top_p)
+    g.add_argument("--top_k", type=int, default=d.top_k, help="1 = greedy")
+    g.add_argument("--temperature", type=float, default=d.temperature)
+    g.add_argument("--repetition_penalty", type=float, default=d.repetition_penalty)
+    g.add_argument("--seed", type=int, default=d.seed)
+
+
+def generation_config(args) -> GenerationConfig:
+    return GenerationConfig(max_length=args.max_length, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def load_from_args(args):
+    """(model, tokenizer). Every demo calls this."""
+    from models.loading import default_dtype, resolve_pretrained
+    dtype = default_dtype(args.device, args.fp16, args.bf16)
+    model, cfg = load_model(args.from_pretrained, device=args.device, dtype=dtype,
+                            trust_checkpoint=args.trust_checkpoint)
+    if args.quant:
+        from models.quantize import quantize
+        quantize(model, args.quant)
+    tok = Tokenizer(resolve_tokenizer(args.local_tokenizer, resolve_pretrained(args.from_pretrained)))
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model's "
+                         f"vocabulary is {cfg.vocab_size}: wrong --local_tokenizer?")
+    return model, tok
