@@ -190,7 +190,7 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def to_sat_state_dict(model: nn.Module) -> dict:
-    return {sat_key(k): v.detach().cpu() for k, v in model.state_dict().items()}
+    return {sat_key(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
 def save_sat_checkpoint(model: nn.Module, cfg: ModelConfig, out_dir, iteration: int = 1,

@@ -11,6 +11,7 @@ import torch
 from .checkpoint import CheckpointError, load_state_into, read_sat_state_dict, regenerate_derived
 from .cogvlm import CogVLM
 from .config import ALIASES, MODEL_CONFIGS, ModelConfig
+from .layout import use_fast_cpu_layout
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +65,7 @@ def build_model(cfg: ModelConfig, device="cpu", dtype: torch.dtype = torch.float
     with torch.device(device):
         model = CogVLM(cfg)
     init_weights(model)
-    return model.to(dtype).eval()
+    return use_fast_cpu_layout(model.to(dtype)).eval()
 
 
 @torch.no_grad()
@@ -99,4 +100,4 @@ def load_model(from_pretrained: str, device: Union[str, torch.device] = "cpu",
         model = CogVLM(cfg)
     sd = read_sat_state_dict(ckpt, trust=trust_checkpoint)
     load_state_into(model, sd, str(ckpt), dtype=dtype, device=device)
-    return model.eval(), cfg
+    return use_fast_cpu_layout(model).eval(), cfg

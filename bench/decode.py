@@ -1,0 +1,184 @@
+"""Prefill and decode speed of the model core against this machine's own roofline.
+
+Mid-size random-weight CogVLM (language hidden 2048, 16 layers, 16 heads, MLP 5632, vocab
+32000; vision hidden 512, 4 layers, 8 heads, 224 px), fp32. Every figure is a median of
+several runs; ratios are taken against a GEMV / GEMM measured in the same process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from bench.common import gemm_flops, gemv_bandwidth, median_time  # noqa: E402
+from models import Cache, CogVLM, CrossConfig, EVAConfig, ModelConfig  # noqa: E402
+from models.generate import ModelInputs, decode_one_token, prefill  # noqa: E402
+from models.layout import use_fast_cpu_layout  # noqa: E402
+from models.loading import init_weights  # noqa: E402
+
+MID = ModelConfig(num_layers=16, hidden_size=2048, num_attention_heads=16, inner_hidden_size=5632,
+                  vocab_size=32000, max_sequence_length=4096,
+                  eva=EVAConfig(num_layers=4, hidden_size=512, num_attention_heads=8,
+                                inner_hidden_size=2048, image_size=224))
+# The high-res branch scaled like the released one relative to its language model
+# (cross attention width = hidden / 4, encoder 4 blocks at 448 px: 1024 high-res tokens).
+MID_CROSS = CrossConfig(image_size=448, hidden_size=512, num_layers=4, num_attention_heads=8,
+                        inner_hidden_size=1365, head_out_dim=256, attn_hidden_size=512, attn_head_dim=32)
+
+
+def make_inputs(cfg: ModelConfig, n_text: int, model: CogVLM, with_cross: bool) -> ModelInputs:
+    L = cfg.image_length
+    ids = torch.randint(3, cfg.vocab_size, (1, 1 + L + 2 + n_text))
+    pos = torch.tensor([[0, 1] + [2] * L + [3] + list(range(4, 4 + n_text))])
+    vision = torch.zeros_like(ids, dtype=torch.bool)
+    vision[0, 1:L + 2] = True
+    slots = vision.clone()
+    slots[0, L + 2] = True
+    with torch.inference_mode():
+        emb = model.encode_images(torch.randn(1, 3, cfg.eva.image_size, cfg.eva.image_size))
+        ckv = model.cross_kv(torch.randn(1, 3, cfg.cross.image_size, cfg.cross.image_size)) if with_cross else None
+    return ModelInputs(ids, pos, vision, slots, image_embeds=emb, cross_kv=ckv)
+
+
+def prefill_flops(model: CogVLM, cfg: ModelConfig, T: int, n_vision: int) -> float:
+    """FLOPs the prefill must do: every linear once per token with the expert it is routed
+    to, causal attention (half the score matrix), the ViT, and the LM head for the last token."""
+    lang = sum(p.numel() for n, p in model.layers.named_parameters() if "language" in n)
+    vis = sum(p.numel() for n, p in model.layers.named_parameters() if "vision" in n)
+    f = 2 * lang * (T - n_vision) + 2 * vis * n_vision
+    f += cfg.num_layers * 2 * T * T * cfg.hidden_size            # QK^T and AV, causal half
+    e = cfg.eva
+    n = e.num_patches + 1
+    vit = sum(p.numel() for n_, p in model.vision.named_parameters() if "transformer" in n_)
+    f += 2 * vit * n + e.num_layers * 4 * n * n * e.hidden_size
+    f += 2 * sum(p.numel() for p in model.vision.linear_proj.parameters()) * e.num_patches
+    f += 2 * cfg.hidden_size * cfg.vocab_size
+    return f
+
+
+def decode_bytes(model: CogVLM, cfg: ModelConfig, ctx: int) -> float:
+    """Bytes a decode step must read: language weights, LM head, norms, one embedding row,
+    and the K/V cache of `ctx` tokens (fp32)."""
+    lang = sum(p.numel() for n, p in model.layers.named_parameters()
+               if "language" in n or "layernorm" in n and "cross" not in n)
+    n = lang + model.lm_head.weight.numel() + cfg.hidden_size * 2
+    kv = cfg.num_layers * 2 * ctx * cfg.hidden_size
+    return 4 * (n + kv)
+
+
+def decode_step_time(model: CogVLM, ctx: int, steps: int, cross_kv=None) -> float:
+    """Median seconds of one decode step with `ctx` tokens already in the cache. The cache
+    holds random K/V (a step's cost does not depend on their values), which spares a prefill."""
+    cfg = model.config
+    cache = Cache.allocate(cfg, 1, ctx + steps + 2, torch.float32, "cpu")
+    for t in cache.k + cache.v:
+        t.normal_()
+    cache.length, cache.next_position, cache.cross_kv = ctx, torch.tensor([ctx]), cross_kv
+    tok = torch.tensor([5])
+    with torch.inference_mode():
+        decode_one_token(model, tok, cache)                             # warm-up
+        return median_time(lambda: decode_one_token(model, tok, cache), steps, 0)
+
+
+def with_cross_branch(model: CogVLM, cfg: ModelConfig) -> CogVLM:
+    """A CogAgent sharing `model`'s tensors, with a randomly initialised cross branch."""
+    from models.checkpoint import regenerate_derived
+    with torch.device("meta"):
+        agent = CogVLM(cfg)
+    agent.load_state_dict(model.state_dict(), strict=False, assign=True)
+    for name, t in list(agent.named_parameters()):
+        if t.is_meta:
+            mod_name, _, attr = name.rpartition(".")
+            new = torch.randn(t.shape) * 0.02 if t.dim() > 1 else torch.ones(t.shape)
+            setattr(agent.get_submodule(mod_name), attr, torch.nn.Parameter(new))
+    regenerate_derived(agent)
+    return use_fast_cpu_layout(agent).eval()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+
+    bw, flops = gemv_bandwidth(), gemm_flops()
+    with torch.device("cpu"):
+        model = CogVLM(MID)
+    init_weights(model)
+    use_fast_cpu_layout(model).eval()
+    res = {}
+
+    short = make_inputs(MID, 24, model, False)
+    T = short.input_ids.shape[1]
+    n_vis = int(short.vision_mask.sum())
+    img = torch.randn(1, 3, 224, 224)
+
+    def run_prefill():                                 # image encoder + prompt, as in real use
+        cache = Cache.allocate(MID, 1, T + 1, torch.float32, "cpu")
+        with torch.inference_mode():
+            short.image_embeds = model.encode_images(img)
+            prefill(model, short, cache)
+
+    # CogAgent: the same language model (shared tensors) plus the cross branch.
+    agent_cfg = ModelConfig(**{**MID.__dict__, "model_class": "CogAgentModel", "cross": MID_CROSS,
+                               "adapter_has_pos_embed": True})
+    agent = with_cross_branch(model, agent_cfg)
+    with torch.inference_mode():
+        ckv = agent.cross_kv(torch.randn(1, 3, MID_CROSS.image_size, MID_CROSS.image_size))
+    ctx_short, ctx_long = T, T + 1016                   # ~280 and ~1300 tokens of context
+    runs = {"short": [], "long": [], "agent": [], "vlm": []}
+    bws, gemms, prefills = [bw], [flops], []
+    run_prefill()                                      # warm-up
+    for _ in range(a.repeat):                          # interleaved, so drift hits all alike
+        bws.append(gemv_bandwidth(repeat=7))
+        gemms.append(gemm_flops(repeat=3))
+        prefills.append(median_time(run_prefill, 1, 0))
+        runs["short"].append(decode_step_time(model, ctx_short, a.steps))
+        runs["long"].append(decode_step_time(model, ctx_long, a.steps))
+        runs["vlm"].append(decode_step_time(model, ctx_short, a.steps))
+        runs["agent"].append(decode_step_time(agent, ctx_short, a.steps, ckv))
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    bw, flops, t_prefill = statistics.median(bws), statistics.median(gemms), statistics.median(prefills)
+    res.update(gemv_GBps=bw / 1e9, gemm_GFLOPs=flops / 1e9)
+    print(f"medians of {len(bws)} measurements taken between the runs: GEMV {bw / 1e9:.1f} GB/s, "
+          f"GEMM {flops / 1e9:.0f} GFLOP/s")
+    f = prefill_flops(model, MID, T, n_vis)
+    res.update(prefill_tokens=T, prefill_s=t_prefill, prefill_gemm_fraction=f / t_prefill / flops)
+    print(f"prefill: {T} tokens ({n_vis} vision) + image encoder: {t_prefill:.3f} s, "
+          f"{f / t_prefill / 1e9:.0f} GFLOP/s = {res['prefill_gemm_fraction']:.0%} of GEMM")
+    for label, ctx in (("short", ctx_short), ("long", ctx_long)):
+        step = med[label]
+        frac = decode_bytes(model, MID, ctx) / step / bw
+        res[f"decode_{label}_ctx"] = ctx
+        res[f"decode_{label}_tok_s"] = 1 / step
+        res[f"decode_{label}_bw_fraction"] = frac
+        print(f"decode at {ctx} tokens of context: {1 / step:.2f} tok/s, {step * 1e3:.1f} ms/step, "
+              f"{frac:.0%} of GEMV bandwidth")
+    res["long_over_short"] = med["long"] / med["short"]
+    ideal = decode_bytes(model, MID, ctx_long) / decode_bytes(model, MID, ctx_short)
+    print(f"slowdown {ctx_short} -> {ctx_long} context: {res['long_over_short']:.3f}x "
+          f"(bytes read grow {ideal:.3f}x)")
+    extra = sum(p.numel() for n, p in agent.layers.named_parameters() if "cross" in n)
+    extra += sum(t.numel() for kv in ckv for t in kv)
+    res["cogagent_step_ratio"] = med["agent"] / med["vlm"]
+    res["cogagent_bytes_ratio"] = 1 + 4 * extra / decode_bytes(model, MID, ctx_short)
+    print(f"CogAgent decode step / CogVLM decode step: {res['cogagent_step_ratio']:.3f}x "
+          f"(bytes read grow {res['cogagent_bytes_ratio']:.3f}x: {MID_CROSS.num_patches} high-res "
+          f"tokens, cross width {MID_CROSS.attn_hidden_size})")
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
