@@ -49,15 +49,15 @@ def make_inputs(cfg: ModelConfig, n_text: int, model: CogVLM, with_cross: bool) 
 def prefill_flops(model: CogVLM, cfg: ModelConfig, T: int, n_vision: int) -> float:
     """FLOPs the prefill must do: every linear once per token with the expert it is routed
     to, causal attention (half the score matrix), the ViT, and the LM head for the last token."""
-    lang = sum(p.numel() for n, p in model.layers.named_parameters() if "language" in n)
-    vis = sum(p.numel() for n, p in model.layers.named_parameters() if "vision" in n)
+    lang = sum(p.numel() for n, p in model.model.layers.named_parameters() if "language" in n)
+    vis = sum(p.numel() for n, p in model.model.layers.named_parameters() if "vision" in n)
     f = 2 * lang * (T - n_vision) + 2 * vis * n_vision
     f += cfg.num_layers * 2 * T * T * cfg.hidden_size            # QK^T and AV, causal half
     e = cfg.eva
     n = e.num_patches + 1
-    vit = sum(p.numel() for n_, p in model.vision.named_parameters() if "transformer" in n_)
+    vit = sum(p.numel() for n_, p in model.model.vision.named_parameters() if "transformer" in n_)
     f += 2 * vit * n + e.num_layers * 4 * n * n * e.hidden_size
-    f += 2 * sum(p.numel() for p in model.vision.linear_proj.parameters()) * e.num_patches
+    f += 2 * sum(p.numel() for p in model.model.vision.linear_proj.parameters()) * e.num_patches
     f += 2 * cfg.hidden_size * cfg.vocab_size
     return f
 
@@ -65,7 +65,7 @@ def prefill_flops(model: CogVLM, cfg: ModelConfig, T: int, n_vision: int) -> flo
 def decode_bytes(model: CogVLM, cfg: ModelConfig, ctx: int) -> float:
     """Bytes a decode step must read: language weights, LM head, norms, one embedding row,
     and the K/V cache of `ctx` tokens (fp32)."""
-    lang = sum(p.numel() for n, p in model.layers.named_parameters()
+    lang = sum(p.numel() for n, p in model.model.layers.named_parameters()
                if "language" in n or "layernorm" in n and "cross" not in n)
     n = lang + model.lm_head.weight.numel() + cfg.hidden_size * 2
     kv = cfg.num_layers * 2 * ctx * cfg.hidden_size
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     ideal = decode_bytes(model, MID, ctx_long) / decode_bytes(model, MID, ctx_short)
     print(f"slowdown {ctx_short} -> {ctx_long} context: {res['long_over_short']:.3f}x "
           f"(bytes read grow {ideal:.3f}x)")
-    extra = sum(p.numel() for n, p in agent.layers.named_parameters() if "cross" in n)
+    extra = sum(p.numel() for n, p in agent.model.layers.named_parameters() if "cross" in n)
     extra += sum(t.numel() for kv in ckv for t in kv)
     res["cogagent_step_ratio"] = med["agent"] / med["vlm"]
     res["cogagent_bytes_ratio"] = 1 + 4 * extra / decode_bytes(model, MID, ctx_short)

@@ -65,7 +65,9 @@ _SAT_RENAMES = [
     (r"cross_vision\.vit\.model\.(.*)", r"mixins.encoder.vit.model.\1"),
     (r"cross_vision\.pos_embed", "mixins.encoder.pos_embed"),
 ]
-_SAT_RENAMES = [(re.compile(p + "$"), t) for p, t in _SAT_RENAMES]
+# Every name but the LM head lives under the backbone, `model.` (as in the HF release).
+_SAT_RENAMES = [(re.compile(("" if p.startswith("lm_head") else r"model\.") + p + "$"), t)
+                for p, t in _SAT_RENAMES]
 
 # Buffers that are derived from the config, never trained: rotary tables. SAT checkpoints
 # store them; we accept them on load (shape-checked), regenerate them, and write them back.

@@ -106,6 +106,19 @@ class Cache:
     def max_len(self) -> int:
         return self.k[0].shape[2]
 
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer: int):
+        """Write T new K/V at slots [length, length + T); return views of every filled slot.
+        (Same call as transformers' Cache.update, so either cache can be passed.)"""
+        s, T = self.length, k.shape[2]
+        if s + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; cannot add {T} after {s}")
+        self.k[layer][:, :, s:s + T] = k
+        self.v[layer][:, :, s:s + T] = v
+        return self.k[layer][:, :, :s + T], self.v[layer][:, :, :s + T]
+
 
 class VisionExpertAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -117,7 +130,7 @@ class VisionExpertAttention(nn.Module):
         self.language_expert_dense = nn.Linear(h, h, bias=False)
         self.vision_expert_dense = nn.Linear(h, h, bias=False)
 
-    def forward(self, x, vision_mask, cos, sin, cache: Optional[Cache], layer: int, attn_mask):
+    def forward(self, x, vision_mask, cos, sin, cache, layer: int, attn_mask):
         B, T, _ = x.shape
         qkv = expert_linear(x, vision_mask, self.language_expert_query_key_value,
                             self.vision_expert_query_key_value)
@@ -127,10 +140,7 @@ class VisionExpertAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                            # B,H,T,D
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            s = cache.length
-            cache.k[layer][:, :, s:s + T] = k
-            cache.v[layer][:, :, s:s + T] = v
-            k, v = cache.k[layer][:, :, :s + T], cache.v[layer][:, :, :s + T]
+            k, v = cache.update(k, v, layer)
         out = attention(q, k, v, attn_mask, causal=True)   # one causal mask over every token
         out = out.transpose(1, 2).reshape(B, T, -1)                               # B,T,H*D
         return expert_linear(out, vision_mask, self.language_expert_dense, self.vision_expert_dense)
@@ -204,24 +214,18 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h), vision_mask)
 
 
-class CogVLM(nn.Module):
-    """The whole model. `vision` (+ `cross_vision` for CogAgent) encode images; the decoder
-    layers run the language model with visual experts."""
+class CogVLMModel(nn.Module):
+    """Everything but the LM head: token + image embedding, decoder layers, final norm.
+    `vision` (and `cross_vision` for CogAgent) encode images."""
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
         self.vision = ImageEncoder(cfg)
         self.cross_vision = CrossVisionEncoder(cfg.cross) if cfg.cross is not None else None
-
-    # ----- pieces ---------------------------------------------------------------------
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """images: n,3,S,S -> n, 1 + image_length + 1, hidden (boi, patches, eoi)."""
-        return self.vision(images.to(self.embed_tokens.weight.dtype))
 
     def embed(self, input_ids: torch.Tensor, image_embeds: Optional[torch.Tensor] = None,
               image_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -233,50 +237,74 @@ class CogVLM(nn.Module):
             h[image_mask] = image_embeds.to(h.dtype).reshape(-1, image_embeds.shape[-1])
         return h
 
-    def cross_kv(self, cross_images: torch.Tensor) -> list:
-        """Run the high-res encoder once and every layer's cross K/V projection."""
-        enc = self.cross_vision(cross_images.to(self.embed_tokens.weight.dtype))
-        return [layer.cross_attn.compute_kv(enc) for layer in self.layers]
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                vision_mask: Optional[torch.Tensor] = None, images: Optional[torch.Tensor] = None,
-                image_embeds: Optional[torch.Tensor] = None, image_mask: Optional[torch.Tensor] = None, cache: Optional[Cache] = None,
-                cross_kv: Optional[list] = None, cross_rows: Optional[torch.Tensor] = None,
-                attn_mask: Optional[torch.Tensor] = None, last_only: bool = False) -> torch.Tensor:
-        """input_ids, position_ids, vision_mask, image_mask: B,T. Returns logits B,T,V
-        (B,1,V with last_only). With a cache, tokens are written from slot cache.length on
-        and cross K/V, when the cache holds them, are read from it."""
-        if images is not None:
-            image_embeds = self.encode_images(images)
+    def forward(self, input_ids, position_ids, vision_mask=None, image_embeds=None, image_mask=None,
+                cache=None, cross_kv=None, cross_rows=None, pad_mask=None) -> torch.Tensor:
+        """-> hidden states B,T,hidden. `cache`: ours or a transformers Cache (anything with
+        update(k, v, layer) and get_seq_length()); pad_mask: B,past+T bool, False = padding."""
         h = self.embed(input_ids, image_embeds, image_mask)
         T = input_ids.shape[1]
-        if attn_mask is None and cache is not None and (cache.pad_mask is not None
-                                                        or (cache.length > 0 and T > 1)):
-            attn_mask = self.cache_mask(cache, T)
+        past = cache.get_seq_length() if cache is not None else 0
+        attn_mask = None
+        if pad_mask is not None or (past > 0 and T > 1):
+            attn_mask = causal_mask(past, T, pad_mask, h.device)
         if vision_mask is not None and not bool(vision_mask.any()):
             vision_mask = None                 # no vision token: read only language weights
         cos, sin = self.rotary(position_ids, h.dtype)
-        if cache is not None and cross_kv is None:
-            cross_kv, cross_rows = cache.cross_kv, cache.cross_rows
         for i, layer in enumerate(self.layers):
             h = layer(h, vision_mask, cos, sin, cache, i, attn_mask,
                       cross_kv[i] if cross_kv is not None else None, cross_rows)
+        return self.norm(h)
+
+
+def causal_mask(past: int, T: int, pad_mask: Optional[torch.Tensor], device) -> torch.Tensor:
+    """Bool mask B|1,1,T,past+T for T new tokens after `past` cached ones: causal over slots,
+    padding hidden, and every token sees itself (so a padding row stays finite, not NaN)."""
+    q_slot = torch.arange(past, past + T, device=device)[:, None]                # T,1
+    k_slot = torch.arange(past + T, device=device)[None, :]                       # 1,S
+    mask = (k_slot <= q_slot)[None, None]                                         # 1,1,T,S
+    if pad_mask is not None:
+        mask = mask & pad_mask[:, None, None, : past + T].to(torch.bool)
+    return mask | (k_slot == q_slot)[None, None]
+
+
+class CogVLM(nn.Module):
+    """Backbone + LM head. Parameter names are those of the HF release exactly
+    (`model.*`, `lm_head.weight`); checkpoint.py maps SAT's names onto them."""
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = CogVLMModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """images: n,3,S,S -> n, 1 + image_length + 1, hidden (boi, patches, eoi)."""
+        return self.model.vision(images.to(self.lm_head.weight.dtype))
+
+    def cross_kv(self, cross_images: torch.Tensor) -> list:
+        """Run the high-res encoder once and every layer's cross K/V projection."""
+        enc = self.model.cross_vision(cross_images.to(self.lm_head.weight.dtype))
+        return [layer.cross_attn.compute_kv(enc) for layer in self.model.layers]
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                vision_mask: Optional[torch.Tensor] = None, images: Optional[torch.Tensor] = None,
+                image_embeds: Optional[torch.Tensor] = None, image_mask: Optional[torch.Tensor] = None,
+                cache: Optional[Cache] = None, cross_kv: Optional[list] = None,
+                cross_rows: Optional[torch.Tensor] = None, last_only: bool = False) -> torch.Tensor:
+        """input_ids, position_ids, vision_mask, image_mask: B,T. Returns logits B,T,V
+        (B,1,V with last_only). With our Cache, tokens are written from slot cache.length on,
+        and cross K/V and the padding mask, when the cache holds them, are read from it."""
+        if images is not None:
+            image_embeds = self.encode_images(images)
+        T = input_ids.shape[1]
+        pad_mask = None
+        if cache is not None:
+            cross_kv = cross_kv if cross_kv is not None else cache.cross_kv
+            cross_rows = cross_rows if cross_rows is not None else cache.cross_rows
+            pad_mask = cache.pad_mask
+        h = self.model(input_ids, position_ids, vision_mask, image_embeds, image_mask, cache,
+                       cross_kv, cross_rows, pad_mask)
         if cache is not None:
             cache.length += T
         if last_only:
             h = h[:, -1:]
-        return self.lm_head(self.norm(h))
-
-    @staticmethod
-    def cache_mask(cache: Cache, T: int) -> torch.Tensor:
-        """Bool mask B|1,1,T,S for T new tokens written from slot cache.length: causal over
-        slots, padding slots hidden, and every token sees itself (so that a padding row has
-        a finite output instead of NaN)."""
-        s = cache.length
-        dev = cache.k[0].device
-        q_slot = torch.arange(s, s + T, device=dev)[:, None]                     # T,1
-        k_slot = torch.arange(s + T, device=dev)[None, :]                         # 1,S
-        mask = (k_slot <= q_slot)[None, None]                                     # 1,1,T,S
-        if cache.pad_mask is not None:
-            mask = mask & cache.pad_mask[:, None, None, : s + T]
-        return mask | (k_slot == q_slot)[None, None]
+        return self.lm_head(h)

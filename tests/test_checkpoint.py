@@ -148,7 +148,7 @@ def test_unknown_config_fields_tolerated(cogvlm_ckpt, tmp_path):
 def test_loaded_dtype(cogvlm_ckpt):
     model, _ = load_model(str(cogvlm_ckpt), dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    assert model.rotary.inv_freq.dtype == torch.float32      # derived tables stay fp32
+    assert model.model.rotary.inv_freq.dtype == torch.float32      # derived tables stay fp32
 
 
 def _count(model, pred):
@@ -156,8 +156,8 @@ def _count(model, pred):
 
 
 def _is_language(n):
-    return n.startswith(("embed_tokens", "norm.", "lm_head")) or "language" in n or \
-        (n.startswith("layers.") and n.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")))
+    return n.startswith(("model.embed_tokens", "model.norm.", "lm_head")) or "language" in n or \
+        (n.startswith("model.layers.") and n.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")))
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
@@ -174,13 +174,13 @@ def test_full_size_parameter_counts(name):
         return
     lang = _count(model, _is_language)
     assert lang == 6_738_415_616                                 # LLaMA-2-7B, exactly
-    eva_e = _count(model, lambda n: n.startswith(("vision.patch_embedding", "vision.transformer")))
+    eva_e = _count(model, lambda n: n.startswith(("model.vision.patch_embedding", "model.vision.transformer")))
     assert abs(eva_e / 4.4e9 - 1) < 0.03                       # EVA2-CLIP-E minus its last layer
     vision = total - lang
     if cfg.cross is None:
         assert abs(total / 17.6e9 - 1) < 0.03 and abs(vision / 10.9e9 - 1) < 0.03
     else:
         assert abs(total / 18.3e9 - 1) < 0.03 and abs(vision / 11.5e9 - 1) < 0.03
-        cross_module = _count(model, lambda n: n.startswith("cross_vision.") or ".cross_attn." in n
+        cross_module = _count(model, lambda n: n.startswith("model.cross_vision.") or ".cross_attn." in n
                               or "post_cross" in n)
         assert abs(cross_module / 646e6 - 1) < 0.03, cross_module   # CogAgent paper: 646M

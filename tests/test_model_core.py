@@ -139,7 +139,7 @@ def test_no_image_is_plain_llama(cogagent_ckpt, tokenizer):
     sd = read_sat_state_dict(cogagent_ckpt)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.startswith(("vision.", "cross_vision.")) or "vision_" in name or "cross" in name:
+            if name.startswith(("model.vision.", "model.cross_vision.")) or "vision_" in name or "cross" in name:
                 p.fill_(float("nan"))
         inp = prepare(model, tokenizer, "Tell me a story.")
         out = model(inp.input_ids, inp.position_ids, inp.vision_mask)[0]
@@ -153,8 +153,8 @@ def test_no_image_is_plain_llama(cogagent_ckpt, tokenizer):
 def test_cogagent_encoders_run_once_per_image(cogagent_ckpt, tokenizer, image_file):
     model, cfg = load_model(str(cogagent_ckpt))
     calls = {"cross": 0, "low": 0}
-    model.cross_vision.register_forward_hook(lambda *a: calls.__setitem__("cross", calls["cross"] + 1))
-    model.vision.register_forward_hook(lambda *a: calls.__setitem__("low", calls["low"] + 1))
+    model.model.cross_vision.register_forward_hook(lambda *a: calls.__setitem__("cross", calls["cross"] + 1))
+    model.model.vision.register_forward_hook(lambda *a: calls.__setitem__("low", calls["low"] + 1))
     gen = GenerationConfig(max_new_tokens=6)
     history, image = [], image_file
     for q in ["What is this?", "And the colour?", "Anything else?"]:

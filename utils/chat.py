@@ -82,7 +82,7 @@ class ImageContext:
 
     @torch.inference_mode()
     def encode(self, model: CogVLM):
-        dev = model.embed_tokens.weight.device
+        dev = model.lm_head.weight.device
         if self.image_embeds is None:
             self.image_embeds = model.encode_images(self.low[None].to(dev))
         if self.high is not None and self.cross_kv is None:
@@ -95,10 +95,52 @@ def prepare(model: CogVLM, tokenizer: Tokenizer, query: str, history=(),
     cfg = model.config
     prompt = build_prompt(query, history, version or cfg.version)
     row = build_row(tokenizer, cfg, prompt, image is not None)
-    inputs = collate([row], device=model.embed_tokens.weight.device)
+    inputs = collate([row], device=model.lm_head.weight.device)
     if image is not None:
         inputs.image_embeds, inputs.cross_kv = image.encode(model)
     return inputs
+
+
+def prepare_batch(model: CogVLM, tokenizer: Tokenizer, requests, version: Optional[str] = None) -> ModelInputs:
+    """requests: (query, history, ImageContext | None) per row; rows may mix images and text
+    only. Left padding; each row keeps its own positions and expert masks."""
+    cfg = model.config
+    rows, images = [], []
+    for query, history, image in requests:
+        prompt = build_prompt(query, history, version or cfg.version)
+        rows.append(build_row(tokenizer, cfg, prompt, image is not None))
+        images.append(image)
+    inputs = collate(rows, device=model.lm_head.weight.device)
+    encoded = [img.encode(model) if img is not None else None for img in images]
+    if any(e is not None for e in encoded):
+        inputs.image_embeds = torch.cat([e[0] for e in encoded if e is not None])
+    if cfg.cross is not None and any(e is not None for e in encoded):
+        ref = next(e[1] for e in encoded if e is not None)
+        inputs.cross_kv = [tuple(torch.cat([e[1][i][j] if e is not None else torch.zeros_like(ref[i][j])
+                                            for e in encoded]) for j in range(2))
+                           for i in range(cfg.num_layers)]
+        inputs.cross_rows = torch.tensor([e is not None for e in encoded], device=inputs.input_ids.device)
+    return inputs
+
+
+def batch_chat(model: CogVLM, tokenizer: Tokenizer, requests, version: Optional[str] = None,
+               gen: Optional[GenerationConfig] = None) -> list[str]:
+    """Answer several conversations in one batch. requests: (query, history, image) with image
+    a path / PIL / bytes / ImageContext or None. Greedy answers equal those of `chat()` alone."""
+    gen = gen or GenerationConfig()
+    requests = [(q, h, img if img is None or isinstance(img, ImageContext) else ImageContext(img, model.config))
+                for q, h, img in requests]
+    inputs = prepare_batch(model, tokenizer, requests, version)
+    budget = token_budget(inputs.input_ids.shape[1], int(inputs.image_mask.sum(1).max()), gen,
+                          model.config.max_sequence_length)
+    eos = model.config.eos_token_id
+    out, finished = [[] for _ in requests], [False] * len(requests)
+    for tok in generate_tokens(model, inputs, gen, eos, budget):
+        for i, t in enumerate(tok.tolist()):
+            finished[i] = finished[i] or t == eos
+            if not finished[i]:
+                out[i].append(t)
+    return [tokenizer.decode(ids).rstrip("\ufffd").strip() for ids in out]
 
 
 def stream_chat(model: CogVLM, tokenizer: Tokenizer, query: str, history=(),
@@ -128,7 +170,7 @@ def stream_text(token_steps, tokenizer: Tokenizer, eos: int) -> Iterator[str]:
         if len(text) > len(sent):
             yield text[len(sent):]
             sent = text
-    text = tokenizer.decode(out_ids).replace("\ufffd", "")
+    text = tokenizer.decode(out_ids).rstrip("\ufffd")      # drop an unfinished last character
     if len(text) > len(sent):
         yield text[len(sent):]
 
