@@ -183,3 +183,28 @@ def chat(model: CogVLM, tokenizer: Tokenizer, query: str, history=(), image=None
         image = ImageContext(image, model.config)
     response = "".join(stream_chat(model, tokenizer, query, history, image, version, gen)).strip()
     return response, list(history) + [(query, response)], image
+
+
+def build_hf_inputs(model, tokenizer: Tokenizer, requests, version: Optional[str] = None) -> dict:
+    """Inputs for the transformers front end (`model.generate(**inputs)`), as the original
+    `build_conversation_input_ids` made them: input_ids, token_type_ids (1 on image slots),
+    attention_mask (0 on left padding), images / cross_images (one list per row, [] without
+    an image). requests: (query, history, image or None) per row."""
+    cfg = model.cfg if hasattr(model, "cfg") else model.config
+    rows, lows, highs = [], [], []
+    for query, history, image in requests:
+        if image is not None and not isinstance(image, ImageContext):
+            image = ImageContext(image, cfg)
+        rows.append(build_row(tokenizer, cfg, build_prompt(query, history, version or cfg.version),
+                              image is not None))
+        lows.append([image.low] if image is not None else [])
+        highs.append([image.high] if image is not None and image.high is not None else [])
+    batch = collate(rows)
+    out = {"input_ids": batch.input_ids, "token_type_ids": batch.image_mask.long(),
+           "attention_mask": batch.pad_mask.long() if batch.pad_mask is not None
+           else torch.ones_like(batch.input_ids)}
+    if any(lows):
+        out["images"] = lows
+    if cfg.cross is not None and any(highs):
+        out["cross_images"] = highs
+    return out

@@ -1,0 +1,318 @@
+"""Transformers-native front end: CogVLM / CogAgent as `PreTrainedModel` + `GenerationMixin`,
+loading the released HF checkpoints (THUDM/cogvlm-chat-hf, THUDM/cogagent-chat-hf, ...)
+with `from_pretrained(path)` and no remote code. The math is models/cogvlm.py's: this file
+only adapts configs, inputs (`token_type_ids`, `images`, `cross_images`) and the cache.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from transformers import (AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig,
+                          PreTrainedModel)
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .cogvlm import CogVLM, CogVLMModel, Rotary
+from .config import CrossConfig, EVAConfig, ModelConfig
+from .eva import RopeTables, rope_2d_tables
+
+VISION_TOKEN = 1      # token_type_ids: 0 language, 1 vision (boi, patches, eoi)
+
+
+class CogVLMConfig(PretrainedConfig):
+    model_type = "cogvlm"
+
+    def __init__(self, vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                 num_hidden_layers=32, num_attention_heads=32, hidden_act="silu",
+                 max_position_embeddings=2048, initializer_range=0.02, rms_norm_eps=1e-5,
+                 template_version="chat", pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                 tie_word_embeddings=False, use_cache=True, vision_config=None,
+                 cogvlm_version=None, **kwargs):
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.intermediate_size, self.num_hidden_layers = intermediate_size, num_hidden_layers
+        self.num_attention_heads, self.hidden_act = num_attention_heads, hidden_act
+        self.max_position_embeddings, self.initializer_range = max_position_embeddings, initializer_range
+        self.rms_norm_eps, self.template_version, self.use_cache = rms_norm_eps, template_version, use_cache
+        self.cogvlm_version = cogvlm_version     # our --version name (base/chat/chat_old/vqa)
+        self.vision_config = vision_config or {
+            "dropout_prob": 0.0, "hidden_act": "gelu", "hidden_size": 1792, "image_size": 490,
+            "in_channels": 3, "intermediate_size": 15360, "layer_norm_eps": 1e-6, "num_heads": 16,
+            "num_hidden_layers": 63, "num_positions": 1226, "patch_size": 14}
+        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+                         eos_token_id=eos_token_id, tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    def to_model_config(self) -> ModelConfig:
+        v = self.vision_config
+        eva = EVAConfig(num_layers=v["num_hidden_layers"], hidden_size=v["hidden_size"],
+                        num_attention_heads=v["num_heads"], inner_hidden_size=v["intermediate_size"],
+                        image_size=v["image_size"], patch_size=v["patch_size"],
+                        layernorm_epsilon=v.get("layer_norm_eps", 1e-6), in_channels=v.get("in_channels", 3))
+        return ModelConfig(
+            num_layers=self.num_hidden_layers, hidden_size=self.hidden_size,
+            num_attention_heads=self.num_attention_heads, inner_hidden_size=self.intermediate_size,
+            vocab_size=self.vocab_size, max_sequence_length=self.max_position_embeddings,
+            layernorm_epsilon=self.rms_norm_eps, bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id or 0,
+            version=self.cogvlm_version or "chat_old", eva=eva)
+
+    @classmethod
+    def from_model_config(cls, cfg: ModelConfig) -> "CogVLMConfig":
+        if cfg.cross is not None:
+            return CogAgentConfig.from_model_config(cfg)
+        return cls(**_common_fields(cfg))
+
+
+class CogAgentConfig(CogVLMConfig):
+    model_type = "cogagent"
+
+    def __init__(self, cross_hidden_size=1024, cross_compute_hidden_size=1024, cross_image_size=1120,
+                 cross_vision_config=None, **kwargs):
+        self.cross_hidden_size = cross_hidden_size
+        self.cross_compute_hidden_size = cross_compute_hidden_size
+        self.cross_image_size = cross_image_size
+        # Not in the released configs (their high-res encoder is fixed EVA2-CLIP-L): the size
+        # of the encoder, so that smaller CogAgents can be described. Absent = released size.
+        self.cross_vision_config = cross_vision_config or {}
+        kwargs.setdefault("vision_config", {
+            "dropout_prob": 0.0, "hidden_act": "gelu", "hidden_size": 1792, "image_size": 224,
+            "in_channels": 3, "intermediate_size": 15360, "layer_norm_eps": 1e-6, "num_heads": 16,
+            "num_hidden_layers": 63, "num_positions": 257, "patch_size": 14})
+        super().__init__(**kwargs)
+
+    def to_model_config(self) -> ModelConfig:
+        cfg = super().to_model_config()
+        c = self.cross_vision_config
+        width = c.get("hidden_size", self.cross_hidden_size)
+        cfg.model_class, cfg.adapter_has_pos_embed = "CogAgentModel", True
+        cfg.version = self.cogvlm_version or "chat"
+        cfg.cross = CrossConfig(
+            image_size=self.cross_image_size, hidden_size=width,
+            num_layers=c.get("num_layers", 24), num_attention_heads=c.get("num_attention_heads", 16),
+            inner_hidden_size=c.get("inner_hidden_size", int(width * 2.6667)),
+            head_out_dim=c.get("head_out_dim", 768), patch_size=c.get("patch_size", 14),
+            rope_pretrain_grid=c.get("rope_pretrain_grid", 16),
+            attn_hidden_size=self.cross_compute_hidden_size,
+            attn_head_dim=self.cross_compute_hidden_size // self.num_attention_heads)
+        return cfg
+
+    @classmethod
+    def from_model_config(cls, cfg: ModelConfig) -> "CogAgentConfig":
+        c = cfg.cross
+        return cls(cross_hidden_size=c.hidden_size, cross_compute_hidden_size=c.attn_hidden_size,
+                   cross_image_size=c.image_size,
+                   cross_vision_config={"hidden_size": c.hidden_size, "num_layers": c.num_layers,
+                                        "num_attention_heads": c.num_attention_heads,
+                                        "inner_hidden_size": c.inner_hidden_size,
+                                        "head_out_dim": c.head_out_dim, "patch_size": c.patch_size,
+                                        "rope_pretrain_grid": c.rope_pretrain_grid},
+                   **_common_fields(cfg))
+
+
+def _common_fields(cfg: ModelConfig) -> dict:
+    e = cfg.eva
+    if cfg.cross is not None and cfg.cross.attn_head_dim * cfg.num_attention_heads != cfg.cross.attn_hidden_size:
+        raise ValueError("the HF format derives the cross-attention head size from the number of "
+                         "heads; this config does not fit it")
+    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                intermediate_size=cfg.inner_hidden_size, num_hidden_layers=cfg.num_layers,
+                num_attention_heads=cfg.num_attention_heads,
+                max_position_embeddings=cfg.max_sequence_length, rms_norm_eps=cfg.layernorm_epsilon,
+                bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+                pad_token_id=cfg.pad_token_id, cogvlm_version=cfg.version,
+                template_version="chat" if cfg.version in ("chat", "chat_old") else cfg.version,
+                vision_config={"dropout_prob": 0.0, "hidden_act": "gelu", "hidden_size": e.hidden_size,
+                               "image_size": e.image_size, "in_channels": e.in_channels,
+                               "intermediate_size": e.inner_hidden_size,
+                               "layer_norm_eps": e.layernorm_epsilon, "num_heads": e.num_attention_heads,
+                               "num_hidden_layers": e.num_layers, "num_positions": e.num_patches + 1,
+                               "patch_size": e.patch_size})
+
+
+# ----------------------------------------------------------------------------------------
+def masks_from_token_types(token_type_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
+    """HF inputs -> (image slots, vision-expert mask, position ids), all B,T.
+    The last vision-typed token of each image (eoi) uses the language expert; patches (vision
+    tokens between boi and eoi) share one position."""
+    tt = token_type_ids == VISION_TOKEN
+    nxt = torch.zeros_like(tt)
+    nxt[:, :-1] = tt[:, 1:]
+    prv = torch.zeros_like(tt)
+    prv[:, 1:] = tt[:, :-1]
+    vision = tt & nxt                                   # boi + patches
+    patch = tt & nxt & prv                              # strictly inside an image
+    prev_patch = torch.zeros_like(patch)
+    prev_patch[:, 1:] = patch[:, :-1]
+    step = (~(patch & prev_patch)).long()              # a patch after a patch: same position
+    if attention_mask is not None:
+        step = step * attention_mask.long()
+    positions = (step.cumsum(1) - 1).clamp(min=0)
+    return tt, vision, positions
+
+
+def _stack_images(images) -> Optional[torch.Tensor]:
+    """`images`: a tensor n,3,S,S, or the HF layout: one list per row, each [] or [tensor]."""
+    if images is None or isinstance(images, torch.Tensor):
+        return images
+    flat = [img for row in images for img in (row if isinstance(row, (list, tuple)) else [row])]
+    return torch.stack(flat) if flat else None
+
+
+class CogVLMPreTrainedModel(PreTrainedModel):
+    config_class = CogVLMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["DecoderLayer", "EVALayer", "EVALargeBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    # Derived tables: regenerated, never required (released HF files may store per-layer copies).
+    _keys_to_ignore_on_load_missing = [r"rotary\.inv_freq", r"rope\.freqs_(cos|sin)"]
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, Rotary):
+            init.copy_(module.inv_freq, module.compute_inv_freq(module.inv_freq.device))
+        elif isinstance(module, RopeTables):
+            cos, sin = rope_2d_tables(*module.shape_args)
+            init.copy_(module.freqs_cos, cos)
+            init.copy_(module.freqs_sin, sin)
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter) and module.weight.dim() == 1:
+            init.ones_(module.weight)                   # RMSNorm
+        for name, p in module.named_parameters(recurse=False):   # bare nn.Parameters
+            if name in ("q_bias", "v_bias"):
+                init.zeros_(p)
+            elif name in ("boi", "eoi", "pos_embed", "cls_embedding", "cls_token"):
+                init.normal_(p, mean=0.0, std=std)
+
+
+class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
+    def __init__(self, config: CogVLMConfig):
+        super().__init__(config)
+        self.cfg = config.to_model_config()
+        self.model = CogVLMModel(self.cfg)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    # The same parameters as models.cogvlm.CogVLM, so its helpers apply unchanged.
+    encode_images = CogVLM.encode_images
+    cross_kv = CogVLM.cross_kv
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids: torch.LongTensor = None, images=None, cross_images=None,
+                token_type_ids: Optional[torch.LongTensor] = None,
+                attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.LongTensor] = None, past_key_values=None,
+                use_cache: Optional[bool] = None, labels: Optional[torch.LongTensor] = None,
+                logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+        B, T = input_ids.shape
+        cache = past_key_values
+        if cache is None and (use_cache if use_cache is not None else False):
+            from transformers import DynamicCache
+            cache = DynamicCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        image_mask, vision_mask, pos = masks_from_token_types(
+            token_type_ids, attention_mask[:, -T:] if attention_mask is not None else None)
+        if past > 0:
+            # Continue from the positions stored at the previous step (an image takes many
+            # token slots but only 3 positions, so slot indices cannot be used).
+            start = getattr(cache, "cogvlm_next_position", None)
+            pos = start[:, None] + (pos - pos[:, :1]) if start is not None else pos + past
+        if position_ids is None:
+            position_ids = pos
+        image_embeds = None
+        pixels = _stack_images(images)
+        if pixels is not None and past == 0:
+            image_embeds = self.encode_images(pixels.to(self.lm_head.weight.device))
+        else:
+            image_mask = None
+        cross_kv, cross_rows = None, None
+        if self.cfg.cross is not None:
+            cross_kv = getattr(cache, "cogvlm_cross_kv", None) if past > 0 else None
+            cross_rows = getattr(cache, "cogvlm_cross_rows", None) if past > 0 else None
+            hi = _stack_images(cross_images)
+            if cross_kv is None and hi is not None:
+                cross_kv, cross_rows = self._batched_cross_kv(hi, cross_images, B)
+        pad = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None
+        h = self.model(input_ids, position_ids, vision_mask, image_embeds, image_mask, cache,
+                       cross_kv, cross_rows, pad)
+        if cache is not None:
+            cache.cogvlm_next_position = position_ids[:, -1] + 1
+            cache.cogvlm_cross_kv, cache.cogvlm_cross_rows = cross_kv, cross_rows
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                               labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+
+    def _batched_cross_kv(self, hi: torch.Tensor, cross_images, B: int):
+        """Cross K/V for a batch where some rows may have no image (zero K/V, row masked)."""
+        kv = self.cross_kv(hi.to(self.lm_head.weight.device))
+        rows = [True] * B
+        if isinstance(cross_images, (list, tuple)):
+            rows = [bool(r) for r in cross_images]
+        if all(rows):
+            return kv, None
+        idx = torch.tensor([i for i, r in enumerate(rows) if r])
+        full = []
+        for k, v in kv:
+            fk = k.new_zeros(B, *k.shape[1:])
+            fv = v.new_zeros(B, *v.shape[1:])
+            fk[idx], fv[idx] = k, v
+            full.append((fk, fv))
+        return full, torch.tensor(rows, device=hi.device)
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
+                                      images=None, cross_images=None, token_type_ids=None, **kwargs):
+        """First step: the whole prompt with its images. Later steps: the last token only;
+        positions and cross K/V come from the cache (see forward)."""
+        first = past_key_values is None or past_key_values.get_seq_length() == 0
+        if first:
+            return {"input_ids": input_ids, "images": images, "cross_images": cross_images,
+                    "token_type_ids": token_type_ids, "attention_mask": attention_mask,
+                    "past_key_values": past_key_values, "use_cache": kwargs.get("use_cache", True)}
+        return {"input_ids": input_ids[:, -1:], "attention_mask": attention_mask,
+                "past_key_values": past_key_values, "use_cache": True}
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        model_kwargs.pop("token_type_ids", None)       # new tokens are text; types only matter once
+        return model_kwargs
+
+
+class CogAgentForCausalLM(CogVLMForCausalLM):
+    config_class = CogAgentConfig
+
+
+def register_auto_classes() -> None:
+    """Let AutoConfig / AutoModelForCausalLM resolve model_type cogvlm / cogagent to these
+    classes (no trust_remote_code)."""
+    for cfg_cls, model_cls in ((CogVLMConfig, CogVLMForCausalLM), (CogAgentConfig, CogAgentForCausalLM)):
+        try:
+            AutoConfig.register(cfg_cls.model_type, cfg_cls)
+            AutoModelForCausalLM.register(cfg_cls, model_cls)
+        except ValueError:
+            pass                                        # already registered
+
+
+register_auto_classes()

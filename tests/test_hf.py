@@ -1,0 +1,144 @@
+"""Transformers front end: released HF layout, conversion round trips, agreement with the SAT
+front end, generate() with the standard cache and streamers, malformed checkpoints."""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import pytest
+import torch
+
+from models import CheckpointError, load_model
+from models.checkpoint import read_sat_state_dict
+from models.generate import GenerationConfig
+from models.hf_io import hf_to_sat, load_hf_model, sat_to_hf
+from utils.chat import ImageContext, build_hf_inputs, chat, prepare
+
+
+@pytest.fixture(scope="module", params=["cogvlm", "cogagent"])
+def pair(request, cogvlm_ckpt, cogagent_ckpt, tmp_path_factory):
+    sat = cogvlm_ckpt if request.param == "cogvlm" else cogagent_ckpt
+    hf = sat_to_hf(sat, tmp_path_factory.mktemp("hf") / request.param, shard_bytes=100_000)
+    return sat, hf
+
+
+def test_round_trip_bit_identical(pair, tmp_path):
+    sat, hf = pair
+    back = hf_to_sat(hf, tmp_path / "back")
+    a, b = read_sat_state_dict(sat), read_sat_state_dict(back)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((back / "model_config.json").read_text()) == json.loads((sat / "model_config.json").read_text())
+
+
+def test_hf_layout_is_the_released_one(pair):
+    _, hf = pair
+    index = json.loads((hf / "model.safetensors.index.json").read_text())["weight_map"]
+    for k in ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+              "model.layers.0.self_attn.language_expert_query_key_value.weight",
+              "model.layers.1.self_attn.vision_expert_dense.weight",
+              "model.layers.0.mlp.vision_mlp.gate_proj.weight", "model.layers.1.mlp.language_mlp.down_proj.weight",
+              "model.vision.patch_embedding.cls_embedding", "model.vision.patch_embedding.position_embedding.weight",
+              "model.vision.transformer.layers.0.mlp.fc1.weight", "model.vision.linear_proj.norm1.weight",
+              "model.vision.boi"]:
+        assert k in index, k
+    cfg = json.loads((hf / "config.json").read_text())
+    assert cfg["vision_config"]["num_positions"] == cfg["vision_config"]["num_hidden_layers"] * 0 + \
+        (cfg["vision_config"]["image_size"] // 14) ** 2 + 1
+    if "cross_image_size" in cfg:
+        assert "model.layers.0.cross_attn.key_value.weight" in index
+        assert "model.cross_vision.vit.model.blocks.0.attn.q_bias" in index
+        assert "model.vision.pos_embed" in index and "model.cross_vision.pos_embed" in index
+
+
+@pytest.mark.parametrize("version", ["base", "chat", "chat_old", "vqa"])
+@pytest.mark.parametrize("with_image", [True, False])
+def test_logits_agree_with_sat(pair, tokenizer, image_file, version, with_image):
+    sat, hf = pair
+    ours, cfg = load_model(str(sat))
+    theirs = load_hf_model(hf)
+    img = ImageContext(image_file, cfg) if with_image else None
+    history = [("What is it?", "A circle.")]
+    inp = prepare(ours, tokenizer, "And the colour?", history, img, version)
+    hf_in = build_hf_inputs(theirs, tokenizer, [("And the colour?", history, img)], version)
+    assert torch.equal(hf_in["input_ids"], inp.input_ids)
+    with torch.no_grad():
+        a = ours(inp.input_ids, inp.position_ids, inp.vision_mask, image_embeds=inp.image_embeds,
+                 image_mask=inp.image_mask, cross_kv=inp.cross_kv)
+        b = theirs(**hf_in).logits
+    assert (a - b).abs().max() < 1e-4
+
+
+def test_generate_equals_chat_and_streams(pair, tokenizer, image_file):
+    from transformers import TextIteratorStreamer
+    sat, hf = pair
+    ours, cfg = load_model(str(sat))
+    theirs = load_hf_model(hf)
+    img = ImageContext(image_file, cfg)
+    expected = chat(ours, tokenizer, "Describe the image.", [], img, gen=GenerationConfig(max_new_tokens=12))[0]
+    inputs = build_hf_inputs(theirs, tokenizer, [("Describe the image.", [], img)])
+    out = theirs.generate(**inputs, max_new_tokens=12, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    new = new[: new.index(cfg.eos_token_id)] if cfg.eos_token_id in new else new
+    assert tokenizer.decode(new).rstrip("\ufffd").strip() == expected
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    th = threading.Thread(target=theirs.generate, kwargs=dict(**inputs, max_new_tokens=12, do_sample=False,
+                                                              streamer=streamer))
+    th.start()
+    streamed = "".join(streamer)
+    th.join(timeout=60)
+    assert streamed.strip().rstrip("\ufffd") == tokenizer.decode(new).strip().rstrip("\ufffd")
+
+
+def test_generate_batched_mixed_rows(pair, tokenizer, image_file):
+    sat, hf = pair
+    theirs = load_hf_model(hf)
+    reqs = [("Describe the image.", [], image_file), ("A long text-only question, please?", [], None)]
+    batch = build_hf_inputs(theirs, tokenizer, reqs)
+    out = theirs.generate(**batch, max_new_tokens=8, do_sample=False)
+    T = batch["input_ids"].shape[1]
+    for i, r in enumerate(reqs):
+        single = build_hf_inputs(theirs, tokenizer, [r])
+        o = theirs.generate(**single, max_new_tokens=8, do_sample=False)
+        assert out[i, T:].tolist() == o[0, single["input_ids"].shape[1]:].tolist()
+
+
+def test_malformed_hf_checkpoints(pair, tmp_path):
+    _, hf = pair
+    bad = shutil.copytree(hf, tmp_path / "missing")
+    next(bad.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(CheckpointError, match="shard file.*missing: model-00002"):
+        load_hf_model(bad)
+    bad = shutil.copytree(hf, tmp_path / "trunc")
+    f = next(bad.glob("model-00001-*.safetensors"))
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_hf_model(bad)
+    bad = shutil.copytree(hf, tmp_path / "dtype")
+    f = next(bad.glob("model-00001-*.safetensors"))
+    from safetensors.torch import load_file, save_file
+    t = load_file(str(f))
+    k = next(iter(t))
+    t[k] = t[k].to(torch.int32)
+    save_file(t, str(f))
+    with pytest.raises(CheckpointError, match="dtype I32"):
+        load_hf_model(bad)
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_hf_model(tmp_path)
+
+
+def test_converter_refuses_overwrite(pair, tmp_path):
+    sat, hf = pair
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="refusing to overwrite"):
+        sat_to_hf(sat, out)
+    assert (out / "keep.txt").exists()
+
+
+def test_auto_classes(pair):
+    from transformers import AutoModelForCausalLM
+    _, hf = pair
+    m = AutoModelForCausalLM.from_pretrained(hf)
+    assert type(m).__name__ in ("CogVLMForCausalLM", "CogAgentForCausalLM")
