@@ -16,14 +16,9 @@ from models import CheckpointError, ModelNotFound  # noqa: E402
 from models.generate import PromptTooLong  # noqa: E402
 from utils.args import add_generation_args, add_model_args, generation_config, load_from_args, setup_logging  # noqa: E402
 from utils.chat import ImageContext, stream_chat  # noqa: E402
+from utils.cli import interactive, print_answer  # noqa: E402
 from utils.image import ImageError  # noqa: E402
 from utils.tokenizer import TokenizerError  # noqa: E402
-
-PROMPTS = {
-    False: {"image": "Please enter the image path (press Enter for plain text chat): ",
-            "human": "Human: ", "model": "Model: "},
-    True: {"image": "请输入图像路径（直接回车进入纯文本对话）：", "human": "用户：", "model": "模型："},
-}
 
 
 def parse_args(argv=None):
@@ -37,77 +32,34 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def answer(model, tok, query, history, image, args, out=sys.stdout, prefix=""):
-    """Print one answer (streamed or whole) and return the new history."""
-    out.write(prefix)
-    out.flush()
-    parts = []
-    for delta in stream_chat(model, tok, query, history, image, args.version, generation_config(args)):
-        parts.append(delta)
-        if args.stream_chat:
-            out.write(delta)
-            out.flush()
-    response = "".join(parts).strip()
-    if not args.stream_chat:
-        out.write(response)
-    out.write("\n")
-    out.flush()
-    return list(history) + [(query, response)]
-
-
-def open_image(path: str, model):
-    return ImageContext(path.strip(), model.config) if path.strip() else None
-
-
-def interactive(model, tok, args) -> None:
-    text = PROMPTS[args.chinese]
-    while True:
-        try:
-            path = input(text["image"])
-        except EOFError:
-            return
-        if path.strip() == "stop":
-            return
-        try:
-            image = open_image(path, model)
-        except ImageError as e:
-            print(f"Error: {e}")
-            continue
-        history = []
-        while True:
-            try:
-                query = input(text["human"])
-            except EOFError:
-                return
-            if query.strip() == "clear":
-                break
-            if query.strip() == "stop":
-                return
-            try:
-                history = answer(model, tok, query, history, image, args, prefix=text["model"])
-            except PromptTooLong as e:
-                print(f"\nError: {e}")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
     try:
         model, tok = load_from_args(args)
-    except (ModelNotFound, CheckpointError, TokenizerError, ValueError) as e:
+    except (ModelNotFound, CheckpointError, TokenizerError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    gen = generation_config(args)
+
+    def answer(query, history, image, prefix=""):
+        return print_answer(stream_chat(model, tok, query, history, image, args.version, gen),
+                            args.stream_chat, prefix)
+
+    def open_image(path):
+        return ImageContext(path, model.config) if path else None
+
     if args.query is not None or args.image is not None:
         if args.query is None:
             print("error: --image needs --query", file=sys.stderr)
             return 2
         try:
-            answer(model, tok, args.query, [], open_image(args.image or "", model), args)
+            answer(args.query, [], open_image(args.image or ""))
         except (ImageError, PromptTooLong) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         return 0
-    interactive(model, tok, args)
+    interactive(answer, open_image, args.chinese)
     return 0
 
 

@@ -57,7 +57,8 @@ class Tokenizer:
             return self.sp.encode(text)
         return self.tk.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids) -> str:
+    def decode(self, ids, skip_special_tokens: bool = True, **_) -> str:
+        """Special tokens (<s>, </s>, <unk>) are never part of the text."""
         ids = [int(i) for i in ids]
         if self.sp is not None:
             return self.sp.decode(ids)

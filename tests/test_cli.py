@@ -1,0 +1,58 @@
+"""The command-line demos, run as real processes from another working directory."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "LOGLEVEL": "WARNING", "HF_HUB_OFFLINE": "1"}
+
+
+def run(script, *args, stdin=None, timeout=120):
+    p = subprocess.run([sys.executable, str(ROOT / "basic_demo" / script), *map(str, args)],
+                       input=stdin, capture_output=True, text=True, timeout=timeout, cwd="/", env=ENV)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_sat_one_shot_equals_interactive(cogvlm_ckpt, image_file):
+    rc, out, err = run("cli_demo_sat.py", "--from_pretrained", cogvlm_ckpt, "--image", image_file,
+                       "--query", "What is in the image?", "--max_new_tokens", 8)
+    assert rc == 0, err
+    one_shot = out.strip()
+    session = f"{image_file}\nWhat is in the image?\nAnd then?\nclear\n\nA text-only question\nstop\n"
+    rc, out, err = run("cli_demo_sat.py", "--from_pretrained", cogvlm_ckpt, "--max_new_tokens", 8,
+                       "--stream_chat", stdin=session)
+    assert rc == 0, err
+    answers = [line.split("Model: ", 1)[1] for line in out.splitlines() if "Model: " in line]
+    assert len(answers) == 3
+    assert answers[0].strip() == one_shot
+    assert "Traceback" not in err
+
+
+def test_hf_cli_matches_sat_cli(cogagent_ckpt, image_file, tmp_path):
+    from models.hf_io import sat_to_hf
+    hf = sat_to_hf(cogagent_ckpt, tmp_path / "hf")
+    q = ["--image", image_file, "--query", "Describe it.", "--max_new_tokens", 8]
+    rc1, sat_out, err1 = run("cli_demo_sat.py", "--from_pretrained", cogagent_ckpt, *q)
+    rc2, hf_out, err2 = run("cli_demo_hf.py", "--from_pretrained", hf, *q)
+    assert rc1 == 0 and rc2 == 0, err1 + err2
+    assert hf_out.strip() == sat_out.strip()
+    rc, out, err = run("cli_demo_hf.py", "--from_pretrained", hf, "--quant", "8",
+                       stdin=f"{image_file}\nhi\nstop\n")
+    assert rc == 0 and "Model: " in out, err
+
+
+@pytest.mark.parametrize("script", ["cli_demo_sat.py", "cli_demo_hf.py"])
+def test_clear_errors(script, cogvlm_ckpt, tmp_path):
+    rc, out, err = run(script, "--from_pretrained", tmp_path / "nope", "--query", "hi")
+    assert rc == 1 and "error:" in err and "Traceback" not in err
+    if script == "cli_demo_sat.py":
+        rc, out, err = run(script, "--from_pretrained", cogvlm_ckpt, "--image", tmp_path / "x.png", "--query", "hi")
+        assert rc == 1 and "image not found" in err and "Traceback" not in err
+        rc, out, err = run(script, "--from_pretrained", cogvlm_ckpt, "--query", "word " * 300,
+                           "--max_length", 100)
+        assert rc == 1 and "total length limit" in err

@@ -1,0 +1,71 @@
+"""The interactive terminal loop shared by the command-line demos (the original's loop):
+ask for an image path (Enter alone = text-only chat), then questions; `clear` starts over
+with a new image, `stop` exits. Errors are printed and the loop goes on."""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Iterable
+
+from models.generate import PromptTooLong
+from .image import ImageError
+
+PROMPTS = {
+    False: {"image": "Please enter the image path (press Enter for plain text chat): ",
+            "human": "Human: ", "model": "Model: "},
+    True: {"image": "请输入图像路径（直接回车进入纯文本对话）：", "human": "用户：", "model": "模型："},
+}
+
+
+def print_answer(deltas: Iterable[str], stream: bool, prefix: str = "", out=sys.stdout) -> str:
+    """Print an answer streamed delta by delta, or whole at the end; return it."""
+    out.write(prefix)
+    out.flush()
+    parts = []
+    for d in deltas:
+        parts.append(d)
+        if stream:
+            out.write(d)
+            out.flush()
+    response = "".join(parts).strip()
+    if not stream:
+        out.write(response)
+    out.write("\n")
+    out.flush()
+    return response
+
+
+def interactive(answer: Callable, open_image: Callable, chinese: bool = False,
+                on_answer: Callable = None) -> None:
+    """answer(query, history, image, prefix) -> response text (printed by it);
+    open_image(path) -> image context or None; on_answer(response, image) e.g. draws boxes."""
+    text = PROMPTS[chinese]
+    while True:
+        try:
+            path = input(text["image"])
+        except EOFError:
+            return
+        if path.strip() == "stop":
+            return
+        try:
+            image = open_image(path.strip()) if path.strip() else None
+        except ImageError as e:
+            print(f"Error: {e}")
+            continue
+        history = []
+        while True:
+            try:
+                query = input(text["human"])
+            except EOFError:
+                return
+            if query.strip() == "clear":
+                break
+            if query.strip() == "stop":
+                return
+            try:
+                response = answer(query, history, image, text["model"])
+            except PromptTooLong as e:
+                print(f"\nError: {e}")
+                continue
+            history = history + [(query, response)]
+            if on_answer is not None:
+                on_answer(response, image)
