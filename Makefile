@@ -37,7 +37,9 @@ test: $(VENV)/.dev
 	$(PYTHON) -m pytest
 
 bench: $(VENV)/.core
-	$(PYTHON) bench/decode.py
+	$(PYTHON) bench/decode.py --json bench/results_decode.json
+	$(PYTHON) bench/batch.py --json bench/results_batch.json
+	$(PYTHON) bench/quant.py --json bench/results_quant.json
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

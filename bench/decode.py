@@ -72,15 +72,16 @@ def decode_bytes(model: CogVLM, cfg: ModelConfig, ctx: int) -> float:
     return 4 * (n + kv)
 
 
-def decode_step_time(model: CogVLM, ctx: int, steps: int, cross_kv=None) -> float:
+def decode_step_time(model: CogVLM, ctx: int, steps: int, cross_kv=None, batch: int = 1) -> float:
     """Median seconds of one decode step with `ctx` tokens already in the cache. The cache
     holds random K/V (a step's cost does not depend on their values), which spares a prefill."""
     cfg = model.config
-    cache = Cache.allocate(cfg, 1, ctx + steps + 2, torch.float32, "cpu")
+    dtype = next(model.parameters()).dtype
+    cache = Cache.allocate(cfg, batch, ctx + steps + 2, dtype, "cpu")
     for t in cache.k + cache.v:
         t.normal_()
-    cache.length, cache.next_position, cache.cross_kv = ctx, torch.tensor([ctx]), cross_kv
-    tok = torch.tensor([5])
+    cache.length, cache.next_position, cache.cross_kv = ctx, torch.full((batch,), ctx), cross_kv
+    tok = torch.full((batch,), 5)
     with torch.inference_mode():
         decode_one_token(model, tok, cache)                             # warm-up
         return median_time(lambda: decode_one_token(model, tok, cache), steps, 0)

@@ -238,14 +238,14 @@ class CogVLMModel(nn.Module):
         return h
 
     def forward(self, input_ids, position_ids, vision_mask=None, image_embeds=None, image_mask=None,
-                cache=None, cross_kv=None, cross_rows=None, pad_mask=None) -> torch.Tensor:
+                cache=None, cross_kv=None, cross_rows=None, pad_mask=None, attn_mask=None) -> torch.Tensor:
         """-> hidden states B,T,hidden. `cache`: ours or a transformers Cache (anything with
-        update(k, v, layer) and get_seq_length()); pad_mask: B,past+T bool, False = padding."""
+        update(k, v, layer) and get_seq_length()); pad_mask: B,past+T bool, False = padding;
+        attn_mask: an explicit B,1,T,S bool mask matching what cache.update returns."""
         h = self.embed(input_ids, image_embeds, image_mask)
         T = input_ids.shape[1]
         past = cache.get_seq_length() if cache is not None else 0
-        attn_mask = None
-        if pad_mask is not None or (past > 0 and T > 1):
+        if attn_mask is None and (pad_mask is not None or (past > 0 and T > 1)):
             attn_mask = causal_mask(past, T, pad_mask, h.device)
         if vision_mask is not None and not bool(vision_mask.any()):
             vision_mask = None                 # no vision token: read only language weights

@@ -16,7 +16,7 @@ import torch
 from models.cogvlm import CogVLM
 from models.config import ModelConfig
 from models.generate import GenerationConfig, ModelInputs, generate_tokens, token_budget
-from .image import image_to_tensor, load_image
+from .image import MAX_PIXELS, image_to_tensor, load_image
 from .templates import IMAGE_MARK, build_prompt
 from .tokenizer import Tokenizer
 
@@ -73,8 +73,8 @@ class ImageContext:
     embeddings, CogAgent's per-layer cross K/V). Kept across turns so that each image is
     encoded once, not once per turn and never once per token."""
 
-    def __init__(self, image, cfg: ModelConfig):
-        self.image = load_image(image)
+    def __init__(self, image, cfg: ModelConfig, max_pixels: int = MAX_PIXELS):
+        self.image = load_image(image, max_pixels)
         self.low = image_to_tensor(self.image, cfg.eva.image_size)
         self.high = image_to_tensor(self.image, cfg.cross.image_size) if cfg.cross else None
         self.image_embeds = None

@@ -1,0 +1,51 @@
+"""Batched decode throughput on the mid-size config of bench/decode.py: tokens/s at batch 1,
+4 and 16 (one decode step serves every row; the weights are read once per step)."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from bench.decode import MID, decode_step_time  # noqa: E402
+from models import CogVLM  # noqa: E402
+from models.layout import use_fast_cpu_layout  # noqa: E402
+from models.loading import init_weights  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--ctx", type=int, default=283)
+    p.add_argument("--json", type=Path)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    model = CogVLM(MID)
+    init_weights(model)
+    use_fast_cpu_layout(model).eval()
+    runs = {b: [] for b in (1, 4, 16)}
+    for _ in range(a.repeat):
+        for b in runs:
+            runs[b].append(decode_step_time(model, a.ctx, a.steps, batch=b))
+    res = {}
+    base = None
+    for b, ts in runs.items():
+        tok_s = b / statistics.median(ts)
+        base = base or tok_s
+        res[f"batch_{b}_tok_s"] = tok_s
+        print(f"batch {b:2d}: {tok_s:6.2f} tokens/s ({tok_s / base:.2f}x batch 1), "
+              f"{statistics.median(ts) * 1e3:.0f} ms/step at {a.ctx} tokens of context")
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,444 @@
+"""OpenAI-compatible chat server for CogVLM / CogAgent (FastAPI + uvicorn).
+
+    python openai_demo/openai_api.py --from_pretrained cogvlm-chat-v1.1 --port 8000
+    # then any OpenAI client with base_url=http://127.0.0.1:8000/v1
+
+Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions (OpenAI vision format:
+`content` is a string or a list of `text` / `image_url` parts; image URLs are `data:` URLs of
+png, jpeg, webp or gif (first frame); http(s) URLs only with --allow-remote-images).
+The model sees ONE image per conversation: the most recent one in the messages. A request with
+more images than --max-images is refused. `system` messages are prepended to the first user
+turn (the prompt templates have no system slot). Requests are decoded together with continuous
+batching (utils/engine.py); when the queue is full the answer is 429 with Retry-After.
+Binds 127.0.0.1 unless --host is given; optional API key; CORS off unless origins are given.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
+
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
+
+from models.generate import GenerationConfig  # noqa: E402
+from utils.chat import ImageContext, build_row, collate, prepare  # noqa: E402
+from utils.image import ImageError  # noqa: E402
+from utils.templates import build_prompt  # noqa: E402
+
+log = logging.getLogger("openai_api")
+IMAGE_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif"}
+IGNORED_PARAMS = {"frequency_penalty", "presence_penalty", "logit_bias", "user", "logprobs",
+                  "top_logprobs", "response_format", "tools", "tool_choice", "parallel_tool_calls",
+                  "service_tier", "store", "metadata", "stream_options", "modalities", "reasoning_effort"}
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 20 << 20
+    max_image_bytes: int = 10 << 20
+    max_image_pixels: int = 16_000_000
+    max_images: int = 4
+    max_messages: int = 64
+    max_tokens: int = 1024          # largest max_tokens a request may ask for
+    default_max_tokens: int = 512
+    remote_timeout_s: float = 10.0
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 code: Optional[str] = None, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.headers = status, message, type_, code, headers
+
+
+def error_body(e: ApiError) -> dict:
+    return {"error": {"message": e.message, "type": e.type, "code": e.code}}
+
+
+# ----- request parsing ------------------------------------------------------------------
+def decode_data_url(url: str, limits: Limits) -> bytes:
+    head, sep, data = url.partition(",")
+    if not sep or not head.startswith("data:") or ";base64" not in head:
+        raise ApiError(400, "image_url must be a base64 data: URL (data:image/png;base64,...)", code="invalid_image_url")
+    mime = head[5:].split(";")[0].strip().lower()
+    if mime not in IMAGE_TYPES:
+        raise ApiError(400, f"unsupported image type {mime!r}; use png, jpeg, webp or gif", code="invalid_image_format")
+    if len(data) * 3 // 4 > limits.max_image_bytes:
+        raise ApiError(413, f"image is larger than {limits.max_image_bytes} bytes", code="image_too_large")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "image_url data is not valid base64", code="invalid_image_url") from None
+
+
+def _public_host(host: str) -> bool:
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    for info in infos:
+        ip = ipaddress.ip_address(info[4][0])
+        if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast:
+            return False
+    return True
+
+
+def fetch_remote_image(url: str, limits: Limits) -> bytes:
+    """Only with --allow-remote-images: size cap, timeout, no redirects, no private addresses."""
+    import httpx
+    from urllib.parse import urlparse
+    host = urlparse(url).hostname or ""
+    if not _public_host(host):
+        raise ApiError(400, f"image host {host!r} is not a public address", code="invalid_image_url")
+    try:
+        with httpx.Client(timeout=limits.remote_timeout_s, follow_redirects=False) as c:
+            with c.stream("GET", url) as r:
+                if r.status_code != 200:
+                    raise ApiError(400, f"fetching the image gave HTTP {r.status_code}", code="invalid_image_url")
+                data = b""
+                for chunk in r.iter_bytes():
+                    data += chunk
+                    if len(data) > limits.max_image_bytes:
+                        raise ApiError(413, "remote image too large", code="image_too_large")
+                return data
+    except httpx.HTTPError as e:
+        raise ApiError(400, f"cannot fetch the image: {e}", code="invalid_image_url") from None
+
+
+@dataclass
+class ChatRequest:
+    query: str
+    history: list
+    image: Optional[bytes]
+    gen: GenerationConfig
+    max_tokens: Optional[int]
+    stop: list
+    stream: bool
+    include_usage: bool
+
+
+def _content_parts(content, where: str) -> tuple[str, list]:
+    if isinstance(content, str):
+        return content, []
+    if content is None:
+        return "", []
+    if not isinstance(content, list):
+        raise ApiError(400, f"{where}.content must be a string or a list of parts")
+    texts, images = [], []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") not in ("text", "image_url"):
+            raise ApiError(400, f"{where}.content[{j}] must be a text or image_url part")
+        if part["type"] == "text":
+            if not isinstance(part.get("text"), str):
+                raise ApiError(400, f"{where}.content[{j}].text must be a string")
+            texts.append(part["text"])
+        else:
+            iu = part.get("image_url")
+            url = iu.get("url") if isinstance(iu, dict) else iu
+            if not isinstance(url, str):
+                raise ApiError(400, f"{where}.content[{j}].image_url.url must be a string")
+            images.append(url)
+    return "\n".join(texts), images
+
+
+def parse_chat(body, limits: Limits, allow_remote: bool) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise ApiError(400, "messages must be a non-empty list", code="missing_messages")
+    if len(msgs) > limits.max_messages:
+        raise ApiError(400, f"{len(msgs)} messages is over the limit of {limits.max_messages}")
+    if body.get("n", 1) != 1:
+        raise ApiError(400, "only n=1 is supported")
+    system, turns, urls = [], [], []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
+            raise ApiError(400, f"messages[{i}] needs a role of system, user or assistant")
+        text, imgs = _content_parts(m.get("content"), f"messages[{i}]")
+        if m["role"] in ("system", "developer"):
+            system.append(text)
+            continue
+        if m["role"] == "user":
+            urls += imgs
+        if turns and turns[-1][0] == m["role"]:
+            turns[-1][1] += "\n" + text            # consecutive messages of one role merge
+        else:
+            turns.append([m["role"], text])
+    if not turns or turns[-1][0] != "user":
+        raise ApiError(400, "the last message must come from the user")
+    if len(urls) > limits.max_images:
+        raise ApiError(400, f"{len(urls)} images is over the limit of {limits.max_images}; the model "
+                            f"sees only the most recent image of a conversation", code="too_many_images")
+    if turns[0][0] == "assistant":
+        turns.insert(0, ["user", ""])
+    if system:
+        turns[0][1] = "\n".join(system) + ("\n" + turns[0][1] if turns[0][1] else "")
+    history = [(turns[k][1], turns[k + 1][1]) for k in range(0, len(turns) - 1, 2)]
+    image = None
+    if urls:
+        url = urls[-1]
+        if url.startswith("data:"):
+            image = decode_data_url(url, limits)
+        elif url.startswith(("http://", "https://")):
+            if not allow_remote:
+                raise ApiError(400, "remote image URLs are disabled on this server; send a data: URL",
+                               code="invalid_image_url")
+            image = fetch_remote_image(url, limits)
+        else:
+            raise ApiError(400, "image_url must be a data: URL", code="invalid_image_url")
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise ApiError(400, "max_tokens must be a positive integer")
+        if max_tokens > limits.max_tokens:
+            raise ApiError(400, f"max_tokens {max_tokens} is over this server's limit of {limits.max_tokens}")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
+        raise ApiError(400, "stop must be a string or a list of up to 4 strings")
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ApiError(400, "seed must be an integer")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "stream must be true or false")
+    opts = body.get("stream_options") or {}
+    gen = GenerationConfig(temperature=temperature, top_p=top_p, top_k=0 if temperature > 0 else 1,
+                           seed=seed)
+    return ChatRequest(turns[-1][1], history, image, gen, max_tokens, stop, stream,
+                       bool(isinstance(opts, dict) and opts.get("include_usage")))
+
+
+def _number(body, key, default, lo, hi) -> float:
+    v = body.get(key, default)
+    if v is None:
+        return default
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ApiError(400, f"{key} must be a number between {lo} and {hi}")
+    return float(v)
+
+
+# ----- app --------------------------------------------------------------------------------
+def create_app(model, tokenizer, model_name: str, engine, limits: Limits = Limits(),
+               api_key: Optional[str] = None, cors_origins=(), allow_remote_images: bool = False,
+               version: Optional[str] = None):
+
+    app = FastAPI(title="CogVLM OpenAI-compatible API", docs_url=None, redoc_url=None)
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    cfg = model.config
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_, e: ApiError):
+        return JSONResponse(error_body(e), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_, e: Exception):
+        log.exception("unexpected error")
+        return JSONResponse(error_body(ApiError(500, f"internal error: {type(e).__name__}", "server_error")),
+                            status_code=500)
+
+    def check_auth(request: Request) -> None:
+        if api_key is None:
+            return
+        got = request.headers.get("authorization", "")
+        token = got[7:] if got.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), api_key.encode()):
+            raise ApiError(401, "invalid or missing API key (Authorization: Bearer ...)",
+                           "authentication_error", "invalid_api_key")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, **engine.load()}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_auth(request)
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "local"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_auth(request)
+        size = request.headers.get("content-length")
+        if size and size.isdigit() and int(size) > limits.max_body_bytes:
+            raise ApiError(413, f"request body is over {limits.max_body_bytes} bytes", code="body_too_large")
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limits.max_body_bytes:
+                raise ApiError(413, f"request body is over {limits.max_body_bytes} bytes", code="body_too_large")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "the request body is not valid JSON") from None
+        req = await asyncio.to_thread(parse_chat, body, limits, allow_remote_images)
+        image = None
+        if req.image is not None:
+            try:
+                image = await asyncio.to_thread(_image_context, req.image, cfg, limits)
+            except ImageError as e:
+                raise ApiError(400, str(e), code="invalid_image") from None
+        prompt = build_prompt(req.query, req.history, version or cfg.version)
+        n_prompt = len(build_row(tokenizer, cfg, prompt, image is not None))
+        room = engine.max_len - n_prompt
+        if room < 1:
+            raise ApiError(400, f"the prompt is {n_prompt} tokens (image included); this server's "
+                                f"context is {engine.max_len}", code="context_length_exceeded")
+        max_new = min(req.max_tokens or limits.default_max_tokens, room)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        from utils.engine import QueueFull, Request as EngineRequest
+        ereq = EngineRequest(None, req.gen, max_new, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+                             stop=req.stop,
+                             prepare=lambda: prepare(model, tokenizer, req.query, req.history, image, version))
+        try:
+            engine.submit(ereq)
+        except QueueFull:
+            raise ApiError(429, "the server is busy; retry shortly", "rate_limit_error", "queue_full",
+                           headers={"Retry-After": "2"}) from None
+        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        base = {"id": cid, "created": int(time.time()), "model": model_name}
+
+        if req.stream:
+            async def sse():
+                try:
+                    first = {**base, "object": "chat.completion.chunk",
+                             "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                          "finish_reason": None}]}
+                    yield f"data: {json.dumps(first)}\n\n"
+                    while True:
+                        ev = await events.get()
+                        if ev["type"] == "delta":
+                            chunk = {**base, "object": "chat.completion.chunk",
+                                     "choices": [{"index": 0, "delta": {"content": ev["text"]}, "finish_reason": None}]}
+                            yield f"data: {json.dumps(chunk)}\n\n"
+                            continue
+                        if ev["finish_reason"] == "error":
+                            yield f"data: {json.dumps(error_body(ApiError(500, ev['error'], 'server_error')))}\n\n"
+                        else:
+                            last = {**base, "object": "chat.completion.chunk",
+                                    "choices": [{"index": 0, "delta": {}, "finish_reason": ev["finish_reason"]}]}
+                            yield f"data: {json.dumps(last)}\n\n"
+                            if req.include_usage:
+                                yield f"data: {json.dumps({**base, 'object': 'chat.completion.chunk', 'choices': [], 'usage': _usage(ev)})}\n\n"
+                        yield "data: [DONE]\n\n"
+                        return
+                finally:
+                    ereq.cancelled.set()                # a client that left frees its row
+
+            return StreamingResponse(sse(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        text = ""
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        ereq.cancelled.set()
+                        return JSONResponse({}, status_code=499)
+                    continue
+                if ev["type"] == "delta":
+                    text += ev["text"]
+                    continue
+                if ev["finish_reason"] == "error":
+                    raise ApiError(500, f"generation failed: {ev['error']}", "server_error")
+                return {**base, "object": "chat.completion",
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text.strip()},
+                                     "finish_reason": ev["finish_reason"], "logprobs": None}],
+                        "usage": _usage(ev)}
+        finally:
+            ereq.cancelled.set()
+
+    return app
+
+
+def _usage(ev) -> dict:
+    return {"prompt_tokens": ev["prompt_tokens"], "completion_tokens": ev["completion_tokens"],
+            "total_tokens": ev["prompt_tokens"] + ev["completion_tokens"]}
+
+
+def _image_context(data: bytes, cfg, limits: Limits) -> ImageContext:
+    return ImageContext(data, cfg, max_pixels=limits.max_image_pixels)
+
+
+def parse_args(argv=None):
+    from utils.args import add_model_args
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default=None, help="name reported by /v1/models (default: the checkpoint's)")
+    p.add_argument("--api-key", default=os.environ.get("COGVLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (or set COGVLM_API_KEY)")
+    p.add_argument("--cors-origins", nargs="*", default=[], help="allowed CORS origins (default: none)")
+    p.add_argument("--allow-remote-images", action="store_true", help="let image_url fetch http(s) URLs")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=32, help="waiting requests before 429")
+    p.add_argument("--max-length", type=int, default=2048, help="context per request, image tokens included")
+    d = Limits()
+    p.add_argument("--max-images", type=int, default=d.max_images)
+    p.add_argument("--max-messages", type=int, default=d.max_messages)
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="largest max_tokens accepted")
+    p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
+    p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes)
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    import uvicorn
+    from models import CheckpointError, ModelNotFound
+    from models.loading import resolve_pretrained
+    from utils.args import load_from_args, setup_logging
+    from utils.engine import BatchEngine
+    from utils.tokenizer import TokenizerError
+    args = parse_args(argv)
+    setup_logging()
+    try:
+        model, tok = load_from_args(args)
+    except (ModelNotFound, CheckpointError, TokenizerError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    name = args.model_name or resolve_pretrained(args.from_pretrained).name
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
+                    max_image_pixels=args.max_image_pixels, max_images=args.max_images,
+                    max_messages=args.max_messages, max_tokens=args.max_tokens,
+                    default_max_tokens=min(512, args.max_tokens))
+    engine = BatchEngine(model, tok, max_batch=args.max_batch, max_queue=args.max_queue,
+                         max_len=min(args.max_length, model.config.max_sequence_length))
+    app = create_app(model, tok, name, engine, limits, args.api_key, args.cors_origins,
+                     args.allow_remote_images, args.version)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        log.warning("listening on %s without an API key: anyone who can reach it can use it", args.host)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Continuous batching for serving: requests that arrive while others decode join the batch at
+the next decode step. One worker thread owns the model.
+
+Layout: a batch K/V buffer of `max_batch` rows. All active rows write their next token at the
+same slot S; a new request is prefilled alone (B=1), then its K/V is copied into a free row so
+that it ends at slot S (its earlier slots are masked out for it). When S reaches the end of
+the buffer, every row is shifted left at once. A finished or cancelled row is simply freed.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from models.cogvlm import Cache, CogVLM
+from models.generate import GenerationConfig, ModelInputs, apply_repetition_penalty, prefill, sample
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+@dataclass
+class Request:
+    inputs: Optional[ModelInputs]             # one row (utils.chat.prepare), or None and ...
+    gen: GenerationConfig
+    max_new_tokens: int
+    emit: Callable                            # emit(event: dict), called from the worker thread
+    stop: list = field(default_factory=list)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    prepare: Optional[Callable] = None        # ... built by the worker (image encoding runs there)
+    # worker state
+    row: int = -1
+    ids: list = field(default_factory=list)
+    sent: str = ""
+    generator: Optional[torch.Generator] = None
+    seen: Optional[torch.Tensor] = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.inputs.input_ids.shape[1] if self.inputs is not None else 0
+
+
+class _BatchCache:
+    """What the model's attention sees during a batched decode step (see module doc)."""
+
+    def __init__(self, engine: "BatchEngine"):
+        self.e = engine
+
+    def get_seq_length(self) -> int:
+        return self.e.S
+
+    def update(self, k, v, layer):
+        e = self.e
+        e.k[layer][: e.n, :, e.S] = k[:, :, 0]
+        e.v[layer][: e.n, :, e.S] = v[:, :, 0]
+        return e.k[layer][: e.n, :, e.w0: e.S + 1], e.v[layer][: e.n, :, e.w0: e.S + 1]
+
+
+class BatchEngine:
+    def __init__(self, model: CogVLM, tokenizer: Tokenizer, max_batch: int = 16, max_queue: int = 64,
+                 max_len: Optional[int] = None):
+        self.model, self.tok = model, tokenizer
+        cfg = model.config
+        self.cfg, self.max_batch, self.max_queue = cfg, max_batch, max_queue
+        self.max_len = max_len or cfg.max_sequence_length
+        p = next(model.parameters())
+        self.dtype, self.device = p.dtype, p.device
+        self.cap = self.max_len + max(64, self.max_len // 4)   # slots per row; full = shift left
+        shape = (max_batch, cfg.num_attention_heads, self.cap, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
+        self.cross = None                              # per layer (k, v) buffers, CogAgent only
+        self.start = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self.next_pos = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self.has_image = torch.zeros(max_batch, dtype=torch.bool, device=self.device)
+        self.rows: list[Optional[Request]] = [None] * max_batch
+        self.S, self.w0, self.n = self.max_len, self.max_len, 0
+        self.waiting: deque[Request] = deque()
+        self.cv = threading.Condition()
+        self.closed = False
+        self.steps = 0
+        self.thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
+        self.thread.start()
+
+    # ----- public ---------------------------------------------------------------------
+    def submit(self, req: Request) -> None:
+        with self.cv:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            self.waiting.append(req)
+            self.cv.notify()
+
+    def load(self) -> dict:
+        return {"active": sum(r is not None for r in self.rows), "waiting": len(self.waiting),
+                "max_batch": self.max_batch, "max_queue": self.max_queue}
+
+    def close(self) -> None:
+        with self.cv:
+            self.closed = True
+            self.cv.notify()
+        self.thread.join(timeout=30)
+
+    # ----- worker ---------------------------------------------------------------------
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self.cv:
+                while not self.closed and not self.waiting and not any(self.rows):
+                    self.cv.wait()
+                if self.closed:
+                    return
+                admit = []
+                while self.waiting and len(admit) + sum(r is not None for r in self.rows) < self.max_batch:
+                    admit.append(self.waiting.popleft())
+            with torch.inference_mode():
+                for req in admit:
+                    try:
+                        self._admit(req)
+                    except Exception as e:  # noqa: BLE001 - fails this request, not the server
+                        log.exception("admitting a request failed")
+                        if req.row >= 0 and self.rows[req.row] is req:
+                            self.rows[req.row] = None
+                        req.emit({"type": "done", "finish_reason": "error", "error": str(e),
+                                  "prompt_tokens": req.prompt_tokens, "completion_tokens": 0})
+                try:
+                    if any(self.rows):
+                        self._step()
+                except Exception as e:  # noqa: BLE001 - a failed step fails its requests only
+                    log.exception("engine step failed")
+                    for i, r in enumerate(self.rows):
+                        if r is not None:
+                            self._finish(i, "error", error=str(e))
+
+    def _admit(self, req: Request) -> None:
+        if req.cancelled.is_set():                     # the client left while waiting
+            req.emit({"type": "done", "finish_reason": "cancelled", "error": None,
+                      "prompt_tokens": req.prompt_tokens, "completion_tokens": 0})
+            return
+        if req.inputs is None:
+            req.inputs = req.prepare()
+        P = req.prompt_tokens
+        if P > self.max_len:
+            raise ValueError(f"prompt of {P} tokens is longer than the engine's max_len {self.max_len}")
+        self._make_room(P)
+        row = self.rows.index(None)
+        cache = Cache.allocate(self.cfg, 1, P, self.dtype, self.device)
+        logits = prefill(self.model, req.inputs, cache)
+        for layer in range(self.cfg.num_layers):
+            self.k[layer][row, :, self.S - P: self.S] = cache.k[layer][0]
+            self.v[layer][row, :, self.S - P: self.S] = cache.v[layer][0]
+        if req.inputs.cross_kv is not None:
+            self._set_cross(row, req.inputs.cross_kv)
+        else:
+            self.has_image[row] = False
+        self.start[row] = self.S - P
+        self.next_pos[row] = cache.next_position[0]
+        req.row = row
+        self.rows[row] = req
+        if req.gen.seed is not None:
+            req.generator = torch.Generator(device=self.device).manual_seed(req.gen.seed)
+        req.seen = req.inputs.input_ids.masked_fill(req.inputs.image_mask, self.cfg.bos_token_id)
+        self._accept(row, logits)
+
+    def _set_cross(self, row: int, kv: list) -> None:
+        if self.cross is None:
+            self.cross = [tuple(torch.zeros((self.max_batch, *t.shape[1:]), dtype=t.dtype, device=t.device)
+                                for t in layer) for layer in kv]
+        for (bk, bv), (k, v) in zip(self.cross, kv):
+            bk[row], bv[row] = k[0], v[0]
+        self.has_image[row] = True
+
+    def _move(self, d: int) -> None:
+        """Shift every row's slots left by d (right when d < 0); S moves with them."""
+        if d == 0:
+            return
+        for buf in self.k + self.v:
+            if d > 0:
+                buf[:, :, : self.S - d] = buf[:, :, d: self.S].clone()
+            else:
+                buf[:, :, -d: self.S - d] = buf[:, :, : self.S].clone()
+        self.start -= d
+        self.S -= d
+
+    def _make_room(self, prompt_len: int) -> None:
+        """Before admitting a prompt: it must fit before S, and S + 1 inside the buffer."""
+        live = [int(self.start[i]) for i, r in enumerate(self.rows) if r is not None]
+        if not live:
+            self.S = self.max_len
+            return
+        if self.S + 1 > self.cap:
+            self._move(min(live))
+        if prompt_len > self.S:
+            self._move(self.S - prompt_len)
+
+    def _step(self) -> None:
+        n = max(i for i, r in enumerate(self.rows) if r is not None) + 1
+        if self.S + 1 > self.cap:
+            self._move(int(min(self.start[i] for i in range(n) if self.rows[i] is not None)))
+        self.n = n
+        live = [i for i in range(n) if self.rows[i] is not None]
+        self.w0 = int(min(self.start[i] for i in live))
+        tokens = torch.tensor([self.rows[i].ids[-1] if self.rows[i] is not None else 0 for i in range(n)],
+                              device=self.device)
+        slots = torch.arange(self.w0, self.S + 1, device=self.device)
+        alive = torch.tensor([r is not None for r in self.rows[:n]], device=self.device)
+        mask = (slots[None, :] >= self.start[:n, None]) & alive[:, None]
+        mask[:, -1] = True                            # every row sees its own new token
+        cross_kv = cross_rows = None
+        if self.cross is not None and bool(self.has_image[:n].any()):
+            cross_kv = [(k[:n], v[:n]) for k, v in self.cross]
+            cross_rows = self.has_image[:n] & alive
+        h = self.model.model(tokens[:, None], self.next_pos[:n, None], cache=_BatchCache(self),
+                             cross_kv=cross_kv, cross_rows=cross_rows, attn_mask=mask[:, None, None, :])
+        logits = self.model.lm_head(h[:, -1])
+        self.S += 1
+        self.next_pos[:n] += 1
+        self.steps += 1
+        for i in live:
+            self._accept(i, logits[i: i + 1])
+
+    def _accept(self, row: int, logits: torch.Tensor) -> None:
+        """Sample this row's next token, stream its text, finish it if it is done."""
+        req = self.rows[row]
+        if req.cancelled.is_set():
+            self._finish(row, "cancelled")
+            return
+        logits = apply_repetition_penalty(logits, req.seen, req.gen.repetition_penalty)
+        tok = int(sample(logits, req.gen, req.generator)[0])
+        if req.gen.repetition_penalty != 1.0:
+            req.seen = torch.cat([req.seen, torch.tensor([[tok]], device=self.device)], 1)
+        if tok == self.cfg.eos_token_id:
+            self._flush(req)
+            self._finish(row, "stop")
+            return
+        req.ids.append(tok)
+        text = self.tok.decode(req.ids)
+        for s in req.stop:
+            if s and s in text:
+                self._emit_delta(req, text[: text.index(s)])
+                self._finish(row, "stop")
+                return
+        if not text.endswith("\ufffd"):
+            # hold back what could be the start of a stop string
+            hold = max((len(s) - 1 for s in req.stop if s), default=0)
+            safe = text[: len(text) - hold] if hold else text
+            self._emit_delta(req, safe)
+        if len(req.ids) >= req.max_new_tokens:
+            self._flush(req)
+            self._finish(row, "length")
+
+    def _emit_delta(self, req: Request, text: str) -> None:
+        if len(text) > len(req.sent) and text.startswith(req.sent):
+            req.emit({"type": "delta", "text": text[len(req.sent):]})
+            req.sent = text
+
+    def _flush(self, req: Request) -> None:
+        self._emit_delta(req, self.tok.decode(req.ids).rstrip("\ufffd"))
+
+    def _finish(self, row: int, reason: str, error: Optional[str] = None) -> None:
+        req = self.rows[row]
+        self.rows[row] = None
+        self.has_image[row] = False
+        if req is None:
+            return
+        req.emit({"type": "done", "finish_reason": reason, "error": error,
+                  "prompt_tokens": req.prompt_tokens, "completion_tokens": len(req.ids)})
