@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 from bench.decode import MID, decode_step_time  # noqa: E402
 from models import CogVLM  # noqa: E402
-from models.layout import use_fast_cpu_layout  # noqa: E402
+from models.layout import pack_for_cpu_inference, use_fast_cpu_layout  # noqa: E402
 from models.loading import init_weights  # noqa: E402
 
 
@@ -25,11 +25,15 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--ctx", type=int, default=283)
     p.add_argument("--json", type=Path)
+    p.add_argument("--no-packed", dest="packed", action="store_false",
+                   help="plain F.linear instead of the oneDNN-packed weights the demos use on CPU")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     model = CogVLM(MID)
     init_weights(model)
     use_fast_cpu_layout(model).eval()
+    if a.packed:
+        pack_for_cpu_inference(model)
     runs = {b: [] for b in (1, 4, 16)}
     for _ in range(a.repeat):
         for b in runs:

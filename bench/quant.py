@@ -2,7 +2,7 @@
 fp32 over 50 prompts, for fp32 / bf16 / int8 / int4 of the same random-weight model.
 
 Each precision runs in its own process (so peak RSS is its own); the model is a SAT
-checkpoint written once (language hidden 1024, 8 layers, vocab 32000; ViT 112 px, 64 image tokens).
+checkpoint written once (language hidden 1024, 8 layers, vocab 32000; ViT 56 px, 16 image tokens).
 Random weights make the agreement figure a measure of numerical perturbation only; the
 quality of a trained model is what matters, and this is the only one that can be run here.
 """
@@ -26,7 +26,7 @@ from models import EVAConfig, ModelConfig, build_model, load_model, save_sat_che
 SMALL = ModelConfig(num_layers=8, hidden_size=1024, num_attention_heads=16, inner_hidden_size=2816,
                     vocab_size=32000, max_sequence_length=2048,
                     eva=EVAConfig(num_layers=2, hidden_size=256, num_attention_heads=4,
-                                  inner_hidden_size=1024, image_size=112))
+                                  inner_hidden_size=1024, image_size=56))
 PRECISIONS = ["fp32", "bf16", "int8", "int4"]
 
 
@@ -42,14 +42,14 @@ def worker(ckpt: str, precision: str, prompts: int, new_tokens: int, out: str) -
     g = torch.Generator().manual_seed(0)
     outputs, decode_time, decoded = [], 0.0, 0
     for i in range(prompts):
-        n_text = 16
+        n_text = 12
         ids = torch.randint(3, cfg.vocab_size, (1, 1 + L + 2 + n_text), generator=g)
         pos = torch.tensor([[0, 1] + [2] * L + [3] + list(range(4, 4 + n_text))])
         vision = torch.zeros_like(ids, dtype=torch.bool)
         vision[0, 1:L + 2] = True
         slots = vision.clone()
         slots[0, L + 2] = True
-        img = torch.randn(1, 3, 112, 112, generator=g)
+        img = torch.randn(1, 3, 56, 56, generator=g)
         with torch.inference_mode():
             inputs = ModelInputs(ids, pos, vision, slots, image_embeds=model.encode_images(img))
             toks, t0 = [], None
@@ -68,7 +68,7 @@ def worker(ckpt: str, precision: str, prompts: int, new_tokens: int, out: str) -
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--prompts", type=int, default=50)
-    p.add_argument("--new_tokens", type=int, default=12)
+    p.add_argument("--new_tokens", type=int, default=10)
     p.add_argument("--json", type=Path)
     p.add_argument("--worker", nargs=3, metavar=("CKPT", "PRECISION", "OUT"))
     a = p.parse_args(argv)

@@ -278,11 +278,11 @@ class CogVLM(nn.Module):
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """images: n,3,S,S -> n, 1 + image_length + 1, hidden (boi, patches, eoi)."""
-        return self.model.vision(images.to(self.lm_head.weight.dtype))
+        return self.model.vision(images.to(self.model.embed_tokens.weight.dtype))
 
     def cross_kv(self, cross_images: torch.Tensor) -> list:
         """Run the high-res encoder once and every layer's cross K/V projection."""
-        enc = self.model.cross_vision(cross_images.to(self.lm_head.weight.dtype))
+        enc = self.model.cross_vision(cross_images.to(self.model.embed_tokens.weight.dtype))
         return [layer.cross_attn.compute_kv(enc) for layer in self.model.layers]
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,

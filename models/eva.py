@@ -173,9 +173,9 @@ class EVALargeAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        q = F.linear(x, self.q_proj.weight, self.q_bias).view(B, N, self.num_heads, -1)
+        q = (self.q_proj(x) + self.q_bias).view(B, N, self.num_heads, -1)   # biases on q and v only
         k = self.k_proj(x).view(B, N, self.num_heads, -1)
-        v = F.linear(x, self.v_proj.weight, self.v_bias).view(B, N, self.num_heads, -1)
+        v = (self.v_proj(x) + self.v_bias).view(B, N, self.num_heads, -1)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))                          # B,H,N,D
         # Rotary on patch tokens only; the CLS token (index 0) gets none.
         q = torch.cat([q[:, :, :1], q[:, :, 1:] * cos + rotate_interleaved(q[:, :, 1:]) * sin], 2)

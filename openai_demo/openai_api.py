@@ -331,6 +331,8 @@ def create_app(model, tokenizer, model_name: str, engine, limits: Limits = Limit
                     yield f"data: {json.dumps(first)}\n\n"
                     while True:
                         ev = await events.get()
+                        if ev["type"] == "first_token":
+                            continue
                         if ev["type"] == "delta":
                             chunk = {**base, "object": "chat.completion.chunk",
                                      "choices": [{"index": 0, "delta": {"content": ev["text"]}, "finish_reason": None}]}
@@ -361,6 +363,8 @@ def create_app(model, tokenizer, model_name: str, engine, limits: Limits = Limit
                     if await request.is_disconnected():
                         ereq.cancelled.set()
                         return JSONResponse({}, status_code=499)
+                    continue
+                if ev["type"] == "first_token":
                     continue
                 if ev["type"] == "delta":
                     text += ev["text"]

@@ -29,7 +29,7 @@ def run_requests(engine, model, tokenizer, specs, delays):
             ev = q.get(timeout=60)
             if ev["type"] == "delta":
                 text += ev["text"]
-            else:
+            elif ev["type"] == "done":
                 results[i] = (text, ev)
                 return
 

@@ -194,3 +194,26 @@ def test_sampling_is_seeded_and_respects_top_k(cogvlm_ckpt, tokenizer):
     assert a == b
     greedy = GenerationConfig(max_new_tokens=8, top_k=1)
     assert chat(model, tokenizer, "hello", gen=greedy)[0] == chat(model, tokenizer, "hello", gen=greedy)[0]
+
+
+def test_packed_cpu_inference_matches(cogagent_ckpt, tokenizer, image_file):
+    """oneDNN-packed weights (what the demos and the server use on CPU) give the same logits
+    and the same greedy answers as the plain model."""
+    from models.layout import PackedLinear, can_pack, pack_for_cpu_inference
+    model, cfg = load_model(str(cogagent_ckpt))
+    if not can_pack(model):
+        pytest.skip("PyTorch without oneDNN")
+    packed, _ = load_model(str(cogagent_ckpt))
+    pack_for_cpu_inference(packed)
+    assert isinstance(packed.lm_head, PackedLinear)
+    img = ImageContext(image_file, cfg)
+    a_in = prepare(model, tokenizer, "What is this?", [], img)
+    b_in = prepare(packed, tokenizer, "What is this?", [], ImageContext(image_file, cfg))
+    with torch.no_grad():
+        a = model(a_in.input_ids, a_in.position_ids, a_in.vision_mask, image_embeds=a_in.image_embeds,
+                  image_mask=a_in.image_mask, cross_kv=a_in.cross_kv)
+        b = packed(b_in.input_ids, b_in.position_ids, b_in.vision_mask, image_embeds=b_in.image_embeds,
+                   image_mask=b_in.image_mask, cross_kv=b_in.cross_kv)
+    assert (a - b).abs().max() < 1e-4
+    gen = GenerationConfig(max_new_tokens=10)
+    assert chat(model, tokenizer, "Hi", [], image_file, gen=gen)[0] == chat(packed, tokenizer, "Hi", [], image_file, gen=gen)[0]

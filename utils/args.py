@@ -70,6 +70,8 @@ def load_from_args(args):
     if args.quant:
         from models.quantize import quantize
         quantize(model, args.quant)
+    from models.layout import pack_for_cpu_inference
+    pack_for_cpu_inference(model)                     # fp32 CPU only: oneDNN-packed weights
     tok = Tokenizer(resolve_tokenizer(args.local_tokenizer, resolve_pretrained(args.from_pretrained)))
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model's "

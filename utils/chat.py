@@ -82,7 +82,7 @@ class ImageContext:
 
     @torch.inference_mode()
     def encode(self, model: CogVLM):
-        dev = model.lm_head.weight.device
+        dev = model.model.embed_tokens.weight.device
         if self.image_embeds is None:
             self.image_embeds = model.encode_images(self.low[None].to(dev))
         if self.high is not None and self.cross_kv is None:
@@ -95,7 +95,7 @@ def prepare(model: CogVLM, tokenizer: Tokenizer, query: str, history=(),
     cfg = model.config
     prompt = build_prompt(query, history, version or cfg.version)
     row = build_row(tokenizer, cfg, prompt, image is not None)
-    inputs = collate([row], device=model.lm_head.weight.device)
+    inputs = collate([row], device=model.model.embed_tokens.weight.device)
     if image is not None:
         inputs.image_embeds, inputs.cross_kv = image.encode(model)
     return inputs
@@ -110,7 +110,7 @@ def prepare_batch(model: CogVLM, tokenizer: Tokenizer, requests, version: Option
         prompt = build_prompt(query, history, version or cfg.version)
         rows.append(build_row(tokenizer, cfg, prompt, image is not None))
         images.append(image)
-    inputs = collate(rows, device=model.lm_head.weight.device)
+    inputs = collate(rows, device=model.model.embed_tokens.weight.device)
     encoded = [img.encode(model) if img is not None else None for img in images]
     if any(e is not None for e in encoded):
         inputs.image_embeds = torch.cat([e[0] for e in encoded if e is not None])

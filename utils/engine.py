@@ -243,6 +243,8 @@ class BatchEngine:
             self._finish(row, "stop")
             return
         req.ids.append(tok)
+        if len(req.ids) == 1:
+            req.emit({"type": "first_token"})          # for time-to-first-token accounting
         text = self.tok.decode(req.ids)
         for s in req.stop:
             if s and s in text:

@@ -58,8 +58,9 @@ class Tokenizer:
         return self.tk.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special_tokens: bool = True, **_) -> str:
-        """Special tokens (<s>, </s>, <unk>) are never part of the text."""
-        ids = [int(i) for i in ids]
+        """Special tokens (<s>, </s>, <unk>) are never part of the text; ids beyond the
+        tokenizer's vocabulary (a model vocabulary padded past it) are dropped."""
+        ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
         if self.sp is not None:
             return self.sp.decode(ids)
         return self.tk.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,98 @@
+"""Serving throughput of the continuous-batching engine behind openai_api.py: aggregate
+generated tokens/s and p50/p95 time to first token with 1, 4 and 16 concurrent streams, on the
+tiny test model and on the mid-size config of bench/decode.py (random weights, text prompts of
+about 20 tokens, a fixed number of new tokens per stream, greedy)."""
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from bench.decode import MID  # noqa: E402
+from models import CogVLM, build_model, get_config  # noqa: E402
+from models.generate import GenerationConfig  # noqa: E402
+from models.layout import pack_for_cpu_inference  # noqa: E402
+from models.loading import init_weights  # noqa: E402
+from utils.chat import prepare  # noqa: E402
+from utils.create_test_model import CORPUS  # noqa: E402
+from utils.engine import BatchEngine, Request  # noqa: E402
+from utils.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
+
+
+def run_level(engine, model, tok, streams: int, new_tokens: int):
+    ttft, done = [], threading.Barrier(streams + 1)
+    counts = []
+
+    def one(i):
+        q = queue.Queue()
+        t0 = time.perf_counter()
+        inp = prepare(model, tok, f"Question {i}: what is the quick brown fox doing today?")
+        engine.submit(Request(inp, GenerationConfig(), new_tokens, q.put))
+        first = None
+        while True:
+            ev = q.get()
+            if ev["type"] == "first_token":
+                first = time.perf_counter() - t0
+            if ev["type"] == "done":
+                counts.append(ev["completion_tokens"])
+                ttft.append(first if first is not None else time.perf_counter() - t0)
+                break
+        done.wait()
+
+    t0 = time.perf_counter()
+    for i in range(streams):
+        threading.Thread(target=one, args=(i,), daemon=True).start()
+    done.wait()
+    wall = time.perf_counter() - t0
+    ttft.sort()
+    return {"tok_s": sum(counts) / wall, "ttft_p50": statistics.median(ttft),
+            "ttft_p95": ttft[min(len(ttft) - 1, int(round(0.95 * (len(ttft) - 1))))], "wall_s": wall}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--configs", nargs="+", default=["tiny", "mid"])
+    p.add_argument("--json", type=Path)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as d:
+        tok = Tokenizer(train_sentencepiece(CORPUS * 20, Path(d) / "tok"))
+    res = {}
+    for name in a.configs:
+        if name == "tiny":
+            model, new_tokens = pack_for_cpu_inference(build_model(get_config("tiny-test-cogvlm"))), 48
+        else:
+            model = CogVLM(MID)
+            init_weights(model)
+            pack_for_cpu_inference(model.eval())        # as openai_api.py serves on CPU
+            new_tokens = 24
+        # EOS never ends a stream early: every stream generates exactly new_tokens.
+        model.config.eos_token_id = -1
+        engine = BatchEngine(model, tok, max_batch=16, max_queue=64, max_len=256)
+        run_level(engine, model, tok, 1, 4)                       # warm-up
+        for streams in (1, 4, 16):
+            r = run_level(engine, model, tok, streams, new_tokens)
+            res[f"{name}_{streams}"] = r
+            base = res[f"{name}_1"]["tok_s"]
+            print(f"{name:4} {streams:2d} streams: {r['tok_s']:7.1f} tok/s ({r['tok_s'] / base:4.1f}x 1 stream), "
+                  f"TTFT p50 {r['ttft_p50'] * 1e3:6.0f} ms, p95 {r['ttft_p95'] * 1e3:6.0f} ms")
+        engine.close()
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
