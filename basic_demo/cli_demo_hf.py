@@ -16,12 +16,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any 
 import torch  # noqa: E402
 
 from models import CheckpointError  # noqa: E402
-from models.generate import PromptTooLong, token_budget  # noqa: E402
-from utils.args import add_generation_args, generation_config, setup_logging  # noqa: E402
+from models.generate import token_budget  # noqa: E402
+from utils.args import add_generation_args, generation_config, load_or_report, setup_logging  # noqa: E402
 from utils.chat import ImageContext, build_hf_inputs  # noqa: E402
-from utils.cli import interactive, print_answer  # noqa: E402
-from utils.image import ImageError  # noqa: E402
-from utils.tokenizer import DEFAULT_TOKENIZER, Tokenizer, TokenizerError, resolve_tokenizer  # noqa: E402
+from utils.cli import print_answer, run  # noqa: E402
+from utils.tokenizer import DEFAULT_TOKENIZER, Tokenizer, resolve_tokenizer  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -106,11 +105,10 @@ def generate_stream(model, tok, query, history, image, args):
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
-    try:
-        model, tok = load(args)
-    except (CheckpointError, TokenizerError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    loaded = load_or_report(args, load)
+    if loaded is None:
         return 1
+    model, tok = loaded
 
     def answer(query, history, image, prefix=""):
         return print_answer(generate_stream(model, tok, query, history, image, args), args.stream_chat, prefix)
@@ -118,18 +116,7 @@ def main(argv=None) -> int:
     def open_image(path):
         return ImageContext(path, model.cfg) if path else None
 
-    if args.query is not None or args.image is not None:
-        if args.query is None:
-            print("error: --image needs --query", file=sys.stderr)
-            return 2
-        try:
-            answer(args.query, [], open_image(args.image or ""))
-        except (ImageError, PromptTooLong) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        return 0
-    interactive(answer, open_image, args.chinese)
-    return 0
+    return run(args, answer, open_image)
 
 
 if __name__ == "__main__":

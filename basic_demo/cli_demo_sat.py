@@ -12,13 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
 
-from models import CheckpointError, ModelNotFound  # noqa: E402
-from models.generate import PromptTooLong  # noqa: E402
-from utils.args import add_generation_args, add_model_args, generation_config, load_from_args, setup_logging  # noqa: E402
+from utils.args import add_generation_args, add_model_args, generation_config, load_or_report, setup_logging  # noqa: E402
 from utils.chat import ImageContext, stream_chat  # noqa: E402
-from utils.cli import interactive, print_answer  # noqa: E402
-from utils.image import ImageError  # noqa: E402
-from utils.tokenizer import TokenizerError  # noqa: E402
+from utils.cli import print_answer, run  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -35,11 +31,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
-    try:
-        model, tok = load_from_args(args)
-    except (ModelNotFound, CheckpointError, TokenizerError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    loaded = load_or_report(args)
+    if loaded is None:
         return 1
+    model, tok = loaded
     gen = generation_config(args)
 
     def answer(query, history, image, prefix=""):
@@ -49,18 +44,7 @@ def main(argv=None) -> int:
     def open_image(path):
         return ImageContext(path, model.config) if path else None
 
-    if args.query is not None or args.image is not None:
-        if args.query is None:
-            print("error: --image needs --query", file=sys.stderr)
-            return 2
-        try:
-            answer(args.query, [], open_image(args.image or ""))
-        except (ImageError, PromptTooLong) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        return 0
-    interactive(answer, open_image, args.chinese)
-    return 0
+    return run(args, answer, open_image)
 
 
 if __name__ == "__main__":

@@ -416,18 +416,15 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     import uvicorn
-    from models import CheckpointError, ModelNotFound
     from models.loading import resolve_pretrained
-    from utils.args import load_from_args, setup_logging
+    from utils.args import load_or_report, setup_logging
     from utils.engine import BatchEngine
-    from utils.tokenizer import TokenizerError
     args = parse_args(argv)
     setup_logging()
-    try:
-        model, tok = load_from_args(args)
-    except (ModelNotFound, CheckpointError, TokenizerError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    loaded = load_or_report(args)
+    if loaded is None:
         return 1
+    model, tok = loaded
     name = args.model_name or resolve_pretrained(args.from_pretrained).name
     limits = Limits(max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
                     max_image_pixels=args.max_image_pixels, max_images=args.max_images,

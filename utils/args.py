@@ -77,3 +77,14 @@ def load_from_args(args):
         raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model's "
                          f"vocabulary is {cfg.vocab_size}: wrong --local_tokenizer?")
     return model, tok
+
+
+def load_or_report(args, loader=None):
+    """(model, tokenizer), or None after printing the reason as one line (no traceback)."""
+    from models import CheckpointError, ModelNotFound
+    from .tokenizer import TokenizerError
+    try:
+        return (loader or load_from_args)(args)
+    except (ModelNotFound, CheckpointError, TokenizerError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None

@@ -69,3 +69,19 @@ def interactive(answer: Callable, open_image: Callable, chinese: bool = False,
             history = history + [(query, response)]
             if on_answer is not None:
                 on_answer(response, image)
+
+
+def run(args, answer: Callable, open_image: Callable) -> int:
+    """One-shot mode when --image or --query is given (exit status 0/1/2), else the loop."""
+    if args.query is not None or args.image is not None:
+        if args.query is None:
+            print("error: --image needs --query", file=sys.stderr)
+            return 2
+        try:
+            answer(args.query, [], open_image(args.image or ""))
+        except (ImageError, PromptTooLong) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 0
+    interactive(answer, open_image, args.chinese)
+    return 0
