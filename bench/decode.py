@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from bench.common import gemm_flops, gemv_bandwidth, median_time  # noqa: E402
 from models import Cache, CogVLM, CrossConfig, EVAConfig, ModelConfig  # noqa: E402
 from models.generate import ModelInputs, decode_one_token, prefill  # noqa: E402
-from models.layout import use_fast_cpu_layout  # noqa: E402
+from models.layout import pack_for_cpu_inference, use_fast_cpu_layout  # noqa: E402
 from models.loading import init_weights  # noqa: E402
 
 MID = ModelConfig(num_layers=16, hidden_size=2048, num_attention_heads=16, inner_hidden_size=5632,
@@ -108,6 +108,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--packed", action="store_true",
+                   help="oneDNN-packed linear weights, as the demos and the server use on CPU")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -117,7 +119,9 @@ def main(argv=None) -> int:
         model = CogVLM(MID)
     init_weights(model)
     use_fast_cpu_layout(model).eval()
-    res = {}
+    res = {"packed": a.packed}
+    with torch.device("meta"):                         # parameter counts, whatever the layout
+        counted = CogVLM(MID)
 
     short = make_inputs(MID, 24, model, False)
     T = short.input_ids.shape[1]
@@ -134,6 +138,9 @@ def main(argv=None) -> int:
     agent_cfg = ModelConfig(**{**MID.__dict__, "model_class": "CogAgentModel", "cross": MID_CROSS,
                                "adapter_has_pos_embed": True})
     agent = with_cross_branch(model, agent_cfg)
+    if a.packed:                                       # after sharing: the agent packs its own
+        pack_for_cpu_inference(agent)
+        pack_for_cpu_inference(model)
     with torch.inference_mode():
         ckv = agent.cross_kv(torch.randn(1, 3, MID_CROSS.image_size, MID_CROSS.image_size))
     ctx_short, ctx_long = T, T + 1016                   # ~280 and ~1300 tokens of context
@@ -153,26 +160,28 @@ def main(argv=None) -> int:
     res.update(gemv_GBps=bw / 1e9, gemm_GFLOPs=flops / 1e9)
     print(f"medians of {len(bws)} measurements taken between the runs: GEMV {bw / 1e9:.1f} GB/s, "
           f"GEMM {flops / 1e9:.0f} GFLOP/s")
-    f = prefill_flops(model, MID, T, n_vis)
+    f = prefill_flops(counted, MID, T, n_vis)
     res.update(prefill_tokens=T, prefill_s=t_prefill, prefill_gemm_fraction=f / t_prefill / flops)
     print(f"prefill: {T} tokens ({n_vis} vision) + image encoder: {t_prefill:.3f} s, "
           f"{f / t_prefill / 1e9:.0f} GFLOP/s = {res['prefill_gemm_fraction']:.0%} of GEMM")
     for label, ctx in (("short", ctx_short), ("long", ctx_long)):
         step = med[label]
-        frac = decode_bytes(model, MID, ctx) / step / bw
+        frac = decode_bytes(counted, MID, ctx) / step / bw
         res[f"decode_{label}_ctx"] = ctx
         res[f"decode_{label}_tok_s"] = 1 / step
         res[f"decode_{label}_bw_fraction"] = frac
         print(f"decode at {ctx} tokens of context: {1 / step:.2f} tok/s, {step * 1e3:.1f} ms/step, "
               f"{frac:.0%} of GEMV bandwidth")
     res["long_over_short"] = med["long"] / med["short"]
-    ideal = decode_bytes(model, MID, ctx_long) / decode_bytes(model, MID, ctx_short)
+    ideal = decode_bytes(counted, MID, ctx_long) / decode_bytes(counted, MID, ctx_short)
     print(f"slowdown {ctx_short} -> {ctx_long} context: {res['long_over_short']:.3f}x "
           f"(bytes read grow {ideal:.3f}x)")
-    extra = sum(p.numel() for n, p in agent.model.layers.named_parameters() if "cross" in n)
+    with torch.device("meta"):
+        counted_agent = CogVLM(agent_cfg)
+    extra = sum(p.numel() for n, p in counted_agent.model.layers.named_parameters() if "cross" in n)
     extra += sum(t.numel() for kv in ckv for t in kv)
     res["cogagent_step_ratio"] = med["agent"] / med["vlm"]
-    res["cogagent_bytes_ratio"] = 1 + 4 * extra / decode_bytes(model, MID, ctx_short)
+    res["cogagent_bytes_ratio"] = 1 + 4 * extra / decode_bytes(counted, MID, ctx_short)
     print(f"CogAgent decode step / CogVLM decode step: {res['cogagent_step_ratio']:.3f}x "
           f"(bytes read grow {res['cogagent_bytes_ratio']:.3f}x: {MID_CROSS.num_patches} high-res "
           f"tokens, cross width {MID_CROSS.attn_hidden_size})")
