@@ -15,8 +15,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from .checkpoint import (DERIVED, CheckpointError, checkpoint_files, read_sat_state_dict, sat_key,
-                         sat_key_map, save_sat_checkpoint)
+from .checkpoint import (DERIVED, CheckpointError, read_sat_state_dict, sat_key_map, save_sat_checkpoint)
 from .cogvlm import CogVLM
 from .config import ModelConfig
 
@@ -224,7 +223,7 @@ def hf_to_sat(hf_dir, out_dir, dtype: Optional[torch.dtype] = None, overwrite: b
         if tuple(t.shape) != shapes[key]:
             raise CheckpointError(f"{f}: key {key} has shape {tuple(t.shape)}, expected {shapes[key]}")
         sd[key] = t.to(dtype) if dtype else t
-    from .checkpoint import load_state_into, regenerate_derived
+    from .checkpoint import regenerate_derived
     with torch.device("meta"):
         model = CogVLM(cfg)
     model.load_state_dict(sd, strict=False, assign=True)

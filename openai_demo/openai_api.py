@@ -37,7 +37,7 @@ from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 
 from models.generate import GenerationConfig  # noqa: E402
-from utils.chat import ImageContext, build_row, collate, prepare  # noqa: E402
+from utils.chat import ImageContext, build_row, prepare  # noqa: E402
 from utils.image import ImageError  # noqa: E402
 from utils.templates import build_prompt  # noqa: E402
 

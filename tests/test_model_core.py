@@ -9,7 +9,7 @@ from models import load_model
 from models.checkpoint import read_sat_state_dict
 from models.generate import GenerationConfig, PromptTooLong, generate_tokens
 from tests import reference
-from utils.chat import ImageContext, build_row, chat, collate, prepare, stream_text
+from utils.chat import ImageContext, build_row, chat, prepare, stream_text
 from utils.templates import build_prompt
 
 

@@ -8,7 +8,7 @@ Without an image the row is `<s> text...` with positions 0, 1, 2, ...
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch

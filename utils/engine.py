@@ -9,9 +9,7 @@ the buffer, every row is shifted left at once. A finished or cancelled row is si
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
