@@ -37,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--stream_chat", action="store_true")
     p.add_argument("--chinese", action="store_true")
     p.add_argument("--image", default=None)
+    p.add_argument("--output_dir", default="grounding_output",
+                   help="where images with the answer's boxes drawn are saved")
     p.add_argument("--query", default=None)
     return p.parse_args(argv)
 

@@ -24,6 +24,8 @@ def parse_args(argv=None):
     p.add_argument("--stream_chat", action="store_true", help="print the answer as it is generated")
     p.add_argument("--chinese", action="store_true", help="Chinese prompts in the terminal")
     p.add_argument("--image", default=None, help="one-shot mode: image path ('' for text only)")
+    p.add_argument("--output_dir", default="grounding_output",
+                   help="where images with the answer's boxes drawn are saved")
     p.add_argument("--query", default=None, help="one-shot mode: the question")
     return p.parse_args(argv)
 

@@ -56,3 +56,18 @@ def test_clear_errors(script, cogvlm_ckpt, tmp_path):
         rc, out, err = run(script, "--from_pretrained", cogvlm_ckpt, "--query", "word " * 300,
                            "--max_length", 100)
         assert rc == 1 and "total length limit" in err
+
+
+def test_boxes_in_answer_are_drawn(tmp_path, image_file, capsys):
+    """A grounding answer makes the CLI save the image with its boxes and print the path."""
+    from PIL import Image
+    from utils.chat import ImageContext
+    from utils.cli import save_boxes
+    from models import get_config
+    ctx = ImageContext(image_file, get_config("tiny-test-cogvlm"))
+    save_boxes("a red circle [[010,020,300,400]]", ctx, str(tmp_path / "out"))
+    saved = list((tmp_path / "out").glob("*.png"))
+    assert len(saved) == 1 and "boxes drawn" in capsys.readouterr().out
+    assert Image.open(saved[0]).size == ctx.image.size
+    save_boxes("no boxes here", ctx, str(tmp_path / "none"))
+    assert not (tmp_path / "none").exists()

@@ -71,17 +71,34 @@ def interactive(answer: Callable, open_image: Callable, chinese: bool = False,
                 on_answer(response, image)
 
 
+def save_boxes(response: str, image, out_dir: str = "grounding_output") -> None:
+    """When an answer holds boxes, save the image with them drawn and say where."""
+    if image is None:
+        return
+    from pathlib import Path
+    import time
+    from .grounding import draw_groundings, parse_groundings
+    groundings = parse_groundings(response)
+    if groundings:
+        path = Path(out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draw_groundings(image.image, groundings).save(path)
+        print(f"[boxes drawn: {path.resolve()}]")
+
+
 def run(args, answer: Callable, open_image: Callable) -> int:
     """One-shot mode when --image or --query is given (exit status 0/1/2), else the loop."""
+    on_answer = lambda response, image: save_boxes(response, image, args.output_dir)  # noqa: E731
     if args.query is not None or args.image is not None:
         if args.query is None:
             print("error: --image needs --query", file=sys.stderr)
             return 2
         try:
-            answer(args.query, [], open_image(args.image or ""))
+            image = open_image(args.image or "")
+            on_answer(answer(args.query, [], image), image)
         except (ImageError, PromptTooLong) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         return 0
-    interactive(answer, open_image, args.chinese)
+    interactive(answer, open_image, args.chinese, on_answer)
     return 0
