@@ -101,26 +101,37 @@ def prepare(model: CogVLM, tokenizer: Tokenizer, query: str, history=(),
     return inputs
 
 
+def merge_inputs(items: Sequence[ModelInputs], multiple: int = 1) -> ModelInputs:
+    """One-row inputs -> one left-padded batch (image embeddings in row order; CogAgent rows
+    without an image get zero cross K/V and are masked out of the cross attention). The
+    length is rounded up to `multiple` (fewer distinct shapes for the kernels to cache)."""
+    T = max(x.input_ids.shape[1] for x in items)
+    T = -(-T // multiple) * multiple
+
+    def lpad(t, fill):
+        n = T - t.shape[1]
+        return torch.cat([t.new_full((t.shape[0], n), fill), t], 1) if n else t
+
+    out = ModelInputs(torch.cat([lpad(x.input_ids, 0) for x in items]),
+                      torch.cat([lpad(x.position_ids, 0) for x in items]),
+                      torch.cat([lpad(x.vision_mask, False) for x in items]),
+                      torch.cat([lpad(x.image_mask, False) for x in items]))
+    if any(x.input_ids.shape[1] != T for x in items):
+        out.pad_mask = torch.cat([lpad(torch.ones_like(x.input_ids, dtype=torch.bool), False) for x in items])
+    embeds = [x.image_embeds for x in items if x.image_embeds is not None]
+    out.image_embeds = torch.cat(embeds) if embeds else None
+    ref = next((x.cross_kv for x in items if x.cross_kv is not None), None)
+    if ref is not None:
+        out.cross_kv = [tuple(torch.cat([x.cross_kv[i][j] if x.cross_kv is not None else torch.zeros_like(ref[i][j])
+                                         for x in items]) for j in range(2)) for i in range(len(ref))]
+        out.cross_rows = torch.tensor([x.cross_kv is not None for x in items], device=out.input_ids.device)
+    return out
+
+
 def prepare_batch(model: CogVLM, tokenizer: Tokenizer, requests, version: Optional[str] = None) -> ModelInputs:
     """requests: (query, history, ImageContext | None) per row; rows may mix images and text
     only. Left padding; each row keeps its own positions and expert masks."""
-    cfg = model.config
-    rows, images = [], []
-    for query, history, image in requests:
-        prompt = build_prompt(query, history, version or cfg.version)
-        rows.append(build_row(tokenizer, cfg, prompt, image is not None))
-        images.append(image)
-    inputs = collate(rows, device=model.model.embed_tokens.weight.device)
-    encoded = [img.encode(model) if img is not None else None for img in images]
-    if any(e is not None for e in encoded):
-        inputs.image_embeds = torch.cat([e[0] for e in encoded if e is not None])
-    if cfg.cross is not None and any(e is not None for e in encoded):
-        ref = next(e[1] for e in encoded if e is not None)
-        inputs.cross_kv = [tuple(torch.cat([e[1][i][j] if e is not None else torch.zeros_like(ref[i][j])
-                                            for e in encoded]) for j in range(2))
-                           for i in range(cfg.num_layers)]
-        inputs.cross_rows = torch.tensor([e is not None for e in encoded], device=inputs.input_ids.device)
-    return inputs
+    return merge_inputs([prepare(model, tokenizer, q, h, img, version) for q, h, img in requests])
 
 
 def batch_chat(model: CogVLM, tokenizer: Tokenizer, requests, version: Optional[str] = None,

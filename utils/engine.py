@@ -27,6 +27,16 @@ class QueueFull(RuntimeError):
     pass
 
 
+def _release_free_memory() -> None:
+    """When idle, hand freed heap pages back to the OS (glibc keeps them after the transient
+    prefill buffers of a burst), so a long-running server's RSS tracks its live memory."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass
 class Request:
     inputs: Optional[ModelInputs]             # one row (utils.chat.prepare), or None and ...
@@ -113,6 +123,8 @@ class BatchEngine:
         torch.set_grad_enabled(False)
         while True:
             with self.cv:
+                if not self.closed and not self.waiting and not any(self.rows):
+                    _release_free_memory()
                 while not self.closed and not self.waiting and not any(self.rows):
                     self.cv.wait()
                 if self.closed:
@@ -121,15 +133,18 @@ class BatchEngine:
                 while self.waiting and len(admit) + sum(r is not None for r in self.rows) < self.max_batch:
                     admit.append(self.waiting.popleft())
             with torch.inference_mode():
-                for req in admit:
+                ready = [r for r in admit if self._prepare(r)]
+                if ready:
                     try:
-                        self._admit(req)
-                    except Exception as e:  # noqa: BLE001 - fails this request, not the server
-                        log.exception("admitting a request failed")
-                        if req.row >= 0 and self.rows[req.row] is req:
-                            self.rows[req.row] = None
-                        req.emit({"type": "done", "finish_reason": "error", "error": str(e),
-                                  "prompt_tokens": req.prompt_tokens, "completion_tokens": 0})
+                        self._admit(ready)
+                    except Exception as e:  # noqa: BLE001 - fails these requests, not the server
+                        log.exception("admitting requests failed")
+                        for req in ready:
+                            if req.row >= 0 and self.rows[req.row] is req:
+                                self._finish(req.row, "error", error=str(e))
+                            elif req.row < 0:
+                                req.emit({"type": "done", "finish_reason": "error", "error": str(e),
+                                          "prompt_tokens": req.prompt_tokens, "completion_tokens": 0})
                 try:
                     if any(self.rows):
                         self._step()
@@ -139,35 +154,58 @@ class BatchEngine:
                         if r is not None:
                             self._finish(i, "error", error=str(e))
 
-    def _admit(self, req: Request) -> None:
+    def _prepare(self, req: Request) -> bool:
+        """Build the request's inputs (image encoding runs here, in the worker). False, with
+        its `done` event sent, for a request that was cancelled or cannot be prepared."""
+        reason, error = None, None
         if req.cancelled.is_set():                     # the client left while waiting
-            req.emit({"type": "done", "finish_reason": "cancelled", "error": None,
-                      "prompt_tokens": req.prompt_tokens, "completion_tokens": 0})
-            return
-        if req.inputs is None:
-            req.inputs = req.prepare()
-        P = req.prompt_tokens
-        if P > self.max_len:
-            raise ValueError(f"prompt of {P} tokens is longer than the engine's max_len {self.max_len}")
-        self._make_room(P)
-        row = self.rows.index(None)
-        cache = Cache.allocate(self.cfg, 1, P, self.dtype, self.device)
-        logits = prefill(self.model, req.inputs, cache)
-        for layer in range(self.cfg.num_layers):
-            self.k[layer][row, :, self.S - P: self.S] = cache.k[layer][0]
-            self.v[layer][row, :, self.S - P: self.S] = cache.v[layer][0]
-        if req.inputs.cross_kv is not None:
-            self._set_cross(row, req.inputs.cross_kv)
+            reason = "cancelled"
         else:
-            self.has_image[row] = False
-        self.start[row] = self.S - P
-        self.next_pos[row] = cache.next_position[0]
-        req.row = row
-        self.rows[row] = req
-        if req.gen.seed is not None:
-            req.generator = torch.Generator(device=self.device).manual_seed(req.gen.seed)
-        req.seen = req.inputs.input_ids.masked_fill(req.inputs.image_mask, self.cfg.bos_token_id)
-        self._accept(row, logits)
+            try:
+                if req.inputs is None:
+                    req.inputs = req.prepare()
+                if req.prompt_tokens > self.max_len:
+                    raise ValueError(f"prompt of {req.prompt_tokens} tokens is longer than the "
+                                     f"engine's max_len {self.max_len}")
+            except Exception as e:  # noqa: BLE001 - reported to this request only
+                log.exception("preparing a request failed")
+                reason, error = "error", str(e)
+        if reason is None:
+            return True
+        req.emit({"type": "done", "finish_reason": reason, "error": error,
+                  "prompt_tokens": req.prompt_tokens, "completion_tokens": 0})
+        return False
+
+    def _admit(self, reqs: list) -> None:
+        """Prefill the requests admitted together as one left-padded batch (a larger GEMM
+        than one prefill each), then copy each row's K/V so that it ends at slot S."""
+        from .chat import merge_inputs
+        lengths = [r.prompt_tokens for r in reqs]
+        self._make_room(max(lengths))
+        # Lengths rounded to 32: a server sees arbitrary prompt lengths and batch sizes, and
+        # oneDNN / MKL cache a kernel per GEMM shape (measured: RSS crept ~15% over 1200
+        # requests without rounding, flat with it).
+        batch = merge_inputs([r.inputs for r in reqs], multiple=32) if len(reqs) > 1 else reqs[0].inputs
+        T = batch.input_ids.shape[1]
+        cache = Cache.allocate(self.cfg, len(reqs), T, self.dtype, self.device)
+        logits = prefill(self.model, batch, cache)
+        for i, (req, P) in enumerate(zip(reqs, lengths)):
+            row = self.rows.index(None)
+            for layer in range(self.cfg.num_layers):
+                self.k[layer][row, :, self.S - P: self.S] = cache.k[layer][i, :, T - P:]
+                self.v[layer][row, :, self.S - P: self.S] = cache.v[layer][i, :, T - P:]
+            if req.inputs.cross_kv is not None:
+                self._set_cross(row, req.inputs.cross_kv)
+            else:
+                self.has_image[row] = False
+            self.start[row] = self.S - P
+            self.next_pos[row] = cache.next_position[i]
+            req.row = row
+            self.rows[row] = req
+            if req.gen.seed is not None:
+                req.generator = torch.Generator(device=self.device).manual_seed(req.gen.seed)
+            req.seen = req.inputs.input_ids.masked_fill(req.inputs.image_mask, self.cfg.bos_token_id)
+            self._accept(row, logits[i: i + 1])
 
     def _set_cross(self, row: int, kv: list) -> None:
         if self.cross is None:
