@@ -101,12 +101,10 @@ def prepare(model: CogVLM, tokenizer: Tokenizer, query: str, history=(),
     return inputs
 
 
-def merge_inputs(items: Sequence[ModelInputs], multiple: int = 1) -> ModelInputs:
+def merge_inputs(items: Sequence[ModelInputs]) -> ModelInputs:
     """One-row inputs -> one left-padded batch (image embeddings in row order; CogAgent rows
-    without an image get zero cross K/V and are masked out of the cross attention). The
-    length is rounded up to `multiple` (fewer distinct shapes for the kernels to cache)."""
+    without an image get zero cross K/V and are masked out of the cross attention)."""
     T = max(x.input_ids.shape[1] for x in items)
-    T = -(-T // multiple) * multiple
 
     def lpad(t, fill):
         n = T - t.shape[1]
