@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,11 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "LOGLEVEL": "WARNING", "HF_HUB_OFFLINE": "1"}
 
 
+OUT_DIR = tempfile.mkdtemp(prefix="cli-boxes-")          # never write into the working directory
+
+
 def run(script, *args, stdin=None, timeout=120):
+    args = (*args, "--output_dir", OUT_DIR)
     p = subprocess.run([sys.executable, str(ROOT / "basic_demo" / script), *map(str, args)],
                        input=stdin, capture_output=True, text=True, timeout=timeout, cwd="/", env=ENV)
     return p.returncode, p.stdout, p.stderr
