@@ -295,8 +295,10 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
                 "past_key_values": past_key_values, "use_cache": True}
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        tt = model_kwargs.get("token_type_ids")
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
-        model_kwargs.pop("token_type_ids", None)       # new tokens are text; types only matter once
+        if tt is not None:                             # every generated token is text (type 0)
+            model_kwargs["token_type_ids"] = torch.cat([tt, tt.new_zeros(tt.shape[0], 1)], dim=1)
         return model_kwargs
 
 

@@ -81,6 +81,8 @@ def test_generate_equals_chat_and_streams(pair, tokenizer, image_file):
     new = out[0, inputs["input_ids"].shape[1]:].tolist()
     new = new[: new.index(cfg.eos_token_id)] if cfg.eos_token_id in new else new
     assert tokenizer.decode(new).rstrip("\ufffd").strip() == expected
+    no_cache = theirs.generate(**inputs, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert torch.equal(no_cache, out)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
     th = threading.Thread(target=theirs.generate, kwargs=dict(**inputs, max_new_tokens=12, do_sample=False,
                                                               streamer=streamer))
