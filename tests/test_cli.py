@@ -76,3 +76,36 @@ def test_boxes_in_answer_are_drawn(tmp_path, image_file, capsys):
     assert Image.open(saved[0]).size == ctx.image.size
     save_boxes("no boxes here", ctx, str(tmp_path / "none"))
     assert not (tmp_path / "none").exists()
+
+
+def test_interactive_session_on_a_terminal(cogvlm_ckpt, image_file):
+    """A real pseudo-terminal session (pexpect): image path, two questions, clear, a text-only
+    question, stop; the first answer equals the one-shot answer."""
+    pexpect = pytest.importorskip("pexpect")
+    rc, out, err = run("cli_demo_sat.py", "--from_pretrained", cogvlm_ckpt, "--image", image_file,
+                       "--query", "What is in the image?", "--max_new_tokens", 8)
+    one_shot = out.strip()
+    child = pexpect.spawn(sys.executable, [str(ROOT / "basic_demo" / "cli_demo_sat.py"), "--from_pretrained",
+                                           str(cogvlm_ckpt), "--max_new_tokens", "8", "--output_dir", OUT_DIR],
+                          env=ENV, cwd="/", encoding="utf-8", timeout=90)
+    child.expect("image path")
+    child.sendline(str(image_file))
+    answers = []
+    for q in ["What is in the image?", "And then?"]:
+        child.expect("Human: ")
+        child.sendline(q)
+        child.expect("Model: (.*?)\r\n")
+        answers.append(child.match.group(1).strip())
+    child.expect("Human: ")
+    child.sendline("clear")
+    child.expect("image path")
+    child.sendline("")
+    child.expect("Human: ")
+    child.sendline("A text-only question")
+    child.expect("Model: ")
+    child.expect("Human: ")
+    child.sendline("stop")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert answers[0] == one_shot
