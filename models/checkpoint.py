@@ -6,7 +6,6 @@ Our modules use the HF release's names; `sat_key()` is the whole rename table.
 """
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 import re
@@ -20,7 +19,6 @@ from tqdm import tqdm
 
 from .config import ModelConfig
 
-log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -82,9 +80,9 @@ def sat_key(name: str) -> str:
     raise KeyError(f"no SAT name for parameter {name!r}")
 
 
-def sat_key_map(model: nn.Module) -> dict[str, str]:
+def sat_key_map(model: nn.Module, keys=None) -> dict[str, str]:
     """SAT key -> our key, for every entry of the model's state dict."""
-    return {sat_key(k): k for k in model.state_dict().keys()}
+    return {sat_key(k): k for k in (keys if keys is not None else model.state_dict().keys())}
 
 
 # ----------------------------------------------------------------------------------------
@@ -139,7 +137,7 @@ def load_state_into(model: nn.Module, sat_sd: dict, source: str, dtype: Optional
     """Load a SAT-named state dict into a model built on any device (meta included), one
     tensor at a time (assign, no second copy). Every key must match by name and shape."""
     own = model.state_dict(keep_vars=True)
-    names = sat_key_map(model)
+    names = sat_key_map(model, own.keys())
     extra = [k for k in sat_sd if k not in names]
     if extra:
         raise CheckpointError(f"{source}: unexpected key(s) not in this architecture: "

@@ -7,7 +7,7 @@ Parameter names follow the HF release (`model.` prefix dropped); checkpoint.py m
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -94,7 +94,6 @@ class Cache:
     cross_kv: Optional[list] = None                  # per layer (k, v): B,H,N,D
     cross_rows: Optional[torch.Tensor] = None        # B bool: rows that have an image
     next_position: Optional[torch.Tensor] = None     # B: rotary position of the next token
-    extras: dict = field(default_factory=dict)
 
     @classmethod
     def allocate(cls, cfg: ModelConfig, batch: int, max_len: int, dtype, device) -> "Cache":

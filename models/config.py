@@ -7,7 +7,6 @@ built (e.g. on the meta device to count parameters) without any file.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Optional
@@ -202,9 +201,6 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
         return cls.from_sat_json(d)
-
-    def replace(self, **kw) -> "ModelConfig":
-        return dataclasses.replace(self, **kw)
 
 
 def _cogvlm(image_size: int, version: str) -> ModelConfig:

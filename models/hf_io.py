@@ -7,7 +7,6 @@ built on the meta device, and never overwrites an existing output unless told.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -19,7 +18,6 @@ from .checkpoint import (DERIVED, CheckpointError, read_sat_state_dict, sat_key_
 from .cogvlm import CogVLM
 from .config import ModelConfig
 
-log = logging.getLogger(__name__)
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
@@ -109,19 +107,20 @@ def load_hf_model(path, dtype: Optional[torch.dtype] = None, device="cpu"):
         raise CheckpointError(f"no such HF checkpoint directory: {path}")
     config = read_hf_config(path)
     files = hf_weight_files(path)
-    check_keys(CogVLM_from_hf_config(config), files.keys(), str(path), hf=True)
+    check_keys(meta_model(config), files.keys(), str(path))
     cls = CogAgentForCausalLM if isinstance(config, CogAgentConfig) else CogVLMForCausalLM
     model = cls.from_pretrained(path, config=config, dtype=dtype or default_dtype(device))
     return use_fast_cpu_layout(model.to(device)).eval()
 
 
-def CogVLM_from_hf_config(config) -> CogVLM:                      # noqa: N802 - a factory
+def meta_model(config) -> CogVLM:
+    """The architecture of an HF config, built on the meta device (no memory)."""
     with torch.device("meta"):
         return CogVLM(config.to_model_config())
 
 
-def check_keys(meta_model: CogVLM, keys, source: str, hf: bool) -> None:
-    own = {k: v for k, v in meta_model.state_dict().items() if not DERIVED.match(k)}
+def check_keys(model: CogVLM, keys, source: str) -> None:
+    own = {k: v for k, v in model.state_dict().items() if not DERIVED.match(k)}
     keys = set(keys)
     ignorable = ("rotary_emb.inv_freq", "rotary.inv_freq", "rope.freqs_cos", "rope.freqs_sin")
     missing = sorted(k for k in own if k not in keys)
@@ -205,8 +204,8 @@ def hf_to_sat(hf_dir, out_dir, dtype: Optional[torch.dtype] = None, overwrite: b
     config = read_hf_config(hf_dir)
     cfg = config.to_model_config()
     files = hf_weight_files(hf_dir)
-    meta = CogVLM_from_hf_config(config)
-    check_keys(meta, files.keys(), str(hf_dir), hf=True)
+    meta = meta_model(config)
+    check_keys(meta, files.keys(), str(hf_dir))
     _refuse_existing(out, overwrite)
     shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
     sd = {}

@@ -81,10 +81,12 @@ def init_weights(model: CogVLM, std: float = 0.02) -> None:
 
 
 def load_model(from_pretrained: str, device: Union[str, torch.device] = "cpu",
-               dtype: Optional[torch.dtype] = None, trust_checkpoint: bool = False):
+               dtype: Optional[torch.dtype] = None, trust_checkpoint: bool = False,
+               cpu_layout: bool = True):
     """Build the model from `model_config.json` on the meta device, then load the weights
     tensor by tensor from a memory-mapped file: one copy of the weights in memory.
-    Returns (model, config)."""
+    cpu_layout=False skips the column-major re-layout (callers that pack or quantize the
+    weights next would only copy them twice). Returns (model, config)."""
     ckpt = resolve_pretrained(from_pretrained)
     cfg_file = ckpt / "model_config.json"
     if not cfg_file.is_file():
@@ -100,4 +102,4 @@ def load_model(from_pretrained: str, device: Union[str, torch.device] = "cpu",
         model = CogVLM(cfg)
     sd = read_sat_state_dict(ckpt, trust=trust_checkpoint)
     load_state_into(model, sd, str(ckpt), dtype=dtype, device=device)
-    return use_fast_cpu_layout(model).eval(), cfg
+    return (use_fast_cpu_layout(model) if cpu_layout else model).eval(), cfg

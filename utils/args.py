@@ -65,13 +65,16 @@ def load_from_args(args):
     """(model, tokenizer). Every demo calls this."""
     from models.loading import default_dtype, resolve_pretrained
     dtype = default_dtype(args.device, args.fp16, args.bf16)
+    from models.layout import pack_for_cpu_inference
+    # On fp32 CPU every weight is packed (or quantized) below: skip the re-layout in between.
+    will_repack = bool(args.quant) or (torch.device(args.device).type == "cpu" and dtype == torch.float32
+                                        and torch.backends.mkldnn.is_available())
     model, cfg = load_model(args.from_pretrained, device=args.device, dtype=dtype,
-                            trust_checkpoint=args.trust_checkpoint)
+                            trust_checkpoint=args.trust_checkpoint, cpu_layout=not will_repack)
     if args.quant:
         from models.quantize import quantize
         quantize(model, args.quant)
-    from models.layout import pack_for_cpu_inference
-    pack_for_cpu_inference(model)                     # fp32 CPU only: oneDNN-packed weights
+    pack_for_cpu_inference(model)                     # no-op unless fp32 on CPU with oneDNN
     tok = Tokenizer(resolve_tokenizer(args.local_tokenizer, resolve_pretrained(args.from_pretrained)))
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model's "
