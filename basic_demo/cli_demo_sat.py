@@ -3,6 +3,8 @@
 Interactive (the original's loop): enter an image path (empty = text-only chat), then
 questions; `clear` starts over with a new image, `stop` exits.
 One-shot for scripts: --image PATH --query TEXT (--image '' for text only).
+Model parallel: `torchrun --standalone --nnodes=1 --nproc-per-node=N basic_demo/cli_demo_sat.py ...`
+splits the model over N processes; rank 0 reads the terminal, the others follow it.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any 
 from utils.args import add_generation_args, add_model_args, generation_config, load_or_report, setup_logging  # noqa: E402
 from utils.chat import ImageContext, stream_chat  # noqa: E402
 from utils.cli import print_answer, run  # noqa: E402
+from utils.lockstep import Lockstep  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -38,15 +41,31 @@ def main(argv=None) -> int:
         return 1
     model, tok = loaded
     gen = generation_config(args)
+    state = {"image": None}
 
-    def answer(query, history, image, prefix=""):
-        return print_answer(stream_chat(model, tok, query, history, image, args.version, gen),
-                            args.stream_chat, prefix)
+    def set_image(pixels):                 # a decoded PIL image (rank 0 read the file) or None
+        state["image"] = ImageContext(pixels, model.config) if pixels is not None else None
+
+    def generate(query, history):
+        return stream_chat(model, tok, query, history, state["image"], args.version, gen)
+
+    step = Lockstep({"set_image": set_image, "generate": generate})
+    if step.rank != 0:
+        return step.follow()
 
     def open_image(path):
-        return ImageContext(path, model.config) if path else None
+        if not path:
+            step.call("set_image", None)
+            return None
+        pixels = ImageContext(path, model.config).image      # errors are raised here, on rank 0
+        step.call("set_image", pixels)
+        return state["image"]
 
-    return run(args, answer, open_image)
+    def answer(query, history, image, prefix=""):
+        return print_answer(step.call("generate", query, history), args.stream_chat, prefix)
+
+    with step:
+        return run(args, answer, open_image)
 
 
 if __name__ == "__main__":

@@ -120,22 +120,31 @@ def checkpoint_files(ckpt_dir: Path) -> tuple[str, list[Path]]:
     return it, files
 
 
-def read_sat_state_dict(ckpt_dir: Path, trust: bool = False) -> dict:
-    _, files = checkpoint_files(ckpt_dir)
-    if len(files) > 1:
-        raise CheckpointError(
-            f"{ckpt_dir}: holds {len(files)} model-parallel shards; merge them first with "
-            f"`python utils/merge_model.py`, or load under torchrun with that many ranks")
-    obj = _torch_load(files[0], trust)
+def read_shard(path: Path, trust: bool = False) -> dict:
+    obj = _torch_load(path, trust)
     if not isinstance(obj, dict) or "module" not in obj:
-        raise CheckpointError(f"{files[0]}: expected a dict with a 'module' state dict")
+        raise CheckpointError(f"{path}: expected a dict with a 'module' state dict")
     return obj["module"]
 
 
+def read_sat_state_dict(ckpt_dir: Path, trust: bool = False, rank: int = 0, world: int = 1) -> dict:
+    """The state dict this rank loads: the single file (sliced later if world > 1), or with
+    an MP=world checkpoint this rank's own shard file only."""
+    _, files = checkpoint_files(ckpt_dir)
+    if len(files) > 1 and len(files) != world:
+        raise CheckpointError(
+            f"{ckpt_dir}: holds {len(files)} model-parallel shards but {world} process(es) "
+            f"load it; run with `torchrun --nproc-per-node {len(files)}`, or re-split it with "
+            f"`python utils/merge_model.py --mp {world}`")
+    return read_shard(files[rank if len(files) > 1 else 0], trust)
+
+
 def load_state_into(model: nn.Module, sat_sd: dict, source: str, dtype: Optional[torch.dtype] = None,
-                    device="cpu") -> None:
+                    device="cpu", rank: int = 0, world: int = 1) -> None:
     """Load a SAT-named state dict into a model built on any device (meta included), one
-    tensor at a time (assign, no second copy). Every key must match by name and shape."""
+    tensor at a time (assign, no second copy). Every key must match by name and shape.
+    Under tensor parallelism (world > 1, the model already cut by tp.py) a full-size tensor
+    is cut to this rank's piece as it is read."""
     own = model.state_dict(keep_vars=True)
     names = sat_key_map(model, own.keys())
     extra = [k for k in sat_sd if k not in names]
@@ -146,6 +155,13 @@ def load_state_into(model: nn.Module, sat_sd: dict, source: str, dtype: Optional
     if missing:
         raise CheckpointError(f"{source}: missing key(s): {', '.join(missing[:5])}"
                               f"{' ...' if len(missing) > 5 else ''}")
+    if world > 1:
+        from .tp import shard_spec, shard_tensor
+        for skey, okey in names.items():
+            spec = shard_spec(okey)
+            if spec and skey in sat_sd and sat_sd[skey].shape != own[okey].shape \
+                    and sat_sd[skey].shape[spec[0]] == own[okey].shape[spec[0]] * world:
+                sat_sd[skey] = shard_tensor(sat_sd[skey], *spec, rank, world, skey)
     for skey, okey in names.items():
         if skey in sat_sd and tuple(sat_sd[skey].shape) != tuple(own[okey].shape):
             raise CheckpointError(f"{source}: key {skey} has shape {tuple(sat_sd[skey].shape)} "
@@ -153,7 +169,7 @@ def load_state_into(model: nn.Module, sat_sd: dict, source: str, dtype: Optional
                                   f"built from model_config.json")
     new_sd = {}
     for skey, okey in tqdm(names.items(), desc="loading weights", unit="tensor",
-                           disable=len(names) < 200, leave=False):
+                           disable=len(names) < 200 or rank != 0, leave=False):
         if DERIVED.match(okey):
             continue
         t = sat_sd[skey]

@@ -96,8 +96,10 @@ class Cache:
     next_position: Optional[torch.Tensor] = None     # B: rotary position of the next token
 
     @classmethod
-    def allocate(cls, cfg: ModelConfig, batch: int, max_len: int, dtype, device) -> "Cache":
-        shape = (batch, cfg.num_attention_heads, max_len, cfg.head_dim)
+    def allocate(cls, cfg: ModelConfig, batch: int, max_len: int, dtype, device,
+                 heads: Optional[int] = None) -> "Cache":
+        """heads: this rank's heads under tensor parallelism (CogVLM.num_kv_heads)."""
+        shape = (batch, heads or cfg.num_attention_heads, max_len, cfg.head_dim)
         return cls(k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)],
                    v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)])
 
@@ -124,6 +126,7 @@ class VisionExpertAttention(nn.Module):
         super().__init__()
         h = cfg.hidden_size
         self.head_dim = cfg.head_dim
+        self.num_heads = cfg.num_attention_heads      # this rank's share under tensor parallelism
         self.language_expert_query_key_value = nn.Linear(h, 3 * h, bias=False)
         self.vision_expert_query_key_value = nn.Linear(h, 3 * h, bias=False)
         self.language_expert_dense = nn.Linear(h, h, bias=False)
@@ -133,9 +136,8 @@ class VisionExpertAttention(nn.Module):
         B, T, _ = x.shape
         qkv = expert_linear(x, vision_mask, self.language_expert_query_key_value,
                             self.vision_expert_query_key_value)
-        # [q; k; v] blocks, heads contiguous inside each block. Local head count comes from
-        # the weight so that a tensor-parallel shard works unchanged.
-        qkv = qkv.view(B, T, 3, -1, self.head_dim)                               # B,T,3,H,D
+        # [q; k; v] blocks, heads contiguous inside each block.
+        qkv = qkv.view(B, T, 3, self.num_heads, self.head_dim)                   # B,T,3,H,D
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                            # B,H,T,D
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
@@ -274,6 +276,11 @@ class CogVLM(nn.Module):
         self.config = cfg
         self.model = CogVLMModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Heads whose K/V this process caches (fewer than the config's under tensor parallelism)."""
+        return self.model.layers[0].self_attn.num_heads
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """images: n,3,S,S -> n, 1 + image_length + 1, hidden (boi, patches, eoi)."""

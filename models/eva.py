@@ -24,11 +24,12 @@ class EVAAttention(nn.Module):
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
+        B, N, _ = x.shape
         qkv = self.query_key_value(x).view(B, N, 3, self.num_heads, -1)  # B,N,3,H,D
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                    # each B,H,N,D
         out = F.scaled_dot_product_attention(q, k, v)                     # bidirectional
-        return self.dense(out.transpose(1, 2).reshape(B, N, C))
+        # -1, not C: under tensor parallelism a rank holds num_heads of the heads only.
+        return self.dense(out.transpose(1, 2).reshape(B, N, -1))
 
 
 class EVAMLP(nn.Module):
@@ -172,7 +173,7 @@ class EVALargeAttention(nn.Module):
         self.proj = nn.Linear(w, w)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
+        B, N, _ = x.shape
         q = (self.q_proj(x) + self.q_bias).view(B, N, self.num_heads, -1)   # biases on q and v only
         k = self.k_proj(x).view(B, N, self.num_heads, -1)
         v = (self.v_proj(x) + self.v_bias).view(B, N, self.num_heads, -1)
@@ -180,7 +181,7 @@ class EVALargeAttention(nn.Module):
         # Rotary on patch tokens only; the CLS token (index 0) gets none.
         q = torch.cat([q[:, :, :1], q[:, :, 1:] * cos + rotate_interleaved(q[:, :, 1:]) * sin], 2)
         k = torch.cat([k[:, :, :1], k[:, :, 1:] * cos + rotate_interleaved(k[:, :, 1:]) * sin], 2)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, -1)  # B,N,H*D
         return self.proj(self.inner_attn_ln(out))
 
 

@@ -114,7 +114,8 @@ def generate_tokens(model: CogVLM, inputs: ModelInputs, gen: GenerationConfig, e
     budget is spent. Finished rows keep yielding EOS."""
     B, T = inputs.input_ids.shape
     dtype = next(model.parameters()).dtype
-    cache = Cache.allocate(model.config, B, T + max_new_tokens, dtype, inputs.input_ids.device)
+    cache = Cache.allocate(model.config, B, T + max_new_tokens, dtype, inputs.input_ids.device,
+                           heads=model.num_kv_heads)
     generator = None
     if gen.seed is not None:
         generator = torch.Generator(device=inputs.input_ids.device).manual_seed(gen.seed)

@@ -82,11 +82,13 @@ def init_weights(model: CogVLM, std: float = 0.02) -> None:
 
 def load_model(from_pretrained: str, device: Union[str, torch.device] = "cpu",
                dtype: Optional[torch.dtype] = None, trust_checkpoint: bool = False,
-               cpu_layout: bool = True):
+               cpu_layout: bool = True, rank: int = 0, world: int = 1):
     """Build the model from `model_config.json` on the meta device, then load the weights
     tensor by tensor from a memory-mapped file: one copy of the weights in memory.
     cpu_layout=False skips the column-major re-layout (callers that pack or quantize the
-    weights next would only copy them twice). Returns (model, config)."""
+    weights next would only copy them twice). world > 1: tensor parallel, this process holds
+    rank `rank`'s piece (read from its own MP shard file, or cut from a single-rank file).
+    Returns (model, config)."""
     ckpt = resolve_pretrained(from_pretrained)
     cfg_file = ckpt / "model_config.json"
     if not cfg_file.is_file():
@@ -100,6 +102,9 @@ def load_model(from_pretrained: str, device: Union[str, torch.device] = "cpu",
              cfg.num_layers, cfg.hidden_size, device, dtype)
     with torch.device("meta"):
         model = CogVLM(cfg)
-    sd = read_sat_state_dict(ckpt, trust=trust_checkpoint)
-    load_state_into(model, sd, str(ckpt), dtype=dtype, device=device)
+    if world > 1:
+        from .tp import apply_tensor_parallel
+        apply_tensor_parallel(model, rank, world)      # on meta: shapes and forwards only
+    sd = read_sat_state_dict(ckpt, trust=trust_checkpoint, rank=rank, world=world)
+    load_state_into(model, sd, str(ckpt), dtype=dtype, device=device, rank=rank, world=world)
     return (use_fast_cpu_layout(model) if cpu_layout else model).eval(), cfg

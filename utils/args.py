@@ -57,20 +57,30 @@ def generation_config(args) -> GenerationConfig:
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"),
+    """INFO on rank 0 (or LOGLEVEL); other torchrun ranks log warnings only."""
+    quiet = int(os.environ.get("RANK", "0")) != 0
+    logging.basicConfig(level="WARNING" if quiet else os.environ.get("LOGLEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
 def load_from_args(args):
-    """(model, tokenizer). Every demo calls this."""
+    """(model, tokenizer). Every demo calls this. Under torchrun (WORLD_SIZE > 1) the model is
+    tensor parallel over the ranks: each process loads its own piece."""
     from models.loading import default_dtype, resolve_pretrained
+    from models.tp import init_distributed
+    rank, world = init_distributed(args.device)
+    if world > 1 and torch.device(args.device).type == "cuda":
+        args.device = f"cuda:{torch.cuda.current_device()}"
+    if world > 1 and args.quant:
+        raise ValueError("--quant is not supported with model parallelism yet; run it in one process")
     dtype = default_dtype(args.device, args.fp16, args.bf16)
     from models.layout import pack_for_cpu_inference
     # On fp32 CPU every weight is packed (or quantized) below: skip the re-layout in between.
     will_repack = bool(args.quant) or (torch.device(args.device).type == "cpu" and dtype == torch.float32
                                         and torch.backends.mkldnn.is_available())
     model, cfg = load_model(args.from_pretrained, device=args.device, dtype=dtype,
-                            trust_checkpoint=args.trust_checkpoint, cpu_layout=not will_repack)
+                            trust_checkpoint=args.trust_checkpoint, cpu_layout=not will_repack,
+                            rank=rank, world=world)
     if args.quant:
         from models.quantize import quantize
         quantize(model, args.quant)
@@ -83,11 +93,22 @@ def load_from_args(args):
 
 
 def load_or_report(args, loader=None):
-    """(model, tokenizer), or None after printing the reason as one line (no traceback)."""
+    """(model, tokenizer), or None after printing the reason as one line (no traceback).
+    Under torchrun every rank learns whether any rank failed, and all stop together."""
     from models import CheckpointError, ModelNotFound
+    from .lockstep import agree
     from .tokenizer import TokenizerError
+    from models.tp import init_distributed
+    init_distributed(args.device)                    # first: every rank must reach the rendezvous
+    loaded, error = None, None
     try:
-        return (loader or load_from_args)(args)
-    except (ModelNotFound, CheckpointError, TokenizerError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        loaded = (loader or load_from_args)(args)
+    except (ModelNotFound, CheckpointError, TokenizerError, ValueError, ImportError, OSError) as e:
+        error = str(e)
+    failed = agree(error)
+    if failed:
+        if int(os.environ.get("RANK", "0")) == 0:
+            for rank, msg in failed:
+                print(f"error{f' (rank {rank})' if len(failed) > 1 or rank else ''}: {msg}", file=sys.stderr)
         return None
+    return loaded

@@ -1,0 +1,247 @@
+"""Tensor (model) parallelism, applied to a built model by parameter name (never inside the
+model classes), with torch.distributed: gloo on CPU, NCCL on CUDA.
+
+The split is SAT's (REFERENCE.md section 7): column-parallel weights are cut along their
+output dimension (QKV with stride 3, cross key_value with stride 2: each of the q/k/v blocks is
+cut, so every rank holds whole heads of each), row-parallel weights along their input
+dimension with the output summed across ranks. The token embedding and the LM head are cut
+along the vocabulary. Every other tensor (norms, biases of row-parallel layers, the patch
+embeddings, the adapter, boi/eoi) is replicated.
+
+EVA2-CLIP-L (CogAgent's high-res encoder) normalises over all heads inside attention and over
+the whole inner MLP width (`inner_attn_ln`, `ffn_ln`); those LayerNorms are cut with their
+inputs and take their mean and variance across ranks (two small all-reduces).
+
+`SHARD_RULES` is also the file format of MP=N checkpoints (utils/merge_model.py).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# (regex on our parameter names, dim, stride). First match wins; no match = replicated.
+_L = r"model\.layers\.\d+\."
+_V = r"model\.vision\.transformer\.layers\.\d+\."
+_X = r"model\.cross_vision\.vit\.model\.blocks\.\d+\."
+SHARD_RULES = [(re.compile(p + "$"), dim, stride) for p, dim, stride in [
+    (r"model\.embed_tokens\.weight", 0, 1),
+    (r"lm_head\.weight", 0, 1),
+    (_L + r"self_attn\.(language|vision)_expert_query_key_value\.weight", 0, 3),
+    (_L + r"self_attn\.(language|vision)_expert_dense\.weight", 1, 1),
+    (_L + r"mlp\.(language|vision)_mlp\.(gate|up)_proj\.weight", 0, 1),
+    (_L + r"mlp\.(language|vision)_mlp\.down_proj\.weight", 1, 1),
+    (_L + r"cross_attn\.query\.weight", 0, 1),
+    (_L + r"cross_attn\.key_value\.weight", 0, 2),
+    (_L + r"cross_attn\.dense\.weight", 1, 1),
+    (_V + r"attention\.query_key_value\.(weight|bias)", 0, 3),
+    (_V + r"attention\.dense\.weight", 1, 1),
+    (_V + r"mlp\.fc1\.(weight|bias)", 0, 1),
+    (_V + r"mlp\.fc2\.weight", 1, 1),
+    (_X + r"attn\.(q_proj|k_proj|v_proj)\.weight", 0, 1),
+    (_X + r"attn\.(q_bias|v_bias)", 0, 1),
+    (_X + r"attn\.inner_attn_ln\.(weight|bias)", 0, 1),
+    (_X + r"attn\.proj\.weight", 1, 1),
+    (_X + r"mlp\.(w1|w2)\.(weight|bias)", 0, 1),
+    (_X + r"mlp\.ffn_ln\.(weight|bias)", 0, 1),
+    (_X + r"mlp\.w3\.weight", 1, 1),
+]]
+
+
+def shard_spec(name: str) -> Optional[tuple[int, int]]:
+    """(dim, stride) for a parameter cut across ranks, None for a replicated one."""
+    for pat, dim, stride in SHARD_RULES:
+        if pat.match(name):
+            return dim, stride
+    return None
+
+
+def shard_tensor(t: torch.Tensor, dim: int, stride: int, rank: int, world: int, name: str = "") -> torch.Tensor:
+    """Rank `rank`'s piece: each of the `stride` blocks along `dim` is cut into `world` parts."""
+    if t.shape[dim] % (stride * world):
+        raise ValueError(f"{name}: dimension {dim} of shape {tuple(t.shape)} does not split into "
+                         f"{stride} block(s) x {world} ranks")
+    blocks = t.chunk(stride, dim)
+    return torch.cat([b.chunk(world, dim)[rank] for b in blocks], dim).contiguous()
+
+
+def merge_tensors(parts: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    """Inverse of shard_tensor over all ranks' pieces."""
+    per_rank = [p.chunk(stride, dim) for p in parts]                   # world x stride
+    return torch.cat([torch.cat([r[s] for r in per_rank], dim) for s in range(stride)], dim)
+
+
+# ----------------------------------------------------------------------------------------
+# Collectives with the gradients of Megatron's f/g operators, so that training works too.
+class _AllReduce(torch.autograd.Function):
+    """Forward: sum over ranks. Backward: identity (the output is replicated)."""
+    @staticmethod
+    def forward(ctx, x):
+        x = x.contiguous()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class _CopyToRanks(torch.autograd.Function):
+    """Forward: identity. Backward: sum the gradient over ranks (the input is replicated)."""
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous()
+        dist.all_reduce(g)
+        return g
+
+
+class _GatherLast(torch.autograd.Function):
+    """Forward: concatenate every rank's piece along the last dim. Backward: own piece."""
+    @staticmethod
+    def forward(ctx, x):
+        world, rank = dist.get_world_size(), dist.get_rank()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.n = rank, x.shape[-1]
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g[..., ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n].contiguous()
+
+
+class _AllReduceBoth(torch.autograd.Function):
+    """Forward and backward: sum over ranks (a replicated statistic that each rank then applies
+    to its own piece, e.g. a sharded LayerNorm's mean)."""
+    @staticmethod
+    def forward(ctx, x):
+        x = x.contiguous()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous()
+        dist.all_reduce(g)
+        return g
+
+
+def all_reduce(x):
+    return _AllReduce.apply(x)
+
+
+def copy_to_ranks(x):
+    return _CopyToRanks.apply(x) if torch.is_grad_enabled() else x
+
+
+class ColumnParallelLinear(nn.Linear):
+    """Output features cut across ranks; the (replicated) input's gradient is summed."""
+    def forward(self, x):
+        return F.linear(copy_to_ranks(x), self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Linear):
+    """Input features cut across ranks; partial outputs summed, then the (replicated) bias."""
+    def forward(self, x):
+        y = all_reduce(F.linear(x, self.weight))
+        return y + self.bias if self.bias is not None else y
+
+
+class GatheredLinear(ColumnParallelLinear):
+    """The LM head: vocabulary cut across ranks, logits gathered (every rank samples alike)."""
+    def forward(self, x):
+        return _GatherLast.apply(super().forward(x))
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """Each rank holds rows [start, start + n) of the table; others contribute zeros."""
+    def forward(self, ids):
+        start = dist.get_rank() * self.num_embeddings
+        local = ids - start
+        outside = (local < 0) | (local >= self.num_embeddings)
+        h = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return all_reduce(h.masked_fill(outside[..., None], 0.0))
+
+
+class ShardedLayerNorm(nn.LayerNorm):
+    """LayerNorm over a feature dimension cut across ranks: mean and variance are summed over
+    ranks before normalising the local piece."""
+    def forward(self, x):
+        n = x.shape[-1] * dist.get_world_size()
+        xf = x.float()
+        mean = _AllReduceBoth.apply(xf.sum(-1, keepdim=True)) / n
+        var = _AllReduceBoth.apply((xf - mean).pow(2).sum(-1, keepdim=True)) / n
+        y = ((xf - mean) * torch.rsqrt(var + self.eps)).to(x.dtype)
+        return y * self.weight + self.bias
+
+
+# ----------------------------------------------------------------------------------------
+def init_distributed(device: str = "cpu", timeout_s: float = None) -> tuple[int, int]:
+    """Join the torchrun group (RANK/WORLD_SIZE set by torchrun): gloo on CPU, NCCL on CUDA.
+    Collectives give up after `timeout_s` (env COGVLM_DIST_TIMEOUT, default 600 s) instead of
+    hanging when a peer died. Returns (rank, world); (0, 1) outside torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        timeout_s = timeout_s or float(os.environ.get("COGVLM_DIST_TIMEOUT", "600"))
+        cuda = torch.device(device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def tp_rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _swap(module: nn.Module, cls: type) -> None:
+    module.__class__ = cls
+
+
+@torch.no_grad()
+def apply_tensor_parallel(model: nn.Module, rank: int, world: int, sliced: bool = False) -> nn.Module:
+    """Cut the model's weights for `rank` of `world` and swap in the parallel forwards.
+    sliced=True: the weights already are this rank's pieces (loaded from an MP=N shard file);
+    only the forwards change."""
+    if world == 1:
+        return model
+    for name, p in list(model.named_parameters()):
+        spec = shard_spec(name)
+        if spec is not None and not sliced:
+            p.data = shard_tensor(p.data, *spec, rank, world, name)
+    for name, mod in model.named_modules():
+        spec = shard_spec(name + ".weight")
+        if spec is None:
+            continue
+        if isinstance(mod, nn.Embedding):
+            mod.num_embeddings = mod.weight.shape[0]
+            _swap(mod, VocabParallelEmbedding)
+        elif isinstance(mod, nn.LayerNorm):
+            mod.normalized_shape = tuple(mod.weight.shape)
+            _swap(mod, ShardedLayerNorm)
+        elif isinstance(mod, nn.Linear):
+            mod.out_features, mod.in_features = mod.weight.shape
+            _swap(mod, GatheredLinear if name == "lm_head" else
+                  RowParallelLinear if spec[0] == 1 else ColumnParallelLinear)
+    for mod in model.modules():                       # attention modules read their head count
+        if hasattr(mod, "num_heads"):
+            if mod.num_heads % world:
+                raise ValueError(f"{mod.num_heads} attention heads do not split across {world} ranks")
+            mod.num_heads //= world
+    model.tp_world = world
+    return model
