@@ -73,6 +73,9 @@ DERIVED = re.compile(r"(rotary\.inv_freq|.*rope\.freqs_(cos|sin))$")
 
 
 def sat_key(name: str) -> str:
+    if name.endswith((".lora_A", ".lora_B")):          # LoRA adapters sit beside their base weight
+        base, _, ab = name.rpartition(".")
+        return sat_key(base + ".weight")[: -len(".weight")] + "." + ab
     for pat, tmpl in _SAT_RENAMES:
         m = pat.match(name)
         if m:
@@ -101,7 +104,8 @@ def _torch_load(path: Path, trust: bool) -> dict:
             try:
                 return torch.load(path, map_location="cpu", weights_only=not trust)
             except Exception as e2:  # noqa: BLE001 - reported with the file name
-                raise CheckpointError(f"{path}: not a readable torch checkpoint ({e2})") from None
+                raise CheckpointError(f"{path}: not a readable torch checkpoint (neither a torch "
+                                      f"zip archive nor a legacy pickle: {type(e2).__name__} {e2})") from None
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from None
     except (EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from None

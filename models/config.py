@@ -67,6 +67,7 @@ class ModelConfig:
     eva: EVAConfig = field(default_factory=EVAConfig)
     cross: Optional[CrossConfig] = None       # CogAgent only
     adapter_has_pos_embed: bool = False       # CogAgent adds a learned pos_embed before the adapter
+    model_parallel_size: int = 1              # mp_rank_XX files of the checkpoint it was read from
     extra: dict = field(default_factory=dict)  # unknown model_config.json fields, written back unchanged
 
     @property
@@ -91,7 +92,8 @@ class ModelConfig:
             "hidden_size": self.hidden_size, "num_attention_heads": self.num_attention_heads,
             "vocab_size": self.vocab_size, "inner_hidden_size": self.inner_hidden_size,
             "layernorm_order": "pre", "use_bias": False, "layernorm_epsilon": self.layernorm_epsilon,
-            "max_sequence_length": self.max_sequence_length, "model_parallel_size": 1,
+            "max_sequence_length": self.max_sequence_length,
+            "model_parallel_size": self.model_parallel_size,
             "image_length": self.image_length, "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
             "text_processor_version": self.version,
@@ -180,6 +182,7 @@ class ModelConfig:
             pad_token_id=d.get("pad_token_id", 0),
             version=d.get("text_processor_version", "chat" if is_agent else "chat_old"),
             eva=eva, cross=cross, adapter_has_pos_embed=is_agent,
+            model_parallel_size=int(d.get("model_parallel_size", 1)),
             extra={k: v for k, v in d.items() if k not in known})
         if "image_length" in d and d["image_length"] != cfg.image_length:
             raise ValueError(f"model_config.json: image_length {d['image_length']} does not match "

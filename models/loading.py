@@ -105,6 +105,9 @@ def load_model(from_pretrained: str, device: Union[str, torch.device] = "cpu",
     if world > 1:
         from .tp import apply_tensor_parallel
         apply_tensor_parallel(model, rank, world)      # on meta: shapes and forwards only
+    if "lora" in cfg.extra:                            # a LoRA finetuning checkpoint
+        from .lora import LoRAConfig, apply_lora
+        apply_lora(model, LoRAConfig.from_json(cfg.extra["lora"]))
     sd = read_sat_state_dict(ckpt, trust=trust_checkpoint, rank=rank, world=world)
     load_state_into(model, sd, str(ckpt), dtype=dtype, device=device, rank=rank, world=world)
     return (use_fast_cpu_layout(model) if cpu_layout else model).eval(), cfg

@@ -55,7 +55,14 @@ SHARD_RULES = [(re.compile(p + "$"), dim, stride) for p, dim, stride in [
 
 
 def shard_spec(name: str) -> Optional[tuple[int, int]]:
-    """(dim, stride) for a parameter cut across ranks, None for a replicated one."""
+    """(dim, stride) for a parameter cut across ranks, None for a replicated one.
+    LoRA adapters follow their base weight: B [out, r] is cut like a column-parallel weight,
+    A [r, in] like a row-parallel one; the other matrix is replicated."""
+    if name.endswith((".lora_A", ".lora_B")):
+        base = shard_spec(name[: -len(".lora_A")] + ".weight")
+        if base is None or (base[0] == 0) != name.endswith("B"):
+            return None
+        return base
     for pat, dim, stride in SHARD_RULES:
         if pat.match(name):
             return dim, stride

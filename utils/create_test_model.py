@@ -24,8 +24,9 @@ The quick brown fox jumps over the lazy dog 0123456789 ,.;:!?'"()[]{}<>/\\|-_=+*
 """
 
 
-def create(name: str, out: Path, seed: int = 0, overwrite: bool = False) -> Path:
-    cfg = get_config(name)
+def create(name, out: Path, seed: int = 0, overwrite: bool = False) -> Path:
+    """name: a named config or a ModelConfig."""
+    cfg = get_config(name) if isinstance(name, str) else name
     torch.manual_seed(seed)
     save_sat_checkpoint(build_model(cfg), cfg, out, overwrite=overwrite)
     train_sentencepiece(CORPUS * 20, out / "tokenizer", vocab_size=min(400, cfg.vocab_size))

@@ -1,0 +1,190 @@
+"""Tensor parallelism under torchrun (gloo, CPU) and the merge/split utility."""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.config import get_config
+from models.tp import merge_tensors, shard_tensor
+from utils.create_test_model import create
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "LOGLEVEL": "WARNING", "HF_HUB_OFFLINE": "1",
+       "OMP_NUM_THREADS": "1", "COGVLM_DIST_TIMEOUT": "60"}
+
+
+def torchrun(n: int, *args, timeout=240, stdin=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+           f"--nproc-per-node={n}", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd="/", env=ENV, input=stdin)
+
+
+def merge(*args):
+    return subprocess.run([sys.executable, str(ROOT / "utils" / "merge_model.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=120, cwd="/", env=ENV)
+
+
+@pytest.fixture(scope="module")
+def wide_ckpt(tmp_path_factory):
+    """A tiny CogAgent whose every attention has 8 heads, so that it splits over 8 ranks."""
+    cfg = copy.deepcopy(get_config("tiny-test-cogagent"))
+    cfg.num_attention_heads = 8
+    cfg.eva.num_attention_heads = 8
+    cfg.eva.hidden_size = 64
+    cfg.eva.inner_hidden_size = 128
+    cfg.cross.num_attention_heads = 8
+    cfg.cross.hidden_size = 64
+    cfg.cross.inner_hidden_size = 96
+    cfg.cross.attn_hidden_size, cfg.cross.attn_head_dim = 64, 8
+    return create(cfg, tmp_path_factory.mktemp("wide") / "wide-cogagent", seed=3)
+
+
+def reference(ckpt, image):
+    sys.path.insert(0, str(ROOT / "tests"))
+    import tp_worker
+    return tp_worker.run(str(ckpt), str(image))
+
+
+def check_tp(ckpt, image, n, tmp_path, ref_ckpt=None):
+    out = tmp_path / f"tp{n}.pt"
+    p = torchrun(n, ROOT / "tests" / "tp_worker.py", ckpt, image, out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got, ref = torch.load(out), reference(ref_ckpt or ckpt, image)
+    assert (got["logits"] - ref["logits"]).abs().max() < 1e-4
+    assert got["answer"] == ref["answer"] and got["text_only"] == ref["text_only"]
+
+
+@pytest.mark.parametrize("which", ["cogvlm_ckpt", "cogagent_ckpt"])
+def test_tp2_equals_tp1(which, request, image_file, tmp_path):
+    check_tp(request.getfixturevalue(which), image_file, 2, tmp_path)
+
+
+@pytest.mark.parametrize("n", [4, 8])
+def test_tp_4_and_8_ranks(n, wide_ckpt, image_file, tmp_path):
+    check_tp(wide_ckpt, image_file, n, tmp_path)
+
+
+def test_mp_shard_files_load_per_rank(cogagent_ckpt, image_file, tmp_path):
+    """An MP=2 checkpoint: each rank reads its own file; same logits as the MP=1 original."""
+    split = tmp_path / "mp2"
+    assert merge("--from_pretrained", cogagent_ckpt, "--save", split, "--mp", 2).returncode == 0
+    assert sorted(p.name for p in (split / "1").iterdir()) == ["mp_rank_00_model_states.pt",
+                                                               "mp_rank_01_model_states.pt"]
+    check_tp(split, image_file, 2, tmp_path, ref_ckpt=cogagent_ckpt)
+
+
+def test_cli_one_shot_same_under_torchrun(cogvlm_ckpt, image_file, tmp_path):
+    args = ["--from_pretrained", cogvlm_ckpt, "--image", image_file, "--query", "What is it?",
+            "--max_new_tokens", 12, "--output_dir", tmp_path]
+    plain = subprocess.run([sys.executable, str(ROOT / "basic_demo" / "cli_demo_sat.py"), *map(str, args)],
+                           capture_output=True, text=True, timeout=120, cwd="/", env=ENV)
+    assert plain.returncode == 0, plain.stderr
+    tp = torchrun(2, ROOT / "basic_demo" / "cli_demo_sat.py", *args)
+    assert tp.returncode == 0, tp.stderr[-3000:]
+    assert tp.stdout.strip() == plain.stdout.strip() != ""
+
+
+def test_cli_interactive_under_torchrun(cogagent_ckpt, image_file, tmp_path):
+    """Rank 0 reads the terminal; the follower runs every turn with it, then both exit."""
+    session = f"{image_file}\nWhat is it?\nclear\n\nText only\nstop\n"
+    p = torchrun(2, ROOT / "basic_demo" / "cli_demo_sat.py", "--from_pretrained", cogagent_ckpt,
+                 "--max_new_tokens", 6, "--output_dir", tmp_path, stdin=session)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("Model: ") == 2
+
+
+def test_a_failing_rank_stops_every_rank(cogvlm_ckpt, image_file, tmp_path):
+    split = tmp_path / "mp2"
+    assert merge("--from_pretrained", cogvlm_ckpt, "--save", split, "--mp", 2).returncode == 0
+    (split / "1" / "mp_rank_01_model_states.pt").write_bytes(b"not a checkpoint")
+    t = time.time()
+    p = torchrun(2, ROOT / "basic_demo" / "cli_demo_sat.py", "--from_pretrained", split,
+                 "--image", image_file, "--query", "hi", timeout=120)
+    assert p.returncode != 0 and time.time() - t < 90
+    assert "error (rank 1)" in p.stderr and "mp_rank_01_model_states.pt" in p.stderr
+    assert 'cli_demo_sat.py", line' not in p.stderr        # no traceback from our code
+
+
+def test_a_rank_killed_mid_session_ends_the_run(cogvlm_ckpt, tmp_path):
+    """kill -9 of rank 1 while rank 0 waits for input: torchrun stops rank 0 too; no hang."""
+    import signal
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+           "--nproc-per-node=2", str(ROOT / "basic_demo" / "cli_demo_sat.py"),
+           "--from_pretrained", str(cogvlm_ckpt), "--output_dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd="/", env=ENV)
+    try:
+        assert proc.stdout.read(10) == "Please ent"                 # rank 0 is at the prompt
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        ranks = {}
+        for pid in workers:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            ranks[int(next(e for e in env if e.startswith(b"RANK=")).split(b"=")[1])] = int(pid)
+        os.kill(ranks[1], signal.SIGKILL)
+        t = time.time()
+        proc.wait(timeout=60)
+        assert proc.returncode != 0 and time.time() - t < 60
+    finally:
+        proc.kill()
+
+
+def test_wrong_number_of_ranks_is_explained(cogvlm_ckpt, tmp_path):
+    split = tmp_path / "mp2"
+    assert merge("--from_pretrained", cogvlm_ckpt, "--save", split, "--mp", 2).returncode == 0
+    p = subprocess.run([sys.executable, str(ROOT / "basic_demo" / "cli_demo_sat.py"), "--from_pretrained",
+                        str(split), "--query", "hi", "--image", ""], capture_output=True, text=True,
+                       timeout=60, cwd="/", env=ENV)
+    assert p.returncode == 1 and "--nproc-per-node 2" in p.stderr and "Traceback" not in p.stderr
+
+
+# ---- merge / split --------------------------------------------------------------------
+def _module(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["module"]
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_split_then_merge_is_bit_identical(cogagent_ckpt, tmp_path, n):
+    split, merged = tmp_path / "split", tmp_path / "merged"
+    p = merge("--from_pretrained", cogagent_ckpt, "--save", split, "--mp", n)
+    assert p.returncode == 0, p.stderr
+    p = merge("--from_pretrained", split, "--save", merged, "--mp", 1)
+    assert p.returncode == 0, p.stderr
+    a, b = _module(cogagent_ckpt / "1" / "mp_rank_00_model_states.pt"), _module(merged / "1" / "mp_rank_00_model_states.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert '"model_parallel_size": 1' in (merged / "model_config.json").read_text()
+    assert f'"model_parallel_size": {n}' in (split / "model_config.json").read_text()
+    # the shards are really cut: a QKV piece holds 1/n of the rows
+    s0 = _module(split / "1" / "mp_rank_00_model_states.pt")
+    key = "transformer.layers.0.attention.query_key_value.weight"
+    assert s0[key].shape[0] * n == a[key].shape[0]
+
+
+def test_merge_refuses_to_overwrite_and_bad_input(cogvlm_ckpt, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    p = merge("--from_pretrained", cogvlm_ckpt, "--save", out, "--mp", 2)
+    assert p.returncode == 1 and "refusing to overwrite" in p.stderr
+    p = merge("--from_pretrained", tmp_path / "nope", "--save", tmp_path / "o2", "--mp", 2)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    p = merge("--from_pretrained", cogvlm_ckpt, "--save", tmp_path / "o3", "--merge-lora")
+    assert p.returncode == 1 and "not a LoRA checkpoint" in p.stderr
+
+
+def test_strided_shard_roundtrip():
+    t = torch.arange(48.0).reshape(12, 4)
+    parts = [shard_tensor(t, 0, 3, r, 2) for r in range(2)]
+    # rank 0 holds the first half of each of the q, k, v blocks
+    assert parts[0][:, 0].tolist() == [0, 4, 16, 20, 32, 36]
+    assert torch.equal(merge_tensors(parts, 0, 3), t)
+    with pytest.raises(ValueError, match="does not split"):
+        shard_tensor(t, 0, 3, 0, 8)

@@ -1,0 +1,37 @@
+"""Run under torchrun by tests/test_tp.py: load a checkpoint tensor parallel over the ranks,
+compute logits for a fixed image + text prompt and a greedy answer; rank 0 saves them."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from models.generate import GenerationConfig  # noqa: E402
+from models.loading import load_model  # noqa: E402
+from models.tp import init_distributed  # noqa: E402
+from utils.chat import ImageContext, chat, prepare  # noqa: E402
+from utils.tokenizer import Tokenizer  # noqa: E402
+
+
+def run(ckpt: str, image: str, rank: int = 0, world: int = 1) -> dict:
+    torch.manual_seed(0)
+    model, cfg = load_model(ckpt, rank=rank, world=world)
+    tok = Tokenizer(Path(ckpt) / "tokenizer")
+    ctx = ImageContext(image, cfg)
+    with torch.inference_mode():
+        inputs = prepare(model, tok, "Describe the picture.", [], ctx)
+        logits = model(inputs.input_ids, inputs.position_ids, vision_mask=inputs.vision_mask,
+                       image_embeds=inputs.image_embeds, image_mask=inputs.image_mask,
+                       cross_kv=inputs.cross_kv)
+    gen = GenerationConfig(max_new_tokens=24)
+    answer, _, _ = chat(model, tok, "Describe the picture.", [], ctx, gen=gen)
+    text_only, _, _ = chat(model, tok, "Hello there", [], None, gen=gen)
+    return {"logits": logits, "answer": answer, "text_only": text_only}
+
+
+if __name__ == "__main__":
+    rank, world = init_distributed("cpu", timeout_s=60)
+    out = run(sys.argv[1], sys.argv[2], rank, world)
+    if rank == 0:
+        torch.save(out, sys.argv[3])
