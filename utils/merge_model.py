@@ -87,8 +87,8 @@ def reshard(src: Path, dst: Path, mp: int = None, merge_lora: bool = False, trus
         if merge_lora:
             out = merge_lora_state(out, scaling)
         target = dst / it / f"mp_rank_{r:02d}_model_states.pt"
-        _atomic_write(target, lambda p: torch.save({"module": out}, p))
-        del out
+        _atomic_write(target, lambda p, sd=out: torch.save({"module": sd}, p))
+        del out                                         # free this rank's tensors before the next
     if merge_lora:
         cfg.extra.pop("lora")
     cfg.model_parallel_size = n
