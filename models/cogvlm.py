@@ -295,14 +295,15 @@ class CogVLM(nn.Module):
                 vision_mask: Optional[torch.Tensor] = None, images: Optional[torch.Tensor] = None,
                 image_embeds: Optional[torch.Tensor] = None, image_mask: Optional[torch.Tensor] = None,
                 cache: Optional[Cache] = None, cross_kv: Optional[list] = None,
-                cross_rows: Optional[torch.Tensor] = None, last_only: bool = False) -> torch.Tensor:
+                cross_rows: Optional[torch.Tensor] = None, last_only: bool = False,
+                pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids, position_ids, vision_mask, image_mask: B,T. Returns logits B,T,V
         (B,1,V with last_only). With our Cache, tokens are written from slot cache.length on,
-        and cross K/V and the padding mask, when the cache holds them, are read from it."""
+        and cross K/V and the padding mask, when the cache holds them, are read from it.
+        pad_mask (B,T bool, False = padding) without a cache: training on padded batches."""
         if images is not None:
             image_embeds = self.encode_images(images)
         T = input_ids.shape[1]
-        pad_mask = None
         if cache is not None:
             cross_kv = cross_kv if cross_kv is not None else cache.cross_kv
             cross_rows = cross_rows if cross_rows is not None else cache.cross_rows

@@ -73,8 +73,8 @@ def _lora_hook(mod, inputs, out):
     A, B = mod.lora_A, mod.lora_B
     if isinstance(mod, RowParallelLinear):           # input cut across ranks: sum x A^T first
         delta = F.linear(all_reduce(F.linear(x.to(A.dtype), A)), B)
-    else:
-        delta = F.linear(F.linear(copy_to_ranks(x.to(A.dtype)), A), B)
+    else:   # A is replicated but feeds this rank's rows of B: sum its input gradient over ranks
+        delta = F.linear(copy_to_ranks(F.linear(x.to(A.dtype), A)), B)
     return out + (delta * mod.lora_scaling).to(out.dtype)
 
 
@@ -82,14 +82,19 @@ def apply_lora(model: nn.Module, lcfg: LoRAConfig, dtype: Optional[torch.dtype] 
     """Add adapters (A random as in the LoRA paper, B zero: the model starts unchanged).
     Returns the names of the adapted modules. Under tensor parallelism A of a row-parallel
     module and B of a column-parallel one are this rank's pieces (tp.py's rules)."""
+    from .tp import RowParallelLinear, group_rank_world
     names = target_names(model, lcfg)
     ref = next(p for p in model.parameters() if p.is_floating_point())
     dtype = dtype or ref.dtype
     for name in names:
         mod = model.get_submodule(name)
         fin, fout = _features(mod)
-        A = torch.empty(lcfg.rank, fin, device=ref.device, dtype=dtype)
+        row = isinstance(mod, RowParallelLinear)
+        rank, world = group_rank_world() if row else (0, 1)
+        # Drawn at full size and cut, so that a tensor-parallel run starts where one process would.
+        A = torch.empty(lcfg.rank, fin * world, device=ref.device, dtype=dtype)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        A = A[:, rank * fin:(rank + 1) * fin].contiguous()
         mod.lora_A = nn.Parameter(A)
         mod.lora_B = nn.Parameter(torch.zeros(fout, lcfg.rank, device=ref.device, dtype=dtype))
         mod.lora_scaling = lcfg.scaling

@@ -85,13 +85,27 @@ def merge_tensors(parts: list[torch.Tensor], dim: int, stride: int) -> torch.Ten
 
 
 # ----------------------------------------------------------------------------------------
+# The process group the model is split over: every process (None) unless training combines
+# data and model parallelism (utils/finetune.py makes groups of model_parallel_size ranks).
+_GROUP = None
+
+
+def set_group(group) -> None:
+    global _GROUP
+    _GROUP = group
+
+
+def group_rank_world() -> tuple[int, int]:
+    return dist.get_rank(_GROUP), dist.get_world_size(_GROUP)
+
+
 # Collectives with the gradients of Megatron's f/g operators, so that training works too.
 class _AllReduce(torch.autograd.Function):
     """Forward: sum over ranks. Backward: identity (the output is replicated)."""
     @staticmethod
     def forward(ctx, x):
         x = x.contiguous()
-        dist.all_reduce(x)
+        dist.all_reduce(x, group=_GROUP)
         return x
 
     @staticmethod
@@ -108,7 +122,7 @@ class _CopyToRanks(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         g = g.contiguous()
-        dist.all_reduce(g)
+        dist.all_reduce(g, group=_GROUP)
         return g
 
 
@@ -116,9 +130,9 @@ class _GatherLast(torch.autograd.Function):
     """Forward: concatenate every rank's piece along the last dim. Backward: own piece."""
     @staticmethod
     def forward(ctx, x):
-        world, rank = dist.get_world_size(), dist.get_rank()
+        rank, world = group_rank_world()
         parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
+        dist.all_gather(parts, x.contiguous(), group=_GROUP)
         ctx.rank, ctx.n = rank, x.shape[-1]
         return torch.cat(parts, dim=-1)
 
@@ -133,13 +147,13 @@ class _AllReduceBoth(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         x = x.contiguous()
-        dist.all_reduce(x)
+        dist.all_reduce(x, group=_GROUP)
         return x
 
     @staticmethod
     def backward(ctx, g):
         g = g.contiguous()
-        dist.all_reduce(g)
+        dist.all_reduce(g, group=_GROUP)
         return g
 
 
@@ -173,7 +187,7 @@ class GatheredLinear(ColumnParallelLinear):
 class VocabParallelEmbedding(nn.Embedding):
     """Each rank holds rows [start, start + n) of the table; others contribute zeros."""
     def forward(self, ids):
-        start = dist.get_rank() * self.num_embeddings
+        start = group_rank_world()[0] * self.num_embeddings
         local = ids - start
         outside = (local < 0) | (local >= self.num_embeddings)
         h = F.embedding(local.masked_fill(outside, 0), self.weight)
@@ -184,7 +198,7 @@ class ShardedLayerNorm(nn.LayerNorm):
     """LayerNorm over a feature dimension cut across ranks: mean and variance are summed over
     ranks before normalising the local piece."""
     def forward(self, x):
-        n = x.shape[-1] * dist.get_world_size()
+        n = x.shape[-1] * group_rank_world()[1]
         xf = x.float()
         mean = _AllReduceBoth.apply(xf.sum(-1, keepdim=True)) / n
         var = _AllReduceBoth.apply((xf - mean).pow(2).sum(-1, keepdim=True)) / n

@@ -24,11 +24,16 @@ The quick brown fox jumps over the lazy dog 0123456789 ,.;:!?'"()[]{}<>/\\|-_=+*
 """
 
 
-def create(name, out: Path, seed: int = 0, overwrite: bool = False) -> Path:
-    """name: a named config or a ModelConfig."""
+def create(name, out: Path, seed: int = 0, overwrite: bool = False, head_std: float = None) -> Path:
+    """name: a named config or a ModelConfig. head_std: re-draw the LM head with this std
+    (a trained model's logits span a wide range; the 0.02 init keeps them near uniform)."""
     cfg = get_config(name) if isinstance(name, str) else name
     torch.manual_seed(seed)
-    save_sat_checkpoint(build_model(cfg), cfg, out, overwrite=overwrite)
+    model = build_model(cfg)
+    if head_std is not None:
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0.0, head_std)
+    save_sat_checkpoint(model, cfg, out, overwrite=overwrite)
     train_sentencepiece(CORPUS * 20, out / "tokenizer", vocab_size=min(400, cfg.vocab_size))
     return out
 

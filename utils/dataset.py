@@ -1,0 +1,169 @@
+"""Finetuning datasets, in the two layouts the original used.
+
+- captcha layout: a folder of `<label>.png|jpg|jpeg` files (the Kaggle captcha set; ours is
+  made by utils/captcha_data.py); the question is "CAPTCHA:" and the answer the file's label.
+- conversation layout (CogVLM-SFT-311K): `images/<id>.jpg` + `labels/<id>.json`, the JSON
+  holding `captions` ([{"role": "caption", "content": ...}]) or `conversations`
+  ([{"role": "user"|"assistant", "content": ...}, ...]). Every assistant turn is one sample,
+  with the turns before it as history (as chat() builds the prompt at inference).
+
+Samples whose image does not open or whose label is empty / not valid JSON are skipped,
+counted and reported (`Dataset.skipped`), never a crash. Each sample becomes one training row:
+the model's prompt template with the image slots, answer tokens carrying the loss.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from PIL import Image
+
+from models.config import ModelConfig
+from .chat import build_row
+from .image import ImageError, image_to_tensor, load_image
+from .templates import build_prompt
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+CAPTCHA_QUERY = "CAPTCHA:"          # the original captcha finetuning's question
+CAPTION_QUERY = "Describe this image in detail."
+
+
+@dataclass
+class Sample:
+    image: Path
+    turns: list                     # [(query, answer), ...]: the last is trained, the rest is history
+
+
+def _image_ok(path: Path) -> bool:
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except Exception:  # noqa: BLE001 - any unreadable file is skipped and counted
+        return False
+
+
+def scan_captcha(folder: Path) -> tuple[list[Sample], dict]:
+    samples, skipped = [], {}
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() not in IMAGE_EXTS:
+            continue
+        label = p.stem.strip()
+        if not label:
+            skipped[str(p)] = "empty label"
+        elif not _image_ok(p):
+            skipped[str(p)] = "unreadable image"
+        else:
+            samples.append(Sample(p, [(CAPTCHA_QUERY, label)]))
+    return samples, skipped
+
+
+def _turns(label: dict) -> list:
+    if label.get("captions"):
+        return [(CAPTION_QUERY, str(c["content"]).strip()) for c in label["captions"][:1]]
+    conv, turns, query = label.get("conversations") or [], [], None
+    for msg in conv:
+        if msg.get("role") == "user":
+            query = str(msg["content"]).strip()
+        elif msg.get("role") == "assistant" and query is not None:
+            turns.append((query, str(msg["content"]).strip()))
+            query = None
+    return [(q, a) for q, a in turns if q and a]
+
+
+def scan_conversations(folder: Path) -> tuple[list[Sample], dict]:
+    samples, skipped = [], {}
+    images = {p.stem: p for p in sorted((folder / "images").glob("*")) if p.suffix.lower() in IMAGE_EXTS}
+    for lab in sorted((folder / "labels").glob("*.json")):
+        try:
+            turns = _turns(json.loads(lab.read_text(encoding="utf-8")))
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+            skipped[str(lab)] = "label is not valid JSON of the expected layout"
+            continue
+        img = images.get(lab.stem)
+        if not turns:
+            skipped[str(lab)] = "empty label"
+        elif img is None:
+            skipped[str(lab)] = "no image"
+        elif not _image_ok(img):
+            skipped[str(img)] = "unreadable image"
+        else:       # one sample per assistant turn, the earlier turns as its history
+            samples += [Sample(img, turns[: k + 1]) for k in range(len(turns))]
+    return samples, skipped
+
+
+class FinetuneDataset(torch.utils.data.Dataset):
+    """Either layout, detected from the folder (labels/ + images/ = conversations)."""
+
+    def __init__(self, folder, cfg: ModelConfig, tokenizer: Tokenizer, version: Optional[str] = None,
+                 max_length: int = 2048):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"dataset folder {self.folder} does not exist")
+        self.cfg, self.tok, self.version = cfg, tokenizer, version or cfg.version
+        self.max_length = min(max_length, cfg.max_sequence_length)
+        conv = (self.folder / "labels").is_dir() and (self.folder / "images").is_dir()
+        self.samples, self.skipped = (scan_conversations if conv else scan_captcha)(self.folder)
+        if self.skipped:
+            log.warning("%s: skipped %d sample(s) (%s)", self.folder, len(self.skipped),
+                        ", ".join(f"{Path(k).name}: {v}" for k, v in list(self.skipped.items())[:3]))
+        if not self.samples:
+            raise ValueError(f"{self.folder}: no usable samples ({len(self.skipped)} skipped)")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def encode(self, query: str, history: list, answer: str) -> tuple[list, list, list, list, list]:
+        """(ids, positions, vision, image_slots, loss): the prompt exactly as chat() builds it
+        (template, history, image slots), then the answer + EOS, which alone carry loss."""
+        row = build_row(self.tok, self.cfg, build_prompt(query, history, self.version), True)
+        ans = self.tok.encode(answer) + [self.cfg.eos_token_id]
+        start = row.positions[-1] + 1
+        ids = row.ids + ans
+        positions = row.positions + list(range(start, start + len(ans)))
+        vision = row.vision + [False] * len(ans)
+        slots = row.image_slots + [False] * len(ans)
+        loss = [False] * len(row.ids) + [True] * len(ans)
+        n = self.max_length
+        return ids[:n], positions[:n], vision[:n], slots[:n], loss[:n]
+
+    def __getitem__(self, i: int) -> Optional[dict]:
+        s = self.samples[i]
+        try:
+            img = load_image(s.image)
+        except ImageError as e:                        # a file that changed since the scan
+            log.warning("skipping %s: %s", s.image, e)
+            return None
+        (query, answer), history = s.turns[-1], s.turns[:-1]
+        ids, pos, vision, slots, loss = self.encode(query, history, answer)
+        item = {"ids": ids, "positions": pos, "vision": vision, "slots": slots, "loss": loss,
+                "image": image_to_tensor(img, self.cfg.eva.image_size), "answer": answer,
+                "query": query, "history": history, "path": str(s.image)}
+        if self.cfg.cross is not None:
+            item["cross_image"] = image_to_tensor(img, self.cfg.cross.image_size)
+        return item
+
+
+def collate_train(items: list) -> Optional[dict]:
+    """Right-pad a batch for training; None items (unreadable at load time) are dropped."""
+    items = [x for x in items if x is not None]
+    if not items:
+        return None
+    T = max(len(x["ids"]) for x in items)
+
+    def pad(key, fill):
+        return torch.tensor([x[key] + [fill] * (T - len(x[key])) for x in items])
+    batch = {"input_ids": pad("ids", 0), "position_ids": pad("positions", 0),
+             "vision_mask": pad("vision", False), "image_mask": pad("slots", False),
+             "loss_mask": pad("loss", False),
+             "pad_mask": torch.tensor([[True] * len(x["ids"]) + [False] * (T - len(x["ids"])) for x in items]),
+             "images": torch.stack([x["image"] for x in items])}
+    if "cross_image" in items[0]:
+        batch["cross_images"] = torch.stack([x["cross_image"] for x in items])
+    return batch

@@ -1,0 +1,413 @@
+"""Finetuning CogVLM / CogAgent with DeepSpeed: LoRA (default), QLoRA, or full parameters.
+
+Launch with `torchrun --nproc-per-node N` or `deepspeed --num_gpus N` (finetune_demo/*.sh):
+data parallel over N / model_parallel_size groups, tensor parallel inside each group
+(models/tp.py). ZeRO-2, bf16 on CUDA, fp32 on CPU (gloo).
+
+Checkpoints (`--save DIR`, every --save_interval steps and at the end), in the SAT layout:
+    DIR/model_config.json        (with "lora": the adapter settings, when LoRA is on)
+    DIR/<step>/mp_rank_XX_model_states.pt   {'module': SAT-named weights, 'iteration': step}
+    DIR/ds_state/<step>/...      DeepSpeed's optimizer / scheduler state (ZeRO partitions)
+    DIR/latest                   written last, after every rank finished: a run killed while
+                                 saving resumes from the previous complete checkpoint.
+`--resume` continues from DIR/latest with the same data order (the order is a function of
+--seed and the step), so a killed and resumed run ends where an uninterrupted one does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.checkpoint import _atomic_write, read_sat_state_dict, sat_key
+from models.loading import default_dtype, load_model, resolve_pretrained
+from models.lora import LoRAConfig, apply_lora
+from . import args as common
+from .chat import ImageContext, batch_chat
+from .dataset import FinetuneDataset, collate_train
+from .tokenizer import Tokenizer, resolve_tokenizer
+
+log = logging.getLogger("finetune")
+
+
+def add_finetune_args(p: argparse.ArgumentParser, default_model: str) -> None:
+    common.add_model_args(p, default_model)
+    g = p.add_argument_group("data")
+    g.add_argument("--train_data", required=True, help="captcha folder or images/ + labels/ folder")
+    g.add_argument("--valid_data", default=None)
+    g.add_argument("--test_data", default=None, help="evaluated once at the end")
+    g.add_argument("--max_length", type=int, default=400, help="training row length cap (tokens)")
+    g = p.add_argument_group("training")
+    g.add_argument("--train_iters", type=int, default=2000, help="optimizer steps")
+    g.add_argument("--batch_size", type=int, default=4, help="rows per process per micro-step")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--lr", type=float, default=1e-5)
+    g.add_argument("--min_lr_ratio", type=float, default=0.0, help="cosine floor as a fraction of --lr")
+    g.add_argument("--warmup", type=float, default=0.02, help="warm-up steps, as a fraction of train_iters")
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--clip_grad", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--checkpoint_activations", action="store_true", help="recompute layers in backward")
+    g.add_argument("--model_parallel_size", type=int, default=1)
+    g.add_argument("--deepspeed_config", default=None, help="JSON file overriding our ZeRO-2 config")
+    g.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher
+    g = p.add_argument_group("what trains")
+    g.add_argument("--lora_rank", type=int, default=10, help="0 = no LoRA")
+    g.add_argument("--lora_alpha", type=float, default=None, help="default: lora_rank (scaling 1)")
+    g.add_argument("--layer_range", type=int, nargs=2, default=None, metavar=("FIRST", "END"),
+                   help="decoder layers [FIRST, END) that get adapters (default: all)")
+    g.add_argument("--lora_vision_expert", action="store_true", help="adapters on the vision experts too")
+    g.add_argument("--lora_vit", action="store_true", help="adapters on the low-res ViT's attention too")
+    g.add_argument("--use_qlora", action="store_true", help="4-bit frozen base (bitsandbytes nf4) + LoRA")
+    g.add_argument("--full", action="store_true", help="train every parameter (no LoRA)")
+    g.add_argument("--train_params", default=None,
+                   help="regex: parameters (our names, e.g. 'model.vision.linear_proj') that train too")
+    g = p.add_argument_group("checkpoints, logs, evaluation")
+    g.add_argument("--save", required=True, help="checkpoint directory")
+    g.add_argument("--save_interval", type=int, default=200)
+    g.add_argument("--resume", action="store_true", help="continue from --save's latest checkpoint")
+    g.add_argument("--log_interval", type=int, default=10)
+    g.add_argument("--eval_interval", type=int, default=200)
+    g.add_argument("--eval_samples", type=int, default=64, help="validation samples per evaluation")
+    g.add_argument("--eval_max_new_tokens", type=int, default=32)
+
+
+# ----------------------------------------------------------------------------------------
+class ModelParallelGroups:
+    """The `mpu` DeepSpeed asks for: ranks [k*mp, (k+1)*mp) split the model; ranks with the
+    same model-parallel rank form a data-parallel group."""
+
+    def __init__(self, mp: int):
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if world % mp:
+            raise ValueError(f"--model_parallel_size {mp} does not divide the {world} processes")
+        self.mp, self.dp = mp, world // mp
+        self.mp_group = self.dp_group = None
+        for k in range(self.dp):                          # every rank creates every group
+            g = dist.new_group(list(range(k * mp, (k + 1) * mp)))
+            if rank // mp == k:
+                self.mp_group = g
+        for m in range(mp):
+            g = dist.new_group(list(range(m, world, mp)))
+            if rank % mp == m:
+                self.dp_group = g
+
+    def get_model_parallel_rank(self):
+        return dist.get_rank(self.mp_group)
+
+    def get_model_parallel_world_size(self):
+        return self.mp
+
+    def get_model_parallel_group(self):
+        return self.mp_group
+
+    def get_data_parallel_rank(self):
+        return dist.get_rank(self.dp_group)
+
+    def get_data_parallel_world_size(self):
+        return self.dp
+
+    def get_data_parallel_group(self):
+        return self.dp_group
+
+
+def ds_config(args, cuda: bool) -> dict:
+    cfg = {
+        "train_micro_batch_size_per_gpu": args.batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "gradient_clipping": args.clip_grad,
+        "zero_optimization": {"stage": 2, "contiguous_gradients": False, "overlap_comm": False,
+                              "reduce_scatter": True, "allgather_bucket_size": 5e7,
+                              "reduce_bucket_size": 5e7},
+        "zero_allow_untested_optimizer": True,         # torch AdamW (DeepSpeed's needs CUDA)
+        "bf16": {"enabled": bool(cuda and not args.fp16)},
+        "fp16": {"enabled": bool(cuda and args.fp16)},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if args.deepspeed_config:
+        with open(args.deepspeed_config) as f:
+            cfg.update(json.load(f))
+    return cfg
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int, floor: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def batch_indices(n: int, step: int, micro: int, global_batch: int, accum: int, dp_rank: int,
+                  batch: int, seed: int) -> list[int]:
+    """Sample indices of micro-batch `micro` of optimizer step `step` for one data-parallel
+    rank: a stream of per-epoch permutations (seeded by seed and epoch), cut in order. A pure
+    function of its arguments, so a resumed run reads exactly what it would have read."""
+    start = (step * accum + micro) * global_batch + dp_rank * batch
+    out = []
+    for pos in range(start, start + batch):
+        epoch, i = divmod(pos, n)
+        g = torch.Generator().manual_seed(seed * 100003 + epoch)
+        out.append(int(torch.randperm(n, generator=g)[i]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+def freeze_for_training(model, args) -> tuple[int, int]:
+    """requires_grad only on what trains. Returns (trainable, total) parameter counts."""
+    extra = re.compile(args.train_params) if args.train_params else None
+    for name, p in model.named_parameters():
+        p.requires_grad = bool(args.full or name.endswith((".lora_A", ".lora_B"))
+                               or (extra is not None and extra.search(name))) and p.is_floating_point()
+    from models.tp import shard_spec
+    for name, p in model.named_parameters():
+        # DeepSpeed counts a model-parallel piece on every rank and a replicated tensor once
+        # (on model-parallel rank 0) when it takes the gradient norm for clipping.
+        p.model_parallel = p.tensor_model_parallel = getattr(model, "tp_world", 1) > 1 and shard_spec(name) is not None
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def checkpoint_layers(model) -> None:
+    """Recompute each decoder layer in backward instead of keeping its activations."""
+    from torch.utils.checkpoint import checkpoint
+    for layer in model.model.layers:
+        inner = layer.forward
+        layer.forward = lambda *a, _f=inner: checkpoint(_f, *a, use_reentrant=False)
+
+
+def compute_loss(model, batch: dict, device) -> torch.Tensor:
+    b = {k: v.to(device) for k, v in batch.items()}
+    dtype = model.model.embed_tokens.weight.dtype
+    cross_kv = model.cross_kv(b["cross_images"].to(dtype)) if "cross_images" in b else None
+    logits = model(b["input_ids"], b["position_ids"], vision_mask=b["vision_mask"],
+                   images=b["images"].to(dtype), image_mask=b["image_mask"], cross_kv=cross_kv,
+                   pad_mask=b["pad_mask"])
+    target = b["input_ids"][:, 1:]
+    mask = b["loss_mask"][:, 1:]
+    return F.cross_entropy(logits[:, :-1][mask].float(), target[mask])
+
+
+def sat_state_for_saving(model, base_sd: Optional[dict]) -> dict:
+    """SAT-named weights; quantized (QLoRA) base weights come from the checkpoint they were
+    loaded from (they never change), everything else from the model."""
+    out = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        key = sat_key(name)
+        if not t.is_floating_point():
+            t = base_sd[key]
+        out[key] = t.detach().cpu().contiguous()
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, tok, dataset, args, dp_rank: int, dp: int) -> dict:
+    """Greedy answers for the first --eval_samples samples (spread over the data-parallel
+    ranks): acc (exact match) and acc_w/o_case."""
+    from models.generate import GenerationConfig
+    model.eval()
+    n = min(args.eval_samples, len(dataset))
+    mine = list(range(dp_rank, n, dp))
+    gen = GenerationConfig(max_new_tokens=args.eval_max_new_tokens, top_k=1)
+    exact = nocase = 0
+    for i in range(0, len(mine), args.batch_size):
+        samples = [dataset.samples[j] for j in mine[i:i + args.batch_size]]
+        reqs = [(s.turns[-1][0], s.turns[:-1], ImageContext(s.image, model.config)) for s in samples]
+        answers = batch_chat(model, tok, reqs, args.version, gen)
+        for s, a in zip(samples, answers):
+            exact += a.strip() == s.turns[-1][1].strip()
+            nocase += a.strip().lower() == s.turns[-1][1].strip().lower()
+    counts = torch.tensor([exact, nocase, len(mine)], dtype=torch.float64)
+    if dp > 1:
+        dist.all_reduce(counts, group=_dp_group)
+    model.train()
+    total = max(1.0, counts[2].item())
+    return {"acc": counts[0].item() / total, "acc_w/o_case": counts[1].item() / total, "n": int(counts[2].item())}
+
+
+_dp_group = None
+
+
+def train(args) -> dict:
+    """The whole run. Returns {'step', 'loss' (last logged), 'eval': last metrics}."""
+    import deepspeed
+    global _dp_group
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        args.device = f"cuda:{torch.cuda.current_device()}"
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    rank = dist.get_rank()
+    groups = ModelParallelGroups(args.model_parallel_size)
+    _dp_group = groups.dp_group
+    from models.tp import set_group
+    set_group(groups.mp_group)
+    mp_rank, dp_rank = groups.get_model_parallel_rank(), groups.get_data_parallel_rank()
+    is_main = rank == 0
+    save = Path(args.save)
+    dtype = default_dtype(args.device, args.fp16, args.bf16)
+
+    start_step = 0
+    source = args.from_pretrained
+    if args.resume:
+        if not (save / "latest").is_file():
+            raise FileNotFoundError(f"--resume: {save} holds no checkpoint ('latest' missing)")
+        start_step = int((save / "latest").read_text().strip())
+        source = str(save)
+        log.info("resuming from %s at step %d", save, start_step)
+    elif (save / "latest").exists():
+        raise FileExistsError(f"{save} already holds a checkpoint: pass --resume to continue it, "
+                              f"or choose another --save directory")
+    lora_from_ckpt = False
+    model, cfg = load_model(source, device=args.device, dtype=dtype, trust_checkpoint=args.trust_checkpoint,
+                            cpu_layout=False, rank=mp_rank, world=args.model_parallel_size)
+    lora_from_ckpt = "lora" in cfg.extra
+    base_sd = None
+    if args.use_qlora:
+        from models.quantize import quantize
+        base_sd = read_sat_state_dict(resolve_pretrained(source), args.trust_checkpoint,
+                                      mp_rank, args.model_parallel_size)
+        quantize(model, 4)
+    if args.full and args.lora_rank and not lora_from_ckpt:
+        args.lora_rank = 0
+    if args.lora_rank > 0 and not lora_from_ckpt:
+        lcfg = LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha or args.lora_rank,
+                          layer_range=list(range(*args.layer_range)) if args.layer_range else None,
+                          vision_expert=args.lora_vision_expert, vit=args.lora_vit)
+        torch.manual_seed(args.seed)                    # identical adapters on every data rank
+        apply_lora(model, lcfg)
+        cfg.extra["lora"] = lcfg.to_json()
+    trainable, total = freeze_for_training(model, args)
+    if trainable == 0:
+        raise ValueError("nothing to train: give --lora_rank > 0, --full or --train_params")
+    if is_main:
+        print(f"trainable parameters: {trainable:,} / {total:,} ({100 * trainable / total:.3f}%)", flush=True)
+    if args.checkpoint_activations:
+        checkpoint_layers(model)
+    model.train()
+
+    tok = Tokenizer(resolve_tokenizer(args.local_tokenizer, resolve_pretrained(args.from_pretrained)))
+    train_set = FinetuneDataset(args.train_data, cfg, tok, args.version, args.max_length)
+    valid_set = FinetuneDataset(args.valid_data, cfg, tok, args.version, args.max_length) if args.valid_data else None
+    if is_main:
+        print(f"train samples: {len(train_set)} (skipped {len(train_set.skipped)})"
+              + (f"; valid samples: {len(valid_set)} (skipped {len(valid_set.skipped)})" if valid_set else ""),
+              flush=True)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    warmup = max(1, int(args.warmup * args.train_iters))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_with_warmup(s, args.train_iters, warmup, args.min_lr_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config(args, cuda), mpu=groups,
+                                           dist_init_required=False)
+    if args.resume:
+        engine.load_checkpoint(str(save / "ds_state"), tag=str(start_step), load_module_strict=False,
+                               load_optimizer_states=True, load_lr_scheduler_states=True)
+
+    def save_checkpoint(step: int) -> None:
+        engine.save_checkpoint(str(save / "ds_state"), tag=str(step), save_latest=False,
+                               exclude_frozen_parameters=True)
+        if dp_rank == 0:
+            state = {"module": sat_state_for_saving(model, base_sd), "iteration": step}
+            _atomic_write(save / str(step) / f"mp_rank_{mp_rank:02d}_model_states.pt",
+                          lambda p: torch.save(state, p))
+        if is_main:
+            cfg.model_parallel_size = args.model_parallel_size
+            _atomic_write(save / "model_config.json", lambda p: cfg.save(p))
+            tokdir = save / "tokenizer"
+            if not tokdir.exists() and tok.path.is_dir():
+                import shutil
+                shutil.copytree(tok.path, tokdir)
+        dist.barrier()                              # every file of this step is on disk ...
+        if is_main:                                 # ... before `latest` points at it
+            _atomic_write(save / "latest", lambda p: Path(p).write_text(str(step)))
+            log.info("saved checkpoint %s/%d", save, step)
+        dist.barrier()
+
+    global_batch = args.batch_size * groups.dp
+    result = {"step": start_step, "loss": None, "eval": None}
+    bar = tqdm(total=args.train_iters, initial=start_step, desc="finetune", unit="step",
+               disable=not is_main, dynamic_ncols=True)
+    t0, seen, window = time.time(), 0, []
+    device = torch.device(args.device)
+    for step in range(start_step, args.train_iters):
+        step_loss = torch.zeros((), dtype=torch.float64)
+        for micro in range(args.gradient_accumulation_steps):
+            idx = batch_indices(len(train_set), step, micro, global_batch, args.gradient_accumulation_steps,
+                                dp_rank, args.batch_size, args.seed)
+            batch = collate_train([train_set[i] for i in idx])
+            if batch is None:
+                continue
+            loss = compute_loss(engine.module, batch, device)
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.detach().double().cpu() / args.gradient_accumulation_steps
+            seen += len(idx) * groups.dp
+        if groups.dp > 1:
+            dist.all_reduce(step_loss, group=groups.dp_group)
+            step_loss /= groups.dp
+        window.append(step_loss.item())
+        result.update(step=step + 1, loss=step_loss.item())
+        bar.update(1)
+        if step == start_step:
+            result["first_loss"] = step_loss.item()
+        if (step + 1) % args.log_interval == 0 or step + 1 == args.train_iters or step == start_step:
+            rate = seen / max(1e-9, time.time() - t0)
+            lr = scheduler.get_last_lr()[0]
+            msg = f"step {step + 1}/{args.train_iters} loss {sum(window) / len(window):.6f} lr {lr:.3e} samples/s {rate:.2f}"
+            if is_main:
+                bar.write(msg)
+            window.clear()
+        if valid_set is not None and ((step + 1) % args.eval_interval == 0 or step + 1 == args.train_iters):
+            metrics = evaluate(engine.module, tok, valid_set, args, dp_rank, groups.dp)
+            result["eval"] = metrics
+            if is_main:
+                bar.write(f"eval step {step + 1}: acc {metrics['acc']:.4f} acc_w/o_case "
+                          f"{metrics['acc_w/o_case']:.4f} ({metrics['n']} samples)")
+        if (step + 1) % args.save_interval == 0 or step + 1 == args.train_iters:
+            save_checkpoint(step + 1)
+    bar.close()
+    if args.test_data:
+        test_set = FinetuneDataset(args.test_data, cfg, tok, args.version, args.max_length)
+        metrics = evaluate(engine.module, tok, test_set, args, dp_rank, groups.dp)
+        result["test"] = metrics
+        if is_main:
+            print(f"test: acc {metrics['acc']:.4f} acc_w/o_case {metrics['acc_w/o_case']:.4f} "
+                  f"({metrics['n']} samples)", flush=True)
+    if is_main:
+        print(f"final step {result['step']} loss {result['loss']:.8f}", flush=True)
+    return result
+
+
+def main(argv=None, default_model: str = "cogvlm-base-490", description: str = __doc__) -> int:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_finetune_args(p, default_model)
+    args = p.parse_args(argv)
+    common.setup_logging()
+    import warnings
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    from models import CheckpointError, ModelNotFound
+    from .tokenizer import TokenizerError
+    try:
+        train(args)
+    except (ModelNotFound, CheckpointError, TokenizerError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", flush=True, file=__import__("sys").stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
