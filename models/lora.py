@@ -47,6 +47,9 @@ def target_names(model: nn.Module, lcfg: LoRAConfig) -> list[str]:
     CogAgent's cross attention in those layers, and on request the vision experts and the ViT."""
     cfg = model.config
     layers = lcfg.layer_range if lcfg.layer_range is not None else range(cfg.num_layers)
+    if any(not 0 <= i < cfg.num_layers for i in layers):
+        raise ValueError(f"--layer_range {min(layers)} {max(layers) + 1} is outside the model's "
+                         f"{cfg.num_layers} layers")
     names = []
     for i in layers:
         p = f"model.layers.{i}."

@@ -44,7 +44,7 @@ log = logging.getLogger("finetune")
 def add_finetune_args(p: argparse.ArgumentParser, default_model: str) -> None:
     common.add_model_args(p, default_model)
     g = p.add_argument_group("data")
-    g.add_argument("--train_data", required=True, help="captcha folder or images/ + labels/ folder")
+    g.add_argument("--train_data", default=None, help="captcha folder or images/ + labels/ folder")
     g.add_argument("--valid_data", default=None)
     g.add_argument("--test_data", default=None, help="evaluated once at the end")
     g.add_argument("--max_length", type=int, default=400, help="training row length cap (tokens)")
@@ -74,7 +74,9 @@ def add_finetune_args(p: argparse.ArgumentParser, default_model: str) -> None:
     g.add_argument("--train_params", default=None,
                    help="regex: parameters (our names, e.g. 'model.vision.linear_proj') that train too")
     g = p.add_argument_group("checkpoints, logs, evaluation")
-    g.add_argument("--save", required=True, help="checkpoint directory")
+    g.add_argument("--save", default=None, help="checkpoint directory (required unless --eval_only)")
+    g.add_argument("--eval_only", action="store_true",
+                   help="no training: score --from_pretrained on --valid_data / --test_data")
     g.add_argument("--save_interval", type=int, default=200)
     g.add_argument("--resume", action="store_true", help="continue from --save's latest checkpoint")
     g.add_argument("--log_interval", type=int, default=10)
@@ -176,7 +178,9 @@ def freeze_for_training(model, args) -> tuple[int, int]:
         # (on model-parallel rank 0) when it takes the gradient norm for clipping.
         p.model_parallel = p.tensor_model_parallel = getattr(model, "tp_world", 1) > 1 and shard_spec(name) is not None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    # a 4-bit weight holds two values per byte: count the weights it stands for
+    total = sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
+                for p in model.parameters())
     return trainable, total
 
 
@@ -240,6 +244,23 @@ def evaluate(model, tok, dataset, args, dp_rank: int, dp: int) -> dict:
 _dp_group = None
 
 
+def evaluate_sets(model, tok, cfg, args, dp_rank, dp, is_main) -> dict:
+    """Score --valid_data and --test_data (every sample of the test set)."""
+    out = {}
+    for name, folder, limit in (("valid", args.valid_data, args.eval_samples), ("test", args.test_data, 10**9)):
+        if not folder:
+            continue
+        data = FinetuneDataset(folder, cfg, tok, args.version, args.max_length)
+        saved, args.eval_samples = args.eval_samples, limit
+        metrics = evaluate(model, tok, data, args, dp_rank, dp)
+        args.eval_samples = saved
+        out[name] = metrics
+        if is_main:
+            print(f"{name}: acc {metrics['acc']:.4f} acc_w/o_case {metrics['acc_w/o_case']:.4f} "
+                  f"({metrics['n']} samples, skipped {len(data.skipped)})", flush=True)
+    return out
+
+
 def train(args) -> dict:
     """The whole run. Returns {'step', 'loss' (last logged), 'eval': last metrics}."""
     import deepspeed
@@ -256,7 +277,7 @@ def train(args) -> dict:
     set_group(groups.mp_group)
     mp_rank, dp_rank = groups.get_model_parallel_rank(), groups.get_data_parallel_rank()
     is_main = rank == 0
-    save = Path(args.save)
+    save = Path(args.save or ".")
     dtype = default_dtype(args.device, args.fp16, args.bf16)
 
     start_step = 0
@@ -267,7 +288,7 @@ def train(args) -> dict:
         start_step = int((save / "latest").read_text().strip())
         source = str(save)
         log.info("resuming from %s at step %d", save, start_step)
-    elif (save / "latest").exists():
+    elif not args.eval_only and (save / "latest").exists():
         raise FileExistsError(f"{save} already holds a checkpoint: pass --resume to continue it, "
                               f"or choose another --save directory")
     lora_from_ckpt = False
@@ -289,6 +310,9 @@ def train(args) -> dict:
         torch.manual_seed(args.seed)                    # identical adapters on every data rank
         apply_lora(model, lcfg)
         cfg.extra["lora"] = lcfg.to_json()
+    tok = Tokenizer(resolve_tokenizer(args.local_tokenizer, resolve_pretrained(args.from_pretrained)))
+    if args.eval_only:
+        return evaluate_sets(model, tok, cfg, args, dp_rank, groups.dp, is_main)
     trainable, total = freeze_for_training(model, args)
     if trainable == 0:
         raise ValueError("nothing to train: give --lora_rank > 0, --full or --train_params")
@@ -298,7 +322,6 @@ def train(args) -> dict:
         checkpoint_layers(model)
     model.train()
 
-    tok = Tokenizer(resolve_tokenizer(args.local_tokenizer, resolve_pretrained(args.from_pretrained)))
     train_set = FinetuneDataset(args.train_data, cfg, tok, args.version, args.max_length)
     valid_set = FinetuneDataset(args.valid_data, cfg, tok, args.version, args.max_length) if args.valid_data else None
     if is_main:
@@ -382,12 +405,8 @@ def train(args) -> dict:
             save_checkpoint(step + 1)
     bar.close()
     if args.test_data:
-        test_set = FinetuneDataset(args.test_data, cfg, tok, args.version, args.max_length)
-        metrics = evaluate(engine.module, tok, test_set, args, dp_rank, groups.dp)
-        result["test"] = metrics
-        if is_main:
-            print(f"test: acc {metrics['acc']:.4f} acc_w/o_case {metrics['acc_w/o_case']:.4f} "
-                  f"({metrics['n']} samples)", flush=True)
+        args.valid_data = None
+        result.update(evaluate_sets(engine.module, tok, cfg, args, dp_rank, groups.dp, is_main))
     if is_main:
         print(f"final step {result['step']} loss {result['loss']:.8f}", flush=True)
     return result
@@ -397,6 +416,10 @@ def main(argv=None, default_model: str = "cogvlm-base-490", description: str = _
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_finetune_args(p, default_model)
     args = p.parse_args(argv)
+    if not args.eval_only and not (args.save and args.train_data):
+        p.error("--train_data and --save are required (unless --eval_only)")
+    if args.eval_only and not (args.valid_data or args.test_data):
+        p.error("--eval_only needs --valid_data and/or --test_data")
     common.setup_logging()
     import warnings
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")

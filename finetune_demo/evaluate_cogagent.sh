@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Score a finetuned cogagent (LoRA checkpoint or merged model) on the captcha test split:
+# acc (exact) and acc_w/o_case.   MODEL=checkpoints/finetune-cogagent-captcha bash finetune_demo/evaluate_cogagent.sh
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_launch.sh"
+MODEL="${MODEL:-$REPO/checkpoints/finetune-cogagent-captcha}"
+DATA="${DATA:-$REPO/data/captcha}"
+launch finetune_cogagent_demo.py --eval_only --from_pretrained "$MODEL" --version base \
+    --test_data "$DATA/test" --model_parallel_size "${MP_SIZE:-1}" --batch_size 8 "$@"

@@ -1,0 +1,207 @@
+"""Finetuning with DeepSpeed under torchrun (gloo, CPU): LoRA on ~200 generated captchas,
+kill -9 and resume, LoRA merge, model parallel training, QLoRA, bad data."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from utils.create_test_model import create
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "LOGLEVEL": "WARNING", "HF_HUB_OFFLINE": "1",
+       "OMP_NUM_THREADS": "1", "COGVLM_DIST_TIMEOUT": "120"}
+STEPS = 150
+
+
+def finetune_cmd(n, script, *args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+            f"--nproc-per-node={n}", str(ROOT / "finetune_demo" / script), *map(str, args)]
+
+
+def finetune(n, *args, script="finetune_cogvlm_demo.py", timeout=300):
+    p = subprocess.run(finetune_cmd(n, script, *args), capture_output=True, text=True,
+                       timeout=timeout, cwd="/", env=ENV)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def losses(out: str) -> dict[int, float]:
+    return {int(s): float(v) for s, v in re.findall(r"step (\d+)/\d+ loss ([0-9.]+)", out)}
+
+
+def final_loss(out: str) -> float:
+    return float(re.search(r"final step \d+ loss ([0-9.]+)", out).group(1))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny CogVLM whose LM head spans a realistic logit range (see create_test_model)."""
+    return create("tiny-test-cogvlm", tmp_path_factory.mktemp("ft") / "base", seed=0, head_std=0.3)
+
+
+@pytest.fixture(scope="module")
+def captchas(tmp_path_factory):
+    from utils.captcha_data import generate
+    from utils.split_dataset import split
+    root = tmp_path_factory.mktemp("captcha")
+    generate(root / "all", 250, seed=0)
+    counts = split(root / "all", root / "split", seed=0)
+    assert counts == {"train": 200, "valid": 12, "test": 38}
+    return root / "split"
+
+
+def lora_args(base, data, save, *extra):
+    return ["--from_pretrained", base, "--train_data", data / "train", "--valid_data", data / "valid",
+            "--save", save, "--train_iters", STEPS, "--batch_size", 4, "--lr", 1e-2,
+            "--log_interval", 50, "--save_interval", 50, "--eval_interval", STEPS,
+            "--eval_samples", 12, "--eval_max_new_tokens", 8, "--lora_rank", 8, *extra]
+
+
+@pytest.fixture(scope="module")
+def lora_run(base, captchas, tmp_path_factory):
+    save = tmp_path_factory.mktemp("run") / "lora"
+    return save, finetune(2, *lora_args(base, captchas, save))
+
+
+def test_lora_data_parallel_run_learns(lora_run, base):
+    save, out = lora_run
+    m = re.search(r"trainable parameters: ([\d,]+) / ([\d,]+)", out)
+    trainable, total = (int(x.replace(",", "")) for x in m.groups())
+    assert 0 < trainable < 0.05 * total
+    ls = losses(out)
+    assert ls[STEPS] <= 0.5 * ls[1], ls                   # training loss at least halved
+    assert re.search(r"eval step 150: acc [0-9.]+ acc_w/o_case [0-9.]+ \(12 samples\)", out)
+    # only the adapters changed: every base weight is bit-identical to the base checkpoint
+    before = torch.load(base / "1" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    after = torch.load(save / str(STEPS) / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    lora = [k for k in after if k.endswith((".lora_A", ".lora_B"))]
+    assert set(after) - set(lora) == set(before)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(after[k].abs().sum() > 0 for k in lora if k.endswith("lora_B"))
+    assert "transformer.layers.0.attention.query_key_value.lora_A" in after
+    assert json.loads((save / "model_config.json").read_text())["lora"]["rank"] == 8
+    assert (save / "latest").read_text() == str(STEPS)
+
+
+def test_kill_9_then_resume_reaches_the_same_loss(lora_run, base, captchas, tmp_path):
+    _, uninterrupted = lora_run
+    save = tmp_path / "killed"
+    proc = subprocess.Popen(finetune_cmd(2, "finetune_cogvlm_demo.py", *lora_args(base, captchas, save)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/", env=ENV,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not ((save / "latest").exists() and (save / "latest").read_text() == "50"):
+            assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+    finally:                                               # every process of the run, mid-training
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        for pid in [proc.pid, *map(int, workers)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+    assert int((save / "latest").read_text()) < STEPS
+    out = finetune(2, *lora_args(base, captchas, save), "--resume")
+    assert abs(final_loss(out) - final_loss(uninterrupted)) < 1e-5
+
+
+def test_merged_lora_model_gives_the_lora_model_logits(lora_run, tmp_path, image_file):
+    from models.loading import load_model
+    from utils.chat import prepare, ImageContext
+    from utils.tokenizer import Tokenizer
+    from utils.merge_model import reshard
+    save, _ = lora_run
+    merged = reshard(save, tmp_path / "merged", merge_lora=True)
+    assert "lora" not in json.loads((merged / "model_config.json").read_text())
+    lora_model, cfg = load_model(str(save))
+    plain, _ = load_model(str(merged))
+    assert not any(n.endswith("lora_A") for n, _ in plain.named_parameters())
+    tok = Tokenizer(save / "tokenizer")
+    with torch.inference_mode():
+        x = prepare(lora_model, tok, "CAPTCHA:", [], ImageContext(image_file, cfg))
+        a = lora_model(x.input_ids, x.position_ids, x.vision_mask, image_embeds=x.image_embeds, image_mask=x.image_mask)
+        x = prepare(plain, tok, "CAPTCHA:", [], ImageContext(image_file, cfg))
+        b = plain(x.input_ids, x.position_ids, x.vision_mask, image_embeds=x.image_embeds, image_mask=x.image_mask)
+    assert (a - b).abs().max() < 1e-4
+
+
+def test_model_parallel_training_equals_one_process(base, captchas, tmp_path):
+    args = ["--from_pretrained", base, "--train_data", captchas / "train", "--train_iters", 10,
+            "--batch_size", 4, "--lr", 1e-2, "--log_interval", 5, "--save_interval", 10, "--lora_rank", 4]
+    one = finetune(1, *args, "--save", tmp_path / "mp1")
+    two = finetune(2, *args, "--save", tmp_path / "mp2", "--model_parallel_size", 2)
+    assert abs(final_loss(one) - final_loss(two)) < 1e-5
+    assert len(list((tmp_path / "mp2" / "10").glob("mp_rank_*_model_states.pt"))) == 2
+
+
+def test_cogagent_qlora_with_activation_checkpointing(cogagent_ckpt, captchas, tmp_path):
+    out = finetune(1, "--from_pretrained", cogagent_ckpt, "--train_data", captchas / "train",
+                   "--save", tmp_path / "q", "--train_iters", 6, "--batch_size", 2, "--lr", 1e-2,
+                   "--log_interval", 3, "--save_interval", 6, "--use_qlora", "--checkpoint_activations",
+                   "--gradient_accumulation_steps", 2, script="finetune_cogagent_demo.py")
+    assert all(v == v and v > 0 for v in losses(out).values())          # finite
+    sd = torch.load(tmp_path / "q" / "6" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    assert "transformer.layers.0.cross_attention.key_value.lora_B" in sd  # cross attention adapted
+    assert sd["transformer.layers.0.attention.dense.weight"].dtype == torch.float32  # base kept whole
+    from models.loading import load_model
+    load_model(str(tmp_path / "q"))                                     # loads back, adapters on
+
+
+def test_bad_samples_are_skipped_and_counted(base, tmp_path):
+    data = tmp_path / "sft"
+    (data / "images").mkdir(parents=True)
+    (data / "labels").mkdir()
+    for i in range(6):
+        Image.new("RGB", (64, 48), (40 * i, 100, 200)).save(data / "images" / f"ok{i}.jpg")
+        conv = [{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": f"shade {i}"},
+                {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "yes"}]
+        label = {"conversations": conv} if i % 2 else {"captions": [{"role": "caption", "content": f"a card {i}"}]}
+        (data / "labels" / f"ok{i}.json").write_text(json.dumps(label))
+    (data / "images" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (data / "labels" / "broken.json").write_text(json.dumps({"captions": [{"content": "x"}]}))
+    Image.new("RGB", (64, 48)).save(data / "images" / "empty.jpg")
+    (data / "labels" / "empty.json").write_text(json.dumps({"captions": []}))
+    Image.new("RGB", (64, 48)).save(data / "images" / "badjson.jpg")
+    (data / "labels" / "badjson.json").write_text("{not json")
+    out = finetune(1, "--from_pretrained", base, "--train_data", data, "--save", tmp_path / "s",
+                   "--train_iters", 3, "--batch_size", 2, "--log_interval", 1, "--save_interval", 3)
+    assert "train samples: 9 (skipped 3)" in out        # 3 conversations x 2 turns + 3 captions
+    assert len(losses(out)) == 3
+
+
+def test_dataset_tools_refuse_to_overwrite(tmp_path):
+    from utils.split_dataset import main as split_main
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    for i in range(20):
+        (src / f"l{i:02d}.png").write_bytes(b"x")
+    assert split_main(["--src", str(src), "--dst", str(dst), "--seed", "1"]) == 0
+    assert sorted(len(list((dst / s).iterdir())) for s in ("train", "valid", "test")) == [1, 3, 16]
+    assert split_main(["--src", str(src), "--dst", str(dst)]) == 1
+    assert len(list(src.iterdir())) == 20                  # copied, not moved
+
+
+def test_shell_launchers_run_from_any_directory(base, captchas, tmp_path):
+    env = {**ENV, "MODEL": str(base), "DATA": str(captchas), "SAVE": str(tmp_path / "sh"), "NUM_GPUS": "2"}
+    p = subprocess.run(["bash", str(ROOT / "finetune_demo" / "finetune_cogvlm_lora.sh"), "--train_iters", "4",
+                        "--eval_max_new_tokens", "4", "--log_interval", "2"],
+                       capture_output=True, text=True, timeout=300, cwd="/", env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert re.search(r"test: acc [0-9.]+ acc_w/o_case [0-9.]+ \(38 samples", p.stdout)
+    env["MODEL"] = str(tmp_path / "sh")
+    p = subprocess.run(["bash", str(ROOT / "finetune_demo" / "evaluate_cogvlm.sh"), "--eval_max_new_tokens", "4"],
+                       capture_output=True, text=True, timeout=300, cwd="/", env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert re.search(r"test: acc [0-9.]+ acc_w/o_case [0-9.]+ \(38 samples", p.stdout)
