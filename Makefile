@@ -40,6 +40,8 @@ bench: $(VENV)/.core
 	$(PYTHON) bench/decode.py --json bench/results_decode.json
 	$(PYTHON) bench/batch.py --json bench/results_batch.json
 	$(PYTHON) bench/quant.py --json bench/results_quant.json
+	$(PYTHON) bench/finetune.py --json bench/results_finetune.json
+	$(PYTHON) bench/tp.py --json bench/results_tp.json
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

@@ -365,9 +365,10 @@ def train(args) -> dict:
     result = {"step": start_step, "loss": None, "eval": None}
     bar = tqdm(total=args.train_iters, initial=start_step, desc="finetune", unit="step",
                disable=not is_main, dynamic_ncols=True)
-    t0, seen, window = time.time(), 0, []
+    t0, seen, window, step_times = time.time(), 0, [], []
     device = torch.device(args.device)
     for step in range(start_step, args.train_iters):
+        t_step = time.perf_counter()
         step_loss = torch.zeros((), dtype=torch.float64)
         for micro in range(args.gradient_accumulation_steps):
             idx = batch_indices(len(train_set), step, micro, global_batch, args.gradient_accumulation_steps,
@@ -384,6 +385,7 @@ def train(args) -> dict:
             dist.all_reduce(step_loss, group=groups.dp_group)
             step_loss /= groups.dp
         window.append(step_loss.item())
+        step_times.append(time.perf_counter() - t_step)
         result.update(step=step + 1, loss=step_loss.item())
         bar.update(1)
         if step == start_step:
@@ -407,7 +409,16 @@ def train(args) -> dict:
     if args.test_data:
         args.valid_data = None
         result.update(evaluate_sets(engine.module, tok, cfg, args, dp_rank, groups.dp, is_main))
-    if is_main:
+    if step_times:
+        import resource
+        import statistics
+        result["step_time"] = statistics.median(step_times)
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if is_main:
+            cuda_peak = (f", CUDA peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MB" if cuda else "")
+            print(f"median step time {result['step_time']:.4f} s, peak RSS {result['peak_rss_mb']:.0f} MB"
+                  f"{cuda_peak} (rank 0)", flush=True)
+    if is_main and result["loss"] is not None:
         print(f"final step {result['step']} loss {result['loss']:.8f}", flush=True)
     return result
 
