@@ -8,7 +8,7 @@ DEMO_MODEL ?= build/demo-random-cogvlm
 DEMO_IMAGE ?= assets/demo.png
 DEMO_QUERY ?= What is in the image?
 
-.PHONY: install install-dev demo test bench clean
+.PHONY: install install-dev chromium demo test bench clean
 
 $(VENV)/.core: requirements.txt
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -23,6 +23,15 @@ $(VENV)/.dev: $(VENV)/.core requirements-dev.txt
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
 	@touch $@
 
+# The browser tests drive Debian's chromium (no Playwright browser download).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
+	  else echo "chromium is missing: install it with apt-get install chromium fonts-dejavu-core"; exit 1; fi; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $$SUDO apt-get install -y -q chromium fonts-dejavu-core >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium fonts-dejavu-core >/dev/null; }; }
+
 install: $(VENV)/.core
 install-dev: $(VENV)/.dev
 
@@ -33,7 +42,7 @@ demo: $(VENV)/.core $(DEMO_MODEL)/latest
 	$(PYTHON) basic_demo/cli_demo_sat.py --from_pretrained $(DEMO_MODEL) \
 	    --image $(DEMO_IMAGE) --query "$(DEMO_QUERY)" --max_new_tokens 24
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev chromium
 	$(PYTHON) -m pytest
 
 bench: $(VENV)/.core

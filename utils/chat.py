@@ -90,6 +90,34 @@ class ImageContext:
         return self.image_embeds, self.cross_kv
 
 
+class ImageCache:
+    """The last few images' ImageContexts by content hash, so that an app that is handed
+    the same picture again each turn (web pages, Streamlit reruns) encodes it once. Under
+    tensor parallelism every rank sees the same calls in the same order, so every rank's
+    cache hits and misses alike (and the ranks meet in the same collectives)."""
+
+    def __init__(self, cfg: ModelConfig, size: int = 4):
+        self.cfg, self.size, self.items = cfg, size, {}
+
+    @staticmethod
+    def key(image) -> str:
+        import hashlib
+        return hashlib.sha1(image.tobytes() + repr((image.size, image.mode)).encode()).hexdigest()
+
+    def get(self, image) -> Optional[ImageContext]:
+        """image: a decoded PIL image, or None (text only)."""
+        if image is None:
+            return None
+        k = self.key(image)
+        if k not in self.items:
+            self.items[k] = ImageContext(image, self.cfg)
+            while len(self.items) > self.size:
+                self.items.pop(next(iter(self.items)))
+        else:
+            self.items[k] = self.items.pop(k)               # most recently used last
+        return self.items[k]
+
+
 def prepare(model: CogVLM, tokenizer: Tokenizer, query: str, history=(),
             image: Optional[ImageContext] = None, version: Optional[str] = None) -> ModelInputs:
     cfg = model.config
