@@ -136,4 +136,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    from models.tp import shutdown_distributed
+    shutdown_distributed()                      # under torchrun: every rank leaves together
+    sys.exit(status)

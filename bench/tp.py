@@ -46,6 +46,8 @@ def worker(ckpt: str, out: str, new_tokens: int, repeat: int) -> None:
         rates.append(new_tokens / (time.perf_counter() - t))
     if rank == 0:
         Path(out).write_text(json.dumps({"world": world, "tok_s": statistics.median(rates[1:])}))
+    from models.tp import shutdown_distributed
+    shutdown_distributed()
 
 
 def main() -> int:

@@ -296,11 +296,12 @@ class CogVLM(nn.Module):
                 image_embeds: Optional[torch.Tensor] = None, image_mask: Optional[torch.Tensor] = None,
                 cache: Optional[Cache] = None, cross_kv: Optional[list] = None,
                 cross_rows: Optional[torch.Tensor] = None, last_only: bool = False,
-                pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                pad_mask: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids, position_ids, vision_mask, image_mask: B,T. Returns logits B,T,V
         (B,1,V with last_only). With our Cache, tokens are written from slot cache.length on,
         and cross K/V and the padding mask, when the cache holds them, are read from it.
-        pad_mask (B,T bool, False = padding) without a cache: training on padded batches."""
+        pad_mask (B,T bool, False = padding) without a cache: training on padded batches;
+        attn_mask (B,1,T,T bool): an explicit mask instead (training on packed rows)."""
         if images is not None:
             image_embeds = self.encode_images(images)
         T = input_ids.shape[1]
@@ -309,7 +310,7 @@ class CogVLM(nn.Module):
             cross_rows = cross_rows if cross_rows is not None else cache.cross_rows
             pad_mask = cache.pad_mask
         h = self.model(input_ids, position_ids, vision_mask, image_embeds, image_mask, cache,
-                       cross_kv, cross_rows, pad_mask)
+                       cross_kv, cross_rows, pad_mask, attn_mask)
         if cache is not None:
             cache.length += T
         if last_only:

@@ -240,6 +240,22 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
                           inner_hidden_size=48, head_out_dim=16, rope_pretrain_grid=4,
                           attn_hidden_size=32, attn_head_dim=8),
         adapter_has_pos_embed=True),
+    # The bundled demo models (checkpoints/tiny-*, trained by `make tiny-models` on synthetic
+    # data): the real architectures at small width, 112-px images (64 image tokens); the
+    # CogAgent one reads a 336-px high-res image (576 tokens) through its cross attention.
+    "tiny-cogvlm": ModelConfig(
+        num_layers=4, hidden_size=256, num_attention_heads=8, inner_hidden_size=512,
+        vocab_size=1024, max_sequence_length=512, version="chat_old",
+        eva=EVAConfig(num_layers=4, hidden_size=192, num_attention_heads=6,
+                      inner_hidden_size=768, image_size=112)),
+    "tiny-cogagent": ModelConfig(
+        model_class="CogAgentModel", num_layers=4, hidden_size=256, num_attention_heads=8,
+        inner_hidden_size=512, vocab_size=1024, max_sequence_length=512, version="chat",
+        eva=EVAConfig(num_layers=4, hidden_size=192, num_attention_heads=6,
+                      inner_hidden_size=768, image_size=112),
+        cross=CrossConfig(image_size=336, hidden_size=128, num_layers=3, num_attention_heads=4,
+                          inner_hidden_size=344, head_out_dim=64, attn_hidden_size=128, attn_head_dim=32),
+        adapter_has_pos_embed=True),
 }
 ALIASES = {"cogvlm-chat": "cogvlm-chat-v1.1",
            "cogvlm-grounding-generalist": "cogvlm-grounding-generalist-v1.1"}

@@ -224,6 +224,16 @@ def init_distributed(device: str = "cpu", timeout_s: float = None) -> tuple[int,
     return dist.get_rank(), dist.get_world_size()
 
 
+def shutdown_distributed() -> None:
+    """Leave the group cleanly (all ranks together): a process that exits with the gloo group
+    still alive can abort in its destructor ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
 def tp_rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()

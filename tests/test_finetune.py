@@ -194,7 +194,7 @@ def test_dataset_tools_refuse_to_overwrite(tmp_path):
 
 
 def test_shell_launchers_run_from_any_directory(base, captchas, tmp_path):
-    env = {**ENV, "MODEL": str(base), "DATA": str(captchas), "SAVE": str(tmp_path / "sh"), "NUM_GPUS": "2"}
+    env = {**ENV, "PYTHON": sys.executable, "MODEL": str(base), "DATA": str(captchas), "SAVE": str(tmp_path / "sh"), "NUM_GPUS": "2"}
     p = subprocess.run(["bash", str(ROOT / "finetune_demo" / "finetune_cogvlm_lora.sh"), "--train_iters", "4",
                         "--eval_max_new_tokens", "4", "--log_interval", "2"],
                        capture_output=True, text=True, timeout=300, cwd="/", env=env)
@@ -205,3 +205,35 @@ def test_shell_launchers_run_from_any_directory(base, captchas, tmp_path):
                        capture_output=True, text=True, timeout=300, cwd="/", env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert re.search(r"test: acc [0-9.]+ acc_w/o_case [0-9.]+ \(38 samples", p.stdout)
+
+
+def test_packed_questions_equal_separate_rows(cogagent_ckpt, tmp_path):
+    """Several questions about one image in one row: every answer token gets exactly the
+    logits it gets in its own row (positions restart, no segment sees another)."""
+    from models.loading import load_model
+    from utils.dataset import FinetuneDataset, collate_train, packed_attention_mask
+    from utils.tokenizer import Tokenizer
+    data = tmp_path / "qa"
+    (data / "images").mkdir(parents=True)
+    (data / "labels").mkdir()
+    Image.new("RGB", (80, 60), (200, 40, 40)).save(data / "images" / "a.png")
+    qa = [{"question": "What colour is it?", "answer": "red"}, {"question": "How many shapes?", "answer": "2"},
+          {"question": "Where is the circle?", "answer": "[[100,200,300,400]]"}]
+    (data / "labels" / "a.json").write_text(json.dumps({"qa": qa}))
+    model, cfg = load_model(str(cogagent_ckpt))
+    tok = Tokenizer(cogagent_ckpt / "tokenizer")
+    packed = FinetuneDataset(data, cfg, tok, pack=True)
+    single = FinetuneDataset(data, cfg, tok, pack=False)
+    assert len(packed) == 1 and len(single) == 3
+
+    def logits(batch):
+        cross = model.cross_kv(batch["cross_images"])
+        mask = packed_attention_mask(batch["segments"], batch["pad_mask"]) if "segments" in batch else None
+        with torch.no_grad():
+            return model(batch["input_ids"], batch["position_ids"], batch["vision_mask"], images=batch["images"],
+                         image_mask=batch["image_mask"], cross_kv=cross, attn_mask=mask,
+                         pad_mask=None if mask is not None else batch["pad_mask"])
+    p = collate_train([packed[0]])
+    lp = logits(p)[0][p["loss_mask"][0]]                              # answer tokens, in order
+    ls = torch.cat([logits(b)[0][b["loss_mask"][0]] for b in (collate_train([single[i]]) for i in range(3))])
+    assert lp.shape == ls.shape and (lp - ls).abs().max() < 1e-4

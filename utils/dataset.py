@@ -5,7 +5,8 @@
 - conversation layout (CogVLM-SFT-311K): `images/<id>.jpg` + `labels/<id>.json`, the JSON
   holding `captions` ([{"role": "caption", "content": ...}]) or `conversations`
   ([{"role": "user"|"assistant", "content": ...}, ...]). Every assistant turn is one sample,
-  with the turns before it as history (as chat() builds the prompt at inference).
+  with the turns before it as history (as chat() builds the prompt at inference). Our synthetic
+  data adds `qa` ([{"question": ..., "answer": ...}, ...]): independent single-turn samples.
 
 Samples whose image does not open or whose label is empty / not valid JSON are skipped,
 counted and reported (`Dataset.skipped`), never a crash. Each sample becomes one training row:
@@ -64,17 +65,21 @@ def scan_captcha(folder: Path) -> tuple[list[Sample], dict]:
     return samples, skipped
 
 
-def _turns(label: dict) -> list:
+def _samples(label: dict) -> list:
+    """A label -> its samples, each a list of (query, answer) turns (the last one trained)."""
     if label.get("captions"):
-        return [(CAPTION_QUERY, str(c["content"]).strip()) for c in label["captions"][:1]]
+        return [[(CAPTION_QUERY, str(c["content"]).strip())] for c in label["captions"][:1]]
     conv, turns, query = label.get("conversations") or [], [], None
+    if label.get("qa"):                                # independent pairs (utils/synthetic_data.py)
+        return [[(str(x["question"]).strip(), str(x["answer"]).strip())] for x in label["qa"]]
     for msg in conv:
         if msg.get("role") == "user":
             query = str(msg["content"]).strip()
         elif msg.get("role") == "assistant" and query is not None:
             turns.append((query, str(msg["content"]).strip()))
             query = None
-    return [(q, a) for q, a in turns if q and a]
+    turns = [(q, a) for q, a in turns if q and a]
+    return [turns[: k + 1] for k in range(len(turns))]   # each turn, the earlier ones as history
 
 
 def scan_conversations(folder: Path) -> tuple[list[Sample], dict]:
@@ -82,19 +87,19 @@ def scan_conversations(folder: Path) -> tuple[list[Sample], dict]:
     images = {p.stem: p for p in sorted((folder / "images").glob("*")) if p.suffix.lower() in IMAGE_EXTS}
     for lab in sorted((folder / "labels").glob("*.json")):
         try:
-            turns = _turns(json.loads(lab.read_text(encoding="utf-8")))
+            convs = _samples(json.loads(lab.read_text(encoding="utf-8")))
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
             skipped[str(lab)] = "label is not valid JSON of the expected layout"
             continue
         img = images.get(lab.stem)
-        if not turns:
+        if not convs or not all(q and a for c in convs for q, a in c):
             skipped[str(lab)] = "empty label"
         elif img is None:
             skipped[str(lab)] = "no image"
         elif not _image_ok(img):
             skipped[str(img)] = "unreadable image"
-        else:       # one sample per assistant turn, the earlier turns as its history
-            samples += [Sample(img, turns[: k + 1]) for k in range(len(turns))]
+        else:
+            samples += [Sample(img, c) for c in convs]
     return samples, skipped
 
 
@@ -102,7 +107,7 @@ class FinetuneDataset(torch.utils.data.Dataset):
     """Either layout, detected from the folder (labels/ + images/ = conversations)."""
 
     def __init__(self, folder, cfg: ModelConfig, tokenizer: Tokenizer, version: Optional[str] = None,
-                 max_length: int = 2048):
+                 max_length: int = 2048, pack: bool = False):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise FileNotFoundError(f"dataset folder {self.folder} does not exist")
@@ -115,9 +120,45 @@ class FinetuneDataset(torch.utils.data.Dataset):
                         ", ".join(f"{Path(k).name}: {v}" for k, v in list(self.skipped.items())[:3]))
         if not self.samples:
             raise ValueError(f"{self.folder}: no usable samples ({len(self.skipped)} skipped)")
+        # Training units: one sample each, or with pack=True the single-turn questions of one
+        # image together in one row (the image is encoded once for all of them).
+        self.units = [[i] for i in range(len(self.samples))]
+        if pack:
+            by_image, self.units = {}, []
+            for i, s in enumerate(self.samples):
+                if len(s.turns) == 1:
+                    by_image.setdefault(s.image, []).append(i)
+                else:
+                    self.units.append([i])
+            self.units += list(by_image.values())
+            self.units.sort(key=lambda u: u[0])
 
     def __len__(self):
-        return len(self.samples)
+        return len(self.units)
+
+    def encode_packed(self, turns: list) -> tuple[list, list, list, list, list, list]:
+        """Several single-turn (query, answer) pairs about one image in one row:
+        `<s> image | prompt1 answer1 </s> | prompt2 answer2 </s> | ...`. Each pair is a segment
+        whose positions restart after the image and which may attend only to the image prefix
+        and to itself (`segments` -> the attention mask in training), so that each answer is
+        learned exactly as chat() will ask it, and no answer leaks into another."""
+        rows = [build_row(self.tok, self.cfg, build_prompt(q, [], self.version), True) for q, _ in turns]
+        n = max(i for i, v in enumerate(rows[0].image_slots) if v) + 1 if any(rows[0].image_slots) else 1
+        ids, pos, vision, slots = rows[0].ids[:n], rows[0].positions[:n], rows[0].vision[:n], rows[0].image_slots[:n]
+        loss, segs = [False] * n, [0] * n
+        for k, (row, (_, answer)) in enumerate(zip(rows, turns)):
+            ans = self.tok.encode(answer) + [self.cfg.eos_token_id]
+            text = row.ids[n:] + ans
+            if len(ids) + len(text) > self.max_length:
+                break
+            start = pos[n - 1] + 1
+            ids += text
+            pos += list(range(start, start + len(text)))
+            vision += [False] * len(text)
+            slots += [False] * len(text)
+            loss += [False] * (len(text) - len(ans)) + [True] * len(ans)
+            segs += [k + 1] * len(text)
+        return ids, pos, vision, slots, loss, segs
 
     def encode(self, query: str, history: list, answer: str) -> tuple[list, list, list, list, list]:
         """(ids, positions, vision, image_slots, loss): the prompt exactly as chat() builds it
@@ -134,15 +175,19 @@ class FinetuneDataset(torch.utils.data.Dataset):
         return ids[:n], positions[:n], vision[:n], slots[:n], loss[:n]
 
     def __getitem__(self, i: int) -> Optional[dict]:
-        s = self.samples[i]
+        unit = [self.samples[j] for j in self.units[i]]
+        s = unit[0]
         try:
             img = load_image(s.image)
         except ImageError as e:                        # a file that changed since the scan
             log.warning("skipping %s: %s", s.image, e)
             return None
         (query, answer), history = s.turns[-1], s.turns[:-1]
-        ids, pos, vision, slots, loss = self.encode(query, history, answer)
-        item = {"ids": ids, "positions": pos, "vision": vision, "slots": slots, "loss": loss,
+        if len(unit) > 1:
+            ids, pos, vision, slots, loss, segs = self.encode_packed([u.turns[0] for u in unit])
+        else:
+            (ids, pos, vision, slots, loss), segs = self.encode(query, history, answer), None
+        item = {"ids": ids, "positions": pos, "vision": vision, "slots": slots, "loss": loss, "segments": segs,
                 "image": image_to_tensor(img, self.cfg.eva.image_size), "answer": answer,
                 "query": query, "history": history, "path": str(s.image)}
         if self.cfg.cross is not None:
@@ -166,4 +211,18 @@ def collate_train(items: list) -> Optional[dict]:
              "images": torch.stack([x["image"] for x in items])}
     if "cross_image" in items[0]:
         batch["cross_images"] = torch.stack([x["cross_image"] for x in items])
+    if any(x.get("segments") for x in items):
+        for x in items:
+            x["segments"] = x.get("segments") or [1] * len(x["ids"])
+        batch["segments"] = pad("segments", 0)
     return batch
+
+
+def packed_attention_mask(segments: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+    """segments: B,T (0 = shared prefix, k = k-th packed question) -> B,1,T,T bool mask:
+    causal, within the own segment or the prefix, never padding; every token sees itself."""
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()           # T,T
+    same = (segments[:, :, None] == segments[:, None, :]) | (segments[:, None, :] == 0)  # B,T,T
+    mask = causal & same & pad_mask[:, None, :]
+    return (mask | torch.eye(T, dtype=torch.bool, device=segments.device))[:, None]      # B,1,T,T

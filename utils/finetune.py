@@ -35,7 +35,7 @@ from models.loading import default_dtype, load_model, resolve_pretrained
 from models.lora import LoRAConfig, apply_lora
 from . import args as common
 from .chat import ImageContext, batch_chat
-from .dataset import FinetuneDataset, collate_train
+from .dataset import FinetuneDataset, collate_train, packed_attention_mask
 from .tokenizer import Tokenizer, resolve_tokenizer
 
 log = logging.getLogger("finetune")
@@ -48,6 +48,9 @@ def add_finetune_args(p: argparse.ArgumentParser, default_model: str) -> None:
     g.add_argument("--valid_data", default=None)
     g.add_argument("--test_data", default=None, help="evaluated once at the end")
     g.add_argument("--max_length", type=int, default=400, help="training row length cap (tokens)")
+    g.add_argument("--pack_questions", action="store_true",
+                   help="train the single-turn questions of one image together in one row "
+                        "(image encoded once; each question masked from the others)")
     g = p.add_argument_group("training")
     g.add_argument("--train_iters", type=int, default=2000, help="optimizer steps")
     g.add_argument("--batch_size", type=int, default=4, help="rows per process per micro-step")
@@ -196,9 +199,10 @@ def compute_loss(model, batch: dict, device) -> torch.Tensor:
     b = {k: v.to(device) for k, v in batch.items()}
     dtype = model.model.embed_tokens.weight.dtype
     cross_kv = model.cross_kv(b["cross_images"].to(dtype)) if "cross_images" in b else None
+    attn_mask = packed_attention_mask(b["segments"], b["pad_mask"]) if "segments" in b else None
     logits = model(b["input_ids"], b["position_ids"], vision_mask=b["vision_mask"],
                    images=b["images"].to(dtype), image_mask=b["image_mask"], cross_kv=cross_kv,
-                   pad_mask=b["pad_mask"])
+                   pad_mask=None if attn_mask is not None else b["pad_mask"], attn_mask=attn_mask)
     target = b["input_ids"][:, 1:]
     mask = b["loss_mask"][:, 1:]
     return F.cross_entropy(logits[:, :-1][mask].float(), target[mask])
@@ -322,7 +326,7 @@ def train(args) -> dict:
         checkpoint_layers(model)
     model.train()
 
-    train_set = FinetuneDataset(args.train_data, cfg, tok, args.version, args.max_length)
+    train_set = FinetuneDataset(args.train_data, cfg, tok, args.version, args.max_length, args.pack_questions)
     valid_set = FinetuneDataset(args.valid_data, cfg, tok, args.version, args.max_length) if args.valid_data else None
     if is_main:
         print(f"train samples: {len(train_set)} (skipped {len(train_set.skipped)})"

@@ -72,9 +72,11 @@ def _token_str(v):
     return v
 
 
-def train_sentencepiece(text: str, out_dir, vocab_size: int = 400) -> Path:
+def train_sentencepiece(text: str, out_dir, vocab_size: int = 400, split_digits: bool = False,
+                        symbols: tuple = ()) -> Path:
     """Train a small BPE SentencePiece tokenizer with the LLaMA layout (<unk>=0, <s>=1,
-    </s>=2, byte fallback) and save it as a tokenizer directory (tokenizer.model)."""
+    </s>=2, byte fallback) and save it as a tokenizer directory (tokenizer.model).
+    split_digits: every digit its own token (as LLaMA's); symbols: pieces kept whole."""
     import sentencepiece as spm
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +86,8 @@ def train_sentencepiece(text: str, out_dir, vocab_size: int = 400) -> Path:
         spm.SentencePieceTrainer.train(
             input=str(corpus), model_prefix=str(out / "tokenizer"), vocab_size=vocab_size,
             model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            character_coverage=1.0, add_dummy_prefix=True, minloglevel=2, num_threads=1)
+            character_coverage=1.0, add_dummy_prefix=True, minloglevel=2, num_threads=1,
+            split_digits=split_digits, user_defined_symbols=list(symbols))
     finally:
         corpus.unlink()
         (out / "tokenizer.vocab").unlink(missing_ok=True)

@@ -1,0 +1,117 @@
+"""Train the bundled demo models from scratch on synthetic data, with the project's own
+finetuning script in full-parameter mode (`make tiny-models`):
+
+  1. synthetic data (utils/synthetic_data.py): training set (seed 0) and a held-out test set (seed 1)
+  2. a BPE SentencePiece tokenizer on that corpus (LLaMA layout, digits split, byte fallback)
+  3. a random model of the named config (models/config.py: tiny-cogvlm / tiny-cogagent)
+  4. finetune_demo/finetune_<model>_demo.py --full under torchrun (resumes if interrupted)
+  5. export to checkpoints/tiny-<model>/ in bf16 (SAT layout + tokenizer/), then score it on
+     the test set (utils/eval_synthetic.py) and write eval.json beside it
+
+  python utils/train_tiny_models.py --which cogvlm --steps 3000 --work build/tiny
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def corpus_text(folders) -> str:
+    from utils.task_prompts import AGENT_TASK, CAPTION_WITH_BOXES, EXPRESSION_TO_BOX, BOX_TO_CAPTION
+    lines = [*AGENT_TASK, *CAPTION_WITH_BOXES, *EXPRESSION_TO_BOX, *BOX_TO_CAPTION,
+             "Question: Answer: Short answer: [INST] [/INST] Plan: Next Action: Grounded Operation:"]
+    for f in folders:
+        for lab in sorted((f / "labels").glob("*.json")):
+            for x in json.loads(lab.read_text())["qa"]:
+                lines += [x["question"], x["answer"]]
+    return "\n".join(lines) + "\n"
+
+
+def step(msg):
+    print(f"== {msg}", flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--which", choices=["cogvlm", "cogagent"], required=True)
+    p.add_argument("--work", type=Path, default=ROOT / "build" / "tiny")
+    p.add_argument("--out", type=Path, default=None, help="default: checkpoints/tiny-<which>")
+    p.add_argument("--n_train", type=int, default=20000, help="training images")
+    p.add_argument("--n_test", type=int, default=300, help="held-out images")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--procs", type=int, default=1, help="data-parallel processes")
+    a = p.parse_args(argv)
+    from models.checkpoint import read_sat_state_dict, save_sat_checkpoint
+    from models.config import ModelConfig, get_config
+    from models.loading import build_model
+    from utils.synthetic_data import generate
+    from utils.tokenizer import train_sentencepiece
+
+    name = f"tiny-{a.which}"
+    gui = a.which == "cogagent"
+    work, out = a.work, a.out or ROOT / "checkpoints" / name
+    train, test = work / f"data-{a.which}-train", work / f"data-{a.which}-test"
+    for folder, n, seed in ((train, a.n_train, 0), (test, a.n_test, 1)):
+        if not (folder / "done").exists():
+            step(f"synthetic data: {n} images -> {folder}")
+            shutil.rmtree(folder, ignore_errors=True)
+            generate(folder, n, seed, gui=gui)
+            (folder / "done").write_text("ok")
+    tok_dir = work / f"tokenizer-{a.which}"
+    cfg = get_config(name)
+    if not (tok_dir / "tokenizer.model").exists():
+        step(f"tokenizer -> {tok_dir}")
+        train_sentencepiece(corpus_text([train]), tok_dir, vocab_size=cfg.vocab_size,
+                            split_digits=True, symbols=("[[", "]]"))
+    init = work / f"init-{a.which}"
+    if not (init / "latest").exists():
+        step(f"random {name} -> {init}")
+        import torch
+        torch.manual_seed(0)
+        save_sat_checkpoint(build_model(cfg), cfg, init)
+        shutil.copytree(tok_dir, init / "tokenizer", dirs_exist_ok=True)
+    run = work / f"run-{a.which}"
+    step(f"training {name}: {a.steps} steps, batch {a.batch_size} x {a.procs} process(es) -> {run}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={a.procs}",
+           str(ROOT / "finetune_demo" / f"finetune_{a.which}_demo.py"), "--from_pretrained", str(init),
+           "--train_data", str(train), "--save", str(run), "--full", "--train_iters", str(a.steps),
+           "--batch_size", str(a.batch_size), "--lr", str(a.lr), "--warmup", "0.03", "--min_lr_ratio", "0.05",
+           "--weight_decay", "0.01", "--save_interval", "250", "--log_interval", "50", "--max_length", "256"]
+    if (run / "latest").exists():
+        cmd.append("--resume")
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // a.procs))}
+    if subprocess.run(cmd, env=env).returncode != 0:
+        print("error: training failed (run again to resume from the last checkpoint)", file=sys.stderr)
+        return 1
+    step(f"export (bf16) -> {out}")
+    import torch
+    from models.checkpoint import _atomic_write
+    trained = ModelConfig.load(run / "model_config.json")
+    sd = read_sat_state_dict(run, trust=False)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    it = (run / "latest").read_text().strip()
+    state = {"module": {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}}
+    _atomic_write(out / "1" / "mp_rank_00_model_states.pt", lambda f: torch.save(state, f))
+    trained.save(out / "model_config.json")
+    shutil.copytree(tok_dir, out / "tokenizer")
+    (out / "latest").write_text("1")
+    (out / "TRAINING.md").write_text(f"Trained by utils/train_tiny_models.py: {a.steps} steps (checkpoint {it}), "
+                                     f"batch {a.batch_size} x {a.procs}, lr {a.lr}, {a.n_train} synthetic images.\n")
+    step(f"evaluate on {test}")
+    from utils.eval_synthetic import main as eval_main
+    return eval_main(["--from_pretrained", str(out), "--data", str(test), "--json", str(out / "eval.json")])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
