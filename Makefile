@@ -8,7 +8,7 @@ DEMO_MODEL ?= build/demo-random-cogvlm
 DEMO_IMAGE ?= assets/demo.png
 DEMO_QUERY ?= What is in the image?
 
-.PHONY: install install-dev chromium demo test bench clean
+.PHONY: install install-dev chromium demo test bench tiny-models clean
 
 $(VENV)/.core: requirements.txt
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -51,6 +51,13 @@ bench: $(VENV)/.core
 	$(PYTHON) bench/quant.py --json bench/results_quant.json
 	$(PYTHON) bench/finetune.py --json bench/results_finetune.json
 	$(PYTHON) bench/tp.py --json bench/results_tp.json
+
+# The bundled demo models (checkpoints/tiny-cogvlm, checkpoints/tiny-cogagent): synthetic data,
+# tokenizer, full-parameter training with finetune_demo/, export, evaluation. Resumable.
+TINY_STEPS ?= 1500
+tiny-models: $(VENV)/.core
+	$(PYTHON) utils/train_tiny_models.py --which cogvlm --steps $(TINY_STEPS) --batch_size 8
+	$(PYTHON) utils/train_tiny_models.py --which cogagent --steps $(TINY_STEPS) --batch_size 8
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

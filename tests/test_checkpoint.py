@@ -169,8 +169,11 @@ def test_full_size_parameter_counts(name):
     with torch.device("meta"):
         model = CogVLM(cfg)
     total = sum(p.numel() for p in model.parameters())
-    if name.startswith("tiny"):
+    if name.startswith("tiny-test"):
         assert total < 1e6
+        return
+    if name.startswith("tiny-"):             # the bundled models: both under 40 MB in bf16
+        assert total * 2 < 20e6
         return
     lang = _count(model, _is_language)
     assert lang == 6_738_415_616                                 # LLaMA-2-7B, exactly

@@ -86,7 +86,8 @@ def main(argv=None) -> int:
            str(ROOT / "finetune_demo" / f"finetune_{a.which}_demo.py"), "--from_pretrained", str(init),
            "--train_data", str(train), "--save", str(run), "--full", "--train_iters", str(a.steps),
            "--batch_size", str(a.batch_size), "--lr", str(a.lr), "--warmup", "0.03", "--min_lr_ratio", "0.05",
-           "--weight_decay", "0.01", "--save_interval", "250", "--log_interval", "50", "--max_length", "256"]
+           "--weight_decay", "0.01", "--save_interval", "250", "--log_interval", "50", "--max_length", "400",
+           "--pack_questions"]
     if (run / "latest").exists():
         cmd.append("--resume")
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // a.procs))}

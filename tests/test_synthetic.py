@@ -1,0 +1,41 @@
+"""Synthetic data for the bundled models, and the scorer that grades them."""
+from __future__ import annotations
+
+import json
+
+from utils.eval_synthetic import category, iou, score
+from utils.grounding import parse_agent_output, parse_groundings
+from utils.synthetic_data import generate
+
+
+def test_generator_layout_and_answers(tmp_path):
+    counts = generate(tmp_path / "d", 40, seed=3, gui=True)
+    assert sum(counts.values()) == 40 and all(counts.values())
+    labels = sorted((tmp_path / "d" / "labels").glob("*.json"))
+    assert len(labels) == 40 and len(list((tmp_path / "d" / "images").glob("*.png"))) == 40
+    kinds = set()
+    for lab in labels:
+        for x in json.loads(lab.read_text())["qa"]:
+            q, a = x["question"], x["answer"]
+            kinds.add(category(q))
+            for g in parse_groundings(a):
+                assert all(0 <= v <= 999 for b in g.boxes for v in b)
+            if category(q) == "agent":
+                act = parse_agent_output(a)
+                assert act.operation in ("CLICK", "TYPE") and act.target and len(act.boxes[0]) == 4
+                assert '"' in q and q.endswith("(with grounding)")
+            assert all(v == 1.0 for v in score(q, a, a).values())
+    assert {"colour", "shape", "count", "presence", "box", "text", "agent"} <= kinds
+    # same seed, same data
+    generate(tmp_path / "e", 40, seed=3, gui=True)
+    assert (tmp_path / "d" / "labels" / labels[5].name).read_text() == (tmp_path / "e" / "labels" / labels[5].name).read_text()
+
+
+def test_scoring():
+    assert iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0 and iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
+    assert score("Where is the red circle?", "[[100,100,500,500]]", "[[120,120,500,500]]") == {"box_iou50": 1.0}
+    assert score("Where is the red circle?", "somewhere", "[[120,120,500,500]]") == {"box_iou50": 0.0}
+    assert score("How many shapes are there?", "3", "2") == {"count": 0.0}
+    ref = "Plan: 1. Click. Next Action: Click. Grounded Operation:[button] Submit -> CLICK at the box [[100,100,200,200]]"
+    bad = ref.replace("Submit", "Cancel")
+    assert score('What steps do I need to take to "x"?', bad, ref) == {"agent_op_target": 0.0, "agent_box_iou50": 1.0}
