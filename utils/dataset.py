@@ -39,6 +39,7 @@ CAPTION_QUERY = "Describe this image in detail."
 class Sample:
     image: Path
     turns: list                     # [(query, answer), ...]: the last is trained, the rest is history
+    objects: tuple = ()             # synthetic labels: ({kind, colour, box as fractions}, ...)
 
 
 def _image_ok(path: Path) -> bool:
@@ -87,7 +88,9 @@ def scan_conversations(folder: Path) -> tuple[list[Sample], dict]:
     images = {p.stem: p for p in sorted((folder / "images").glob("*")) if p.suffix.lower() in IMAGE_EXTS}
     for lab in sorted((folder / "labels").glob("*.json")):
         try:
-            convs = _samples(json.loads(lab.read_text(encoding="utf-8")))
+            label = json.loads(lab.read_text(encoding="utf-8"))
+            convs = _samples(label)
+            objects = tuple(label.get("objects") or ())
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
             skipped[str(lab)] = "label is not valid JSON of the expected layout"
             continue
@@ -99,7 +102,7 @@ def scan_conversations(folder: Path) -> tuple[list[Sample], dict]:
         elif not _image_ok(img):
             skipped[str(img)] = "unreadable image"
         else:
-            samples += [Sample(img, c) for c in convs]
+            samples += [Sample(img, c, objects) for c in convs]
     return samples, skipped
 
 
@@ -192,11 +195,13 @@ class FinetuneDataset(torch.utils.data.Dataset):
                 "query": query, "history": history, "path": str(s.image)}
         if self.cfg.cross is not None:
             item["cross_image"] = image_to_tensor(img, self.cfg.cross.image_size)
+        item["objects"] = s.objects
         return item
 
 
-def collate_train(items: list) -> Optional[dict]:
-    """Right-pad a batch for training; None items (unreadable at load time) are dropped."""
+def collate_train(items: list, object_vocab: Optional[tuple] = None) -> Optional[dict]:
+    """Right-pad a batch for training; None items (unreadable at load time) are dropped.
+    object_vocab = (grid, kinds, colours): add per-patch object targets (object_targets)."""
     items = [x for x in items if x is not None]
     if not items:
         return None
@@ -215,7 +220,33 @@ def collate_train(items: list) -> Optional[dict]:
         for x in items:
             x["segments"] = x.get("segments") or [1] * len(x["ids"])
         batch["segments"] = pad("segments", 0)
+    if object_vocab is not None:
+        batch.update(object_targets(items, *object_vocab))
     return batch
+
+
+def object_targets(items: list, grid: int, kinds: list, colours: list) -> dict:
+    """Per low-res patch targets from the images' object labels: the kind and colour of the
+    object under the patch centre (0 = background) and that object's box (fractions);
+    -100 (ignored) for images without object labels."""
+    n = grid * grid
+    kind_t = torch.full((len(items), n), -100, dtype=torch.long)
+    colour_t = torch.full((len(items), n), -100, dtype=torch.long)
+    box_t = torch.zeros(len(items), n, 4)
+    centres = (torch.arange(grid) + 0.5) / grid
+    cy, cx = centres[:, None].expand(grid, grid).reshape(-1), centres[None, :].expand(grid, grid).reshape(-1)
+    for b, x in enumerate(items):
+        objs = x.get("objects") or ()
+        if not objs:
+            continue
+        kind_t[b], colour_t[b] = 0, 0
+        for o in objs:                               # later objects are drawn on top
+            x0, y0, x1, y1 = o["box"]
+            inside = (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
+            kind_t[b][inside] = kinds.index(o["kind"]) + 1 if o["kind"] in kinds else -100
+            colour_t[b][inside] = colours.index(o["colour"]) + 1 if o.get("colour") in colours else -100
+            box_t[b][inside] = torch.tensor([x0, y0, x1, y1])
+    return {"obj_kind": kind_t, "obj_colour": colour_t, "obj_box": box_t}
 
 
 def packed_attention_mask(segments: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,10 @@ def add_finetune_args(p: argparse.ArgumentParser, default_model: str) -> None:
     g.add_argument("--valid_data", default=None)
     g.add_argument("--test_data", default=None, help="evaluated once at the end")
     g.add_argument("--max_length", type=int, default=400, help="training row length cap (tokens)")
+    g.add_argument("--aux_object_loss", type=float, default=0.0, metavar="WEIGHT",
+                   help="with object labels (utils/synthetic_data.py): also train small heads on the "
+                        "low-res ViT's patches to predict the kind, colour and box of the object under "
+                        "each patch (training only; the heads are not saved in the model)")
     g.add_argument("--pack_questions", action="store_true",
                    help="train the single-turn questions of one image together in one row "
                         "(image encoded once; each question masked from the others)")
@@ -173,7 +177,7 @@ def freeze_for_training(model, args) -> tuple[int, int]:
     """requires_grad only on what trains. Returns (trainable, total) parameter counts."""
     extra = re.compile(args.train_params) if args.train_params else None
     for name, p in model.named_parameters():
-        p.requires_grad = bool(args.full or name.endswith((".lora_A", ".lora_B"))
+        p.requires_grad = bool(args.full or name.endswith((".lora_A", ".lora_B")) or name.startswith("aux_heads.")
                                or (extra is not None and extra.search(name))) and p.is_floating_point()
     from models.tp import shard_spec
     for name, p in model.named_parameters():
@@ -195,7 +199,45 @@ def checkpoint_layers(model) -> None:
         layer.forward = lambda *a, _f=inner: checkpoint(_f, *a, use_reentrant=False)
 
 
-def compute_loss(model, batch: dict, device) -> torch.Tensor:
+class AuxObjectHeads(torch.nn.Module):
+    """Training-only heads on the low-res ViT's patch features: kind and colour of the object
+    under each patch (0 = background) and its box. They push the encoder to keep where each
+    object is and what it looks like, which the language model alone learns slowly."""
+    def __init__(self, width: int, n_kinds: int, n_colours: int):
+        super().__init__()
+        self.kind = torch.nn.Linear(width, n_kinds + 1)
+        self.colour = torch.nn.Linear(width, n_colours + 1)
+        self.box = torch.nn.Linear(width, 4)
+
+    def loss(self, feats: torch.Tensor, b: dict) -> torch.Tensor:
+        """feats: B,N,C patch features (CLS dropped)."""
+        f = feats.float()
+        loss = F.cross_entropy(self.kind(f).flatten(0, 1), b["obj_kind"].flatten(), ignore_index=-100)
+        if (b["obj_colour"] >= 0).any():
+            loss = loss + F.cross_entropy(self.colour(f).flatten(0, 1), b["obj_colour"].flatten(), ignore_index=-100)
+        on = b["obj_kind"] > 0
+        if on.any():
+            loss = loss + 5.0 * F.smooth_l1_loss(self.box(f)[on].sigmoid(), b["obj_box"][on], beta=0.05)
+        return torch.nan_to_num(loss)
+
+
+def attach_aux_heads(model, train_set) -> tuple:
+    """Heads + a hook that keeps the ViT output of the last forward. Returns the object
+    vocabulary (grid, kinds, colours) for collate_train."""
+    objs = [o for s in train_set.samples for o in s.objects]
+    kinds = sorted({o["kind"] for o in objs})
+    colours = sorted({o["colour"] for o in objs if o.get("colour")})
+    if not kinds:
+        raise ValueError("--aux_object_loss: the training labels hold no \"objects\"")
+    e = model.config.eva
+    ref = model.model.embed_tokens.weight
+    model.aux_heads = AuxObjectHeads(e.hidden_size, len(kinds), len(colours)).to(ref.device, ref.dtype)
+    model.model.vision.transformer.register_forward_hook(
+        lambda _m, _i, out: setattr(model, "_vit_out", out))
+    return e.image_size // e.patch_size, kinds, colours
+
+
+def compute_loss(model, batch: dict, device, aux_weight: float = 0.0) -> torch.Tensor:
     b = {k: v.to(device) for k, v in batch.items()}
     dtype = model.model.embed_tokens.weight.dtype
     cross_kv = model.cross_kv(b["cross_images"].to(dtype)) if "cross_images" in b else None
@@ -205,7 +247,10 @@ def compute_loss(model, batch: dict, device) -> torch.Tensor:
                    pad_mask=None if attn_mask is not None else b["pad_mask"], attn_mask=attn_mask)
     target = b["input_ids"][:, 1:]
     mask = b["loss_mask"][:, 1:]
-    return F.cross_entropy(logits[:, :-1][mask].float(), target[mask])
+    loss = F.cross_entropy(logits[:, :-1][mask].float(), target[mask])
+    if aux_weight and "obj_kind" in b:
+        loss = loss + aux_weight * model.aux_heads.loss(model._vit_out[:, 1:], b)
+    return loss
 
 
 def sat_state_for_saving(model, base_sd: Optional[dict]) -> dict:
@@ -213,6 +258,8 @@ def sat_state_for_saving(model, base_sd: Optional[dict]) -> dict:
     loaded from (they never change), everything else from the model."""
     out = {}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.startswith("aux_heads."):             # training-only heads: not part of the model
+            continue
         key = sat_key(name)
         if not t.is_floating_point():
             t = base_sd[key]
@@ -317,6 +364,13 @@ def train(args) -> dict:
     tok = Tokenizer(resolve_tokenizer(args.local_tokenizer, resolve_pretrained(args.from_pretrained)))
     if args.eval_only:
         return evaluate_sets(model, tok, cfg, args, dp_rank, groups.dp, is_main)
+    train_set = FinetuneDataset(args.train_data, cfg, tok, args.version, args.max_length, args.pack_questions)
+    valid_set = FinetuneDataset(args.valid_data, cfg, tok, args.version, args.max_length) if args.valid_data else None
+    if is_main:
+        print(f"train samples: {len(train_set)} (skipped {len(train_set.skipped)})"
+              + (f"; valid samples: {len(valid_set)} (skipped {len(valid_set.skipped)})" if valid_set else ""),
+              flush=True)
+    object_vocab = attach_aux_heads(model, train_set) if args.aux_object_loss else None
     trainable, total = freeze_for_training(model, args)
     if trainable == 0:
         raise ValueError("nothing to train: give --lora_rank > 0, --full or --train_params")
@@ -326,12 +380,6 @@ def train(args) -> dict:
         checkpoint_layers(model)
     model.train()
 
-    train_set = FinetuneDataset(args.train_data, cfg, tok, args.version, args.max_length, args.pack_questions)
-    valid_set = FinetuneDataset(args.valid_data, cfg, tok, args.version, args.max_length) if args.valid_data else None
-    if is_main:
-        print(f"train samples: {len(train_set)} (skipped {len(train_set.skipped)})"
-              + (f"; valid samples: {len(valid_set)} (skipped {len(valid_set.skipped)})" if valid_set else ""),
-              flush=True)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
@@ -377,10 +425,10 @@ def train(args) -> dict:
         for micro in range(args.gradient_accumulation_steps):
             idx = batch_indices(len(train_set), step, micro, global_batch, args.gradient_accumulation_steps,
                                 dp_rank, args.batch_size, args.seed)
-            batch = collate_train([train_set[i] for i in idx])
+            batch = collate_train([train_set[i] for i in idx], object_vocab)
             if batch is None:
                 continue
-            loss = compute_loss(engine.module, batch, device)
+            loss = compute_loss(engine.module, batch, device, args.aux_object_loss)
             engine.backward(loss)
             engine.step()
             step_loss += loss.detach().double().cpu() / args.gradient_accumulation_steps

@@ -254,16 +254,20 @@ def generate(out: Path, n: int, seed: int = 0, gui: bool = False, text_fraction:
         if gui and r < gui_fraction:
             img, elements = make_gui(rng, gui_size)
             qa, kind = gui_questions(rng, elements, gui_size), "gui"
+            objects = [{"kind": e["kind"], "box": [v / gui_size for v in e["box"]]} for e in elements]
         elif r < (gui_fraction if gui else 0) + text_fraction:
             img, text = make_text_image(rng)
-            qa, kind = [("What does the text say?", text)], "text"
+            qa, kind, objects = [("What does the text say?", text)], "text", []
         else:
             img, shapes = make_scene(rng)
             qa, kind = scene_questions(rng, shapes), "scene"
+            objects = [{"kind": s.kind, "colour": s.colour, "box": [v / SIZE for v in s.box]} for s in shapes]
         counts[kind] += 1
         name = f"{seed:03d}{i:06d}"
         img.save(out / "images" / f"{name}.png")
-        (out / "labels" / f"{name}.json").write_text(json.dumps({"kind": kind, "qa": [
+        # "objects" (kind, colour, box as fractions of the image) feed the optional auxiliary
+        # per-patch loss of the training (utils/finetune.py --aux_object_loss)
+        (out / "labels" / f"{name}.json").write_text(json.dumps({"kind": kind, "objects": objects, "qa": [
             {"question": q, "answer": a} for q, a in qa]}))
     return counts
 

@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--procs", type=int, default=1, help="data-parallel processes")
+    p.add_argument("--aux_object_loss", type=float, default=0.5, help="weight of the per-patch object loss (0 = off)")
     a = p.parse_args(argv)
     from models.checkpoint import read_sat_state_dict, save_sat_checkpoint
     from models.config import ModelConfig, get_config
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
            "--train_data", str(train), "--save", str(run), "--full", "--train_iters", str(a.steps),
            "--batch_size", str(a.batch_size), "--lr", str(a.lr), "--warmup", "0.03", "--min_lr_ratio", "0.05",
            "--weight_decay", "0.01", "--save_interval", "250", "--log_interval", "50", "--max_length", "400",
-           "--pack_questions"]
+           "--pack_questions", "--aux_object_loss", str(a.aux_object_loss)]
     if (run / "latest").exists():
         cmd.append("--resume")
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // a.procs))}
