@@ -268,7 +268,7 @@ def sat_state_for_saving(model, base_sd: Optional[dict]) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, tok, dataset, args, dp_rank: int, dp: int) -> dict:
+def evaluate(model, tok, dataset, args, dp_rank: int, dp: int, dp_group=None) -> dict:
     """Greedy answers for the first --eval_samples samples (spread over the data-parallel
     ranks): acc (exact match) and acc_w/o_case."""
     from models.generate import GenerationConfig
@@ -286,16 +286,13 @@ def evaluate(model, tok, dataset, args, dp_rank: int, dp: int) -> dict:
             nocase += a.strip().lower() == s.turns[-1][1].strip().lower()
     counts = torch.tensor([exact, nocase, len(mine)], dtype=torch.float64)
     if dp > 1:
-        dist.all_reduce(counts, group=_dp_group)
+        dist.all_reduce(counts, group=dp_group)
     model.train()
     total = max(1.0, counts[2].item())
     return {"acc": counts[0].item() / total, "acc_w/o_case": counts[1].item() / total, "n": int(counts[2].item())}
 
 
-_dp_group = None
-
-
-def evaluate_sets(model, tok, cfg, args, dp_rank, dp, is_main) -> dict:
+def evaluate_sets(model, tok, cfg, args, dp_rank, dp, is_main, dp_group=None) -> dict:
     """Score --valid_data and --test_data (every sample of the test set)."""
     out = {}
     for name, folder, limit in (("valid", args.valid_data, args.eval_samples), ("test", args.test_data, 10**9)):
@@ -303,7 +300,7 @@ def evaluate_sets(model, tok, cfg, args, dp_rank, dp, is_main) -> dict:
             continue
         data = FinetuneDataset(folder, cfg, tok, args.version, args.max_length)
         saved, args.eval_samples = args.eval_samples, limit
-        metrics = evaluate(model, tok, data, args, dp_rank, dp)
+        metrics = evaluate(model, tok, data, args, dp_rank, dp, dp_group)
         args.eval_samples = saved
         out[name] = metrics
         if is_main:
@@ -315,7 +312,6 @@ def evaluate_sets(model, tok, cfg, args, dp_rank, dp, is_main) -> dict:
 def train(args) -> dict:
     """The whole run. Returns {'step', 'loss' (last logged), 'eval': last metrics}."""
     import deepspeed
-    global _dp_group
     cuda = torch.device(args.device).type == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -323,7 +319,6 @@ def train(args) -> dict:
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     rank = dist.get_rank()
     groups = ModelParallelGroups(args.model_parallel_size)
-    _dp_group = groups.dp_group
     from models.tp import set_group
     set_group(groups.mp_group)
     mp_rank, dp_rank = groups.get_model_parallel_rank(), groups.get_data_parallel_rank()
@@ -342,7 +337,6 @@ def train(args) -> dict:
     elif not args.eval_only and (save / "latest").exists():
         raise FileExistsError(f"{save} already holds a checkpoint: pass --resume to continue it, "
                               f"or choose another --save directory")
-    lora_from_ckpt = False
     model, cfg = load_model(source, device=args.device, dtype=dtype, trust_checkpoint=args.trust_checkpoint,
                             cpu_layout=False, rank=mp_rank, world=args.model_parallel_size)
     lora_from_ckpt = "lora" in cfg.extra
@@ -363,7 +357,7 @@ def train(args) -> dict:
         cfg.extra["lora"] = lcfg.to_json()
     tok = Tokenizer(resolve_tokenizer(args.local_tokenizer, resolve_pretrained(args.from_pretrained)))
     if args.eval_only:
-        return evaluate_sets(model, tok, cfg, args, dp_rank, groups.dp, is_main)
+        return evaluate_sets(model, tok, cfg, args, dp_rank, groups.dp, is_main, groups.dp_group)
     train_set = FinetuneDataset(args.train_data, cfg, tok, args.version, args.max_length, args.pack_questions)
     valid_set = FinetuneDataset(args.valid_data, cfg, tok, args.version, args.max_length) if args.valid_data else None
     if is_main:
@@ -450,7 +444,7 @@ def train(args) -> dict:
                 bar.write(msg)
             window.clear()
         if valid_set is not None and ((step + 1) % args.eval_interval == 0 or step + 1 == args.train_iters):
-            metrics = evaluate(engine.module, tok, valid_set, args, dp_rank, groups.dp)
+            metrics = evaluate(engine.module, tok, valid_set, args, dp_rank, groups.dp, groups.dp_group)
             result["eval"] = metrics
             if is_main:
                 bar.write(f"eval step {step + 1}: acc {metrics['acc']:.4f} acc_w/o_case "
@@ -460,7 +454,7 @@ def train(args) -> dict:
     bar.close()
     if args.test_data:
         args.valid_data = None
-        result.update(evaluate_sets(engine.module, tok, cfg, args, dp_rank, groups.dp, is_main))
+        result.update(evaluate_sets(engine.module, tok, cfg, args, dp_rank, groups.dp, is_main, groups.dp_group))
     if step_times:
         import resource
         import statistics
