@@ -196,7 +196,7 @@ def regenerate_derived(model: nn.Module, device="cpu") -> None:
 
 
 # ----------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name)
     os.close(fd)
@@ -222,7 +222,7 @@ def save_sat_checkpoint(model: nn.Module, cfg: ModelConfig, out_dir, iteration: 
     if target.exists() and not overwrite:
         raise CheckpointError(f"{target} exists; refusing to overwrite (pass overwrite=True)")
     state = {"module": to_sat_state_dict(model), **(extra or {})}
-    _atomic_write(out / "model_config.json", lambda p: cfg.save(p))
-    _atomic_write(target, lambda p: torch.save(state, p))
-    _atomic_write(out / "latest", lambda p: Path(p).write_text(str(iteration)))
+    atomic_write(out / "model_config.json", lambda p: cfg.save(p))
+    atomic_write(target, lambda p: torch.save(state, p))
+    atomic_write(out / "latest", lambda p: Path(p).write_text(str(iteration)))
     return out

@@ -141,20 +141,12 @@ class _GatherLast(torch.autograd.Function):
         return g[..., ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n].contiguous()
 
 
-class _AllReduceBoth(torch.autograd.Function):
+class _AllReduceBoth(_AllReduce):
     """Forward and backward: sum over ranks (a replicated statistic that each rank then applies
     to its own piece, e.g. a sharded LayerNorm's mean)."""
     @staticmethod
-    def forward(ctx, x):
-        x = x.contiguous()
-        dist.all_reduce(x, group=_GROUP)
-        return x
-
-    @staticmethod
     def backward(ctx, g):
-        g = g.contiguous()
-        dist.all_reduce(g, group=_GROUP)
-        return g
+        return _CopyToRanks.backward(ctx, g)
 
 
 def all_reduce(x):

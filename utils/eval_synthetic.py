@@ -106,6 +106,10 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=None, help="first N questions only")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
+    if not (a.data / "labels").is_dir():
+        print(f"error: {a.data} is not a synthetic data folder (no labels/); make one with "
+              f"utils/synthetic_data.py", file=sys.stderr)
+        return 1
     setup_logging()
     loaded = load_or_report(a)
     if loaded is None:

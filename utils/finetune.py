@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.checkpoint import _atomic_write, read_sat_state_dict, sat_key
+from models.checkpoint import atomic_write, read_sat_state_dict, sat_key
 from models.loading import default_dtype, load_model, resolve_pretrained
 from models.lora import LoRAConfig, apply_lora
 from . import args as common
@@ -392,18 +392,18 @@ def train(args) -> dict:
                                exclude_frozen_parameters=True)
         if dp_rank == 0:
             state = {"module": sat_state_for_saving(model, base_sd), "iteration": step}
-            _atomic_write(save / str(step) / f"mp_rank_{mp_rank:02d}_model_states.pt",
+            atomic_write(save / str(step) / f"mp_rank_{mp_rank:02d}_model_states.pt",
                           lambda p: torch.save(state, p))
         if is_main:
             cfg.model_parallel_size = args.model_parallel_size
-            _atomic_write(save / "model_config.json", lambda p: cfg.save(p))
+            atomic_write(save / "model_config.json", lambda p: cfg.save(p))
             tokdir = save / "tokenizer"
             if not tokdir.exists() and tok.path.is_dir():
                 import shutil
                 shutil.copytree(tok.path, tokdir)
         dist.barrier()                              # every file of this step is on disk ...
         if is_main:                                 # ... before `latest` points at it
-            _atomic_write(save / "latest", lambda p: Path(p).write_text(str(step)))
+            atomic_write(save / "latest", lambda p: Path(p).write_text(str(step)))
             log.info("saved checkpoint %s/%d", save, step)
         dist.barrier()
 

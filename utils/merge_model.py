@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from models.checkpoint import CheckpointError, _atomic_write, checkpoint_files, read_shard, sat_key_map  # noqa: E402
+from models.checkpoint import CheckpointError, atomic_write, checkpoint_files, read_shard, sat_key_map  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from models.loading import resolve_pretrained  # noqa: E402
 from models.lora import merge_lora_state  # noqa: E402
@@ -87,17 +87,17 @@ def reshard(src: Path, dst: Path, mp: int = None, merge_lora: bool = False, trus
         if merge_lora:
             out = merge_lora_state(out, scaling)
         target = dst / it / f"mp_rank_{r:02d}_model_states.pt"
-        _atomic_write(target, lambda p, sd=out: torch.save({"module": sd}, p))
+        atomic_write(target, lambda p, sd=out: torch.save({"module": sd}, p))
         del out                                         # free this rank's tensors before the next
     if merge_lora:
         cfg.extra.pop("lora")
     cfg.model_parallel_size = n
-    _atomic_write(dst / "model_config.json", lambda p: cfg.save(p))
+    atomic_write(dst / "model_config.json", lambda p: cfg.save(p))
     for extra in ("tokenizer",):                        # the bundled tokenizer folder, if any
         if (src / extra).is_dir() and not (dst / extra).exists():
             import shutil
             shutil.copytree(src / extra, dst / extra)
-    _atomic_write(dst / "latest", lambda p: Path(p).write_text(it))
+    atomic_write(dst / "latest", lambda p: Path(p).write_text(it))
     return dst
 
 

@@ -97,14 +97,14 @@ def main(argv=None) -> int:
         return 1
     step(f"export (bf16) -> {out}")
     import torch
-    from models.checkpoint import _atomic_write
+    from models.checkpoint import atomic_write
     trained = ModelConfig.load(run / "model_config.json")
     sd = read_sat_state_dict(run, trust=False)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     it = (run / "latest").read_text().strip()
     state = {"module": {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in sd.items()}}
-    _atomic_write(out / "1" / "mp_rank_00_model_states.pt", lambda f: torch.save(state, f))
+    atomic_write(out / "1" / "mp_rank_00_model_states.pt", lambda f: torch.save(state, f))
     trained.save(out / "model_config.json")
     shutil.copytree(tok_dir, out / "tokenizer")
     (out / "latest").write_text("1")
