@@ -4,9 +4,9 @@ SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
-DEMO_MODEL ?= build/demo-random-cogvlm
-DEMO_IMAGE ?= assets/demo.png
-DEMO_QUERY ?= What is in the image?
+DEMO_MODEL ?= tiny-cogvlm
+DEMO_IMAGE ?= assets/scene.png
+DEMO_QUERY ?= Describe the image with boxes.
 
 .PHONY: install install-dev chromium demo test bench tiny-models clean
 
@@ -35,12 +35,11 @@ chromium:
 install: $(VENV)/.core
 install-dev: $(VENV)/.dev
 
-$(DEMO_MODEL)/latest: | $(VENV)/.core
-	$(PYTHON) utils/create_test_model.py --config tiny-test-cogvlm --out $(DEMO_MODEL) --overwrite
-
-demo: $(VENV)/.core $(DEMO_MODEL)/latest
+# The bundled model (checkpoints/tiny-cogvlm) answers questions about synthetic scenes; the
+# answer's boxes are drawn into grounding_output/.
+demo: $(VENV)/.core
 	$(PYTHON) basic_demo/cli_demo_sat.py --from_pretrained $(DEMO_MODEL) \
-	    --image $(DEMO_IMAGE) --query "$(DEMO_QUERY)" --max_new_tokens 24
+	    --image $(DEMO_IMAGE) --query "$(DEMO_QUERY)" --top_k 1 --output_dir grounding_output
 
 test: $(VENV)/.dev chromium
 	$(PYTHON) -m pytest
@@ -54,10 +53,15 @@ bench: $(VENV)/.core
 
 # The bundled demo models (checkpoints/tiny-cogvlm, checkpoints/tiny-cogagent): synthetic data,
 # tokenizer, full-parameter training with finetune_demo/, export, evaluation. Resumable.
-TINY_STEPS ?= 1500
+# Both at once, one thread each (about 2 hours on 2 cores); progress in build/tiny/log-*.txt.
 tiny-models: $(VENV)/.core
-	$(PYTHON) utils/train_tiny_models.py --which cogvlm --steps $(TINY_STEPS) --batch_size 8
-	$(PYTHON) utils/train_tiny_models.py --which cogagent --steps $(TINY_STEPS) --batch_size 8
+	@mkdir -p build/tiny
+	@echo "training tiny-cogvlm and tiny-cogagent in parallel; follow build/tiny/log-cogvlm.txt and log-cogagent.txt"
+	@$(PYTHON) utils/train_tiny_models.py --which cogvlm --threads 1 > build/tiny/log-cogvlm.txt 2>&1 & a=$$!; \
+	 $(PYTHON) utils/train_tiny_models.py --which cogagent --threads 1 > build/tiny/log-cogagent.txt 2>&1 & b=$$!; \
+	 wait $$a; ra=$$?; wait $$b; rb=$$?; \
+	 for m in cogvlm cogagent; do echo "== tiny-$$m"; tail -n 12 build/tiny/log-$$m.txt; done; \
+	 test $$ra = 0 && test $$rb = 0
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

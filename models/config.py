@@ -241,20 +241,23 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
                           attn_hidden_size=32, attn_head_dim=8),
         adapter_has_pos_embed=True),
     # The bundled demo models (checkpoints/tiny-*, trained by `make tiny-models` on synthetic
-    # data): the real architectures at small width, 112-px images (64 image tokens); the
-    # CogAgent one reads a 336-px high-res image (576 tokens) through its cross attention.
+    # data): the real architectures at small width. CogVLM reads 168-px images (144 image
+    # tokens: a glyph of the text images spans more than one 14-px patch); the CogAgent one
+    # reads 112 px (64 tokens) plus a 336-px high-res image (576 tokens) through its cross
+    # attention (attn_hidden_size / attn_head_dim = the language model's heads, as the HF
+    # layout requires).
     "tiny-cogvlm": ModelConfig(
         num_layers=4, hidden_size=256, num_attention_heads=8, inner_hidden_size=512,
-        vocab_size=1024, max_sequence_length=512, version="chat_old",
+        vocab_size=1024, max_sequence_length=640, version="chat_old",
         eva=EVAConfig(num_layers=4, hidden_size=192, num_attention_heads=6,
-                      inner_hidden_size=768, image_size=112)),
+                      inner_hidden_size=768, image_size=168)),
     "tiny-cogagent": ModelConfig(
         model_class="CogAgentModel", num_layers=4, hidden_size=256, num_attention_heads=8,
         inner_hidden_size=512, vocab_size=1024, max_sequence_length=512, version="chat",
         eva=EVAConfig(num_layers=4, hidden_size=192, num_attention_heads=6,
                       inner_hidden_size=768, image_size=112),
         cross=CrossConfig(image_size=336, hidden_size=128, num_layers=3, num_attention_heads=4,
-                          inner_hidden_size=344, head_out_dim=64, attn_hidden_size=128, attn_head_dim=32),
+                          inner_hidden_size=344, head_out_dim=64, attn_hidden_size=128, attn_head_dim=16),
         adapter_has_pos_embed=True),
 }
 ALIASES = {"cogvlm-chat": "cogvlm-chat-v1.1",

@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     p.add_argument("--api_key", default=os.environ.get("COGVLM_API_KEY", "none"))
     p.add_argument("--image", type=Path, default=ROOT / "assets" / "demo.png")
     p.add_argument("--max_tokens", type=int, default=128)
+    p.add_argument("--query", default="What is in the image?", help="first question (with the image)")
+    p.add_argument("--follow_up", default="Describe it in more detail.", help="second question (streamed)")
     a = p.parse_args(argv)
     if not a.image.is_file():
         print(f"error: image not found: {a.image}", file=sys.stderr)
@@ -36,16 +38,16 @@ def main(argv=None) -> int:
     try:
         model = client.models.list().data[0].id
         messages = [{"role": "user", "content": [
-            {"type": "text", "text": "What is in the image?"},
+            {"type": "text", "text": a.query},
             {"type": "image_url", "image_url": {"url": data_url(a.image)}}]}]
         first = client.chat.completions.create(model=model, messages=messages, temperature=0,
                                                max_tokens=a.max_tokens)
         answer = first.choices[0].message.content
-        print(f"user: What is in the image?\nassistant: {answer}\n  (usage: {first.usage.prompt_tokens} "
+        print(f"user: {a.query}\nassistant: {answer}\n  (usage: {first.usage.prompt_tokens} "
               f"prompt + {first.usage.completion_tokens} completion tokens)")
         messages += [{"role": "assistant", "content": answer},
-                     {"role": "user", "content": "Describe it in more detail."}]
-        print("user: Describe it in more detail.\nassistant: ", end="", flush=True)
+                     {"role": "user", "content": a.follow_up}]
+        print(f"user: {a.follow_up}\nassistant: ", end="", flush=True)
         for chunk in client.chat.completions.create(model=model, messages=messages, temperature=0,
                                                     max_tokens=a.max_tokens, stream=True):
             if chunk.choices and chunk.choices[0].delta.content:

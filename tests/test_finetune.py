@@ -237,3 +237,38 @@ def test_packed_questions_equal_separate_rows(cogagent_ckpt, tmp_path):
     lp = logits(p)[0][p["loss_mask"][0]]                              # answer tokens, in order
     ls = torch.cat([logits(b)[0][b["loss_mask"][0]] for b in (collate_train([single[i]]) for i in range(3))])
     assert lp.shape == ls.shape and (lp - ls).abs().max() < 1e-4
+
+
+def test_aux_object_loss_trains_both_encoders_and_is_not_saved(cogagent_ckpt, tmp_path):
+    """--aux_object_loss: per-patch targets from the labels' objects for the low-res ViT and
+    (CogAgent) the high-res encoder; their heads get gradients into both encoders and are
+    left out of the saved checkpoint."""
+    from models.loading import load_model
+    from utils.dataset import FinetuneDataset, collate_train
+    from utils.finetune import attach_aux_heads, compute_loss, sat_state_for_saving
+    from utils.tokenizer import Tokenizer
+    data = tmp_path / "objs"
+    (data / "images").mkdir(parents=True)
+    (data / "labels").mkdir()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(data / "images" / "a.png")
+    objects = [{"kind": "circle", "colour": "red", "box": [0.0, 0.0, 0.5, 0.5]},
+               {"kind": "char x", "box": [0.5, 0.5, 1.0, 1.0]}]                 # no colour: ignored
+    (data / "labels" / "a.json").write_text(json.dumps({"objects": objects, "qa": [
+        {"question": "What colour is the circle?", "answer": "red"}]}))
+    model, cfg = load_model(str(cogagent_ckpt))
+    ds = FinetuneDataset(data, cfg, Tokenizer(cogagent_ckpt / "tokenizer"), pack=True)
+    vocab = attach_aux_heads(model, ds)
+    assert vocab[1:3] == (["char x", "circle"], ["red"]) and vocab[3] == cfg.cross.image_size // cfg.cross.patch_size
+    batch = collate_train([ds[0]], vocab)
+    g, cg = vocab[0], vocab[3]
+    assert batch["obj_kind"].shape == (1, g * g) and batch["cross_obj_kind"].shape == (1, cg * cg)
+    kinds = batch["cross_obj_kind"][0].view(cg, cg)
+    assert kinds[0, 0] == 2 and kinds[-1, -1] == 1 and batch["cross_obj_colour"][0].view(cg, cg)[-1, -1] == -100
+    plain = compute_loss(model, batch, "cpu")
+    with_aux = compute_loss(model, batch, "cpu", aux_weight=1.0)
+    assert with_aux > plain
+    with_aux.backward()
+    for enc in (model.model.vision.transformer, model.model.cross_vision):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.parameters())
+    assert model.aux_heads["cross"].box.weight.grad.abs().sum() > 0
+    assert not any(k.startswith("aux_heads") or "aux" in k for k in sat_state_for_saving(model, None))

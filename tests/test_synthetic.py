@@ -36,6 +36,24 @@ def test_scoring():
     assert score("Where is the red circle?", "[[100,100,500,500]]", "[[120,120,500,500]]") == {"box_iou50": 1.0}
     assert score("Where is the red circle?", "somewhere", "[[120,120,500,500]]") == {"box_iou50": 0.0}
     assert score("How many shapes are there?", "3", "2") == {"count": 0.0}
+    assert score("What does the text say?", "ab3x", "ab3xy") == {"text": 0.0, "text_chars": 0.8}
     ref = "Plan: 1. Click. Next Action: Click. Grounded Operation:[button] Submit -> CLICK at the box [[100,100,200,200]]"
     bad = ref.replace("Submit", "Cancel")
     assert score('What steps do I need to take to "x"?', bad, ref) == {"agent_op_target": 0.0, "agent_box_iou50": 1.0}
+
+
+def test_text_images_label_each_character(tmp_path):
+    """Text images carry each glyph's box (for the auxiliary per-patch loss), left to right;
+    training sets may add shorter texts, held-out sets keep 4-6 characters."""
+    generate(tmp_path / "t", 30, seed=5, text_fraction=1.0, text_min_len=1)
+    lengths = []
+    for lab in (tmp_path / "t" / "labels").glob("*.json"):
+        d = json.loads(lab.read_text())
+        text = d["qa"][0]["answer"]
+        lengths.append(len(text))
+        assert [o["kind"] for o in d["objects"]] == [f"char {c}" for c in text]
+        xs = [o["box"][0] for o in d["objects"]]
+        assert xs == sorted(xs) and all(0 <= v <= 1 for o in d["objects"] for v in o["box"])
+    assert min(lengths) < 4
+    generate(tmp_path / "u", 30, seed=5, text_fraction=1.0)
+    assert all(4 <= len(json.loads(f.read_text())["qa"][0]["answer"]) <= 6 for f in (tmp_path / "u" / "labels").glob("*.json"))

@@ -201,7 +201,8 @@ class FinetuneDataset(torch.utils.data.Dataset):
 
 def collate_train(items: list, object_vocab: Optional[tuple] = None) -> Optional[dict]:
     """Right-pad a batch for training; None items (unreadable at load time) are dropped.
-    object_vocab = (grid, kinds, colours): add per-patch object targets (object_targets)."""
+    object_vocab = (grid, kinds, colours, high-res grid or None): add per-patch object
+    targets (object_targets), for the high-res encoder too (keys prefixed cross_)."""
     items = [x for x in items if x is not None]
     if not items:
         return None
@@ -221,7 +222,10 @@ def collate_train(items: list, object_vocab: Optional[tuple] = None) -> Optional
             x["segments"] = x.get("segments") or [1] * len(x["ids"])
         batch["segments"] = pad("segments", 0)
     if object_vocab is not None:
-        batch.update(object_targets(items, *object_vocab))
+        grid, kinds, colours, cross_grid = object_vocab
+        batch.update(object_targets(items, grid, kinds, colours))
+        if cross_grid:
+            batch.update({"cross_" + k: v for k, v in object_targets(items, cross_grid, kinds, colours).items()})
     return batch
 
 

@@ -1,6 +1,6 @@
 """Score a model on a held-out synthetic set (utils/synthetic_data.py, another seed), greedy:
 colour / shape / count / presence accuracy, referring expression -> box (IoU >= 0.5), text
-reading (exact), CogAgent actions (operation + target correct; box IoU >= 0.5).
+reading (exact; text_chars: characters right in place, no goal), CogAgent actions (operation + target correct; box IoU >= 0.5).
 
   python utils/eval_synthetic.py --from_pretrained tiny-cogvlm --data data/synthetic-test [--json out.json]
 """
@@ -58,7 +58,10 @@ def score(question: str, answer: str, reference: str) -> dict:
     """Per-metric 0/1 for one question (metrics that do not apply are absent)."""
     cat, a, r = category(question), answer.strip(), reference.strip()
     if cat in ("colour", "shape", "count", "presence", "text"):
-        return {cat: float(a.lower().rstrip(".") == r.lower().rstrip("."))}
+        out = {cat: float(a.lower().rstrip(".") == r.lower().rstrip("."))}
+        if cat == "text":              # partial credit, to see progress before exact matches
+            out["text_chars"] = sum(x == y for x, y in zip(a.lower(), r.lower())) / max(len(a), len(r), 1)
+        return out
     if cat == "box":
         pa, pr = first_box(a), first_box(r)
         return {"box_iou50": float(pa is not None and iou(pa, pr) >= 0.5)}
@@ -71,7 +74,10 @@ def score(question: str, answer: str, reference: str) -> dict:
     return {}
 
 
-def evaluate(model, tok, data: Path, limit: int = None, batch: int = 16, version: str = None) -> dict:
+def evaluate(model, tok, data: Path, limit: int = None, batch: int = 16, version: str = None,
+             records: list = None) -> dict:
+    """-> {metric: {accuracy, n, goal}}; each question's [image, question, reference, answer]
+    is appended to `records` when given."""
     from models.generate import GenerationConfig
     from utils.chat import ImageContext, batch_chat
     from tqdm import tqdm
@@ -92,6 +98,8 @@ def evaluate(model, tok, data: Path, limit: int = None, batch: int = 16, version
                 cache = {img: ImageContext(img, model.config)}      # consecutive questions share it
             reqs.append((q, [], cache[img]))
         for (img, q, ref), ans in zip(chunk, batch_chat(model, tok, reqs, version, gen)):
+            if records is not None:
+                records.append([img.name, q, ref, ans])
             for k, v in score(q, ans, ref).items():
                 sums[k] += v
                 counts[k] += 1
@@ -115,12 +123,14 @@ def main(argv=None) -> int:
     if loaded is None:
         return 1
     model, tok = loaded
-    res = evaluate(model, tok, a.data, a.limit, version=a.version)
+    records = []
+    res = evaluate(model, tok, a.data, a.limit, version=a.version, records=records)
     for k, v in res.items():
         goal = f" (goal {v['goal']:.0%})" if v["goal"] else ""
         print(f"{k:16s} {v['accuracy']:.1%} of {v['n']}{goal}")
     if a.json:
-        a.json.write_text(json.dumps(res, indent=1))
+        # the answers too: a test replays the first questions and expects the same answers
+        a.json.write_text(json.dumps({"metrics": res, "answers": records}, indent=0))
     return 0
 
 

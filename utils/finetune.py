@@ -210,7 +210,7 @@ class AuxObjectHeads(torch.nn.Module):
         self.box = torch.nn.Linear(width, 4)
 
     def loss(self, feats: torch.Tensor, b: dict) -> torch.Tensor:
-        """feats: B,N,C patch features (CLS dropped)."""
+        """feats: B,N,C patch features (no CLS); b: obj_kind, obj_colour (B,N), obj_box (B,N,4)."""
         f = feats.float()
         loss = F.cross_entropy(self.kind(f).flatten(0, 1), b["obj_kind"].flatten(), ignore_index=-100)
         if (b["obj_colour"] >= 0).any():
@@ -222,19 +222,27 @@ class AuxObjectHeads(torch.nn.Module):
 
 
 def attach_aux_heads(model, train_set) -> tuple:
-    """Heads + a hook that keeps the ViT output of the last forward. Returns the object
-    vocabulary (grid, kinds, colours) for collate_train."""
+    """Heads + hooks that keep the encoders' outputs of the last forward: the low-res ViT's
+    patches and, for CogAgent, the high-res encoder's (whose features the cross attention
+    reads when it locates GUI elements). Returns the object vocabulary (low-res grid, kinds,
+    colours, high-res grid or None) for collate_train."""
     objs = [o for s in train_set.samples for o in s.objects]
     kinds = sorted({o["kind"] for o in objs})
     colours = sorted({o["colour"] for o in objs if o.get("colour")})
     if not kinds:
         raise ValueError("--aux_object_loss: the training labels hold no \"objects\"")
-    e = model.config.eva
-    ref = model.model.embed_tokens.weight
-    model.aux_heads = AuxObjectHeads(e.hidden_size, len(kinds), len(colours)).to(ref.device, ref.dtype)
+    cfg, ref = model.config, model.model.embed_tokens.weight
+    heads = {"low": AuxObjectHeads(cfg.eva.hidden_size, len(kinds), len(colours))}
     model.model.vision.transformer.register_forward_hook(
-        lambda _m, _i, out: setattr(model, "_vit_out", out))
-    return e.image_size // e.patch_size, kinds, colours
+        lambda _m, _i, out: setattr(model, "_vit_out", out[:, 1:]))          # CLS dropped
+    cross_grid = None
+    if cfg.cross is not None:
+        heads["cross"] = AuxObjectHeads(cfg.cross.hidden_size, len(kinds), len(colours))
+        model.model.cross_vision.register_forward_hook(
+            lambda _m, _i, out: setattr(model, "_cross_out", out))
+        cross_grid = cfg.cross.image_size // cfg.cross.patch_size
+    model.aux_heads = torch.nn.ModuleDict(heads).to(ref.device, ref.dtype)
+    return cfg.eva.image_size // cfg.eva.patch_size, kinds, colours, cross_grid
 
 
 def compute_loss(model, batch: dict, device, aux_weight: float = 0.0) -> torch.Tensor:
@@ -249,7 +257,10 @@ def compute_loss(model, batch: dict, device, aux_weight: float = 0.0) -> torch.T
     mask = b["loss_mask"][:, 1:]
     loss = F.cross_entropy(logits[:, :-1][mask].float(), target[mask])
     if aux_weight and "obj_kind" in b:
-        loss = loss + aux_weight * model.aux_heads.loss(model._vit_out[:, 1:], b)
+        loss = loss + aux_weight * model.aux_heads["low"].loss(model._vit_out, b)
+        if "cross_obj_kind" in b:
+            cross = {k[len("cross_"):]: v for k, v in b.items() if k.startswith("cross_obj_")}
+            loss = loss + aux_weight * model.aux_heads["cross"].loss(model._cross_out, cross)
     return loss
 
 

@@ -90,7 +90,7 @@ def make_scene(rng: random.Random) -> tuple[Image.Image, list[Shape]]:
         kind, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
         if (kind, colour) in used:
             continue
-        side = rng.randint(SIZE // 7, SIZE // 3)
+        side = rng.randint(SIZE // 6, SIZE // 3)
         x0, y0 = rng.randint(4, SIZE - side - 4), rng.randint(4, SIZE - side - 4)
         box = (x0, y0, x0 + side, y0 + side)
         if any(not (box[2] + 6 < o.box[0] or o.box[2] + 6 < box[0] or box[3] + 6 < o.box[1] or o.box[3] + 6 < box[1])
@@ -118,15 +118,27 @@ def scene_questions(rng: random.Random, shapes: list[Shape]) -> list[tuple[str, 
     s = rng.choice(shapes)
     kinds = [o.kind for o in shapes]
     colours = [o.colour for o in shapes]
-    if kinds.count(s.kind) == 1:
-        qa.append((f"What colour is the {s.kind}?", s.colour))
-    if colours.count(s.colour) == 1:
-        qa.append((f"What shape is the {s.colour} object?", s.kind))
+    # Questions that name only the shape or only the colour, for every object where that is
+    # unambiguous: they teach the model to bind an object's colour to its shape.
+    for o in shapes:
+        if kinds.count(o.kind) == 1:
+            qa.append((f"What colour is the {o.kind}?", o.colour))
+        if colours.count(o.colour) == 1:
+            qa.append((f"What shape is the {o.colour} object?", o.kind))
     kind = rng.choice(SHAPES)
     qa.append((f"How many {kind}s are there?", str(kinds.count(kind))))
     colour = rng.choice(list(COLOURS))
     qa.append((f"How many {colour} shapes are there?", str(colours.count(colour))))
-    probe = Shape(rng.choice(SHAPES), rng.choice(list(COLOURS)), (0, 0, 0, 0)) if rng.random() < 0.5 else s
+    # Presence: the object itself, a hard negative (its colour on another shape or its shape
+    # in another colour), or a random pair.
+    r = rng.random()
+    if r < 0.4:
+        probe = s
+    elif r < 0.7:
+        probe = (Shape(rng.choice([k for k in SHAPES if k != s.kind]), s.colour, (0, 0, 0, 0)) if rng.random() < 0.5
+                 else Shape(s.kind, rng.choice([c for c in COLOURS if c != s.colour]), (0, 0, 0, 0)))
+    else:
+        probe = Shape(rng.choice(SHAPES), rng.choice(list(COLOURS)), (0, 0, 0, 0))
     present = any(o.name == probe.name for o in shapes)
     qa.append((f"Is there {probe.a_name}?", "yes" if present else "no"))
     box = box_text(to_thousandths(s.box, SIZE, SIZE))
@@ -137,27 +149,35 @@ def scene_questions(rng: random.Random, shapes: list[Shape]) -> list[tuple[str, 
     return qa
 
 
-def make_text_image(rng: random.Random) -> tuple[Image.Image, str]:
-    """4-6 characters in large glyphs (the bundled font scaled up), with line and dot noise."""
+def make_text_image(rng: random.Random, min_len: int = 4) -> tuple[Image.Image, str, list[dict]]:
+    """min_len-6 characters in large glyphs (the bundled font scaled up), with line and dot
+    noise. Returns the image, the text and each character's box (pixels)."""
     from utils.grounding import load_font
-    text = "".join(rng.choice(string.ascii_lowercase + string.digits) for _ in range(rng.randint(4, 6)))
+    text = "".join(rng.choice(string.ascii_lowercase + string.digits) for _ in range(rng.randint(min_len, 6)))
     bg = tuple(rng.randint(180, 255) for _ in range(3))
     img = Image.new("RGB", (SIZE, SIZE), bg)
     d = ImageDraw.Draw(img)
-    font = load_font(40)
-    x = rng.randint(4, 20)
-    for ch in text:
+    gaps = [rng.randint(1, 5) for _ in text]
+    for size in range(44, 20, -2):                   # the largest glyphs that fit the width
+        font = load_font(size)
+        width = sum(d.textlength(ch, font=font) for ch in text) + sum(gaps)
+        if width <= SIZE - 8:
+            break
+    x = rng.randint(4, max(4, int(SIZE - 4 - width)))
+    chars = []
+    for ch, gap in zip(text, gaps):
         fg = tuple(rng.randint(0, 110) for _ in range(3))
-        y = SIZE // 2 - 24 + rng.randint(-10, 10)
+        y = SIZE // 2 - font.size * 0.6 + rng.randint(-10, 10)
         d.text((x, y), ch, fill=fg, font=font)
-        x += d.textlength(ch, font=font) + rng.randint(2, 8)
+        chars.append({"kind": f"char {ch}", "box": d.textbbox((x, y), ch, font=font)})
+        x += d.textlength(ch, font=font) + gap
     for _ in range(rng.randint(2, 5)):
         d.line([(rng.randint(0, SIZE), rng.randint(0, SIZE)) for _ in range(2)],
                fill=tuple(rng.randint(60, 160) for _ in range(3)), width=2)
     for _ in range(150):
         xy = (rng.randint(0, SIZE - 1), rng.randint(0, SIZE - 1))
         d.point(xy, fill=tuple(rng.randint(0, 255) for _ in range(3)))
-    return img.filter(ImageFilter.SMOOTH), text
+    return img.filter(ImageFilter.SMOOTH), text, chars
 
 
 # ----- GUI screenshots and agent tasks ------------------------------------------------------
@@ -242,8 +262,9 @@ def gui_questions(rng: random.Random, elements: list[dict], size: int) -> list[t
 
 # ----------------------------------------------------------------------------------------
 def generate(out: Path, n: int, seed: int = 0, gui: bool = False, text_fraction: float = 0.2,
-             gui_fraction: float = 0.4, gui_size: int = 448) -> dict:
-    """Write n images with their questions. Returns counts per kind."""
+             gui_fraction: float = 0.4, gui_size: int = 448, text_min_len: int = 4) -> dict:
+    """Write n images with their questions. Returns counts per kind. text_min_len < 4 adds
+    easier, shorter texts (training); held-out sets keep the 4-6 characters of the task."""
     from tqdm import tqdm
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "labels").mkdir(parents=True, exist_ok=True)
@@ -256,8 +277,9 @@ def generate(out: Path, n: int, seed: int = 0, gui: bool = False, text_fraction:
             qa, kind = gui_questions(rng, elements, gui_size), "gui"
             objects = [{"kind": e["kind"], "box": [v / gui_size for v in e["box"]]} for e in elements]
         elif r < (gui_fraction if gui else 0) + text_fraction:
-            img, text = make_text_image(rng)
-            qa, kind, objects = [("What does the text say?", text)], "text", []
+            img, text, chars = make_text_image(rng, text_min_len)
+            qa, kind = [("What does the text say?", text)], "text"
+            objects = [{"kind": c["kind"], "box": [v / SIZE for v in c["box"]]} for c in chars]
         else:
             img, shapes = make_scene(rng)
             qa, kind = scene_questions(rng, shapes), "scene"
