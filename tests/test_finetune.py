@@ -272,3 +272,33 @@ def test_aux_object_loss_trains_both_encoders_and_is_not_saved(cogagent_ckpt, tm
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.parameters())
     assert model.aux_heads["cross"].box.weight.grad.abs().sum() > 0
     assert not any(k.startswith("aux_heads") or "aux" in k for k in sat_state_for_saving(model, None))
+
+
+def test_packing_keeps_a_random_choice_when_rows_overflow(cogvlm_ckpt, tmp_path):
+    """Questions that do not fit in --max_length: the ones kept vary from image to image
+    (seeded), so the questions listed last are trained too; every kept one is whole."""
+    from models.loading import load_model
+    from utils.dataset import FinetuneDataset
+    from utils.tokenizer import Tokenizer
+    data = tmp_path / "many"
+    (data / "images").mkdir(parents=True)
+    (data / "labels").mkdir()
+    qa = [{"question": f"Question number {j}?", "answer": f"answer {j}"} for j in range(8)]
+    for i in range(12):
+        Image.new("RGB", (40, 40), (10 * i, 40, 40)).save(data / "images" / f"{i}.png")
+        (data / "labels" / f"{i}.json").write_text(json.dumps({"qa": qa}))
+    _, cfg = load_model(str(cogvlm_ckpt))
+    tok = Tokenizer(cogvlm_ckpt / "tokenizer")
+    full = FinetuneDataset(data, cfg, tok, max_length=400, pack=True)[0]
+    assert max(full["segments"]) == 8                           # everything fits: all, in order
+    image_len = full["segments"].index(1)
+    ds = FinetuneDataset(data, cfg, tok, max_length=image_len + (len(full["ids"]) - image_len) // 2, pack=True)
+    kept = []
+    for i in range(len(ds)):
+        x = ds[i]
+        assert len(x["ids"]) <= ds.max_length and 1 <= max(x["segments"]) < 8
+        text = tok.decode([t for t, s in zip(x["ids"], x["segments"]) if s > 0])
+        kept.append(frozenset(j for j in range(8) if f"number {j}?" in text))
+        assert all(f"answer {j}" in text for j in kept[-1])
+    assert len(set(kept)) > 1 and 7 in set().union(*kept)
+    assert [ds[i]["ids"] for i in range(3)] == [ds[i]["ids"] for i in range(3)]     # seeded

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -139,28 +140,34 @@ class FinetuneDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.units)
 
-    def encode_packed(self, turns: list) -> tuple[list, list, list, list, list, list]:
+    def encode_packed(self, turns: list, seed: int = 0) -> tuple[list, list, list, list, list, list]:
         """Several single-turn (query, answer) pairs about one image in one row:
         `<s> image | prompt1 answer1 </s> | prompt2 answer2 </s> | ...`. Each pair is a segment
         whose positions restart after the image and which may attend only to the image prefix
         and to itself (`segments` -> the attention mask in training), so that each answer is
-        learned exactly as chat() will ask it, and no answer leaks into another."""
+        learned exactly as chat() will ask it, and no answer leaks into another.
+        When they do not all fit in max_length, the ones kept are a random choice (seeded), not
+        the first ones: questions listed last would otherwise never be trained."""
         rows = [build_row(self.tok, self.cfg, build_prompt(q, [], self.version), True) for q, _ in turns]
         n = max(i for i, v in enumerate(rows[0].image_slots) if v) + 1 if any(rows[0].image_slots) else 1
         ids, pos, vision, slots = rows[0].ids[:n], rows[0].positions[:n], rows[0].vision[:n], rows[0].image_slots[:n]
         loss, segs = [False] * n, [0] * n
-        for k, (row, (_, answer)) in enumerate(zip(rows, turns)):
-            ans = self.tok.encode(answer) + [self.cfg.eos_token_id]
-            text = row.ids[n:] + ans
+        texts = [(row.ids[n:], self.tok.encode(answer) + [self.cfg.eos_token_id]) for row, (_, answer) in zip(rows, turns)]
+        if n + sum(len(q) + len(a) for q, a in texts) > self.max_length:
+            random.Random(seed).shuffle(texts)
+        k = 0
+        for prompt, ans in texts:
+            text = prompt + ans
             if len(ids) + len(text) > self.max_length:
-                break
+                continue                              # a shorter one may still fit
+            k += 1
             start = pos[n - 1] + 1
             ids += text
             pos += list(range(start, start + len(text)))
             vision += [False] * len(text)
             slots += [False] * len(text)
             loss += [False] * (len(text) - len(ans)) + [True] * len(ans)
-            segs += [k + 1] * len(text)
+            segs += [k] * len(text)
         return ids, pos, vision, slots, loss, segs
 
     def encode(self, query: str, history: list, answer: str) -> tuple[list, list, list, list, list]:
@@ -187,7 +194,7 @@ class FinetuneDataset(torch.utils.data.Dataset):
             return None
         (query, answer), history = s.turns[-1], s.turns[:-1]
         if len(unit) > 1:
-            ids, pos, vision, slots, loss, segs = self.encode_packed([u.turns[0] for u in unit])
+            ids, pos, vision, slots, loss, segs = self.encode_packed([u.turns[0] for u in unit], seed=i)
         else:
             (ids, pos, vision, slots, loss), segs = self.encode(query, history, answer), None
         item = {"ids": ids, "positions": pos, "vision": vision, "slots": slots, "loss": loss, "segments": segs,
