@@ -35,7 +35,7 @@ chromium:
 install: $(VENV)/.core
 install-dev: $(VENV)/.dev
 
-# The bundled model (checkpoints/tiny-cogvlm) answers questions about synthetic scenes; the
+# The bundled model (assets/checkpoints/tiny-cogvlm) answers questions about synthetic scenes; the
 # answer's boxes are drawn into grounding_output/.
 demo: $(VENV)/.core
 	$(PYTHON) basic_demo/cli_demo_sat.py --from_pretrained $(DEMO_MODEL) \
@@ -51,7 +51,7 @@ bench: $(VENV)/.core
 	$(PYTHON) bench/finetune.py --json bench/results_finetune.json
 	$(PYTHON) bench/tp.py --json bench/results_tp.json
 
-# The bundled demo models (checkpoints/tiny-cogvlm, checkpoints/tiny-cogagent): synthetic data,
+# The bundled demo models (assets/checkpoints/tiny-cogvlm, tiny-cogagent): synthetic data,
 # tokenizer, full-parameter training with finetune_demo/, export, evaluation. Resumable.
 # Both at once, one thread each (about 2 hours on 2 cores); progress in build/tiny/log-*.txt.
 tiny-models: $(VENV)/.core

@@ -240,7 +240,7 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
                           inner_hidden_size=48, head_out_dim=16, rope_pretrain_grid=4,
                           attn_hidden_size=32, attn_head_dim=8),
         adapter_has_pos_embed=True),
-    # The bundled demo models (checkpoints/tiny-*, trained by `make tiny-models` on synthetic
+    # The bundled demo models (assets/checkpoints/tiny-*, trained by `make tiny-models` on synthetic
     # data): the real architectures at small width. CogVLM reads 168-px images (144 image
     # tokens: a glyph of the text images spans more than one 14-px patch); the CogAgent one
     # reads 112 px (64 tokens) plus a 336-px high-res image (576 tokens) through its cross

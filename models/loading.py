@@ -15,6 +15,7 @@ from .layout import use_fast_cpu_layout
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_DIR = REPO_ROOT / "assets" / "checkpoints"     # the bundled demo models (tiny-*)
 
 
 class ModelNotFound(FileNotFoundError):
@@ -27,12 +28,13 @@ def sat_home() -> Path:
 
 def resolve_pretrained(name_or_path: str) -> Path:
     """A directory path, or a released/bundled model name looked up under $SAT_HOME
-    (default ~/.sat_models) and then the repository's `checkpoints/` folder."""
+    (default ~/.sat_models), then the repository's `checkpoints/` folder, then the bundled
+    models (`assets/checkpoints/`)."""
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         return p
     name = ALIASES.get(name_or_path, name_or_path)
-    looked = [sat_home() / name, REPO_ROOT / "checkpoints" / name]
+    looked = [sat_home() / name, REPO_ROOT / "checkpoints" / name, BUNDLED_DIR / name]
     for cand in looked:
         if cand.is_dir():
             return cand

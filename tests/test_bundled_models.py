@@ -1,4 +1,4 @@
-"""The bundled demo models (checkpoints/tiny-cogvlm, checkpoints/tiny-cogagent): their scores on
+"""The bundled demo models (assets/checkpoints/tiny-cogvlm, tiny-cogagent): their scores on
 the held-out synthetic set against the goals, the same greedy answers when a test replays the
 first held-out questions (by name, from another directory), and the HF front end after
 conversion giving the SAT front end's answer."""
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from models.loading import BUNDLED_DIR
 from utils.eval_synthetic import GOALS
 from utils.synthetic_data import generate
 
@@ -29,7 +30,7 @@ NOT_REACHED = {
 
 
 def read_eval(name: str) -> dict:
-    return json.loads((ROOT / "checkpoints" / name / "eval.json").read_text())
+    return json.loads((BUNDLED_DIR / name / "eval.json").read_text())
 
 
 def run(*cmd, cwd):
@@ -78,7 +79,7 @@ def test_hf_conversion_gives_the_same_answer(name, image, query, tmp_path):
     part at a near-tie late on: the two front ends compute in a different order; their logits
     agree to 1e-4, tests/test_hf.py.)"""
     hf = tmp_path / "hf"
-    run(ROOT / "utils" / "convert_checkpoint.py", "sat2hf", "--src", ROOT / "checkpoints" / name, "--dst", hf, cwd=tmp_path)
+    run(ROOT / "utils" / "convert_checkpoint.py", "sat2hf", "--src", BUNDLED_DIR / name, "--dst", hf, cwd=tmp_path)
     common = ["--image", ROOT / "assets" / image, "--query", query, "--top_k", 1]
     sat = run(ROOT / "basic_demo" / "cli_demo_sat.py", "--from_pretrained", name, *common,
               "--output_dir", tmp_path / "sat_boxes", cwd=tmp_path)

@@ -5,7 +5,7 @@ finetuning script in full-parameter mode (`make tiny-models`):
   2. a BPE SentencePiece tokenizer on that corpus (LLaMA layout, digits split, byte fallback)
   3. a random model of the named config (models/config.py: tiny-cogvlm / tiny-cogagent)
   4. finetune_demo/finetune_<model>_demo.py --full under torchrun (resumes if interrupted)
-  5. export to checkpoints/tiny-<model>/ in bf16 (SAT layout + tokenizer/), then score it on
+  5. export to assets/checkpoints/tiny-<model>/ in bf16 (SAT layout + tokenizer/), then score it on
      the test set (utils/eval_synthetic.py) and write eval.json beside it
 
   python utils/train_tiny_models.py --which cogvlm [--steps N] [--threads 1] --work build/tiny
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--which", choices=["cogvlm", "cogagent"], required=True)
     p.add_argument("--work", type=Path, default=ROOT / "build" / "tiny")
-    p.add_argument("--out", type=Path, default=None, help="default: checkpoints/tiny-<which>")
+    p.add_argument("--out", type=Path, default=None, help="default: assets/checkpoints/tiny-<which>")
     p.add_argument("--n_train", type=int, default=None, help="training images (default: RECIPES)")
     p.add_argument("--n_test", type=int, default=300, help="held-out images")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: RECIPES)")
@@ -65,13 +65,13 @@ def main(argv=None) -> int:
     a.n_train = a.n_train or RECIPES[a.which]["n_train"]
     from models.checkpoint import read_sat_state_dict, save_sat_checkpoint
     from models.config import ModelConfig, get_config
-    from models.loading import build_model
+    from models.loading import BUNDLED_DIR, build_model
     from utils.synthetic_data import generate
     from utils.tokenizer import train_sentencepiece
 
     name = f"tiny-{a.which}"
     gui = a.which == "cogagent"
-    work, out = a.work, a.out or ROOT / "checkpoints" / name
+    work, out = a.work, a.out or BUNDLED_DIR / name
     train, test = work / f"data-{a.which}-train", work / f"data-{a.which}-test"
     for folder, n, seed in ((train, a.n_train, 0), (test, a.n_test, 1)):
         if not (folder / "done").exists():
@@ -122,7 +122,8 @@ def main(argv=None) -> int:
     shutil.copytree(tok_dir, out / "tokenizer")
     (out / "latest").write_text("1")
     (out / "TRAINING.md").write_text(f"Trained by utils/train_tiny_models.py: {a.steps} steps (checkpoint {it}), "
-                                     f"batch {a.batch_size} x {a.procs}, lr {a.lr}, {a.n_train} synthetic images.\n")
+                                     f"batch {a.batch_size} x {a.procs} ({a.steps * a.batch_size * a.procs} images seen), lr {a.lr}, "
+                                     f"from {a.n_train} synthetic training images.\n")
     step(f"evaluate on {test}")
     from utils.eval_synthetic import main as eval_main
     return eval_main(["--from_pretrained", str(out), "--data", str(test), "--json", str(out / "eval.json")])
