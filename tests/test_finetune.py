@@ -302,3 +302,34 @@ def test_packing_keeps_a_random_choice_when_rows_overflow(cogvlm_ckpt, tmp_path)
         assert all(f"answer {j}" in text for j in kept[-1])
     assert len(set(kept)) > 1 and 7 in set().union(*kept)
     assert [ds[i]["ids"] for i in range(3)] == [ds[i]["ids"] for i in range(3)]     # seeded
+
+
+def test_aux_warmup_trains_only_the_encoders_first(cogagent_ckpt, tmp_path):
+    """--aux_warmup_iters N: the first N steps change only the image encoders (and the
+    training-only heads), the language model keeps its weights; the steps after train all."""
+    from models.checkpoint import read_sat_state_dict
+    from utils.synthetic_data import generate
+    generate(tmp_path / "data", 24, seed=3, gui=True)
+    out = finetune(1, "--from_pretrained", cogagent_ckpt, "--train_data", tmp_path / "data", "--save", tmp_path / "run",
+                   "--full", "--train_iters", 6, "--aux_warmup_iters", 3, "--batch_size", 4, "--lr", 1e-3,
+                   "--save_interval", 3, "--log_interval", 1, "--pack_questions", "--aux_object_loss", 0.5,
+                   script="finetune_cogagent_demo.py")
+    assert "step 3/6 loss" in out and re.search(r"step 3/6 loss [0-9.]+ \(image encoders", out)
+    assert not re.search(r"step 4/6 loss [0-9.]+ \(image encoders", out)
+    init = read_sat_state_dict(cogagent_ckpt, trust=False)
+    after = {s: torch.load(tmp_path / "run" / str(s) / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+             for s in (3, 6)}
+
+    def changed(step, part):
+        keys = [k for k in init if k.startswith(part)]
+        assert keys, part
+        return any(not torch.equal(init[k].float(), after[step][k].float()) for k in keys)
+    for enc in ("mixins.eva.vit_model.transformer.layers", "mixins.encoder.vit"):
+        assert changed(3, enc)
+    for lm in ("transformer.layers.0.attention", "transformer.word_embeddings", "mixins.eva.linear_proj"):
+        assert not changed(3, lm) and changed(6, lm), lm
+    bad = subprocess.run(finetune_cmd(1, "finetune_cogagent_demo.py", "--from_pretrained", cogagent_ckpt,
+                                      "--train_data", tmp_path / "data", "--save", tmp_path / "run2", "--full",
+                                      "--train_iters", 3, "--aux_warmup_iters", 3, "--aux_object_loss", 0.5),
+                         capture_output=True, text=True, timeout=120, cwd="/", env=ENV)
+    assert bad.returncode != 0 and "leaves none of the 3" in bad.stderr + bad.stdout

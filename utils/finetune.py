@@ -52,6 +52,10 @@ def add_finetune_args(p: argparse.ArgumentParser, default_model: str) -> None:
                    help="with object labels (utils/synthetic_data.py): also train small heads on the "
                         "low-res ViT's patches to predict the kind, colour and box of the object under "
                         "each patch (training only; the heads are not saved in the model)")
+    g.add_argument("--aux_warmup_iters", type=int, default=0, metavar="N",
+                   help="with --aux_object_loss: the first N of the --train_iters steps run only the image "
+                        "encoder(s) and train them on the per-patch loss (the language model is not run, so "
+                        "a step costs a fraction of a full one)")
     g.add_argument("--pack_questions", action="store_true",
                    help="train the single-turn questions of one image together in one row "
                         "(image encoded once; each question masked from the others)")
@@ -245,9 +249,19 @@ def attach_aux_heads(model, train_set) -> tuple:
     return cfg.eva.image_size // cfg.eva.patch_size, kinds, colours, cross_grid
 
 
-def compute_loss(model, batch: dict, device, aux_weight: float = 0.0) -> torch.Tensor:
+def compute_loss(model, batch: dict, device, aux_weight: float = 0.0, encoders_only: bool = False) -> torch.Tensor:
+    """The language-model loss on the answers (+ aux_weight x the per-patch object loss).
+    encoders_only: run only the image encoder(s) and return the per-patch loss alone."""
     b = {k: v.to(device) for k, v in batch.items()}
     dtype = model.model.embed_tokens.weight.dtype
+    if encoders_only:
+        model.model.vision.transformer(model.model.vision.patch_embedding(b["images"].to(dtype)))
+        loss = model.aux_heads["low"].loss(model._vit_out, b)
+        if "cross_obj_kind" in b:
+            model.model.cross_vision(b["cross_images"].to(dtype))
+            cross = {k[len("cross_"):]: v for k, v in b.items() if k.startswith("cross_obj_")}
+            loss = loss + model.aux_heads["cross"].loss(model._cross_out, cross)
+        return loss
     cross_kv = model.cross_kv(b["cross_images"].to(dtype)) if "cross_images" in b else None
     attn_mask = packed_attention_mask(b["segments"], b["pad_mask"]) if "segments" in b else None
     logits = model(b["input_ids"], b["position_ids"], vision_mask=b["vision_mask"],
@@ -375,6 +389,11 @@ def train(args) -> dict:
         print(f"train samples: {len(train_set)} (skipped {len(train_set.skipped)})"
               + (f"; valid samples: {len(valid_set)} (skipped {len(valid_set.skipped)})" if valid_set else ""),
               flush=True)
+    if args.aux_warmup_iters and not args.aux_object_loss:
+        raise ValueError("--aux_warmup_iters needs --aux_object_loss (the per-patch loss it trains on)")
+    if args.aux_warmup_iters >= args.train_iters:
+        raise ValueError(f"--aux_warmup_iters {args.aux_warmup_iters} leaves none of the {args.train_iters} "
+                         f"--train_iters steps to the language model")
     object_vocab = attach_aux_heads(model, train_set) if args.aux_object_loss else None
     trainable, total = freeze_for_training(model, args)
     if trainable == 0:
@@ -388,9 +407,13 @@ def train(args) -> dict:
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
-    warmup = max(1, int(args.warmup * args.train_iters))
+    # With --aux_warmup_iters the encoder-only steps get a warm-up then a constant rate, and the
+    # full steps their own warm-up and cosine (the language model starts at the full rate).
+    aux, full = args.aux_warmup_iters, args.train_iters - args.aux_warmup_iters
+    warmup = max(1, int(args.warmup * full))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_with_warmup(s, args.train_iters, warmup, args.min_lr_ratio))
+        optimizer, lambda s: cosine_with_warmup(s, aux, warmup, 1.0) if s < aux
+        else cosine_with_warmup(s - aux, full, warmup, args.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config(args, cuda), mpu=groups,
                                            dist_init_required=False)
@@ -433,7 +456,8 @@ def train(args) -> dict:
             batch = collate_train([train_set[i] for i in idx], object_vocab)
             if batch is None:
                 continue
-            loss = compute_loss(engine.module, batch, device, args.aux_object_loss)
+            loss = compute_loss(engine.module, batch, device, args.aux_object_loss,
+                                encoders_only=step < args.aux_warmup_iters)
             engine.backward(loss)
             engine.step()
             step_loss += loss.detach().double().cpu() / args.gradient_accumulation_steps
@@ -450,7 +474,9 @@ def train(args) -> dict:
         if (step + 1) % args.log_interval == 0 or step + 1 == args.train_iters or step == start_step:
             rate = seen / max(1e-9, time.time() - t0)
             lr = scheduler.get_last_lr()[0]
-            msg = f"step {step + 1}/{args.train_iters} loss {sum(window) / len(window):.6f} lr {lr:.3e} samples/s {rate:.2f}"
+            what = " (image encoders, per-patch loss)" if step < args.aux_warmup_iters else ""
+            msg = (f"step {step + 1}/{args.train_iters} loss {sum(window) / len(window):.6f}{what} "
+                   f"lr {lr:.3e} samples/s {rate:.2f}")
             if is_main:
                 bar.write(msg)
             window.clear()
