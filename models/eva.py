@@ -112,9 +112,13 @@ class ImageEncoder(nn.Module):
         self.pos_embed = (nn.Parameter(torch.zeros(e.num_patches, e.hidden_size))
                           if cfg.adapter_has_pos_embed else None)
 
+    def encode_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """images: B,3,S,S -> the ViT's output, B, 1 + N, C (CLS first), before the adapter."""
+        return self.transformer(self.patch_embedding(images))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: B,3,S,S -> B, 1 + image_length + 1, hidden."""
-        x = self.transformer(self.patch_embedding(images))[:, 1:]   # CLS dropped: B,N,C
+        x = self.encode_patches(images)[:, 1:]                       # CLS dropped: B,N,C
         if self.pos_embed is not None:
             x = x + self.pos_embed
         x = self.linear_proj(x)

@@ -254,14 +254,11 @@ def compute_loss(model, batch: dict, device, aux_weight: float = 0.0, encoders_o
     encoders_only: run only the image encoder(s) and return the per-patch loss alone."""
     b = {k: v.to(device) for k, v in batch.items()}
     dtype = model.model.embed_tokens.weight.dtype
-    if encoders_only:
-        model.model.vision.transformer(model.model.vision.patch_embedding(b["images"].to(dtype)))
-        loss = model.aux_heads["low"].loss(model._vit_out, b)
+    if encoders_only:                              # the hooks keep both encoders' outputs
+        model.model.vision.encode_patches(b["images"].to(dtype))
         if "cross_obj_kind" in b:
             model.model.cross_vision(b["cross_images"].to(dtype))
-            cross = {k[len("cross_"):]: v for k, v in b.items() if k.startswith("cross_obj_")}
-            loss = loss + model.aux_heads["cross"].loss(model._cross_out, cross)
-        return loss
+        return object_loss(model, b)
     cross_kv = model.cross_kv(b["cross_images"].to(dtype)) if "cross_images" in b else None
     attn_mask = packed_attention_mask(b["segments"], b["pad_mask"]) if "segments" in b else None
     logits = model(b["input_ids"], b["position_ids"], vision_mask=b["vision_mask"],
@@ -271,10 +268,17 @@ def compute_loss(model, batch: dict, device, aux_weight: float = 0.0, encoders_o
     mask = b["loss_mask"][:, 1:]
     loss = F.cross_entropy(logits[:, :-1][mask].float(), target[mask])
     if aux_weight and "obj_kind" in b:
-        loss = loss + aux_weight * model.aux_heads["low"].loss(model._vit_out, b)
-        if "cross_obj_kind" in b:
-            cross = {k[len("cross_"):]: v for k, v in b.items() if k.startswith("cross_obj_")}
-            loss = loss + aux_weight * model.aux_heads["cross"].loss(model._cross_out, cross)
+        loss = loss + aux_weight * object_loss(model, b)
+    return loss
+
+
+def object_loss(model, b: dict) -> torch.Tensor:
+    """The per-patch object loss on the encoder outputs the hooks kept from the last forward
+    (low-res ViT, and the high-res encoder when the batch has its targets)."""
+    loss = model.aux_heads["low"].loss(model._vit_out, b)
+    if "cross_obj_kind" in b:
+        cross = {k[len("cross_"):]: v for k, v in b.items() if k.startswith("cross_obj_")}
+        loss = loss + model.aux_heads["cross"].loss(model._cross_out, cross)
     return loss
 
 
@@ -389,11 +393,6 @@ def train(args) -> dict:
         print(f"train samples: {len(train_set)} (skipped {len(train_set.skipped)})"
               + (f"; valid samples: {len(valid_set)} (skipped {len(valid_set.skipped)})" if valid_set else ""),
               flush=True)
-    if args.aux_warmup_iters and not args.aux_object_loss:
-        raise ValueError("--aux_warmup_iters needs --aux_object_loss (the per-patch loss it trains on)")
-    if args.aux_warmup_iters >= args.train_iters:
-        raise ValueError(f"--aux_warmup_iters {args.aux_warmup_iters} leaves none of the {args.train_iters} "
-                         f"--train_iters steps to the language model")
     object_vocab = attach_aux_heads(model, train_set) if args.aux_object_loss else None
     trainable, total = freeze_for_training(model, args)
     if trainable == 0:
@@ -514,6 +513,11 @@ def main(argv=None, default_model: str = "cogvlm-base-490", description: str = _
         p.error("--train_data and --save are required (unless --eval_only)")
     if args.eval_only and not (args.valid_data or args.test_data):
         p.error("--eval_only needs --valid_data and/or --test_data")
+    if args.aux_warmup_iters and not args.aux_object_loss:
+        p.error("--aux_warmup_iters needs --aux_object_loss (the per-patch loss it trains on)")
+    if not args.eval_only and args.aux_warmup_iters >= args.train_iters:
+        p.error(f"--aux_warmup_iters {args.aux_warmup_iters} leaves none of the {args.train_iters} "
+                f"--train_iters steps to the language model")
     common.setup_logging()
     import warnings
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
