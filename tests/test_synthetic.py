@@ -57,3 +57,27 @@ def test_text_images_label_each_character(tmp_path):
     assert min(lengths) < 4
     generate(tmp_path / "u", 30, seed=5, text_fraction=1.0)
     assert all(4 <= len(json.loads(f.read_text())["qa"][0]["answer"]) <= 6 for f in (tmp_path / "u" / "labels").glob("*.json"))
+
+
+def test_extra_presence_questions_are_balanced_and_true(tmp_path):
+    """Training sets may add presence questions (two objects of the scene, two hard negatives
+    with the colour or the shape changed): every answer is right for the scene, about half are
+    "yes"; sets without them (held-out) keep one presence question per scene."""
+    generate(tmp_path / "x", 60, seed=7, text_fraction=0.0, extra_presence=True)
+    answers, hard = [], 0
+    for lab in (tmp_path / "x" / "labels").glob("*.json"):
+        d = json.loads(lab.read_text())
+        names = {f"{o['colour']} {o['kind']}" for o in d["objects"]}
+        for x in d["qa"]:
+            if category(x["question"]) == "presence":
+                name = x["question"].removeprefix("Is there ").rstrip("?").split(" ", 1)[1]
+                assert x["answer"] == ("yes" if name in names else "no")
+                answers.append(x["answer"])
+                colour, kind = name.split()
+                hard += x["answer"] == "no" and any(colour in n or kind in n for n in names)
+    assert len(answers) > 4 * 60 and 0.4 < answers.count("yes") / len(answers) < 0.6
+    assert hard > len(answers) / 3
+    generate(tmp_path / "plain", 60, seed=7, text_fraction=0.0)
+    for lab in (tmp_path / "plain" / "labels").glob("*.json"):
+        plain = json.loads(lab.read_text())["qa"]
+        assert sum(category(x["question"]) == "presence" for x in plain) == 1

@@ -109,8 +109,11 @@ def _list(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def scene_questions(rng: random.Random, shapes: list[Shape]) -> list[tuple[str, str]]:
-    """Every kind of question about one scene (a few of each, chosen at random)."""
+def scene_questions(rng: random.Random, shapes: list[Shape], extra_presence: bool = False) -> list[tuple[str, str]]:
+    """Every kind of question about one scene (a few of each, chosen at random).
+    extra_presence (training): four more presence questions, two objects of the scene and two
+    hard negatives (an object with its colour or its shape changed), so that half the presence
+    answers are "yes" and the model has to bind colour and shape to answer them."""
     qa = []
     ordered = sorted(shapes, key=lambda s: (s.box[0], s.box[1]))       # left to right
     qa.append(("Describe the image.", _list([s.a_name for s in ordered]) + "."))
@@ -141,6 +144,17 @@ def scene_questions(rng: random.Random, shapes: list[Shape]) -> list[tuple[str, 
         probe = Shape(rng.choice(SHAPES), rng.choice(list(COLOURS)), (0, 0, 0, 0))
     present = any(o.name == probe.name for o in shapes)
     qa.append((f"Is there {probe.a_name}?", "yes" if present else "no"))
+    if extra_presence:
+        names = {o.name for o in shapes}
+        for o in rng.sample(shapes, min(2, len(shapes))):
+            qa.append((f"Is there {o.a_name}?", "yes"))
+        for swap in ("colour", "kind"):
+            o = rng.choice(shapes)
+            others = [c for c in COLOURS if c != o.colour] if swap == "colour" else [k for k in SHAPES if k != o.kind]
+            fakes = [f for f in (Shape(x, o.colour, o.box) if swap == "kind" else Shape(o.kind, x, o.box)
+                                 for x in others) if f.name not in names]
+            if fakes:                   # (none when all four shapes share o's colour)
+                qa.append((f"Is there {rng.choice(fakes).a_name}?", "no"))
     box = box_text(to_thousandths(s.box, SIZE, SIZE))
     qa.append((f"Where is the {s.name}?", box))
     qa.append(("Describe the image with boxes.",
@@ -262,9 +276,10 @@ def gui_questions(rng: random.Random, elements: list[dict], size: int) -> list[t
 
 # ----------------------------------------------------------------------------------------
 def generate(out: Path, n: int, seed: int = 0, gui: bool = False, text_fraction: float = 0.2,
-             gui_fraction: float = 0.4, gui_size: int = 448, text_min_len: int = 4) -> dict:
-    """Write n images with their questions. Returns counts per kind. text_min_len < 4 adds
-    easier, shorter texts (training); held-out sets keep the 4-6 characters of the task."""
+             gui_fraction: float = 0.4, gui_size: int = 448, text_min_len: int = 4, extra_presence: bool = False) -> dict:
+    """Write n images with their questions. Returns counts per kind. For training sets,
+    text_min_len < 4 adds easier, shorter texts and extra_presence more presence questions
+    (scene_questions); held-out sets keep the task's 4-6 characters and one presence question."""
     from tqdm import tqdm
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "labels").mkdir(parents=True, exist_ok=True)
@@ -282,7 +297,7 @@ def generate(out: Path, n: int, seed: int = 0, gui: bool = False, text_fraction:
             objects = [{"kind": c["kind"], "box": [v / SIZE for v in c["box"]]} for c in chars]
         else:
             img, shapes = make_scene(rng)
-            qa, kind = scene_questions(rng, shapes), "scene"
+            qa, kind = scene_questions(rng, shapes, extra_presence), "scene"
             objects = [{"kind": s.kind, "colour": s.colour, "box": [v / SIZE for v in s.box]} for s in shapes]
         counts[kind] += 1
         name = f"{seed:03d}{i:06d}"
