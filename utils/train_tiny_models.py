@@ -42,7 +42,7 @@ def corpus_text(folders) -> str:
 # a full step), and training images; chosen so that both models train together in under 2 hours
 # on 2 cores.
 RECIPES = {"cogvlm": {"steps": 1450, "encoder_steps": 1500, "n_train": 26000},
-           "cogagent": {"steps": 1100, "encoder_steps": 0, "n_train": 21000}}
+           "cogagent": {"steps": 950, "encoder_steps": 800, "n_train": 21000}}
 
 
 def step(msg):
@@ -84,9 +84,10 @@ def main(argv=None) -> int:
         if not (folder / "done").exists():
             step(f"synthetic data: {n} images -> {folder}")
             shutil.rmtree(folder, ignore_errors=True)
-            # training adds shorter texts (1-3 characters) as easier examples; the held-out
-            # set keeps the task's 4-6
-            generate(folder, n, seed, gui=gui, text_min_len=1 if folder == train else 4)
+            # training adds shorter texts (1-3 characters) as easier examples and balanced
+            # presence questions; the held-out set keeps the task's 4-6 characters and one
+            generate(folder, n, seed, gui=gui, text_min_len=1 if folder == train else 4,
+                     extra_presence=folder == train)
             (folder / "done").write_text("ok")
     tok_dir = work / f"tokenizer-{a.which}"
     cfg = get_config(name)
