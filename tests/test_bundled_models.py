@@ -23,9 +23,9 @@ MODELS = ["tiny-cogvlm", "tiny-cogagent"]
 NOT_REACHED = {
     ("tiny-cogvlm", "colour"): 0.567, ("tiny-cogvlm", "count"): 0.88, ("tiny-cogvlm", "presence"): 0.541,
     ("tiny-cogvlm", "box_iou50"): 0.433, ("tiny-cogvlm", "text"): 0.0,
-    ("tiny-cogagent", "colour"): 0.546, ("tiny-cogagent", "shape"): 0.266, ("tiny-cogagent", "count"): 0.69,
-    ("tiny-cogagent", "presence"): 0.517, ("tiny-cogagent", "box_iou50"): 0.29, ("tiny-cogagent", "text"): 0.0,
-    ("tiny-cogagent", "agent_box_iou50"): 0.452,
+    ("tiny-cogagent", "colour"): 0.596, ("tiny-cogagent", "shape"): 0.60, ("tiny-cogagent", "count"): 0.725,
+    ("tiny-cogagent", "presence"): 0.543, ("tiny-cogagent", "box_iou50"): 0.316, ("tiny-cogagent", "text"): 0.0,
+    ("tiny-cogagent", "agent_box_iou50"): 0.465,
 }
 
 
