@@ -150,9 +150,9 @@ def scene_questions(rng: random.Random, shapes: list[Shape], extra_presence: boo
             qa.append((f"Is there {o.a_name}?", "yes"))
         for swap in ("colour", "kind"):
             o = rng.choice(shapes)
-            others = [c for c in COLOURS if c != o.colour] if swap == "colour" else [k for k in SHAPES if k != o.kind]
-            fakes = [f for f in (Shape(x, o.colour, o.box) if swap == "kind" else Shape(o.kind, x, o.box)
-                                 for x in others) if f.name not in names]
+            fakes = ([Shape(o.kind, c, o.box) for c in COLOURS] if swap == "colour"
+                     else [Shape(k, o.colour, o.box) for k in SHAPES])
+            fakes = [f for f in fakes if f.name not in names]      # (o itself is in names)
             if fakes:                   # (none when all four shapes share o's colour)
                 qa.append((f"Is there {rng.choice(fakes).a_name}?", "no"))
     box = box_text(to_thousandths(s.box, SIZE, SIZE))
