@@ -218,12 +218,25 @@ def init_distributed(device: str = "cpu", timeout_s: float = None) -> tuple[int,
 
 def shutdown_distributed() -> None:
     """Leave the group cleanly (all ranks together): a process that exits with the gloo group
-    still alive can abort in its destructor ("terminate called without an active exception")."""
+    still alive can abort in its destructor ("terminate called without an active exception").
+    After the gloo barrier, a second one through the rendezvous store: a rank that leaves the
+    gloo barrier first and closes its sockets while a peer has not yet read the barrier's last
+    message makes that peer's gloo thread throw "Connection closed/reset by peer" (SIGABRT)."""
     if dist.is_available() and dist.is_initialized():
         try:
             dist.barrier()
+            _store_barrier("cogvlm/shutdown")
         finally:
             dist.destroy_process_group()
+
+
+def _store_barrier(key: str) -> None:
+    """Wait until every rank has reached this point, through the key-value store (no sockets
+    between ranks involved); gives up after the store's timeout."""
+    store, world = dist.distributed_c10d._get_default_store(), dist.get_world_size()
+    if store.add(key, 1) == world:             # the last rank to arrive opens the gate
+        store.set(key + "/open", "1")
+    store.wait([key + "/open"])
 
 
 def tp_rank_world() -> tuple[int, int]:

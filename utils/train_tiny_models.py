@@ -41,8 +41,9 @@ def corpus_text(folders) -> str:
 # first train only the image encoder(s) on the per-patch object loss (a fraction of the cost of
 # a full step), and training images; chosen so that both models train together in under 2 hours
 # on 2 cores.
-RECIPES = {"cogvlm": {"steps": 1450, "encoder_steps": 1500, "n_train": 26000},
-           "cogagent": {"steps": 950, "encoder_steps": 800, "n_train": 21000}}
+# extra_presence: the training set's balanced presence questions (utils/synthetic_data.py).
+RECIPES = {"cogvlm": {"steps": 1450, "encoder_steps": 1500, "n_train": 26000, "extra_presence": False},
+           "cogagent": {"steps": 950, "encoder_steps": 800, "n_train": 21000, "extra_presence": True}}
 
 
 def step(msg):
@@ -64,10 +65,16 @@ def main(argv=None) -> int:
     p.add_argument("--procs", type=int, default=1, help="data-parallel processes")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores / procs)")
     p.add_argument("--max_length", type=int, default=512, help="packed row length cap (tokens)")
+    p.add_argument("--extra_presence", choices=["on", "off"], default=None,
+                   help="four more presence questions per training scene, half yes (default: RECIPES)")
     p.add_argument("--aux_object_loss", type=float, default=0.5, help="weight of the per-patch object loss (0 = off)")
     a = p.parse_args(argv)
     a.steps = a.steps or RECIPES[a.which]["steps"]
     a.n_train = a.n_train or RECIPES[a.which]["n_train"]
+    if a.extra_presence is None:
+        a.extra_presence = RECIPES[a.which]["extra_presence"]
+    else:
+        a.extra_presence = a.extra_presence == "on"
     if a.encoder_steps is None:
         a.encoder_steps = RECIPES[a.which]["encoder_steps"] if a.aux_object_loss else 0
     from models.checkpoint import read_sat_state_dict, save_sat_checkpoint
@@ -79,7 +86,9 @@ def main(argv=None) -> int:
     name = f"tiny-{a.which}"
     gui = a.which == "cogagent"
     work, out = a.work, a.out or BUNDLED_DIR / name
-    train, test = work / f"data-{a.which}-train", work / f"data-{a.which}-test"
+    # Folders built from the training set name its options: a cached one is reused only when they match.
+    tag = f"{a.which}-presence" if a.extra_presence else a.which
+    train, test = work / f"data-{tag}-train", work / f"data-{a.which}-test"
     for folder, n, seed in ((train, a.n_train, 0), (test, a.n_test, 1)):
         if not (folder / "done").exists():
             step(f"synthetic data: {n} images -> {folder}")
@@ -87,22 +96,22 @@ def main(argv=None) -> int:
             # training adds shorter texts (1-3 characters) as easier examples and balanced
             # presence questions; the held-out set keeps the task's 4-6 characters and one
             generate(folder, n, seed, gui=gui, text_min_len=1 if folder == train else 4,
-                     extra_presence=folder == train)
+                     extra_presence=a.extra_presence and folder == train)
             (folder / "done").write_text("ok")
-    tok_dir = work / f"tokenizer-{a.which}"
+    tok_dir = work / f"tokenizer-{tag}"
     cfg = get_config(name)
     if not (tok_dir / "tokenizer.model").exists():
         step(f"tokenizer -> {tok_dir}")
         train_sentencepiece(corpus_text([train]), tok_dir, vocab_size=cfg.vocab_size,
                             split_digits=True, symbols=("[[", "]]"))
-    init = work / f"init-{a.which}"
+    init = work / f"init-{tag}"
     if not (init / "latest").exists():
         step(f"random {name} -> {init}")
         import torch
         torch.manual_seed(0)
         save_sat_checkpoint(build_model(cfg), cfg, init)
         shutil.copytree(tok_dir, init / "tokenizer", dirs_exist_ok=True)
-    run = work / f"run-{a.which}"
+    run = work / f"run-{tag}"
     step(f"training {name}: {a.encoder_steps} encoder-only + {a.steps} full steps, "
          f"batch {a.batch_size} x {a.procs} process(es) -> {run}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={a.procs}",
@@ -136,7 +145,8 @@ def main(argv=None) -> int:
                                      f"({a.encoder_steps * images} images) then {a.steps} full steps "
                                      f"({a.steps * images} images), checkpoint {it}, "
                                      f"batch {a.batch_size} x {a.procs}, lr {a.lr}, "
-                                     f"from {a.n_train} synthetic training images.\n")
+                                     f"from {a.n_train} synthetic training images"
+                                     f"{' with extra presence questions' if a.extra_presence else ''}.\n")
     step(f"evaluate on {test}")
     from utils.eval_synthetic import main as eval_main
     return eval_main(["--from_pretrained", str(out), "--data", str(test), "--json", str(out / "eval.json")])
