@@ -38,6 +38,14 @@ def test_drawing_without_system_fonts(monkeypatch):
     assert img.getpixel((32, 24)) == (255, 255, 255)                           # original untouched
 
 
+def test_label_near_the_right_edge_stays_inside_the_image():
+    img = Image.new("RGB", (320, 240), (255, 255, 255))
+    out = draw_groundings(img, parse_groundings("a rather long label [[900,500,990,600]]"))
+    # the box starts at x=288; its tag (above the box, y < 120) is moved left to fit
+    assert any(out.getpixel((250, y)) != (255, 255, 255) for y in range(90, 118))
+    assert all(out.getpixel((319, y)) == (255, 255, 255) for y in range(90, 118))
+
+
 def test_agent_output():
     a = parse_agent_output("Plan: 1. Type 'CogVLM' into the search box. 2. Press enter.\n"
                            "Next Action: Type 'CogVLM' in the search box.\n"

@@ -116,12 +116,20 @@ def draw_groundings(image: Image.Image, groundings: list[Grounding]) -> Image.Im
                 d.rectangle(b, outline=color, width=width)
                 anchor = (b[0], b[1])
             if g.phrase:
-                tb = d.textbbox(anchor, g.phrase, font=font)
-                y = anchor[1] - (tb[3] - tb[1]) - 4 if anchor[1] - (tb[3] - tb[1]) - 4 >= 0 else anchor[1]
-                tb = d.textbbox((anchor[0], y), g.phrase, font=font)
-                d.rectangle((tb[0] - 2, tb[1] - 2, tb[2] + 2, tb[3] + 2), fill=color)
-                d.text((anchor[0], y), g.phrase, fill=(255, 255, 255), font=font)
+                _label(d, anchor, g.phrase, font, color, W)
     return img
+
+
+def _label(d: ImageDraw.ImageDraw, anchor: tuple, text: str, font, color, W: int) -> None:
+    """The phrase on a filled tag above the anchor (below it at the top edge), moved left
+    where it would run off the right edge of the image."""
+    tb = d.textbbox(anchor, text, font=font)
+    w, h = tb[2] - tb[0], tb[3] - tb[1]
+    x = max(2, min(anchor[0], W - w - 4))
+    y = anchor[1] - h - 4 if anchor[1] - h - 4 >= 0 else anchor[1]
+    tb = d.textbbox((x, y), text, font=font)
+    d.rectangle((tb[0] - 2, tb[1] - 2, tb[2] + 2, tb[3] + 2), fill=color)
+    d.text((x, y), text, fill=(255, 255, 255), font=font)
 
 
 # ----- CogAgent agent answers ------------------------------------------------------------
