@@ -123,12 +123,11 @@ def draw_groundings(image: Image.Image, groundings: list[Grounding]) -> Image.Im
 def _label(d: ImageDraw.ImageDraw, anchor: tuple, text: str, font, color, W: int) -> None:
     """The phrase on a filled tag above the anchor (below it at the top edge), moved left
     where it would run off the right edge of the image."""
-    tb = d.textbbox(anchor, text, font=font)
-    w, h = tb[2] - tb[0], tb[3] - tb[1]
+    left, top, right, bottom = d.textbbox((0, 0), text, font=font)    # offsets from the text origin
+    w, h = right - left, bottom - top
     x = max(2, min(anchor[0], W - w - 4))
     y = anchor[1] - h - 4 if anchor[1] - h - 4 >= 0 else anchor[1]
-    tb = d.textbbox((x, y), text, font=font)
-    d.rectangle((tb[0] - 2, tb[1] - 2, tb[2] + 2, tb[3] + 2), fill=color)
+    d.rectangle((x + left - 2, y + top - 2, x + right + 2, y + bottom + 2), fill=color)
     d.text((x, y), text, fill=(255, 255, 255), font=font)
 
 

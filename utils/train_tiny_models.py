@@ -93,8 +93,8 @@ def main(argv=None) -> int:
         if not (folder / "done").exists():
             step(f"synthetic data: {n} images -> {folder}")
             shutil.rmtree(folder, ignore_errors=True)
-            # training adds shorter texts (1-3 characters) as easier examples and balanced
-            # presence questions; the held-out set keeps the task's 4-6 characters and one
+            # training adds shorter texts (1-3 characters) as easier examples and, per recipe,
+            # balanced presence questions; the held-out set keeps the task's 4-6 characters and one
             generate(folder, n, seed, gui=gui, text_min_len=1 if folder == train else 4,
                      extra_presence=a.extra_presence and folder == train)
             (folder / "done").write_text("ok")
