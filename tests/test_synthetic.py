@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from utils.eval_synthetic import category, iou, score
 from utils.grounding import parse_agent_output, parse_groundings
 from utils.synthetic_data import generate
@@ -60,10 +62,11 @@ def test_text_images_label_each_character(tmp_path):
 
 
 def test_extra_presence_questions_are_balanced_and_true(tmp_path):
-    """Training sets may add presence questions (two objects of the scene, two hard negatives
-    with the colour or the shape changed): every answer is right for the scene, about half are
-    "yes"; sets without them (held-out) keep one presence question per scene."""
-    generate(tmp_path / "x", 60, seed=7, text_fraction=0.0, extra_presence=True)
+    """Training sets may add presence questions (four: two objects of the scene, two hard
+    negatives with the colour or the shape changed): every answer is right for the scene, about
+    half are "yes"; sets without them (held-out) keep one presence question per scene; two extra
+    give one of each."""
+    generate(tmp_path / "x", 60, seed=7, text_fraction=0.0, extra_presence=4)
     answers, hard = [], 0
     for lab in (tmp_path / "x" / "labels").glob("*.json"):
         d = json.loads(lab.read_text())
@@ -81,3 +84,24 @@ def test_extra_presence_questions_are_balanced_and_true(tmp_path):
     for lab in (tmp_path / "plain" / "labels").glob("*.json"):
         plain = json.loads(lab.read_text())["qa"]
         assert sum(category(x["question"]) == "presence" for x in plain) == 1
+    generate(tmp_path / "two", 60, seed=7, text_fraction=0.0, extra_presence=2)
+    for lab in (tmp_path / "two" / "labels").glob("*.json"):
+        two = [x for x in json.loads(lab.read_text())["qa"] if category(x["question"]) == "presence"][1:]
+        assert [x["answer"] for x in two] in (["yes", "no"], ["yes"])   # (no hard negative exists
+        # when all four shapes share a colour)
+
+
+@pytest.mark.parametrize("version,prompt,most", [("chat_old", "Question: What does the text say? Answer:", 10),
+                                                 ("chat", " [INST] What does the text say? [/INST] ", 12)])
+def test_tokenizer_corpus_makes_the_template_words_tokens(tmp_path, version, prompt, most):
+    """The bundled models' tokenizer is trained on every question inside its prompt template:
+    with the bare questions, the template words lost their merges to the random texts of the
+    text images (`Question:` took 6 tokens, `[/INST]` 7, in every packed question)."""
+    import sentencepiece as spm
+    from utils.tokenizer import train_sentencepiece
+    from utils.train_tiny_models import corpus_text
+    generate(tmp_path / "t", 1500, seed=3, text_fraction=1.0, text_min_len=1)
+    tok = train_sentencepiece(corpus_text([tmp_path / "t"], version), tmp_path / "tok", vocab_size=1024,
+                              split_digits=True, symbols=("[[", "]]"))
+    pieces = spm.SentencePieceProcessor(model_file=str(tok / "tokenizer.model")).encode(prompt, out_type=str)
+    assert len(pieces) <= most, pieces

@@ -109,11 +109,11 @@ def _list(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def scene_questions(rng: random.Random, shapes: list[Shape], extra_presence: bool = False) -> list[tuple[str, str]]:
+def scene_questions(rng: random.Random, shapes: list[Shape], extra_presence: int = 0) -> list[tuple[str, str]]:
     """Every kind of question about one scene (a few of each, chosen at random).
-    extra_presence (training): four more presence questions, two objects of the scene and two
-    hard negatives (an object with its colour or its shape changed), so that half the presence
-    answers are "yes" and the model has to bind colour and shape to answer them."""
+    extra_presence (training): that many more presence questions, half of them objects of the
+    scene and half hard negatives (an object with its colour or its shape changed), so that
+    about half the presence answers are "yes" and the model has to bind colour and shape."""
     qa = []
     ordered = sorted(shapes, key=lambda s: (s.box[0], s.box[1]))       # left to right
     qa.append(("Describe the image.", _list([s.a_name for s in ordered]) + "."))
@@ -146,9 +146,12 @@ def scene_questions(rng: random.Random, shapes: list[Shape], extra_presence: boo
     qa.append((f"Is there {probe.a_name}?", "yes" if present else "no"))
     if extra_presence:
         names = {o.name for o in shapes}
-        for o in rng.sample(shapes, min(2, len(shapes))):
+        for o in rng.sample(shapes, min(extra_presence // 2, len(shapes))):
             qa.append((f"Is there {o.a_name}?", "yes"))
-        for swap in ("colour", "kind"):
+        negatives = extra_presence - extra_presence // 2
+        # pairs of swaps (colour, kind) in a fixed order, an odd one chosen at random
+        swaps = ["colour", "kind"] * (negatives // 2) + ([rng.choice(["colour", "kind"])] if negatives % 2 else [])
+        for swap in swaps:
             o = rng.choice(shapes)
             fakes = ([Shape(o.kind, c, o.box) for c in COLOURS] if swap == "colour"
                      else [Shape(k, o.colour, o.box) for k in SHAPES])
@@ -276,9 +279,9 @@ def gui_questions(rng: random.Random, elements: list[dict], size: int) -> list[t
 
 # ----------------------------------------------------------------------------------------
 def generate(out: Path, n: int, seed: int = 0, gui: bool = False, text_fraction: float = 0.2,
-             gui_fraction: float = 0.4, gui_size: int = 448, text_min_len: int = 4, extra_presence: bool = False) -> dict:
+             gui_fraction: float = 0.4, gui_size: int = 448, text_min_len: int = 4, extra_presence: int = 0) -> dict:
     """Write n images with their questions. Returns counts per kind. For training sets,
-    text_min_len < 4 adds easier, shorter texts and extra_presence more presence questions
+    text_min_len < 4 adds easier, shorter texts and extra_presence that many more presence questions
     (scene_questions); held-out sets keep the task's 4-6 characters and one presence question."""
     from tqdm import tqdm
     (out / "images").mkdir(parents=True, exist_ok=True)

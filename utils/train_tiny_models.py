@@ -26,14 +26,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def corpus_text(folders) -> str:
+def corpus_text(folders, version: str) -> str:
+    """The tokenizer's training text: every question inside the model's prompt template, then
+    its answer. (With the bare questions, the template words were too rare for a merge of
+    their own: `Question:` took 6 tokens, `[/INST]` 7, about 80 tokens of every packed row.)"""
     from utils.task_prompts import AGENT_TASK, CAPTION_WITH_BOXES, EXPRESSION_TO_BOX, BOX_TO_CAPTION
-    lines = [*AGENT_TASK, *CAPTION_WITH_BOXES, *EXPRESSION_TO_BOX, *BOX_TO_CAPTION,
-             "Question: Answer: Short answer: [INST] [/INST] Plan: Next Action: Grounded Operation:"]
+    from utils.templates import IMAGE_MARK, build_prompt
+    lines = [*AGENT_TASK, *CAPTION_WITH_BOXES, *EXPRESSION_TO_BOX, *BOX_TO_CAPTION]
     for f in folders:
         for lab in sorted((f / "labels").glob("*.json")):
             for x in json.loads(lab.read_text())["qa"]:
-                lines += [x["question"], x["answer"]]
+                prompt = build_prompt(x["question"], [], version).replace(IMAGE_MARK, "")
+                lines.append(f"{prompt} {x['answer']}")
     return "\n".join(lines) + "\n"
 
 
@@ -41,9 +45,10 @@ def corpus_text(folders) -> str:
 # first train only the image encoder(s) on the per-patch object loss (a fraction of the cost of
 # a full step), and training images; chosen so that both models train together in under 2 hours
 # on 2 cores.
-# extra_presence: the training set's balanced presence questions (utils/synthetic_data.py).
-RECIPES = {"cogvlm": {"steps": 1450, "encoder_steps": 1500, "n_train": 26000, "extra_presence": False},
-           "cogagent": {"steps": 950, "encoder_steps": 800, "n_train": 21000, "extra_presence": True}}
+# extra_presence: how many balanced presence questions the training set adds per scene
+# (utils/synthetic_data.py).
+RECIPES = {"cogvlm": {"steps": 1450, "encoder_steps": 1500, "n_train": 26000, "extra_presence": 0},
+           "cogagent": {"steps": 950, "encoder_steps": 800, "n_train": 21000, "extra_presence": 4}}
 
 
 def step(msg):
@@ -65,16 +70,14 @@ def main(argv=None) -> int:
     p.add_argument("--procs", type=int, default=1, help="data-parallel processes")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores / procs)")
     p.add_argument("--max_length", type=int, default=512, help="packed row length cap (tokens)")
-    p.add_argument("--extra_presence", choices=["on", "off"], default=None,
-                   help="four more presence questions per training scene, half yes (default: RECIPES)")
+    p.add_argument("--extra_presence", type=int, choices=range(0, 5), default=None, metavar="N",
+                   help="N more presence questions per training scene, half yes (default: RECIPES)")
     p.add_argument("--aux_object_loss", type=float, default=0.5, help="weight of the per-patch object loss (0 = off)")
     a = p.parse_args(argv)
     a.steps = a.steps or RECIPES[a.which]["steps"]
     a.n_train = a.n_train or RECIPES[a.which]["n_train"]
     if a.extra_presence is None:
         a.extra_presence = RECIPES[a.which]["extra_presence"]
-    else:
-        a.extra_presence = a.extra_presence == "on"
     if a.encoder_steps is None:
         a.encoder_steps = RECIPES[a.which]["encoder_steps"] if a.aux_object_loss else 0
     from models.checkpoint import read_sat_state_dict, save_sat_checkpoint
@@ -87,7 +90,7 @@ def main(argv=None) -> int:
     gui = a.which == "cogagent"
     work, out = a.work, a.out or BUNDLED_DIR / name
     # Folders built from the training set name its options: a cached one is reused only when they match.
-    tag = f"{a.which}-presence" if a.extra_presence else a.which
+    tag = f"{a.which}-presence{a.extra_presence}" if a.extra_presence else a.which
     train, test = work / f"data-{tag}-train", work / f"data-{a.which}-test"
     for folder, n, seed in ((train, a.n_train, 0), (test, a.n_test, 1)):
         if not (folder / "done").exists():
@@ -96,13 +99,13 @@ def main(argv=None) -> int:
             # training adds shorter texts (1-3 characters) as easier examples and, per recipe,
             # balanced presence questions; the held-out set keeps the task's 4-6 characters and one
             generate(folder, n, seed, gui=gui, text_min_len=1 if folder == train else 4,
-                     extra_presence=a.extra_presence and folder == train)
+                     extra_presence=a.extra_presence if folder == train else 0)
             (folder / "done").write_text("ok")
     tok_dir = work / f"tokenizer-{tag}"
     cfg = get_config(name)
     if not (tok_dir / "tokenizer.model").exists():
         step(f"tokenizer -> {tok_dir}")
-        train_sentencepiece(corpus_text([train]), tok_dir, vocab_size=cfg.vocab_size,
+        train_sentencepiece(corpus_text([train], cfg.version), tok_dir, vocab_size=cfg.vocab_size,
                             split_digits=True, symbols=("[[", "]]"))
     init = work / f"init-{tag}"
     if not (init / "latest").exists():
@@ -146,7 +149,7 @@ def main(argv=None) -> int:
                                      f"({a.steps * images} images), checkpoint {it}, "
                                      f"batch {a.batch_size} x {a.procs}, lr {a.lr}, "
                                      f"from {a.n_train} synthetic training images"
-                                     f"{' with extra presence questions' if a.extra_presence else ''}.\n")
+                                     f"{f', {a.extra_presence} extra presence questions per scene' if a.extra_presence else ''}.\n")
     step(f"evaluate on {test}")
     from utils.eval_synthetic import main as eval_main
     return eval_main(["--from_pretrained", str(out), "--data", str(test), "--json", str(out / "eval.json")])
