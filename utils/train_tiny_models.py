@@ -36,7 +36,8 @@ def corpus_text(folders, version: str) -> str:
     for f in folders:
         for lab in sorted((f / "labels").glob("*.json")):
             for x in json.loads(lab.read_text())["qa"]:
-                prompt = build_prompt(x["question"], [], version).replace(IMAGE_MARK, "")
+                # (the chat template ends in a space; the answer is encoded on its own, "▁"-led)
+                prompt = build_prompt(x["question"], [], version).replace(IMAGE_MARK, "").rstrip()
                 lines.append(f"{prompt} {x['answer']}")
     return "\n".join(lines) + "\n"
 
