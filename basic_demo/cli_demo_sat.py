@@ -69,7 +69,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    status = main()
-    from models.tp import shutdown_distributed
-    shutdown_distributed()                      # under torchrun: every rank leaves together
-    sys.exit(status)
+    from models.tp import exit_process
+    exit_process(main())                        # under torchrun: every rank leaves together

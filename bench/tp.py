@@ -27,7 +27,7 @@ import torch  # noqa: E402
 def worker(ckpt: str, out: str, new_tokens: int, repeat: int) -> None:
     from models.generate import GenerationConfig, generate_tokens
     from models.loading import load_model
-    from models.tp import init_distributed
+    from models.tp import exit_process, init_distributed
     from utils.chat import ImageContext, prepare
     from utils.tokenizer import Tokenizer
     from PIL import Image
@@ -46,8 +46,7 @@ def worker(ckpt: str, out: str, new_tokens: int, repeat: int) -> None:
         rates.append(new_tokens / (time.perf_counter() - t))
     if rank == 0:
         Path(out).write_text(json.dumps({"world": world, "tok_s": statistics.median(rates[1:])}))
-    from models.tp import shutdown_distributed
-    shutdown_distributed()
+    exit_process(0)
 
 
 def main() -> int:

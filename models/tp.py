@@ -17,9 +17,11 @@ inputs and take their mean and variance across ranks (two small all-reduces).
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import re
-from typing import Optional
+import sys
+from typing import NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -216,18 +218,29 @@ def init_distributed(device: str = "cpu", timeout_s: float = None) -> tuple[int,
     return dist.get_rank(), dist.get_world_size()
 
 
-def shutdown_distributed() -> None:
-    """Leave the group cleanly (all ranks together): a process that exits with the gloo group
-    still alive can abort in its destructor ("terminate called without an active exception").
-    After the gloo barrier, a second one through the rendezvous store: a rank that leaves the
-    gloo barrier first and closes its sockets while a peer has not yet read the barrier's last
-    message makes that peer's gloo thread throw "Connection closed/reset by peer" (SIGABRT)."""
-    if dist.is_available() and dist.is_initialized():
+def exit_process(status: int = 0) -> NoReturn:
+    """End a script's process with `status`. Under torchrun, after a successful run every rank
+    first waits for the others: a gloo barrier, then a second one through the rendezvous store
+    (a rank that leaves the gloo barrier first and closes its sockets while a peer has not yet
+    read the barrier's last message makes that peer's gloo thread throw "Connection closed by
+    peer", SIGABRT). Then the process ends without tearing the process groups down or finalizing
+    the interpreter: that teardown (gloo's C++ objects and threads, racing the peers' own) is
+    where a rank aborted in CI after its work ("terminate called without an active exception",
+    rarely, 4 ranks). The kernel closes the sockets; Python's logs and streams
+    are flushed first. Outside torchrun: sys.exit(status)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        sys.exit(status)
+    if status == 0:                      # after an error the peers may not reach the barriers
         try:
             dist.barrier()
-            _store_barrier("cogvlm/shutdown")
-        finally:
-            dist.destroy_process_group()
+            _store_barrier("cogvlm/exit")
+        except Exception as e:           # a peer died or timed out: say so, exit non-zero
+            print(f"error: leaving the torchrun group: {e}", file=sys.stderr)
+            status = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _store_barrier(key: str) -> None:

@@ -19,7 +19,7 @@ from utils.create_test_model import create
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "LOGLEVEL": "WARNING", "HF_HUB_OFFLINE": "1",
-       "OMP_NUM_THREADS": "1", "COGVLM_DIST_TIMEOUT": "120"}
+       "OMP_NUM_THREADS": "1", "COGVLM_DIST_TIMEOUT": "120", "PYTHONFAULTHANDLER": "1"}
 STEPS = 150
 
 

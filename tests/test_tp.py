@@ -16,8 +16,9 @@ from models.tp import merge_tensors, shard_tensor
 from utils.create_test_model import create
 
 ROOT = Path(__file__).resolve().parent.parent
+# PYTHONFAULTHANDLER: a rank that aborts (SIGABRT) prints where each of its threads was.
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "LOGLEVEL": "WARNING", "HF_HUB_OFFLINE": "1",
-       "OMP_NUM_THREADS": "1", "COGVLM_DIST_TIMEOUT": "60"}
+       "OMP_NUM_THREADS": "1", "COGVLM_DIST_TIMEOUT": "60", "PYTHONFAULTHANDLER": "1"}
 
 
 def torchrun(n: int, *args, timeout=240, stdin=None):
@@ -27,11 +28,12 @@ def torchrun(n: int, *args, timeout=240, stdin=None):
 
 
 def rank_errors(stderr: str) -> str:
-    """What a failed run's ranks said (their C++ aborts and Python errors come before the long
-    summary torchrun prints last), then that summary's end."""
-    lines = [ln for ln in stderr.splitlines()
-             if any(w in ln for w in ("terminate called", "what()", "Error", "error:", "Exception"))]
-    return "\n".join(lines[:40]) + "\n...\n" + stderr[-1500:]
+    """What a failed run's ranks said (their C++ aborts, Python errors and the faulthandler's
+    stacks come before the long summary torchrun prints last), then that summary's end."""
+    words = ("terminate called", "what()", "Error", "error:", "Exception", "Fatal Python",
+             "thread 0x", "Thread 0x", '  File "')
+    lines = [ln for ln in stderr.splitlines() if any(w in ln for w in words)]
+    return "\n".join(lines[:80]) + "\n...\n" + stderr[-1500:]
 
 
 def merge(*args):
@@ -196,3 +198,32 @@ def test_strided_shard_roundtrip():
     assert torch.equal(merge_tensors(parts, 0, 3), t)
     with pytest.raises(ValueError, match="does not split"):
         shard_tensor(t, 0, 3, 0, 8)
+
+
+EXIT_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+from models.tp import exit_process, init_distributed
+rank, world = init_distributed("cpu", timeout_s=60)
+print(f"rank {{rank}} of {{world}} done")        # block-buffered (a pipe): exit_process flushes it
+exit_process(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_exit_process_keeps_the_status_and_the_output(n, tmp_path):
+    """exit_process ends every rank without gloo's teardown: the status is the script's and
+    nothing printed is lost (stdout is a pipe, not line-buffered)."""
+    script = tmp_path / "exit_worker.py"
+    script.write_text(EXIT_SCRIPT.format(root=str(ROOT)))
+    env = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}
+    for status in (0, 3):
+        cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+                f"--nproc-per-node={n}"] if n > 1 else [sys.executable])
+        p = subprocess.run([*cmd, str(script), str(status)], capture_output=True, text=True,
+                           timeout=120, cwd="/", env=env)
+        assert (p.returncode == 0) == (status == 0), rank_errors(p.stderr)
+        if n == 1:
+            assert p.returncode == status
+        if status == 0:                 # (after a failed rank torchrun stops the others)
+            assert sorted(p.stdout.split("\n")[:-1]) == [f"rank {r} of {n} done" for r in range(n)]

@@ -9,7 +9,7 @@ import torch  # noqa: E402
 
 from models.generate import GenerationConfig  # noqa: E402
 from models.loading import load_model  # noqa: E402
-from models.tp import init_distributed, shutdown_distributed  # noqa: E402
+from models.tp import exit_process, init_distributed  # noqa: E402
 from utils.chat import ImageContext, chat, prepare  # noqa: E402
 from utils.tokenizer import Tokenizer  # noqa: E402
 
@@ -35,4 +35,4 @@ if __name__ == "__main__":
     out = run(sys.argv[1], sys.argv[2], rank, world)
     if rank == 0:
         torch.save(out, sys.argv[3])
-    shutdown_distributed()
+    exit_process(0)

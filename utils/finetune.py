@@ -33,7 +33,6 @@ from tqdm import tqdm
 from models.checkpoint import atomic_write, read_sat_state_dict, sat_key
 from models.loading import default_dtype, load_model, resolve_pretrained
 from models.lora import LoRAConfig, apply_lora
-from models.tp import shutdown_distributed
 from . import args as common
 from .chat import ImageContext, batch_chat
 from .dataset import FinetuneDataset, collate_train, packed_attention_mask
@@ -526,11 +525,7 @@ def main(argv=None, default_model: str = "cogvlm-base-490", description: str = _
     from .tokenizer import TokenizerError
     try:
         train(args)
-        shutdown_distributed()                  # every rank leaves together (models/tp.py)
     except (ModelNotFound, CheckpointError, TokenizerError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", flush=True, file=__import__("sys").stderr)
         return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     return 0
