@@ -225,9 +225,9 @@ def exit_process(status: int = 0) -> NoReturn:
     read the barrier's last message makes that peer's gloo thread throw "Connection closed by
     peer", SIGABRT). Then the process ends without tearing the process groups down or finalizing
     the interpreter: that teardown (gloo's C++ objects and threads, racing the peers' own) is
-    where a rank aborted in CI after its work ("terminate called without an active exception",
-    rarely, 4 ranks). The kernel closes the sockets; Python's logs and streams
-    are flushed first. Outside torchrun: sys.exit(status)."""
+    the likely place where a rank of 4 aborted in one CI run ("terminate called without an
+    active exception"). The kernel closes the sockets; Python's logs and streams are flushed
+    first. Outside torchrun: sys.exit(status)."""
     if not (dist.is_available() and dist.is_initialized()):
         sys.exit(status)
     if status == 0:                      # after an error the peers may not reach the barriers
