@@ -528,4 +528,4 @@ def main(argv=None, default_model: str = "cogvlm-base-490", description: str = _
     except (ModelNotFound, CheckpointError, TokenizerError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", flush=True, file=__import__("sys").stderr)
         return 1
-    return 0
+    return 0                # the launchers end with models.tp.exit_process: all ranks together
