@@ -21,10 +21,14 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "LOGLEVEL": "WARNING", "HF_HUB_OFF
        "OMP_NUM_THREADS": "1", "COGVLM_DIST_TIMEOUT": "60", "PYTHONFAULTHANDLER": "1"}
 
 
+def torchrun_cmd(n: int, *args) -> list:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+            f"--nproc-per-node={n}", *map(str, args)]
+
+
 def torchrun(n: int, *args, timeout=240, stdin=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-           f"--nproc-per-node={n}", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd="/", env=ENV, input=stdin)
+    return subprocess.run(torchrun_cmd(n, *args), capture_output=True, text=True, timeout=timeout,
+                          cwd="/", env=ENV, input=stdin)
 
 
 def rank_errors(stderr: str) -> str:
@@ -125,9 +129,8 @@ def test_a_failing_rank_stops_every_rank(cogvlm_ckpt, image_file, tmp_path):
 def test_a_rank_killed_mid_session_ends_the_run(cogvlm_ckpt, tmp_path):
     """kill -9 of rank 1 while rank 0 waits for input: torchrun stops rank 0 too; no hang."""
     import signal
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-           "--nproc-per-node=2", str(ROOT / "basic_demo" / "cli_demo_sat.py"),
-           "--from_pretrained", str(cogvlm_ckpt), "--output_dir", str(tmp_path)]
+    cmd = torchrun_cmd(2, ROOT / "basic_demo" / "cli_demo_sat.py", "--from_pretrained", cogvlm_ckpt,
+                       "--output_dir", tmp_path)
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd="/", env=ENV)
     try:
@@ -219,8 +222,7 @@ def test_exit_process_keeps_the_status_and_the_output(n, tmp_path):
     env = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}
     for status in (0, 3):
         # --no-python: torchrun would start the ranks with `python -u` (unbuffered)
-        cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-                f"--nproc-per-node={n}", "--no-python"] if n > 1 else []) + [sys.executable]
+        cmd = (torchrun_cmd(n, "--no-python") if n > 1 else []) + [sys.executable]
         p = subprocess.run([*cmd, str(script), str(status)], capture_output=True, text=True,
                            timeout=120, cwd="/", env=env)
         assert (p.returncode == 0) == (status == 0), rank_errors(p.stderr)
