@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -67,9 +68,15 @@ _SAT_RENAMES = [
 _SAT_RENAMES = [(re.compile(("" if p.startswith("lm_head") else r"model\.") + p + "$"), t)
                 for p, t in _SAT_RENAMES]
 
-# Buffers that are derived from the config, never trained: rotary tables. SAT checkpoints
-# store them; we accept them on load (shape-checked), regenerate them, and write them back.
-DERIVED = re.compile(r"(rotary\.inv_freq|.*rope\.freqs_(cos|sin))$")
+# Buffers that are derived from the config, never trained: rotary tables. Released files
+# may carry them (SAT: once; HF: `rotary_emb.inv_freq` in every layer, CogAgent's rope tables
+# once or per block) or not: loaders accept them present or absent, shape-check them when
+# present, and always regenerate them in fp32.
+DERIVED = re.compile(r"(^|\.)(rotary(_emb)?\.inv_freq|rope\.freqs_(cos|sin))$")
+
+
+def is_derived(key: str) -> bool:
+    return DERIVED.search(key) is not None
 
 
 def sat_key(name: str) -> str:
@@ -121,6 +128,10 @@ def checkpoint_files(ckpt_dir: Path) -> tuple[str, list[Path]]:
     if not files:
         raise CheckpointError(f"{ckpt_dir / it}: no mp_rank_XX_model_states.pt files "
                               f"('latest' says iteration {it!r})")
+    ranks = sorted(int(m.group(1)) for f in files if (m := re.fullmatch(r"mp_rank_(\d+)_model_states\.pt", f.name)))
+    if ranks != list(range(len(files))):
+        raise CheckpointError(f"{ckpt_dir / it}: model-parallel shard files are for ranks "
+                              f"{', '.join(map(str, ranks))}; expected 0 to {len(files) - 1}, each once")
     return it, files
 
 
@@ -129,6 +140,28 @@ def read_shard(path: Path, trust: bool = False) -> dict:
     if not isinstance(obj, dict) or "module" not in obj:
         raise CheckpointError(f"{path}: expected a dict with a 'module' state dict")
     return obj["module"]
+
+
+def load_sat_config(ckpt_dir: Path, sd: dict) -> ModelConfig:
+    """`model_config.json` of a SAT checkpoint, completed from its state dict `sd` (CogAgent's
+    high-res encoder sizes) and, when it names no template, the model table's template for
+    the directory's name (a released checkpoint unpacked under its own name)."""
+    from .config import ALIASES, MODEL_CONFIGS
+    f = Path(ckpt_dir) / "model_config.json"
+    if not f.is_file():
+        raise CheckpointError(f"{ckpt_dir}: no model_config.json (not a SAT checkpoint directory)")
+    known = MODEL_CONFIGS.get(ALIASES.get(Path(ckpt_dir).name, Path(ckpt_dir).name))
+    try:
+        cfg = ModelConfig.load(f, {k: tuple(v.shape) for k, v in sd.items()},
+                               known.version if known else None)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{f}: {e}") from None
+    it, files = checkpoint_files(Path(ckpt_dir))
+    if cfg.model_parallel_size > 1 and len(files) != cfg.model_parallel_size:
+        raise CheckpointError(f"{Path(ckpt_dir) / it}: model_config.json says model_parallel_size "
+                              f"{cfg.model_parallel_size} but there are {len(files)} mp_rank_XX files "
+                              f"(a rank file is missing)")
+    return cfg
 
 
 def read_sat_state_dict(ckpt_dir: Path, trust: bool = False, rank: int = 0, world: int = 1) -> dict:
@@ -155,7 +188,7 @@ def load_state_into(model: nn.Module, sat_sd: dict, source: str, dtype: Optional
     if extra:
         raise CheckpointError(f"{source}: unexpected key(s) not in this architecture: "
                               f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
-    missing = [s for s, o in names.items() if s not in sat_sd and not DERIVED.match(o)]
+    missing = [s for s, o in names.items() if s not in sat_sd and not is_derived(o)]
     if missing:
         raise CheckpointError(f"{source}: missing key(s): {', '.join(missing[:5])}"
                               f"{' ...' if len(missing) > 5 else ''}")
@@ -174,7 +207,7 @@ def load_state_into(model: nn.Module, sat_sd: dict, source: str, dtype: Optional
     new_sd = {}
     for skey, okey in tqdm(names.items(), desc="loading weights", unit="tensor",
                            disable=len(names) < 200 or rank != 0, leave=False):
-        if DERIVED.match(okey):
+        if is_derived(okey):
             continue
         t = sat_sd[skey]
         if not t.is_floating_point():
@@ -196,12 +229,21 @@ def regenerate_derived(model: nn.Module, device="cpu") -> None:
 
 
 # ----------------------------------------------------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
+    """write(tmp) into a temporary beside `path`, then rename it over `path`. The file gets
+    the permissions of a normal new file (mkstemp's are 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -225,4 +267,57 @@ def save_sat_checkpoint(model: nn.Module, cfg: ModelConfig, out_dir, iteration: 
     atomic_write(out / "model_config.json", lambda p: cfg.save(p))
     atomic_write(target, lambda p: torch.save(state, p))
     atomic_write(out / "latest", lambda p: Path(p).write_text(str(iteration)))
+    return out
+
+
+# Files a checkpoint directory of either format may hold; anything else means the directory
+# is someone's data, which --overwrite must never delete.
+_CHECKPOINT_ENTRY = re.compile(r"(model_config\.json|latest|\d+|config\.json|generation_config\.json|"
+                               r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|"
+                               r"pytorch_model(-\d+-of-\d+)?\.bin|pytorch_model\.bin\.index\.json|"
+                               r"tokenizer|tokenizer.*\.(json|model)|special_tokens_map\.json|\..*)$")
+
+
+def write_checkpoint_dir(out, write, sources=(), overwrite: bool = False) -> Path:
+    """Write a whole checkpoint directory safely: write(tmp) fills a new sibling directory,
+    which replaces `out` only after it succeeded. Refused before anything is written: `out`
+    being a source, inside one or holding one; an existing non-empty `out` without
+    `overwrite`; and, with it, an `out` that holds anything but checkpoint files."""
+    out = Path(out).expanduser().absolute()
+    for src in sources:
+        src = Path(src).expanduser().resolve()
+        o = out.resolve()
+        if o == src or src in o.parents or o in src.parents:
+            raise CheckpointError(f"the output {out} is the source {src}, inside it or holds it; "
+                                  f"write to another directory")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise CheckpointError(f"{out} exists and is not empty; refusing to overwrite (pass --overwrite)")
+        foreign = sorted(p.name for p in out.iterdir() if not _CHECKPOINT_ENTRY.match(p.name))
+        if foreign or not ((out / "config.json").is_file() or (out / "model_config.json").is_file()):
+            raise CheckpointError(f"refusing to replace {out}: it does not look like a checkpoint"
+                                  + (f" (it holds {', '.join(foreign[:5])})" if foreign else
+                                     " (no config.json or model_config.json)"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.writing-"))
+    try:
+        write(tmp)
+        # Normal permissions for everything written (mkdtemp, mkstemp and safetensors give 0600).
+        mask = _umask()
+        for d, _, names in os.walk(tmp):
+            os.chmod(d, 0o777 & ~mask)
+            for n in names:
+                os.chmod(os.path.join(d, n), 0o666 & ~mask)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, old / "d")
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out

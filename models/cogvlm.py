@@ -239,10 +239,13 @@ class CogVLMModel(nn.Module):
         return h
 
     def forward(self, input_ids, position_ids, vision_mask=None, image_embeds=None, image_mask=None,
-                cache=None, cross_kv=None, cross_rows=None, pad_mask=None, attn_mask=None) -> torch.Tensor:
+                cache=None, cross_kv=None, cross_rows=None, pad_mask=None, attn_mask=None,
+                hidden_states: Optional[list] = None) -> torch.Tensor:
         """-> hidden states B,T,hidden. `cache`: ours or a transformers Cache (anything with
         update(k, v, layer) and get_seq_length()); pad_mask: B,past+T bool, False = padding;
-        attn_mask: an explicit B,1,T,S bool mask matching what cache.update returns."""
+        attn_mask: an explicit B,1,T,S bool mask matching what cache.update returns.
+        hidden_states: a list that receives every layer's input and the normed output
+        (num_layers + 1 tensors, as transformers' output_hidden_states)."""
         h = self.embed(input_ids, image_embeds, image_mask)
         T = input_ids.shape[1]
         past = cache.get_seq_length() if cache is not None else 0
@@ -252,9 +255,14 @@ class CogVLMModel(nn.Module):
             vision_mask = None                 # no vision token: read only language weights
         cos, sin = self.rotary(position_ids, h.dtype)
         for i, layer in enumerate(self.layers):
+            if hidden_states is not None:
+                hidden_states.append(h)
             h = layer(h, vision_mask, cos, sin, cache, i, attn_mask,
                       cross_kv[i] if cross_kv is not None else None, cross_rows)
-        return self.norm(h)
+        h = self.norm(h)
+        if hidden_states is not None:
+            hidden_states.append(h)
+        return h
 
 
 def causal_mask(past: int, T: int, pad_mask: Optional[torch.Tensor], device) -> torch.Tensor:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -127,7 +129,11 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_sat_json(cls, d: dict) -> "ModelConfig":
+    def from_sat_json(cls, d: dict, shapes: Optional[dict] = None,
+                      default_version: Optional[str] = None) -> "ModelConfig":
+        """shapes: SAT key -> shape of the checkpoint's tensors; CogAgent's high-res encoder
+        sizes that the file does not state are read from them (released configs state none).
+        default_version: the template when the file has no `text_processor_version`."""
         d = dict(d)
         known = {"model_class", "num_layers", "hidden_size", "num_attention_heads", "vocab_size",
                  "inner_hidden_size", "layernorm_order", "use_bias", "layernorm_epsilon",
@@ -156,17 +162,10 @@ class ModelConfig:
         is_agent = "CogAgent" in d["model_class"] or "cross_image_pix" in d
         cross = None
         if is_agent:
-            ca = d.get("cross_encoder_args", {})
-            width = d.get("cross_attn_hidden_size", ca.get("hidden_size", 1024))
-            cross = CrossConfig(
-                image_size=d.get("cross_image_pix", 1120), hidden_size=width,
-                num_layers=ca.get("num_layers", 24),
-                num_attention_heads=ca.get("num_attention_heads", 16),
-                inner_hidden_size=ca.get("inner_hidden_size", int(width * 2.6667)),
-                head_out_dim=ca.get("head_out_dim", 768), patch_size=ca.get("patch_size", 14),
-                rope_pretrain_grid=ca.get("rope_pretrain_grid", 16),
-                attn_hidden_size=ca.get("attn_hidden_size", 1024),
-                attn_head_dim=d.get("cross_hidden_size_per_attention_head", 32))
+            cross = cross_config(d.get("cross_encoder_args") or {}, d["num_attention_heads"],
+                                 cross_sizes_from_shapes(shapes or {}, "mixins.encoder."),
+                                 width=d.get("cross_attn_hidden_size"), image_size=d.get("cross_image_pix"),
+                                 attn_head_dim=d.get("cross_hidden_size_per_attention_head", 32))
             dec = d.get("is_decoder", True)
             if isinstance(dec, list) and not all(dec):
                 raise ValueError("model_config.json: is_decoder must be true for every layer "
@@ -180,7 +179,7 @@ class ModelConfig:
             layernorm_epsilon=d.get("layernorm_epsilon", 1e-5),
             bos_token_id=d.get("bos_token_id", 1), eos_token_id=d.get("eos_token_id", 2),
             pad_token_id=d.get("pad_token_id", 0),
-            version=d.get("text_processor_version", "chat" if is_agent else "chat_old"),
+            version=d.get("text_processor_version") or default_version or ("chat" if is_agent else "chat_old"),
             eva=eva, cross=cross, adapter_has_pos_embed=is_agent,
             model_parallel_size=int(d.get("model_parallel_size", 1)),
             extra={k: v for k, v in d.items() if k not in known})
@@ -197,13 +196,78 @@ class ModelConfig:
             json.dump(self.to_sat_json(), f, indent=2)
 
     @classmethod
-    def load(cls, path: str) -> "ModelConfig":
+    def load(cls, path: str, shapes: Optional[dict] = None, default_version: Optional[str] = None) -> "ModelConfig":
         try:
             with open(path) as f:
                 d = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_sat_json(d)
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a JSON object")
+        return cls.from_sat_json(d, shapes, default_version)
+
+
+# ----- CogAgent's high-resolution branch: sizes stated, else read from the weights' shapes -----
+RELEASED_CROSS_HEAD_DIM = 64      # EVA2-CLIP-L: 1024 wide, 16 heads
+
+
+def cross_sizes_from_shapes(shapes: dict, prefix: str) -> dict:
+    """The high-res encoder's sizes visible in a state dict (key -> shape). prefix:
+    "mixins.encoder." (SAT names) or "model.cross_vision." (HF names). Only tensors that
+    model parallelism never splits are read (pos_embed, norms, block count, the CLIP head)."""
+    vit = prefix + "vit.model."
+    out = {}
+    blocks = [int(m.group(1)) for k in shapes if (m := re.match(re.escape(vit) + r"blocks\.(\d+)\.", k))]
+    if blocks:
+        out["num_layers"] = max(blocks) + 1
+    pos = shapes.get(prefix + "pos_embed")
+    if pos is not None and len(pos) == 2:
+        out["num_patches"], out["hidden_size"] = int(pos[0]), int(pos[1])
+    patch = shapes.get(vit + "patch_embed.proj.weight")
+    if patch is not None and len(patch) == 4:
+        out["patch_size"] = int(patch[-1])
+    for key, name in (("blocks.0.mlp.ffn_ln.weight", "inner_hidden_size"), ("head.weight", "head_out_dim")):
+        if shapes.get(vit + key):
+            out[name] = int(shapes[vit + key][0])
+    return out
+
+
+def cross_config(stated: dict, lm_heads: int, seen: dict, width: Optional[int] = None,
+                 image_size: Optional[int] = None, attn_head_dim: int = 32) -> CrossConfig:
+    """CogAgent's CrossConfig: what the config states wins, then what the weights show, then
+    the released sizes. The encoder's head size cannot be seen in the weights: it is stated
+    (`head_dim` or `num_attention_heads`) or the released 64. The cross attention's inner
+    size is the language model's heads x `cross_hidden_size_per_attention_head`."""
+    width = int(width or stated.get("hidden_size") or seen.get("hidden_size") or 1024)
+    patch = int(stated.get("patch_size") or seen.get("patch_size") or 14)
+    if not image_size and seen.get("num_patches"):
+        image_size = math.isqrt(seen["num_patches"]) * patch
+    if stated.get("num_attention_heads"):
+        heads = int(stated["num_attention_heads"])
+        if heads <= 0 or width % heads:
+            raise ValueError(f"model_config.json: the high-resolution encoder's width {width} is not "
+                             f"divisible by its {heads} heads")
+    else:
+        head_dim = int(stated.get("head_dim") or RELEASED_CROSS_HEAD_DIM)
+        if head_dim <= 0 or width % head_dim:
+            raise ValueError(f"model_config.json: the high-resolution encoder's width {width} is not a "
+                             f"multiple of its head size {head_dim}"
+                             + ("" if stated.get("head_dim") else " (the released default); state the head "
+                                "size as cross_encoder_args.head_dim"))
+        heads = width // head_dim
+    attn_hidden = lm_heads * int(attn_head_dim)
+    if stated.get("attn_hidden_size") not in (None, attn_hidden):
+        raise ValueError(f"model_config.json: cross_encoder_args.attn_hidden_size {stated['attn_hidden_size']} "
+                         f"is not num_attention_heads x cross_hidden_size_per_attention_head "
+                         f"({lm_heads} x {attn_head_dim} = {attn_hidden})")
+    pick = lambda name, default: int(stated.get(name) or seen.get(name) or default)  # noqa: E731
+    return CrossConfig(
+        image_size=int(image_size or 1120), patch_size=patch, hidden_size=width,
+        num_layers=pick("num_layers", 24), num_attention_heads=heads,
+        inner_hidden_size=pick("inner_hidden_size", int(width * 2.6667)),
+        head_out_dim=pick("head_out_dim", 768),
+        rope_pretrain_grid=int(stated.get("rope_pretrain_grid") or 16),
+        attn_hidden_size=attn_hidden, attn_head_dim=int(attn_head_dim))
 
 
 def _cogvlm(image_size: int, version: str) -> ModelConfig:

@@ -23,7 +23,11 @@ class GenerationConfig:
 
     @property
     def greedy(self) -> bool:
-        return self.top_k == 1 or self.temperature <= 0 or self.top_p <= 0
+        return self.top_k == 1 or self.temperature < MIN_TEMPERATURE or self.top_p <= 0
+
+
+# Below this temperature sampling is greedy: it is greedy in effect, and 1/T would overflow.
+MIN_TEMPERATURE = 1e-5
 
 
 class PromptTooLong(ValueError):
@@ -57,7 +61,10 @@ def sample(logits: torch.Tensor, gen: GenerationConfig, generator=None) -> torch
     (SAT's convention for top_p = 0)."""
     if gen.greedy:
         return logits.argmax(-1)
-    logits = logits.float() / gen.temperature
+    # Shifted so that the largest logit is 0 before dividing: every value stays <= 0, so no
+    # temperature can turn it into inf (a tiny one sends the others to -inf, i.e. greedy).
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / gen.temperature
     if gen.top_k > 0:
         kth = torch.topk(logits, min(gen.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -15,10 +15,16 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cogvlm import CogVLM, CogVLMModel, Rotary
-from .config import CrossConfig, EVAConfig, ModelConfig
+from .config import EVAConfig, ModelConfig, cross_config
 from .eva import RopeTables, rope_2d_tables
 
 VISION_TOKEN = 1      # token_type_ids: 0 language, 1 vision (boi, patches, eoi)
+
+# config.json's `template_version` (the original HF code's names) <-> the SAT `--version` of
+# the same prompt. CogVLM-HF's "chat" is `Question: ... Answer:`, SAT's chat_old; CogAgent-HF
+# uses SAT's names (its chat_old/vqa differ in that `<EOI>` is text there: utils/templates.py).
+COGVLM_HF_TO_SAT = {"base": "base", "chat": "chat_old", "chat_old": "chat_old", "vqa": "vqa"}
+COGVLM_SAT_TO_HF = {"base": "base", "chat_old": "chat", "chat": "chat", "vqa": "vqa"}
 
 
 class CogVLMConfig(PretrainedConfig):
@@ -28,14 +34,12 @@ class CogVLMConfig(PretrainedConfig):
                  num_hidden_layers=32, num_attention_heads=32, hidden_act="silu",
                  max_position_embeddings=2048, initializer_range=0.02, rms_norm_eps=1e-5,
                  template_version="chat", pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                 tie_word_embeddings=False, use_cache=True, vision_config=None,
-                 cogvlm_version=None, **kwargs):
+                 tie_word_embeddings=False, use_cache=True, vision_config=None, **kwargs):
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.intermediate_size, self.num_hidden_layers = intermediate_size, num_hidden_layers
         self.num_attention_heads, self.hidden_act = num_attention_heads, hidden_act
         self.max_position_embeddings, self.initializer_range = max_position_embeddings, initializer_range
         self.rms_norm_eps, self.template_version, self.use_cache = rms_norm_eps, template_version, use_cache
-        self.cogvlm_version = cogvlm_version     # our --version name (base/chat/chat_old/vqa)
         self.vision_config = vision_config or {
             "dropout_prob": 0.0, "hidden_act": "gelu", "hidden_size": 1792, "image_size": 490,
             "in_channels": 3, "intermediate_size": 15360, "layer_norm_eps": 1e-6, "num_heads": 16,
@@ -55,7 +59,11 @@ class CogVLMConfig(PretrainedConfig):
             vocab_size=self.vocab_size, max_sequence_length=self.max_position_embeddings,
             layernorm_epsilon=self.rms_norm_eps, bos_token_id=self.bos_token_id,
             eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id or 0,
-            version=self.cogvlm_version or "chat_old", eva=eva)
+            version=self.sat_version(), eva=eva)
+
+    def sat_version(self) -> str:
+        """The SAT template that writes the same prompt as `template_version` here."""
+        return COGVLM_HF_TO_SAT.get(self.template_version, "chat_old")
 
     @classmethod
     def from_model_config(cls, cfg: ModelConfig) -> "CogVLMConfig":
@@ -81,20 +89,19 @@ class CogAgentConfig(CogVLMConfig):
             "num_hidden_layers": 63, "num_positions": 257, "patch_size": 14})
         super().__init__(**kwargs)
 
+    def sat_version(self) -> str:
+        return self.template_version if self.template_version in ("base", "chat", "chat_old", "vqa") else "chat"
+
     def to_model_config(self) -> ModelConfig:
         cfg = super().to_model_config()
-        c = self.cross_vision_config
-        width = c.get("hidden_size", self.cross_hidden_size)
         cfg.model_class, cfg.adapter_has_pos_embed = "CogAgentModel", True
-        cfg.version = self.cogvlm_version or "chat"
-        cfg.cross = CrossConfig(
-            image_size=self.cross_image_size, hidden_size=width,
-            num_layers=c.get("num_layers", 24), num_attention_heads=c.get("num_attention_heads", 16),
-            inner_hidden_size=c.get("inner_hidden_size", int(width * 2.6667)),
-            head_out_dim=c.get("head_out_dim", 768), patch_size=c.get("patch_size", 14),
-            rope_pretrain_grid=c.get("rope_pretrain_grid", 16),
-            attn_hidden_size=self.cross_compute_hidden_size,
-            attn_head_dim=self.cross_compute_hidden_size // self.num_attention_heads)
+        if self.cross_compute_hidden_size % self.num_attention_heads:
+            raise ValueError(f"cross_compute_hidden_size {self.cross_compute_hidden_size} is not a multiple "
+                             f"of num_attention_heads {self.num_attention_heads}")
+        c = self.cross_vision_config
+        cfg.cross = cross_config({**c, "hidden_size": c.get("hidden_size", self.cross_hidden_size)},
+                                 self.num_attention_heads, {}, image_size=self.cross_image_size,
+                                 attn_head_dim=self.cross_compute_hidden_size // self.num_attention_heads)
         return cfg
 
     @classmethod
@@ -120,8 +127,8 @@ def _common_fields(cfg: ModelConfig) -> dict:
                 num_attention_heads=cfg.num_attention_heads,
                 max_position_embeddings=cfg.max_sequence_length, rms_norm_eps=cfg.layernorm_epsilon,
                 bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
-                pad_token_id=cfg.pad_token_id, cogvlm_version=cfg.version,
-                template_version="chat" if cfg.version in ("chat", "chat_old") else cfg.version,
+                pad_token_id=cfg.pad_token_id,
+                template_version=cfg.version if cfg.cross is not None else COGVLM_SAT_TO_HF[cfg.version],
                 vision_config={"dropout_prob": 0.0, "hidden_act": "gelu", "hidden_size": e.hidden_size,
                                "image_size": e.image_size, "in_channels": e.in_channels,
                                "intermediate_size": e.inner_hidden_size,
@@ -147,7 +154,10 @@ def masks_from_token_types(token_type_ids: torch.Tensor, attention_mask: Optiona
     step = (~(patch & prev_patch)).long()              # a patch after a patch: same position
     if attention_mask is not None:
         step = step * attention_mask.long()
-    positions = (step.cumsum(1) - 1).clamp(min=0)
+    # As the original's build_position_ids: slot 0 is position 0 whatever it holds, and each
+    # later counted token adds one. So a row without padding starts `<s>` at 0, while in a
+    # left-padded row every padding slot is 0 and `<s>` is 1 (rotary is relative: same logits).
+    positions = step.cumsum(1) - step[:, :1]
     return tt, vision, positions
 
 
@@ -221,7 +231,8 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
                 attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.LongTensor] = None, past_key_values=None,
                 use_cache: Optional[bool] = None, labels: Optional[torch.LongTensor] = None,
-                logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+                logits_to_keep: int = 0, output_hidden_states: Optional[bool] = None,
+                **kwargs) -> CausalLMOutputWithPast:
         B, T = input_ids.shape
         cache = past_key_values
         if cache is None and (use_cache if use_cache is not None else False):
@@ -253,8 +264,11 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
             if cross_kv is None and hi is not None:
                 cross_kv, cross_rows = self._batched_cross_kv(hi, cross_images, B)
         pad = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        hidden = [] if output_hidden_states else None
         h = self.model(input_ids, position_ids, vision_mask, image_embeds, image_mask, cache,
-                       cross_kv, cross_rows, pad)
+                       cross_kv, cross_rows, pad, hidden_states=hidden)
         if cache is not None:
             cache.cogvlm_next_position = position_ids[:, -1] + 1
             cache.cogvlm_cross_kv, cache.cogvlm_cross_rows = cross_kv, cross_rows
@@ -263,7 +277,8 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                                labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache,
+                                      hidden_states=tuple(hidden) if hidden is not None else None)
 
     def _batched_cross_kv(self, hi: torch.Tensor, cross_images, B: int):
         """Cross K/V for a batch where some rows may have no image (zero K/V, row masked)."""

@@ -14,14 +14,18 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from .checkpoint import (DERIVED, CheckpointError, read_sat_state_dict, sat_key_map, save_sat_checkpoint)
+from .checkpoint import (CheckpointError, is_derived, load_sat_config, read_sat_state_dict, regenerate_derived,
+                         sat_key_map, save_sat_checkpoint, write_checkpoint_dir)
 from .cogvlm import CogVLM
-from .config import ModelConfig
+from .config import ModelConfig, cross_sizes_from_shapes
 
 FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def read_hf_config(path: Path):
+def read_hf_config(path: Path, shapes: Optional[dict] = None):
+    """config.json -> CogVLMConfig / CogAgentConfig. shapes (key -> shape of the weights):
+    CogAgent's high-res encoder sizes that the file does not state (released configs state
+    none) are read from them."""
     from .hf import CogAgentConfig, CogVLMConfig
     f = Path(path) / "config.json"
     if not f.is_file():
@@ -33,14 +37,20 @@ def read_hf_config(path: Path):
     is_agent = d.get("model_type") == "cogagent" or "cross_image_size" in d
     cls = CogAgentConfig if is_agent else CogVLMConfig
     d.pop("model_type", None)
+    if is_agent and shapes:
+        seen = cross_sizes_from_shapes(shapes, "model.cross_vision.")
+        seen = {k: v for k, v in seen.items() if k in ("num_layers", "inner_hidden_size", "head_out_dim", "patch_size")}
+        d["cross_vision_config"] = {**seen, **(d.get("cross_vision_config") or {})}
     try:
-        return cls.from_dict(d)
+        config = cls.from_dict(d)
+        config.to_model_config()                       # sizes checked here, with the file's name
+        return config
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{f}: {e}") from None
 
 
-def hf_weight_files(path: Path) -> dict[str, Path]:
-    """key -> file, from model.safetensors.index.json / a single model.safetensors /
+def hf_weight_index(path: Path) -> dict[str, tuple[Path, tuple]]:
+    """key -> (file, shape), from model.safetensors.index.json / a single model.safetensors /
     pytorch_model*.bin. Missing shards and unreadable headers are reported by name."""
     path = Path(path)
     index = path / "model.safetensors.index.json"
@@ -56,19 +66,30 @@ def hf_weight_files(path: Path) -> dict[str, Path]:
         if missing:
             raise CheckpointError(f"{path}: shard file(s) listed in {idx.name} are missing: {', '.join(missing)}")
     elif (path / "model.safetensors").is_file():
-        files = {k: path / "model.safetensors" for k in _safetensors_keys(path / "model.safetensors")}
+        files = dict.fromkeys(_safetensors_shapes(path / "model.safetensors"), path / "model.safetensors")
     elif (path / "pytorch_model.bin").is_file():
-        files = {k: path / "pytorch_model.bin" for k in torch.load(path / "pytorch_model.bin",
-                                                                  weights_only=True, mmap=True)}
+        files = dict.fromkeys(_bin_shapes(path / "pytorch_model.bin"), path / "pytorch_model.bin")
     else:
         raise CheckpointError(f"{path}: no model.safetensors, shard index or pytorch_model.bin")
+    shapes = {}
     for f in sorted(set(files.values())):
-        if f.suffix == ".safetensors":
-            _safetensors_keys(f)                       # validates header and size
-    return files
+        shapes.update(_safetensors_shapes(f) if f.suffix == ".safetensors" else _bin_shapes(f))
+    absent = [k for k in files if k not in shapes]
+    if absent:
+        raise CheckpointError(f"{path}: tensor(s) listed in the shard index are not in their file: "
+                              f"{', '.join(absent[:5])}")
+    return {k: (f, shapes[k]) for k, f in files.items()}
 
 
-def _safetensors_keys(f: Path) -> list[str]:
+def _bin_shapes(f: Path) -> dict[str, tuple]:
+    try:
+        sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported with its name
+        raise CheckpointError(f"{f}: not a readable torch weights file ({type(e).__name__}: {e})") from None
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def _safetensors_shapes(f: Path) -> dict[str, tuple]:
     """Header check: JSON header readable, dtypes floating point, data fits in the file."""
     import struct
     size = f.stat().st_size
@@ -83,7 +104,7 @@ def _safetensors_keys(f: Path) -> list[str]:
             header = json.loads(fh.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{f}: corrupt safetensors header") from None
-    end = 0
+    end, shapes = 0, {}
     for k, meta in header.items():
         if k == "__metadata__":
             continue
@@ -91,9 +112,10 @@ def _safetensors_keys(f: Path) -> list[str]:
             raise CheckpointError(f"{f}: tensor {k} has dtype {meta['dtype']}; weights must be "
                                   f"F32, F16 or BF16")
         end = max(end, meta["data_offsets"][1])
+        shapes[k] = tuple(meta["shape"])
     if 8 + n + end > size:
         raise CheckpointError(f"{f}: truncated safetensors file ({size} bytes, tensors need {8 + n + end})")
-    return [k for k in header if k != "__metadata__"]
+    return shapes
 
 
 def load_hf_model(path, dtype: Optional[torch.dtype] = None, device="cpu"):
@@ -105,12 +127,22 @@ def load_hf_model(path, dtype: Optional[torch.dtype] = None, device="cpu"):
     path = Path(path).expanduser()
     if not path.is_dir():
         raise CheckpointError(f"no such HF checkpoint directory: {path}")
-    config = read_hf_config(path)
-    files = hf_weight_files(path)
-    check_keys(meta_model(config), files.keys(), str(path))
+    config, index = read_hf_checkpoint(path)
     cls = CogAgentForCausalLM if isinstance(config, CogAgentConfig) else CogVLMForCausalLM
     model = cls.from_pretrained(path, config=config, dtype=dtype or default_dtype(device))
+    regenerate_derived(model, device)                  # never the file's (possibly bf16) tables
     return use_fast_cpu_layout(model.to(device)).eval()
+
+
+def read_hf_checkpoint(path: Path):
+    """(config, weight index) of an HF checkpoint directory, every key and shape checked
+    against the architecture its config.json describes (nothing is read but headers)."""
+    if not (Path(path) / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
+    index = hf_weight_index(path)
+    config = read_hf_config(path, {k: shape for k, (_, shape) in index.items()})
+    check_keys(meta_model(config), index, str(path))
+    return config, index
 
 
 def meta_model(config) -> CogVLM:
@@ -119,62 +151,93 @@ def meta_model(config) -> CogVLM:
         return CogVLM(config.to_model_config())
 
 
-def check_keys(model: CogVLM, keys, source: str) -> None:
-    own = {k: v for k, v in model.state_dict().items() if not DERIVED.match(k)}
-    keys = set(keys)
-    ignorable = ("rotary_emb.inv_freq", "rotary.inv_freq", "rope.freqs_cos", "rope.freqs_sin")
-    missing = sorted(k for k in own if k not in keys)
-    extra = sorted(k for k in keys if k not in own and not k.endswith(ignorable))
+def hf_derived_tensors(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The derived buffers that the original remote code's `save_pretrained` writes: its
+    RotaryEmbedding's `inv_freq` in every layer and, for CogAgent, the high-res encoder's rope
+    tables once (its blocks share one module, which safetensors stores once)."""
+    from .cogvlm import Rotary
+    from .eva import rope_2d_tables
+    inv_freq = Rotary(cfg.head_dim, cfg.rope_base).inv_freq
+    out = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": inv_freq.clone() for i in range(cfg.num_layers)}
+    if cfg.cross is not None:
+        c = cfg.cross
+        cos, sin = rope_2d_tables(c.hidden_size // c.num_attention_heads, c.image_size // c.patch_size,
+                                  c.rope_pretrain_grid)
+        out["model.cross_vision.vit.model.rope.freqs_cos"] = cos
+        out["model.cross_vision.vit.model.rope.freqs_sin"] = sin
+    return out
+
+
+def check_keys(model: CogVLM, index: dict, source: str) -> None:
+    """Every weight of the architecture present with its shape, nothing unknown; derived
+    buffers (rotary tables, any of the layouts in DERIVED) optional but shape-checked."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    derived_shape = {"inv_freq": (model.config.head_dim // 2,)}
+    if model.config.cross is not None:
+        derived_shape["rope"] = own["model.cross_vision.vit.model.rope.freqs_cos"]
+    missing = sorted(k for k in own if k not in index and not is_derived(k))
+    extra = sorted(k for k in index if k not in own and not is_derived(k))
     if missing:
         raise CheckpointError(f"{source}: missing key(s): {', '.join(missing[:5])}"
                               f"{' ...' if len(missing) > 5 else ''}")
     if extra:
         raise CheckpointError(f"{source}: unexpected key(s) not in this architecture: "
                               f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
-
-
-def _refuse_existing(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise CheckpointError(f"{out} exists and is not empty; refusing to overwrite (pass --overwrite)")
-        shutil.rmtree(out)
+    for k, (f, shape) in index.items():
+        want = own.get(k) if not is_derived(k) else derived_shape.get("inv_freq" if k.endswith("inv_freq") else "rope")
+        if want is None:
+            raise CheckpointError(f"{f}: {k} is a rotary table this architecture does not have")
+        if tuple(shape) != tuple(want):
+            raise CheckpointError(f"{f}: key {k} has shape {tuple(shape)}, expected {tuple(want)} "
+                                  f"(from config.json)")
 
 
 def sat_to_hf(sat_dir, out_dir, shard_bytes: int = 2 << 30, dtype: Optional[torch.dtype] = None,
               overwrite: bool = False, trust: bool = False) -> Path:
-    from .hf import CogVLMConfig
-    from safetensors.torch import save_file
     sat_dir, out = Path(sat_dir), Path(out_dir)
-    cfg = ModelConfig.load(sat_dir / "model_config.json")
+    sd = read_sat_state_dict(sat_dir, trust=trust)     # memory-mapped: nothing read yet
+    cfg = load_sat_config(sat_dir, sd)
     with torch.device("meta"):
         meta = CogVLM(cfg)
     names = sat_key_map(meta)                          # SAT key -> HF key
-    sd = read_sat_state_dict(sat_dir, trust=trust)     # memory-mapped: nothing read yet
     shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
     unknown = [k for k in sd if k not in names]
     if unknown:
         raise CheckpointError(f"{sat_dir}: unexpected key(s) {', '.join(unknown[:5])}")
-    _refuse_existing(out, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    hf_cfg = CogVLMConfig.from_model_config(cfg)
-    hf_cfg.architectures = ["CogAgentForCausalLM" if cfg.cross else "CogVLMForCausalLM"]
-    hf_cfg.save_pretrained(out)
-    plan, shard, size = [], [], 0
+    # The original's key set: every weight, plus its own layout of the derived tables
+    # (per-layer rotary_emb.inv_freq; never our single model.rotary.inv_freq).
+    sources = {}
     for skey, hkey in names.items():
-        if DERIVED.match(hkey) and hkey.endswith("rotary.inv_freq"):
-            continue                                   # derived, not in the HF release
+        if is_derived(hkey):
+            continue
         if skey not in sd:
-            if DERIVED.match(hkey):
-                continue
             raise CheckpointError(f"{sat_dir}: missing key {skey}")
         if tuple(sd[skey].shape) != shapes[hkey]:
             raise CheckpointError(f"{sat_dir}: key {skey} has shape {tuple(sd[skey].shape)}, "
                                   f"expected {shapes[hkey]}")
-        n = sd[skey].numel() * (dtype or sd[skey].dtype).itemsize
+        if not sd[skey].is_floating_point():
+            raise CheckpointError(f"{sat_dir}: key {skey} has dtype {sd[skey].dtype}, expected floating point")
+        sources[hkey] = sd[skey]
+    sources.update(hf_derived_tensors(cfg))
+    write_checkpoint_dir(out, lambda tmp: _write_hf(tmp, cfg, sources, shard_bytes, dtype, sat_dir),
+                         [sat_dir], overwrite)
+    return out
+
+
+def _write_hf(out: Path, cfg: ModelConfig, sources: dict, shard_bytes: int, dtype, sat_dir: Path) -> None:
+    """config.json + safetensors shards of at most shard_bytes, one shard in memory at a time."""
+    from .hf import CogVLMConfig
+    from safetensors.torch import save_file
+    hf_cfg = CogVLMConfig.from_model_config(cfg)
+    hf_cfg.architectures = ["CogAgentForCausalLM" if cfg.cross else "CogVLMForCausalLM"]
+    hf_cfg.save_pretrained(out)
+    plan, shard, size = [], [], 0
+    for hkey, t in sources.items():
+        n = t.numel() * (dtype or t.dtype).itemsize
         if shard and size + n > shard_bytes:
             plan.append(shard)
             shard, size = [], 0
-        shard.append((skey, hkey))
+        shard.append(hkey)
         size += n
     plan.append(shard)
     weight_map, total = {}, 0
@@ -182,8 +245,9 @@ def sat_to_hf(sat_dir, out_dir, shard_bytes: int = 2 << 30, dtype: Optional[torc
     for i, shard in enumerate(plan):
         fname = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
         tensors = {}
-        for skey, hkey in shard:
-            t = sd[skey].to(dtype) if dtype else sd[skey]
+        for hkey in shard:
+            t = sources[hkey]
+            t = t.to(dtype) if dtype and not is_derived(hkey) else t
             tensors[hkey] = t.contiguous().clone()
             weight_map[hkey] = fname
             total += t.numel() * t.element_size()
@@ -195,39 +259,31 @@ def sat_to_hf(sat_dir, out_dir, shard_bytes: int = 2 << 30, dtype: Optional[torc
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     if (sat_dir / "tokenizer").is_dir():
         shutil.copytree(sat_dir / "tokenizer", out / "tokenizer")
-    return out
 
 
 def hf_to_sat(hf_dir, out_dir, dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> Path:
     from safetensors import safe_open
     hf_dir, out = Path(hf_dir), Path(out_dir)
-    config = read_hf_config(hf_dir)
+    config, index = read_hf_checkpoint(hf_dir)
     cfg = config.to_model_config()
-    files = hf_weight_files(hf_dir)
     meta = meta_model(config)
-    check_keys(meta, files.keys(), str(hf_dir))
-    _refuse_existing(out, overwrite)
-    shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
-    sd = {}
-    handles = {}
-    for key in tqdm(sorted(shapes), desc="HF -> SAT", unit="tensor"):
-        if key not in files:                           # derived tables: regenerate below
+    sd, handles = {}, {}
+    for key in tqdm(sorted(meta.state_dict()), desc="HF -> SAT", unit="tensor"):
+        if is_derived(key):                            # rotary tables: regenerated below
             continue
-        f = files[key]
+        f = index[key][0]
         if f.suffix == ".safetensors":
-            h = handles.setdefault(f, safe_open(str(f), framework="pt"))
-            t = h.get_tensor(key)
+            t = handles.setdefault(f, safe_open(str(f), framework="pt")).get_tensor(key)
         else:
             t = handles.setdefault(f, torch.load(f, weights_only=True, mmap=True))[key]
-        if tuple(t.shape) != shapes[key]:
-            raise CheckpointError(f"{f}: key {key} has shape {tuple(t.shape)}, expected {shapes[key]}")
         sd[key] = t.to(dtype) if dtype else t
-    from .checkpoint import regenerate_derived
     with torch.device("meta"):
         model = CogVLM(cfg)
     model.load_state_dict(sd, strict=False, assign=True)
     regenerate_derived(model)
-    save_sat_checkpoint(model, cfg, out, overwrite=True)
-    if (hf_dir / "tokenizer").is_dir():
-        shutil.copytree(hf_dir / "tokenizer", out / "tokenizer")
-    return out
+
+    def write(tmp: Path) -> None:
+        save_sat_checkpoint(model, cfg, tmp, overwrite=True)
+        if (hf_dir / "tokenizer").is_dir():
+            shutil.copytree(hf_dir / "tokenizer", tmp / "tokenizer")
+    return write_checkpoint_dir(out, write, [hf_dir], overwrite)

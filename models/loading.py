@@ -8,7 +8,8 @@ from typing import Optional, Union
 
 import torch
 
-from .checkpoint import CheckpointError, load_state_into, read_sat_state_dict, regenerate_derived
+from .checkpoint import (CheckpointError, load_sat_config, load_state_into, read_sat_state_dict,
+                         regenerate_derived)
 from .cogvlm import CogVLM
 from .config import ALIASES, MODEL_CONFIGS, ModelConfig
 from .layout import use_fast_cpu_layout
@@ -92,13 +93,10 @@ def load_model(from_pretrained: str, device: Union[str, torch.device] = "cpu",
     rank `rank`'s piece (read from its own MP shard file, or cut from a single-rank file).
     Returns (model, config)."""
     ckpt = resolve_pretrained(from_pretrained)
-    cfg_file = ckpt / "model_config.json"
-    if not cfg_file.is_file():
+    if not (ckpt / "model_config.json").is_file():
         raise CheckpointError(f"{ckpt}: no model_config.json (not a SAT checkpoint directory)")
-    try:
-        cfg = ModelConfig.load(cfg_file)
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{cfg_file}: {e}") from None
+    sd = read_sat_state_dict(ckpt, trust=trust_checkpoint, rank=rank, world=world)   # memory-mapped
+    cfg = load_sat_config(ckpt, sd)
     dtype = dtype or default_dtype(device)
     log.info("loading %s (%s, %d layers, hidden %d) on %s as %s", ckpt, cfg.model_class,
              cfg.num_layers, cfg.hidden_size, device, dtype)
@@ -110,6 +108,5 @@ def load_model(from_pretrained: str, device: Union[str, torch.device] = "cpu",
     if "lora" in cfg.extra:                            # a LoRA finetuning checkpoint
         from .lora import LoRAConfig, apply_lora
         apply_lora(model, LoRAConfig.from_json(cfg.extra["lora"]))
-    sd = read_sat_state_dict(ckpt, trust=trust_checkpoint, rank=rank, world=world)
     load_state_into(model, sd, str(ckpt), dtype=dtype, device=device, rank=rank, world=world)
     return (use_fast_cpu_layout(model) if cpu_layout else model).eval(), cfg

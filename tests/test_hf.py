@@ -13,7 +13,8 @@ from models import CheckpointError, load_model
 from models.checkpoint import read_sat_state_dict
 from models.generate import GenerationConfig
 from models.hf_io import hf_to_sat, load_hf_model, sat_to_hf
-from utils.chat import ImageContext, build_hf_inputs, chat, prepare
+from utils.chat import ImageContext, build_hf_inputs, build_row, chat, collate, prepare
+from utils.templates import hf_prompt
 
 
 @pytest.fixture(scope="module", params=["cogvlm", "cogagent"])
@@ -51,6 +52,11 @@ def test_hf_layout_is_the_released_one(pair):
         assert "model.vision.pos_embed" in index and "model.cross_vision.pos_embed" in index
 
 
+# HF templates whose prompt is a SAT template's (the original's names differ per front end).
+SAT_EQUIVALENT = {"cogvlm": {"base": "base", "chat": "chat_old", "chat_old": "chat_old"},
+                  "cogagent": {"base": "base", "chat": "chat"}}
+
+
 @pytest.mark.parametrize("version", ["base", "chat", "chat_old", "vqa"])
 @pytest.mark.parametrize("with_image", [True, False])
 def test_logits_agree_with_sat(pair, tokenizer, image_file, version, with_image):
@@ -59,9 +65,17 @@ def test_logits_agree_with_sat(pair, tokenizer, image_file, version, with_image)
     theirs = load_hf_model(hf)
     img = ImageContext(image_file, cfg) if with_image else None
     history = [("What is it?", "A circle.")]
-    inp = prepare(ours, tokenizer, "And the colour?", history, img, version)
     hf_in = build_hf_inputs(theirs, tokenizer, [("And the colour?", history, img)], version)
+    # The same prompt through the SAT front end's row builder and model.
+    inp = collate([build_row(tokenizer, cfg, hf_prompt("And the colour?", history, version, cfg.cross is not None),
+                             with_image)])
+    if img is not None:
+        inp.image_embeds, inp.cross_kv = img.encode(ours)
     assert torch.equal(hf_in["input_ids"], inp.input_ids)
+    sat_version = SAT_EQUIVALENT["cogagent" if cfg.cross else "cogvlm"].get(version)
+    if sat_version:
+        assert torch.equal(prepare(ours, tokenizer, "And the colour?", history, img, sat_version).input_ids,
+                           inp.input_ids)
     with torch.no_grad():
         a = ours(inp.input_ids, inp.position_ids, inp.vision_mask, image_embeds=inp.image_embeds,
                  image_mask=inp.image_mask, cross_kv=inp.cross_kv)

@@ -17,7 +17,7 @@ from models.cogvlm import CogVLM
 from models.config import ModelConfig
 from models.generate import GenerationConfig, ModelInputs, generate_tokens, token_budget
 from .image import MAX_PIXELS, image_to_tensor, load_image
-from .templates import IMAGE_MARK, build_prompt
+from .templates import IMAGE_MARK, build_prompt, hf_prompt
 from .tokenizer import Tokenizer
 
 
@@ -226,13 +226,15 @@ def build_hf_inputs(model, tokenizer: Tokenizer, requests, version: Optional[str
     """Inputs for the transformers front end (`model.generate(**inputs)`), as the original
     `build_conversation_input_ids` made them: input_ids, token_type_ids (1 on image slots),
     attention_mask (0 on left padding), images / cross_images (one list per row, [] without
-    an image). requests: (query, history, image or None) per row."""
-    cfg = model.cfg if hasattr(model, "cfg") else model.config
+    an image). requests: (query, history, image or None) per row. version: the original HF
+    code's template name; default the checkpoint's `template_version`."""
+    cfg = model.cfg
+    version = version or model.config.template_version
     rows, lows, highs = [], [], []
     for query, history, image in requests:
         if image is not None and not isinstance(image, ImageContext):
             image = ImageContext(image, cfg)
-        rows.append(build_row(tokenizer, cfg, build_prompt(query, history, version or cfg.version),
+        rows.append(build_row(tokenizer, cfg, hf_prompt(query, history, version, cfg.cross is not None),
                               image is not None))
         lows.append([image.low] if image is not None else [])
         highs.append([image.high] if image is not None and image.high is not None else [])

@@ -18,6 +18,7 @@ import torch  # noqa: E402
 
 from models.checkpoint import CheckpointError  # noqa: E402
 from models.hf_io import hf_to_sat, sat_to_hf  # noqa: E402
+from models.loading import resolve_pretrained  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -25,7 +26,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("direction", choices=["sat2hf", "hf2sat"])
-    p.add_argument("--src", required=True, type=Path)
+    p.add_argument("--src", required=True, type=Path,
+                   help="sat2hf: a SAT directory or a model name (as --from_pretrained); hf2sat: an HF directory")
     p.add_argument("--dst", required=True, type=Path)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: keep the source dtype")
     p.add_argument("--shard_size_gb", type=float, default=2.0, help="sat2hf: size of each safetensors shard")
@@ -36,10 +38,11 @@ def main(argv=None) -> int:
     dtype = DTYPES.get(a.dtype)
     try:
         if a.direction == "sat2hf":
-            out = sat_to_hf(a.src, a.dst, int(a.shard_size_gb * (1 << 30)), dtype, a.overwrite, a.trust)
+            src = resolve_pretrained(str(a.src))       # a directory, or a released/bundled name
+            out = sat_to_hf(src, a.dst, int(a.shard_size_gb * (1 << 30)), dtype, a.overwrite, a.trust)
         else:
             out = hf_to_sat(a.src, a.dst, dtype, a.overwrite)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")

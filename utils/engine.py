@@ -257,7 +257,11 @@ class BatchEngine:
         self.next_pos[:n] += 1
         self.steps += 1
         for i in live:
-            self._accept(i, logits[i: i + 1])
+            try:
+                self._accept(i, logits[i: i + 1])
+            except Exception as e:  # noqa: BLE001 - one row's failure ends that row only
+                log.exception("sampling row %d failed", i)
+                self._finish(i, "error", error=str(e))
 
     def _accept(self, row: int, logits: torch.Tensor) -> None:
         """Sample this row's next token, stream its text, finish it if it is done."""

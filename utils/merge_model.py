@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from models.checkpoint import CheckpointError, atomic_write, checkpoint_files, read_shard, sat_key_map  # noqa: E402
+from models.checkpoint import (CheckpointError, atomic_write, checkpoint_files, load_sat_config, read_shard,  # noqa: E402
+                               sat_key_map, write_checkpoint_dir)
 from models.config import ModelConfig  # noqa: E402
 from models.loading import resolve_pretrained  # noqa: E402
 from models.lora import merge_lora_state  # noqa: E402
@@ -49,20 +50,23 @@ def reshard(src: Path, dst: Path, mp: int = None, merge_lora: bool = False, trus
     """Write `dst` from `src` with `mp` model-parallel files (default: as many as `src`),
     LoRA folded in when merge_lora. Returns dst."""
     src = resolve_pretrained(str(src))
-    if dst.exists() and any(dst.iterdir()):
-        raise CheckpointError(f"{dst} exists and is not empty; refusing to overwrite")
-    cfg = ModelConfig.load(src / "model_config.json")
     it, files = checkpoint_files(src)
     m = len(files)
     n = mp or m
+    shards = [read_shard(f, trust) for f in files]           # memory-mapped
+    cfg = load_sat_config(src, shards[0])
     if merge_lora and "lora" not in cfg.extra:
         raise CheckpointError(f"{src}: model_config.json has no 'lora' entry: not a LoRA checkpoint")
     names, shapes = _our_names(cfg)
-    shards = [read_shard(f, trust) for f in files]           # memory-mapped
     for i, sd in enumerate(shards):
         unknown = [k for k in sd if k not in names]
         if unknown:
             raise CheckpointError(f"{files[i]}: key(s) not in this architecture: {', '.join(unknown[:5])}")
+    split = next((k for k in shards[0] if shard_spec(names[k]) and tuple(shards[0][k].shape) != shapes[k]), None)
+    for i in range(1, m):
+        if split is not None and torch.equal(shards[0][split], shards[i][split]):
+            raise CheckpointError(f"{files[i]} holds the same piece of {split} as {files[0].name}: "
+                                  f"a rank file was duplicated, not saved by its own rank")
     scaling = cfg.extra["lora"]["alpha"] / cfg.extra["lora"]["rank"] if merge_lora else None
     log.info("%s: %d shard(s) -> %s: %d shard(s)%s", src, m, dst, n, ", LoRA folded in" if merge_lora else "")
 
@@ -72,33 +76,34 @@ def reshard(src: Path, dst: Path, mp: int = None, merge_lora: bool = False, trus
             return shards[0][key]              # replicated (SAT kept some sharded-here tensors whole)
         return merge_tensors([sd[key] for sd in shards], *spec)
 
-    for r in range(n):
-        out = {}
-        for key in tqdm(list(shards[0]), desc=f"rank {r + 1}/{n}", unit="tensor", leave=False):
-            spec = shard_spec(names[key])
-            if spec is not None and m == n and tuple(shards[r][key].shape) != shapes[key]:
-                # same split: pieces pass through
-                t = shards[r][key]
-            elif spec is not None and n > 1:
-                t = shard_tensor(full(key), *spec, r, n, key)
-            else:
-                t = full(key)
-            out[key] = t.contiguous().clone()
+    def write(dst: Path) -> None:
+        for r in range(n):
+            out = {}
+            for key in tqdm(list(shards[0]), desc=f"rank {r + 1}/{n}", unit="tensor", leave=False):
+                spec = shard_spec(names[key])
+                if spec is not None and m == n and tuple(shards[r][key].shape) != shapes[key]:
+                    # same split: pieces pass through
+                    t = shards[r][key]
+                elif spec is not None and n > 1:
+                    t = shard_tensor(full(key), *spec, r, n, key)
+                else:
+                    t = full(key)
+                out[key] = t.contiguous().clone()
+            if merge_lora:
+                out = merge_lora_state(out, scaling)
+            target = dst / it / f"mp_rank_{r:02d}_model_states.pt"
+            atomic_write(target, lambda p, sd=out: torch.save({"module": sd}, p))
+            del out                                         # free this rank's tensors before the next
         if merge_lora:
-            out = merge_lora_state(out, scaling)
-        target = dst / it / f"mp_rank_{r:02d}_model_states.pt"
-        atomic_write(target, lambda p, sd=out: torch.save({"module": sd}, p))
-        del out                                         # free this rank's tensors before the next
-    if merge_lora:
-        cfg.extra.pop("lora")
-    cfg.model_parallel_size = n
-    atomic_write(dst / "model_config.json", lambda p: cfg.save(p))
-    for extra in ("tokenizer",):                        # the bundled tokenizer folder, if any
-        if (src / extra).is_dir() and not (dst / extra).exists():
-            import shutil
-            shutil.copytree(src / extra, dst / extra)
-    atomic_write(dst / "latest", lambda p: Path(p).write_text(it))
-    return dst
+            cfg.extra.pop("lora")
+        cfg.model_parallel_size = n
+        atomic_write(dst / "model_config.json", lambda p: cfg.save(p))
+        for extra in ("tokenizer",):                        # the bundled tokenizer folder, if any
+            if (src / extra).is_dir() and not (dst / extra).exists():
+                import shutil
+                shutil.copytree(src / extra, dst / extra)
+        atomic_write(dst / "latest", lambda p: Path(p).write_text(it))
+    return write_checkpoint_dir(dst, write, [src])
 
 
 def main(argv=None) -> int:
