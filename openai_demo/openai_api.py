@@ -38,11 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any 
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 
 from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
+from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
 from models.generate import GenerationConfig  # noqa: E402
 from utils.chat import ImageContext, build_row, prepare  # noqa: E402
-from utils.image import ImageError  # noqa: E402
+from utils.image import WEB_FORMATS, ImageError  # noqa: E402
 from utils.templates import build_prompt  # noqa: E402
 
 log = logging.getLogger("openai_api")
@@ -91,36 +93,49 @@ def decode_data_url(url: str, limits: Limits) -> bytes:
         raise ApiError(400, "image_url data is not valid base64", code="invalid_image_url") from None
 
 
-def _public_host(host: str) -> bool:
+def _checked_address(host: str) -> str:
+    """The address to connect to: the host's first address, every one of which must be
+    global (no private, loopback, link-local, shared 100.64/10, reserved or multicast)."""
     try:
-        infos = socket.getaddrinfo(host, None)
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except OSError:
-        return False
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0])
-        if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast:
-            return False
-    return True
+        raise ApiError(400, f"image host {host!r} cannot be resolved", code="invalid_image_url") from None
+    ips = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    for ip in ips:
+        mapped = getattr(ip, "ipv4_mapped", None)
+        if not ip.is_global or (mapped is not None and not mapped.is_global):
+            raise ApiError(400, f"image host {host!r} is not a public address", code="invalid_image_url")
+    return str(ips[0])
 
 
 def fetch_remote_image(url: str, limits: Limits) -> bytes:
-    """Only with --allow-remote-images: size cap, timeout, no redirects, no private addresses."""
+    """Only with --allow-remote-images: size cap, one total deadline, no redirects, and a
+    connection to the very address that was checked (no second DNS look-up to rebind)."""
     import httpx
-    from urllib.parse import urlparse
-    host = urlparse(url).hostname or ""
-    if not _public_host(host):
-        raise ApiError(400, f"image host {host!r} is not a public address", code="invalid_image_url")
+    from urllib.parse import urlsplit, urlunsplit
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    ip = _checked_address(host)
+    netloc = (f"[{ip}]" if ":" in ip else ip) + (f":{parts.port}" if parts.port else "")
+    direct = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+    deadline = time.monotonic() + limits.remote_timeout_s
     try:
         with httpx.Client(timeout=limits.remote_timeout_s, follow_redirects=False) as c:
-            with c.stream("GET", url) as r:
+            with c.stream("GET", direct, headers={"Host": parts.netloc.rpartition("@")[2]},
+                          extensions={"sni_hostname": host}) as r:
                 if r.status_code != 200:
                     raise ApiError(400, f"fetching the image gave HTTP {r.status_code}", code="invalid_image_url")
-                data = b""
+                data = bytearray()
                 for chunk in r.iter_bytes():
                     data += chunk
                     if len(data) > limits.max_image_bytes:
                         raise ApiError(413, "remote image too large", code="image_too_large")
-                return data
+                    if time.monotonic() > deadline:
+                        break
+                if time.monotonic() > deadline:
+                    raise ApiError(400, f"fetching the image took longer than {limits.remote_timeout_s:g} s",
+                                   code="invalid_image_url")
+                return bytes(data)
     except httpx.HTTPError as e:
         raise ApiError(400, f"cannot fetch the image: {e}", code="invalid_image_url") from None
 
@@ -129,7 +144,8 @@ def fetch_remote_image(url: str, limits: Limits) -> bytes:
 class ChatRequest:
     query: str
     history: list
-    image: Optional[bytes]
+    image: Optional[bytes]                 # a data: URL's bytes, or fetched from image_url
+    image_url: Optional[str]               # a remote URL still to fetch (--allow-remote-images)
     gen: GenerationConfig
     max_tokens: Optional[int]
     stop: list
@@ -169,18 +185,18 @@ def parse_chat(body, limits: Limits, allow_remote: bool) -> ChatRequest:
         raise ApiError(400, "messages must be a non-empty list", code="missing_messages")
     if len(msgs) > limits.max_messages:
         raise ApiError(400, f"{len(msgs)} messages is over the limit of {limits.max_messages}")
-    if body.get("n", 1) != 1:
+    n = body.get("n", 1)
+    if n is not None and (type(n) is not int or n != 1):
         raise ApiError(400, "only n=1 is supported")
     system, turns, urls = [], [], []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
             raise ApiError(400, f"messages[{i}] needs a role of system, user or assistant")
         text, imgs = _content_parts(m.get("content"), f"messages[{i}]")
+        urls += imgs                                # every role's images count and are checked
         if m["role"] in ("system", "developer"):
             system.append(text)
             continue
-        if m["role"] == "user":
-            urls += imgs
         if turns and turns[-1][0] == m["role"]:
             turns[-1][1] += "\n" + text            # consecutive messages of one role merge
         else:
@@ -195,16 +211,15 @@ def parse_chat(body, limits: Limits, allow_remote: bool) -> ChatRequest:
     if system:
         turns[0][1] = "\n".join(system) + ("\n" + turns[0][1] if turns[0][1] else "")
     history = [(turns[k][1], turns[k + 1][1]) for k in range(0, len(turns) - 1, 2)]
-    image = None
-    if urls:
-        url = urls[-1]
+    image = remote = None
+    for url in urls:                                # the model sees the last one
         if url.startswith("data:"):
-            image = decode_data_url(url, limits)
+            image, remote = decode_data_url(url, limits), None
         elif url.startswith(("http://", "https://")):
             if not allow_remote:
                 raise ApiError(400, "remote image URLs are disabled on this server; send a data: URL",
                                code="invalid_image_url")
-            image = fetch_remote_image(url, limits)
+            image, remote = None, url
         else:
             raise ApiError(400, "image_url must be a data: URL", code="invalid_image_url")
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
@@ -220,16 +235,32 @@ def parse_chat(body, limits: Limits, allow_remote: bool) -> ChatRequest:
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
         raise ApiError(400, "stop must be a string or a list of up to 4 strings")
     seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise ApiError(400, "seed must be an integer")
+    if seed is not None and (type(seed) is not int or not -2**63 <= seed < 2**64):
+        raise ApiError(400, "seed must be an integer from -2**63 to 2**64 - 1")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "stream must be true or false")
     opts = body.get("stream_options") or {}
     gen = GenerationConfig(temperature=temperature, top_p=top_p, top_k=0 if temperature > 0 else 1,
                            seed=seed)
-    return ChatRequest(turns[-1][1], history, image, gen, max_tokens, stop, stream,
+    for text in [t for _, t in turns] + stop:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "message text is not valid Unicode (a lone surrogate \\ud8xx?)") from None
+    return ChatRequest(turns[-1][1], history, image, remote, gen, max_tokens, stop, stream,
                        bool(isinstance(opts, dict) and opts.get("include_usage")))
+
+
+def parse_body(raw: bytes, limits: Limits, allow_remote: bool) -> ChatRequest:
+    """JSON text -> ChatRequest; any malformed body is a 400 (deep nesting, huge numbers)."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:          # JSONDecodeError is a ValueError
+        raise ApiError(400, f"the request body is not valid JSON ({str(e)[:80]})") from None
+    return parse_chat(body, limits, allow_remote)
 
 
 def _number(body, key, default, lo, hi) -> float:
@@ -246,17 +277,31 @@ def create_app(model, tokenizer, model_name: str, engine, limits: Limits = Limit
                api_key: Optional[str] = None, cors_origins=(), allow_remote_images: bool = False,
                version: Optional[str] = None):
 
-    app = FastAPI(title="CogVLM OpenAI-compatible API", docs_url=None, redoc_url=None)
+    # With a key, nothing but liveness is shown to callers without it (no schema either).
+    app = FastAPI(title="CogVLM OpenAI-compatible API", docs_url=None, redoc_url=None,
+                  openapi_url=None if api_key else "/openapi.json")
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-    cfg = model.config
     created = int(time.time())
+    from concurrent.futures import ThreadPoolExecutor
+    work = ThreadPoolExecutor(2, thread_name_prefix="parse")          # also bounds decodes in flight
+    remote = ThreadPoolExecutor(8, thread_name_prefix="fetch")
 
     @app.exception_handler(ApiError)
     async def _api_error(_, e: ApiError):
         return JSONResponse(error_body(e), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_, e: StarletteHTTPException):      # unknown routes, 405s: OpenAI's shape
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return JSONResponse(error_body(ApiError(e.status_code, str(e.detail), "invalid_request_error", kind)),
+                            status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_, e: RequestValidationError):
+        return JSONResponse(error_body(ApiError(400, "invalid request")), status_code=400)
 
     @app.exception_handler(Exception)
     async def _unexpected(_, e: Exception):
@@ -264,17 +309,22 @@ def create_app(model, tokenizer, model_name: str, engine, limits: Limits = Limit
         return JSONResponse(error_body(ApiError(500, f"internal error: {type(e).__name__}", "server_error")),
                             status_code=500)
 
-    def check_auth(request: Request) -> None:
+    def authorized(request: Request) -> bool:
         if api_key is None:
-            return
+            return True
         got = request.headers.get("authorization", "")
         token = got[7:] if got.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), api_key.encode()):
+        return hmac.compare_digest(token.encode("utf-8", "replace"), api_key.encode())
+
+    def check_auth(request: Request) -> None:
+        if not authorized(request):
             raise ApiError(401, "invalid or missing API key (Authorization: Bearer ...)",
                            "authentication_error", "invalid_api_key")
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
+        if not authorized(request):
+            return {"status": "ok"}
         return {"status": "ok", "model": model_name, **engine.load()}
 
     @app.get("/v1/models")
@@ -289,30 +339,26 @@ def create_app(model, tokenizer, model_name: str, engine, limits: Limits = Limit
         size = request.headers.get("content-length")
         if size and size.isdigit() and int(size) > limits.max_body_bytes:
             raise ApiError(413, f"request body is over {limits.max_body_bytes} bytes", code="body_too_large")
-        raw = b""
+        raw = bytearray()
         async for chunk in request.stream():
             raw += chunk
             if len(raw) > limits.max_body_bytes:
                 raise ApiError(413, f"request body is over {limits.max_body_bytes} bytes", code="body_too_large")
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(400, "the request body is not valid JSON") from None
-        req = await asyncio.to_thread(parse_chat, body, limits, allow_remote_images)
-        image = None
-        if req.image is not None:
-            try:
-                image = await asyncio.to_thread(_image_context, req.image, cfg, limits)
-            except ImageError as e:
-                raise ApiError(400, str(e), code="invalid_image") from None
-        prompt = build_prompt(req.query, req.history, version or cfg.version)
-        n_prompt = len(build_row(tokenizer, cfg, prompt, image is not None))
+        # Everything that grows with the request (JSON, base64, image decoding, tokenizing) runs
+        # in worker threads: a big body never stalls /health or the running streams. Remote
+        # fetches have their own threads, so slow servers cannot starve data: requests.
+        loop = asyncio.get_running_loop()
+        req = await loop.run_in_executor(work, parse_body, bytes(raw), limits, allow_remote_images)
+        del raw
+        if req.image_url is not None:
+            req.image = await loop.run_in_executor(remote, fetch_remote_image, req.image_url, limits)
+        image, n_prompt = await loop.run_in_executor(work, _prompt_inputs, req, model, tokenizer, limits,
+                                                     version, engine.max_len)
         room = engine.max_len - n_prompt
         if room < 1:
             raise ApiError(400, f"the prompt is {n_prompt} tokens (image included); this server's "
                                 f"context is {engine.max_len}", code="context_length_exceeded")
         max_new = min(req.max_tokens or limits.default_max_tokens, room)
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         from utils.engine import QueueFull, Request as EngineRequest
         ereq = EngineRequest(None, req.gen, max_new, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
@@ -390,8 +436,25 @@ def _usage(ev) -> dict:
             "total_tokens": ev["prompt_tokens"] + ev["completion_tokens"]}
 
 
-def _image_context(data: bytes, cfg, limits: Limits) -> ImageContext:
-    return ImageContext(data, cfg, max_pixels=limits.max_image_pixels)
+def _prompt_inputs(req: ChatRequest, model, tokenizer, limits: Limits, version, max_len: int) -> tuple:
+    """(image context, prompt length in tokens). The image is decoded by content (PNG, JPEG,
+    WebP or GIF only, whatever the data URL claims) and kept only at the model's input size,
+    so a queued request holds a few MB whatever the picture's size."""
+    cfg = model.config
+    chars = len(req.query) + sum(len(q) + len(a) for q, a in req.history)
+    if chars > 64 * max_len:        # no token covers 64 characters: too long without tokenizing it
+        raise ApiError(400, f"the prompt is {chars} characters; this server's context is {max_len} tokens",
+                       code="context_length_exceeded")
+    image = None
+    if req.image is not None:
+        try:
+            image = ImageContext(req.image, cfg, max_pixels=limits.max_image_pixels, formats=WEB_FORMATS,
+                                 keep_image=False)
+        except ImageError as e:
+            raise ApiError(400, str(e), code="invalid_image") from None
+        req.image = None                               # the compressed bytes are not needed any more
+    prompt = build_prompt(req.query, req.history, version or cfg.version)
+    return image, len(build_row(tokenizer, cfg, prompt, image is not None))
 
 
 def parse_args(argv=None):
@@ -415,7 +478,29 @@ def parse_args(argv=None):
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
     p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes)
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="open connections and requests at once; more are answered 503")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a new connection has to send its request head before it is closed")
+    p.add_argument("--access-log", action="store_true", help="log every request (off by default)")
     return p.parse_args(argv)
+
+
+def guarded_h11(header_timeout: float):
+    """uvicorn's HTTP/1.1 protocol plus a header timeout: a connection that has sent no
+    complete request head `header_timeout` seconds after connecting is closed (uvicorn has
+    none, so half-open connections stayed open forever)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11(H11Protocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.loop.call_later(header_timeout, self._close_if_silent)
+
+        def _close_if_silent(self):
+            if self.cycle is None and self.timeout_keep_alive_task is None and not self.transport.is_closing():
+                self.transport.close()
+    return GuardedH11
 
 
 def limit_malloc_arenas(n: int = 2) -> None:
@@ -451,7 +536,9 @@ def main(argv=None) -> int:
                      args.allow_remote_images, args.version)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("listening on %s without an API key: anyone who can reach it can use it", args.host)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=args.access_log,
+                http=guarded_h11(args.header_timeout), limit_concurrency=args.max_connections,
+                timeout_keep_alive=5)
     engine.close()
     return 0
 

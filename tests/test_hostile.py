@@ -184,3 +184,190 @@ def test_merge_refuses_a_missing_or_duplicated_rank(cogvlm_ckpt, tmp_path):
     rc, out, err = script("utils/merge_model.py", "--from_pretrained", dup, "--save", tmp_path / "o2", "--mp", "1")
     assert rc == 1 and "duplicated" in err and not (tmp_path / "o2").exists()
     json.loads((mp2 / "model_config.json").read_text())          # the source is untouched
+
+
+# ---------------------------------------------------------------- the server, attacked
+def start_server(ckpt, log, *extra):
+    import httpx
+    from tests.test_openai_api import _free_port
+    port = _free_port()
+    env = {**ENV, "COGVLM_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "openai_demo" / "openai_api.py"), "--from_pretrained",
+                             str(ckpt), "--port", str(port), *map(str, extra)],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd="/")
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return url, proc
+        except httpx.HTTPError:
+            import time
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(Path(log).read_text())
+
+
+def post(url, body=None, raw=None, key=KEY, timeout=60):
+    import httpx
+    r = httpx.post(url + "/v1/chat/completions", content=raw if raw is not None else json.dumps(body),
+                   headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"}, timeout=timeout)
+    return r.status_code, r.json()
+
+
+def user(text="hi", image=None):
+    from tests.test_openai_api import _image_msg
+    return {"messages": [_image_msg(text, image) if image else {"role": "user", "content": text}], "max_tokens": 4}
+
+
+def test_client_mistakes_are_400_in_the_openai_shape(server):  # noqa: F811 - the fixture
+    import base64
+    import httpx
+    import random
+    url = server[0]
+    rnd = random.Random(0)
+    fuzzed = bytearray(base64.b64decode(png_url((40, 30)).split(",")[1]))
+    for i in rnd.sample(range(40, len(fuzzed)), 12):
+        fuzzed[i] = rnd.randrange(256)
+    cases = {
+        "nested 5000 deep": '{"messages": ' + "[" * 5000 + "]" * 5000 + "}",
+        "a 5000-digit number": '{"messages": [{"role": "user", "content": "x"}], "max_tokens": ' + "9" * 5000 + "}",
+        "seed 2**64": json.dumps({**user(), "seed": 2**64}),
+        "lone surrogate": '{"messages": [{"role": "user", "content": "a \\ud800 b"}]}',
+        "n: true": json.dumps({**user(), "n": True}),
+        "fuzzed png": json.dumps(user("x", "data:image/png;base64," + base64.b64encode(bytes(fuzzed)).decode())),
+        "bad image in a system message": json.dumps({"messages": [
+            {"role": "system", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},
+            {"role": "user", "content": "hi"}]}),
+        "temperature inf": '{"messages": [{"role": "user", "content": "x"}], "temperature": 1e999}',
+    }
+    for name, raw in cases.items():
+        code, js = post(url, raw=raw.encode())
+        assert code == 400 and set(js["error"]) >= {"message", "type", "code"}, (name, code, js)
+    assert post(url, {**user(), "temperature": 1e-300})[0] == 200
+    for method, path, status in (("GET", "/v1/completions", 404), ("POST", "/nope", 404),
+                                 ("GET", "/v1/chat/completions", 405), ("GET", "/openapi.json", 404)):
+        r = httpx.request(method, url + path, headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == status and set(r.json()["error"]) >= {"message", "type", "code"}, (path, r.text)
+
+
+def test_only_web_image_formats_are_decoded(server):  # noqa: F811 - the fixture
+    import base64
+    import io
+    from PIL import Image
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 200, 10)).save(buf, "BMP")
+    for data in (eps, buf.getvalue()):
+        code, js = post(server[0], user("x", "data:image/png;base64," + base64.b64encode(data).decode()))
+        assert code == 400 and "not an image file" in js["error"]["message"], js
+    jpeg = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 200, 10)).save(jpeg, "JPEG")           # judged by content: fine
+    assert post(server[0], user("x", "data:image/png;base64," + base64.b64encode(jpeg.getvalue()).decode()))[0] == 200
+
+
+def test_a_big_body_does_not_stall_others(server):  # noqa: F811 - the fixture
+    import time
+    import httpx
+    url = server[0]
+    big = json.dumps({"messages": [{"role": "user", "content": "word " * 3_600_000}]}).encode()   # 18 MB
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(post, url, None, big, KEY, 120)
+        worst = 0.0
+        while not slow.done():
+            t = time.perf_counter()
+            assert httpx.get(url + "/health", timeout=30).status_code == 200
+            worst = max(worst, time.perf_counter() - t)
+            time.sleep(0.02)
+        code, js = slow.result()
+    assert code == 400 and js["error"]["code"] == "context_length_exceeded"
+    assert worst < 1.0, f"/health took {worst:.2f} s while a big body was parsed"
+
+
+def test_half_open_connections_are_closed(cogvlm_ckpt, tmp_path):
+    import socket
+    import time
+    url, proc = start_server(cogvlm_ckpt, tmp_path / "log", "--header-timeout", "1")
+    try:
+        host, port = url.rsplit(":", 1)[0][7:], int(url.rsplit(":", 1)[1])
+        socks = []
+        for i in range(60):
+            s = socket.create_connection((host, port))
+            if i % 2:
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")        # a head that never ends
+            socks.append(s)
+        time.sleep(2.5)
+        for s in socks:
+            s.settimeout(5)
+            assert s.recv(100) == b""                                      # closed by the server
+            s.close()
+        assert post(url, user())[0] == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_queued_big_images_hold_only_model_sized_tensors(cogvlm_ckpt, tmp_path):
+    """32 queued requests with 4000x4000 16-bit PNGs (about 120 KB each) used to take the
+    server from 0.5 GB to 3.2 GB: each held its decoded picture until its turn."""
+    import base64
+    import io
+    import numpy as np
+    from PIL import Image
+    url, proc = start_server(cogvlm_ckpt, tmp_path / "log", "--max-batch", "1", "--max-queue", "64",
+                             "--max-image-pixels", "20000000", "--max-tokens", "64")
+
+    def peak_rss():
+        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+
+    try:
+        arr = np.zeros((4000, 4000, 3), np.uint16)
+        arr[::7, :, 0] = 60000
+        buf = io.BytesIO()
+        Image.fromarray(arr[:, :, 0]).save(buf, "PNG")                      # 16-bit greyscale
+        data = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        assert post(url, {**user("warm up", data), "max_tokens": 2})[0] == 200
+        before = peak_rss()
+        with ThreadPoolExecutor(32) as pool:
+            codes = list(pool.map(lambda i: post(url, {**user(f"picture {i}", data), "max_tokens": 16}, timeout=300)[0],
+                                  range(32)))
+        assert codes == [200] * 32
+        grown = peak_rss() - before
+        assert grown < 400e6, f"peak RSS grew {grown / 1e6:.0f} MB with 32 queued 16-MP images"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_remote_fetch_has_one_deadline_and_refuses_shared_addresses(monkeypatch):
+    import socketserver
+    import time
+    sys.path.insert(0, str(ROOT / "openai_demo"))
+    import openai_api
+
+    class Slow(socketserver.BaseRequestHandler):
+        def handle(self):
+            self.request.recv(1000)
+            self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+            for _ in range(100):                                           # 1 byte every 0.1 s
+                try:
+                    self.request.sendall(b"x")
+                except OSError:
+                    return
+                time.sleep(0.1)
+
+    srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Slow)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.setattr(openai_api, "_checked_address", lambda host: "127.0.0.1")   # the test host only
+    t = time.monotonic()
+    with pytest.raises(openai_api.ApiError, match="longer than 1 s"):
+        openai_api.fetch_remote_image(f"http://img.test:{srv.server_address[1]}/a.png",
+                                      openai_api.Limits(remote_timeout_s=1.0))
+    assert time.monotonic() - t < 3
+    srv.shutdown()
+    monkeypatch.undo()
+    for host in ("100.64.1.2", "10.0.0.1", "127.0.0.1", "169.254.1.1", "::ffff:10.0.0.1", "0.0.0.0"):
+        with pytest.raises(openai_api.ApiError, match="not a public address"):
+            openai_api._checked_address(host)

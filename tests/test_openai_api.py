@@ -73,7 +73,9 @@ def _image_msg(text, url):
 
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ["tiny-cogvlm"]
-    assert httpx.get(server[0] + "/health").json()["status"] == "ok"
+    assert httpx.get(server[0] + "/health").json() == {"status": "ok"}     # nothing more without the key
+    full = httpx.get(server[0] + "/health", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert full["status"] == "ok" and full["model"] == "tiny-cogvlm" and "active" in full
 
 
 def test_chat_with_image_stream_and_not(client, tokenizer, cogvlm_ckpt):
@@ -181,7 +183,7 @@ def test_disconnect_frees_slot(server, client):
             if line.startswith("data: ") and '"content"' in line:
                 break                                          # leave after the first chunk
     for _ in range(100):
-        load = httpx.get(server[0] + "/health").json()
+        load = httpx.get(server[0] + "/health", headers={"Authorization": f"Bearer {KEY}"}).json()
         if load["active"] == 0 and load["waiting"] == 0:
             break
         time.sleep(0.1)

@@ -73,10 +73,14 @@ class ImageContext:
     embeddings, CogAgent's per-layer cross K/V). Kept across turns so that each image is
     encoded once, not once per turn and never once per token."""
 
-    def __init__(self, image, cfg: ModelConfig, max_pixels: int = MAX_PIXELS):
-        self.image = load_image(image, max_pixels)
-        self.low = image_to_tensor(self.image, cfg.eva.image_size)
-        self.high = image_to_tensor(self.image, cfg.cross.image_size) if cfg.cross else None
+    def __init__(self, image, cfg: ModelConfig, max_pixels: int = MAX_PIXELS, formats=None,
+                 keep_image: bool = True):
+        """keep_image=False drops the decoded picture once it is resized to the model's input
+        (a server's queued request then holds only those tensors); boxes cannot be drawn."""
+        img = load_image(image, max_pixels, formats)
+        self.low = image_to_tensor(img, cfg.eva.image_size)
+        self.high = image_to_tensor(img, cfg.cross.image_size) if cfg.cross else None
+        self.image = img if keep_image else None
         self.image_embeds = None
         self.cross_kv = None
 

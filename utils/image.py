@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -18,9 +18,14 @@ class ImageError(ValueError):
     """An image that cannot be used; the message says why."""
 
 
-def load_image(src: Union[str, Path, bytes, Image.Image], max_pixels: int = MAX_PIXELS) -> Image.Image:
+WEB_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")     # what a server decodes (never EPS/PSD/...)
+
+
+def load_image(src: Union[str, Path, bytes, Image.Image], max_pixels: int = MAX_PIXELS,
+               formats: Optional[tuple] = None) -> Image.Image:
     """Open a path, bytes or PIL image as RGB, EXIF orientation applied. Refuses missing
-    files, non-images, truncated files, empty images and decompression bombs."""
+    files, non-images, truncated files, empty images and decompression bombs. formats: the
+    only Pillow formats tried, judged by content (e.g. WEB_FORMATS)."""
     name = "image" if isinstance(src, (bytes, Image.Image)) else str(src)
     if isinstance(src, Image.Image):
         img = src
@@ -39,13 +44,14 @@ def load_image(src: Union[str, Path, bytes, Image.Image], max_pixels: int = MAX_
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(data))
+                img = Image.open(io.BytesIO(data), formats=formats)
         except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             if isinstance(e, UnidentifiedImageError):
-                raise ImageError(f"{name}: not an image file (format not recognised)") from None
+                allowed = f" (accepted: {', '.join(formats)})" if formats else ""
+                raise ImageError(f"{name}: not an image file (format not recognised){allowed}") from None
             raise ImageError(f"{name}: image too large to decode safely ({e})") from None
-        except OSError as e:
-            raise ImageError(f"{name}: cannot read image ({e})") from None
+        except Exception as e:  # noqa: BLE001 - Pillow's plugins raise many kinds on bad data
+            raise ImageError(f"{name}: cannot read image ({type(e).__name__}: {e})") from None
     w, h = img.size
     if w == 0 or h == 0:
         raise ImageError(f"{name}: image has no pixels ({w}x{h})")
@@ -62,8 +68,10 @@ def load_image(src: Union[str, Path, bytes, Image.Image], max_pixels: int = MAX_
             img = bg
         else:
             img = img.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{name}: image data is corrupt or truncated ({e})") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: image too large to decode safely ({e})") from None
+    except Exception as e:  # noqa: BLE001 - fuzzed files raise anything from inside the decoders
+        raise ImageError(f"{name}: image data is corrupt or truncated ({type(e).__name__}: {e})") from None
     return img
 
 
