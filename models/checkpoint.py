@@ -213,8 +213,19 @@ def load_state_into(model: nn.Module, sat_sd: dict, source: str, dtype: Optional
         if not t.is_floating_point():
             raise CheckpointError(f"{source}: key {skey} has dtype {t.dtype}, expected floating point")
         new_sd[okey] = t.to(device=device, dtype=dtype or t.dtype)
+        check_finite(new_sd[okey], skey, source)
     model.load_state_dict(new_sd, strict=False, assign=True)
     regenerate_derived(model, device)
+
+
+def check_finite(t: torch.Tensor, key: str, source: str) -> None:
+    """NaN or inf weights are reported at load, not discovered as `⁇ ⁇ ⁇` answers. One fp32
+    sum per tensor (no copy): any NaN or inf makes it non-finite."""
+    if t.is_floating_point() and t.device.type != "meta" and t.numel() \
+            and not bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        bad = int((~torch.isfinite(t)).sum())
+        raise CheckpointError(f"{source}: weight {key} holds {bad} NaN or infinite value(s) of "
+                              f"{t.numel()}: the file is corrupt (or was saved after training diverged)")
 
 
 def regenerate_derived(model: nn.Module, device="cpu") -> None:

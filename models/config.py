@@ -150,6 +150,13 @@ class ModelConfig:
                                     "FineTuneTestCogAgentModel"):
             raise ValueError(f"model_config.json: unsupported model_class {d['model_class']!r}")
         ea = d["eva_args"]
+        if not isinstance(ea, dict):
+            raise ValueError(f"model_config.json: eva_args must be an object, not {type(ea).__name__}")
+        if shapes:
+            layers = {int(m.group(1)) for k in shapes if (m := re.match(r"transformer\.layers\.(\d+)\.", k))}
+            if layers and len(layers) != d["num_layers"]:
+                raise ValueError(f"model_config.json: num_layers is {d['num_layers']!r} but the weights "
+                                 f"hold {len(layers)} layers")
         size = ea.get("image_size", [490, 490])
         eva = EVAConfig(
             num_layers=ea["num_layers"], hidden_size=ea["hidden_size"],
@@ -187,9 +194,39 @@ class ModelConfig:
             raise ValueError(f"model_config.json: image_length {d['image_length']} does not match "
                              f"eva_args ({eva.image_size}px / patch {eva.patch_size} = "
                              f"{cfg.image_length} patches)")
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise ValueError("model_config.json: hidden_size must be divisible by num_attention_heads")
+        cfg.check("model_config.json")
         return cfg
+
+    def check(self, source: str) -> None:
+        """Sizes are whole numbers in a sane range and divide as the architecture needs;
+        checked before anything is built, so a broken config fails in one line, at once."""
+        def size(where, name, value, hi, lo=1):
+            if type(value) is not int or not lo <= value <= hi:
+                raise ValueError(f"{source}: {where}{name} is {value!r}; expected a whole number "
+                                 f"from {lo} to {hi}")
+        for name, hi in (("num_layers", 512), ("hidden_size", 65536), ("num_attention_heads", 1024),
+                         ("inner_hidden_size", 1 << 19), ("vocab_size", 1 << 21),
+                         ("max_sequence_length", 1 << 20)):
+            size("", name, getattr(self, name), hi)
+        for name, hi in (("num_layers", 512), ("hidden_size", 65536), ("num_attention_heads", 1024),
+                         ("inner_hidden_size", 1 << 19), ("image_size", 8192), ("patch_size", 1024),
+                         ("in_channels", 16)):
+            size("eva_args.", name, getattr(self.eva, name), hi)
+        if self.eva.patch_size > self.eva.image_size:
+            raise ValueError(f"{source}: eva_args.patch_size {self.eva.patch_size} is larger than "
+                             f"image_size {self.eva.image_size}")
+        for where, width, heads in (("", self.hidden_size, self.num_attention_heads),
+                                    ("eva_args.", self.eva.hidden_size, self.eva.num_attention_heads)):
+            if width % heads:
+                raise ValueError(f"{source}: {where}hidden_size {width} is not divisible by "
+                                 f"num_attention_heads {heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"{source}: the head size {self.head_dim} must be even (rotary embedding)")
+        if self.cross is not None:
+            c = self.cross
+            for name, hi in (("num_layers", 512), ("hidden_size", 65536), ("inner_hidden_size", 1 << 19),
+                             ("image_size", 8192), ("patch_size", 1024), ("attn_hidden_size", 1 << 17)):
+                size("cross ", name, getattr(c, name), hi)
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:

@@ -7,6 +7,7 @@ built on the meta device, and never overwrites an existing output unless told.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -14,7 +15,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from .checkpoint import (CheckpointError, is_derived, load_sat_config, read_sat_state_dict, regenerate_derived,
+from .checkpoint import (CheckpointError, check_finite, is_derived, load_sat_config, read_sat_state_dict, regenerate_derived,
                          sat_key_map, save_sat_checkpoint, write_checkpoint_dir)
 from .cogvlm import CogVLM
 from .config import ModelConfig, cross_sizes_from_shapes
@@ -34,6 +35,14 @@ def read_hf_config(path: Path, shapes: Optional[dict] = None):
         d = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{f} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{f}: expected a JSON object")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                           "vocab_size", "vision_config") if k not in d]
+    if missing:
+        raise CheckpointError(f"{f}: lacks required field(s): {', '.join(missing)}")
+    if not isinstance(d["vision_config"], dict):
+        raise CheckpointError(f"{f}: vision_config must be an object")
     is_agent = d.get("model_type") == "cogagent" or "cross_image_size" in d
     cls = CogAgentConfig if is_agent else CogVLMConfig
     d.pop("model_type", None)
@@ -43,7 +52,7 @@ def read_hf_config(path: Path, shapes: Optional[dict] = None):
         d["cross_vision_config"] = {**seen, **(d.get("cross_vision_config") or {})}
     try:
         config = cls.from_dict(d)
-        config.to_model_config()                       # sizes checked here, with the file's name
+        config.to_model_config().check("config.json")  # sizes checked before anything is built
         return config
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{f}: {e}") from None
@@ -100,19 +109,31 @@ def _safetensors_shapes(f: Path) -> dict[str, tuple]:
         n = struct.unpack("<Q", raw)[0]
         if n > size - 8:
             raise CheckpointError(f"{f}: truncated or corrupt safetensors file (header says {n} bytes)")
+        if n > 100 << 20:
+            raise CheckpointError(f"{f}: safetensors header of {n} bytes (over 100 MB): corrupt file")
         try:
             header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise CheckpointError(f"{f}: corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{f}: corrupt safetensors header (not a JSON object)")
     end, shapes = 0, {}
     for k, meta in header.items():
         if k == "__metadata__":
             continue
+        if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= meta.keys():
+            raise CheckpointError(f"{f}: tensor {k} has no dtype, shape or data_offsets in the header")
         if meta["dtype"] not in FLOAT_DTYPES:
             raise CheckpointError(f"{f}: tensor {k} has dtype {meta['dtype']}; weights must be "
                                   f"F32, F16 or BF16")
-        end = max(end, meta["data_offsets"][1])
-        shapes[k] = tuple(meta["shape"])
+        shape, offs = meta["shape"], meta["data_offsets"]
+        if not (isinstance(shape, list) and all(type(x) is int and x >= 0 for x in shape)
+                and isinstance(offs, list) and len(offs) == 2 and all(type(x) is int for x in offs)
+                and 0 <= offs[0] <= offs[1]
+                and offs[1] - offs[0] == math.prod(shape) * FLOAT_DTYPES[meta["dtype"]].itemsize):
+            raise CheckpointError(f"{f}: tensor {k} has an inconsistent shape {shape} / data_offsets {offs}")
+        end = max(end, offs[1])
+        shapes[k] = tuple(shape)
     if 8 + n + end > size:
         raise CheckpointError(f"{f}: truncated safetensors file ({size} bytes, tensors need {8 + n + end})")
     return shapes
@@ -130,6 +151,8 @@ def load_hf_model(path, dtype: Optional[torch.dtype] = None, device="cpu"):
     config, index = read_hf_checkpoint(path)
     cls = CogAgentForCausalLM if isinstance(config, CogAgentConfig) else CogVLMForCausalLM
     model = cls.from_pretrained(path, config=config, dtype=dtype or default_dtype(device))
+    for name, t in model.state_dict().items():
+        check_finite(t, name, str(path))
     regenerate_derived(model, device)                  # never the file's (possibly bf16) tables
     return use_fast_cpu_layout(model.to(device)).eval()
 

@@ -371,3 +371,71 @@ def test_remote_fetch_has_one_deadline_and_refuses_shared_addresses(monkeypatch)
     for host in ("100.64.1.2", "10.0.0.1", "127.0.0.1", "169.254.1.1", "::ffff:10.0.0.1", "0.0.0.0"):
         with pytest.raises(openai_api.ApiError, match="not a public address"):
             openai_api._checked_address(host)
+
+
+# ---------------------------------------------------------------- the command line
+@pytest.mark.parametrize("args,expect", [
+    (["--seed", str(2**64)], "--seed: 18446744073709551616 is out of range"),
+    (["--max_new_tokens", "-3"], "--max_new_tokens: -3 is out of range"),
+    (["--repetition_penalty", "0"], "--repetition_penalty: 0 is out of range (above 0)"),
+    (["--top_p", "2"], "--top_p: 2 is out of range"),
+    (["--temperature", "nan"], "--temperature: nan is out of range"),
+    (["--max_length", "x"], "--max_length: 'x' is not a whole number"),
+    (["--output_dir", "/proc/no/such/dir"], "--output_dir /proc/no/such/dir cannot be created"),
+])
+def test_cli_bad_flags_are_one_line(args, expect, cogvlm_ckpt):
+    rc, out, err = script("basic_demo/cli_demo_sat.py", "--from_pretrained", cogvlm_ckpt, "--query", "hi", *args)
+    assert rc != 0 and expect in err and "Traceback" not in err, err
+
+
+def test_cli_fuzzed_images_and_tiny_temperature(cogvlm_ckpt, image_file, tmp_path):
+    import random
+    rnd = random.Random(1)
+    data = bytearray(image_file.read_bytes())
+    for i in rnd.sample(range(30, len(data)), 20):
+        data[i] = rnd.randrange(256)
+    (tmp_path / "fuzzed.png").write_bytes(bytes(data))
+    (tmp_path / "noise.png").write_bytes(b"\x89PNG\r\n\x1a\n" + rnd.randbytes(3000))
+    for name in ("fuzzed.png", "noise.png"):
+        rc, out, err = script("basic_demo/cli_demo_sat.py", "--from_pretrained", cogvlm_ckpt, "--image",
+                              tmp_path / name, "--query", "hi", "--output_dir", tmp_path)
+        assert "Traceback" not in err and (rc == 0 or err.strip().startswith("error:")), err
+    rc, out, err = script("basic_demo/cli_demo_sat.py", "--from_pretrained", cogvlm_ckpt, "--image", image_file,
+                          "--query", "hi", "--temperature", "1e-40", "--top_k", "0", "--max_new_tokens", "5",
+                          "--output_dir", tmp_path)
+    assert rc == 0 and "Traceback" not in err, err
+    # A bad image in interactive mode is reported and the session goes on.
+    session = f"{tmp_path / 'noise.png'}\n{image_file}\nWhat is it?\nstop\n"
+    p = subprocess.run([sys.executable, str(ROOT / "basic_demo" / "cli_demo_sat.py"), "--from_pretrained",
+                        str(cogvlm_ckpt), "--max_new_tokens", "4", "--output_dir", str(tmp_path)],
+                       input=session, capture_output=True, text=True, timeout=120, cwd="/", env=ENV)
+    assert p.returncode == 0 and "Error: " in p.stdout and "Model: " in p.stdout and "Traceback" not in p.stderr
+
+
+def test_ctrl_c_stops_the_answer_and_keeps_the_session(tmp_path, tokenizer_dir):
+    """A model slow enough to interrupt (4096 tokens of context, random weights: it rarely
+    says </s>); Ctrl-C mid-answer prints [answer stopped] and the next question is answered."""
+    import time
+    import pexpect
+    from models import get_config, save_sat_checkpoint
+    from models.loading import build_model
+    cfg = get_config("tiny-test-cogvlm")
+    cfg.num_layers, cfg.hidden_size, cfg.inner_hidden_size, cfg.max_sequence_length = 6, 256, 512, 4096
+    ckpt = save_sat_checkpoint(build_model(cfg), cfg, tmp_path / "slow")
+    shutil.copytree(tokenizer_dir, ckpt / "tokenizer")
+    child = pexpect.spawn(sys.executable, [str(ROOT / "basic_demo" / "cli_demo_sat.py"), "--from_pretrained",
+                                           str(ckpt), "--max_length", "4096", "--stream_chat", "--output_dir",
+                                           str(tmp_path)], env=ENV, cwd="/", timeout=120, encoding="utf-8")
+    child.expect("image path")
+    child.sendline("")
+    child.expect("Human: ")
+    child.sendline("Tell me a very long story.")
+    child.expect("Model: ")
+    time.sleep(1.5)
+    child.sendintr()
+    child.expect(r"\[answer stopped\]")
+    child.expect("Human: ")
+    child.sendline("stop")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0 and "Traceback" not in child.before

@@ -37,17 +37,33 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str = "cogvlm-chat
                                              "(training checkpoints); only for files you trust")
 
 
+def ranged(cast, lo, hi=None, above: bool = False):
+    """An argparse type: a number of type `cast` from lo (or above it) to hi, finite."""
+    def parse(text: str):
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if cast is int else ''}number") from None
+        if v != v or v in (float("inf"), float("-inf")) or v < lo or (above and v == lo) \
+                or (hi is not None and v > hi):
+            span = f"{'above' if above else 'from'} {lo}" + (f" to {hi}" if hi is not None else "")
+            raise argparse.ArgumentTypeError(f"{text} is out of range ({span})")
+        return v
+    return parse
+
+
 def add_generation_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
     d = GEN_DEFAULTS
-    g.add_argument("--max_length", type=int, default=d.max_length,
+    g.add_argument("--max_length", type=ranged(int, 1), default=d.max_length,
                    help="total length limit, image tokens included")
-    g.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens)
-    g.add_argument("--top_p", type=float, default=d.top_p)
-    g.add_argument("--top_k", type=int, default=d.top_k, help="1 = greedy")
-    g.add_argument("--temperature", type=float, default=d.temperature)
-    g.add_argument("--repetition_penalty", type=float, default=d.repetition_penalty)
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--max_new_tokens", type=ranged(int, 1), default=d.max_new_tokens)
+    g.add_argument("--top_p", type=ranged(float, 0, 1), default=d.top_p)
+    g.add_argument("--top_k", type=ranged(int, 0), default=d.top_k, help="1 = greedy, 0 = no top-k cut")
+    g.add_argument("--temperature", type=ranged(float, 0, 100), default=d.temperature,
+                   help="below 1e-5 decoding is greedy")
+    g.add_argument("--repetition_penalty", type=ranged(float, 0, above=True), default=d.repetition_penalty)
+    g.add_argument("--seed", type=ranged(int, -2**63, 2**64 - 1), default=d.seed)
 
 
 def generation_config(args) -> GenerationConfig:

@@ -3,7 +3,9 @@ ask for an image path (Enter alone = text-only chat), then questions; `clear` st
 with a new image, `stop` exits. Errors are printed and the loop goes on."""
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Callable, Iterable
 
 from models.generate import PromptTooLong
@@ -36,6 +38,14 @@ def print_answer(deltas: Iterable[str], stream: bool, prefix: str = "", out=sys.
 
 def interactive(answer: Callable, open_image: Callable, chinese: bool = False,
                 on_answer: Callable = None) -> None:
+    """Ctrl-C while typing ends the session quietly; during an answer it stops that answer."""
+    try:
+        _loop(answer, open_image, chinese, on_answer)
+    except KeyboardInterrupt:
+        print()
+
+
+def _loop(answer: Callable, open_image: Callable, chinese: bool, on_answer: Callable) -> None:
     """answer(query, history, image, prefix) -> response text (printed by it);
     open_image(path) -> image context or None; on_answer(response, image) e.g. draws boxes."""
     text = PROMPTS[chinese]
@@ -61,10 +71,15 @@ def interactive(answer: Callable, open_image: Callable, chinese: bool = False,
                 break
             if query.strip() == "stop":
                 return
+            if not query.strip():
+                continue                                # an empty line is no question
             try:
                 response = answer(query, history, image, text["model"])
             except PromptTooLong as e:
                 print(f"\nError: {e}")
+                continue
+            except KeyboardInterrupt:                   # Ctrl-C stops this answer, not the session
+                print("\n[answer stopped]")
                 continue
             history = history + [(query, response)]
             if on_answer is not None:
@@ -81,14 +96,26 @@ def save_boxes(response: str, image, out_dir: str = "grounding_output") -> None:
     groundings = parse_groundings(response)
     if groundings:
         path = Path(out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        draw_groundings(image.image, groundings).save(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            draw_groundings(image.image, groundings).save(path)
+        except OSError as e:
+            print(f"[boxes not saved: cannot write {path}: {e.strerror or e}]")
+            return
         print(f"[boxes drawn: {path.resolve()}]")
 
 
 def run(args, answer: Callable, open_image: Callable) -> int:
     """One-shot mode when --image or --query is given (exit status 0/1/2), else the loop."""
     on_answer = lambda response, image: save_boxes(response, image, args.output_dir)  # noqa: E731
+    try:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: --output_dir {args.output_dir} cannot be created: {e.strerror or e}", file=sys.stderr)
+        return 1
+    if not os.access(args.output_dir, os.W_OK):
+        print(f"error: --output_dir {args.output_dir} is not writable", file=sys.stderr)
+        return 1
     if args.query is not None or args.image is not None:
         if args.query is None:
             print("error: --image needs --query", file=sys.stderr)
@@ -99,6 +126,9 @@ def run(args, answer: Callable, open_image: Callable) -> int:
         except (ImageError, PromptTooLong) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print("\n[stopped]", file=sys.stderr)
+            return 130
         return 0
     interactive(answer, open_image, args.chinese, on_answer)
     return 0
