@@ -262,6 +262,22 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+_TEMPORARY = re.compile(r"\.(latest|model_config\.json|mp_rank_\d+_model_states\.pt)\w{8}$")
+
+
+def remove_stale_temporaries(ckpt_dir) -> int:
+    """Delete the temporaries of atomic_write() that a killed save left in a checkpoint
+    directory (and its iteration folders); returns how many."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return 0
+    stale = [p for sub in [d, *[x for x in d.iterdir() if x.is_dir() and x.name.isdigit()]]
+             for p in sub.iterdir() if p.is_file() and _TEMPORARY.match(p.name)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
 def to_sat_state_dict(model: nn.Module) -> dict:
     return {sat_key(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 

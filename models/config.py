@@ -190,11 +190,11 @@ class ModelConfig:
             eva=eva, cross=cross, adapter_has_pos_embed=is_agent,
             model_parallel_size=int(d.get("model_parallel_size", 1)),
             extra={k: v for k, v in d.items() if k not in known})
+        cfg.check("model_config.json")
         if "image_length" in d and d["image_length"] != cfg.image_length:
             raise ValueError(f"model_config.json: image_length {d['image_length']} does not match "
                              f"eva_args ({eva.image_size}px / patch {eva.patch_size} = "
                              f"{cfg.image_length} patches)")
-        cfg.check("model_config.json")
         return cfg
 
     def check(self, source: str) -> None:

@@ -439,3 +439,135 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(tmp_path, tokenizer_dir):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0 and "Traceback" not in child.before
+
+
+# ---------------------------------------------------------------- finetuning data
+def test_bad_rows_never_end_a_finetuning_run(tmp_path):
+    from PIL import Image
+    from tests.test_finetune import finetune, finetune_cmd, losses, ENV as FT_ENV
+    from utils.create_test_model import create
+    base = create("tiny-test-cogvlm", tmp_path / "base", seed=0)
+    data = tmp_path / "sft"
+    (data / "images").mkdir(parents=True)
+    (data / "labels").mkdir()
+
+    def row(name, label, image=True):
+        if image:
+            Image.new("RGB", (64, 48), (len(name) * 20 % 255, 100, 200)).save(data / "images" / f"{name}.jpg")
+        if isinstance(label, str):
+            (data / "labels" / f"{name}.json").write_text(label)
+        else:
+            (data / "labels" / f"{name}.json").write_text(json.dumps(label))
+
+    for i in range(4):
+        row(f"ok{i}", {"captions": [{"role": "caption", "content": f"a card {i}"}]})
+    row("deep", '{"conversations": ' + "[" * 5000 + "]" * 5000 + "}")
+    row("objects", {"qa": [{"question": "What?", "answer": "x"}], "objects": "abc"})
+    row("dict", {"conversations": [{"role": "user", "content": {"text": "hi"}},
+                                   {"role": "assistant", "content": "x"}]})
+    row("long", {"conversations": [{"role": "user", "content": "word " * 600}, {"role": "assistant", "content": "x"}]})
+    (data / "labels" / "folder.json").mkdir()
+    Image.new("RGB", (64, 48)).save(data / "images" / "folder.jpg")
+    Image.new("RGB", (640, 480), (1, 2, 3)).save(data / "images" / "trunc.jpg", quality=95)
+    full = (data / "images" / "trunc.jpg").read_bytes()
+    (data / "images" / "trunc.jpg").write_bytes(full[: len(full) // 2])
+    row("trunc", {"captions": [{"content": "cut"}]}, image=False)
+    save = tmp_path / "s"
+    out = finetune(1, "--from_pretrained", base, "--train_data", data, "--save", save, "--train_iters", 2,
+                   "--batch_size", 2, "--log_interval", 1, "--save_interval", 2, "--max_length", 400)
+    assert "train samples: 4 (skipped 6)" in out, out
+    assert len(losses(out)) == 2 and "nan" not in out.lower()
+    # Temporaries of a save killed half-way are removed when the run resumes.
+    (save / ".latestabcd1234").write_text("x")
+    (save / "2" / ".mp_rank_00_model_states.ptabcd_123").write_bytes(b"partial")
+    finetune(1, "--from_pretrained", base, "--train_data", data, "--save", save, "--train_iters", 3,
+             "--batch_size", 2, "--log_interval", 1, "--save_interval", 3, "--max_length", 400, "--resume")
+    assert not [p for p in save.rglob(".*") if p.is_file() and "ds_state" not in str(p)]
+    # --resume without the optimizer state: one line, before any work.
+    shutil.rmtree(save / "ds_state" / "3")
+    p = subprocess.run(finetune_cmd(1, "finetune_cogvlm_demo.py", "--from_pretrained", base, "--train_data", data,
+                                    "--save", save, "--train_iters", 4, "--resume"),
+                       capture_output=True, text=True, timeout=300, cwd="/", env=FT_ENV)
+    # Our one line comes first; what follows is torchrun's own report of a rank that exited 1.
+    assert p.returncode != 0 and p.stderr.startswith("error: --resume:") and "state of step 3" in p.stderr
+    assert "utils/finetune.py" not in p.stderr                        # no traceback of ours
+
+
+# ---------------------------------------------------------------- configs and weight files
+@pytest.mark.parametrize("change,field", [
+    ({"num_layers": 1000000}, "num_layers"), ({"hidden_size": 1e9}, "hidden_size"),
+    ({"num_attention_heads": 0}, "num_attention_heads"), ({"inner_hidden_size": -5}, "inner_hidden_size"),
+    ({"eva_args": None}, "eva_args"), ({"eva_args.patch_size": 0}, "patch_size"),
+    ({"num_layers": 3}, "num_layers"),                        # the weights hold 2
+])
+def test_config_sizes_are_checked_before_anything_is_built(change, field, cogvlm_ckpt, tmp_path):
+    import time
+    ck = shutil.copytree(cogvlm_ckpt, tmp_path / "c")
+    cfg = json.loads((ck / "model_config.json").read_text())
+    for k, v in change.items():
+        if k.startswith("eva_args."):
+            cfg["eva_args"][k.split(".", 1)[1]] = v
+        else:
+            cfg[k] = v
+    (ck / "model_config.json").write_text(json.dumps(cfg))
+    t = time.monotonic()
+    rc, out, err = script("basic_demo/cli_demo_sat.py", "--from_pretrained", ck, "--query", "hi")
+    assert rc == 1 and field in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2, err
+    assert time.monotonic() - t < 60
+
+
+def test_broken_weight_files_are_one_line(cogvlm_ckpt, tmp_path):
+    from safetensors.torch import save_file
+    rc, out, err = script("utils/convert_checkpoint.py", "sat2hf", "--src", cogvlm_ckpt, "--dst", tmp_path / "hf")
+    assert rc == 0, err
+    hf = tmp_path / "hf"
+
+    def hf_cli(d):
+        return script("basic_demo/cli_demo_hf.py", "--from_pretrained", d, "--query", "hi", "--output_dir", tmp_path)
+
+    def with_header(name, edit):
+        d = shutil.copytree(hf, tmp_path / name)
+        f = d / "model-00001-of-00001.safetensors"
+        raw = f.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])
+        edit(header)
+        new = json.dumps(header).encode()
+        new += b" " * (n - len(new)) if len(new) <= n else b""
+        f.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n:])
+        return d
+
+    key = "model.embed_tokens.weight"
+    cases = {"no dtype": lambda h: h[key].pop("dtype"),
+             "bad shape": lambda h: h[key].__setitem__("shape", [3, -1]),
+             "offsets": lambda h: h[key].__setitem__("data_offsets", [0, 10])}
+    for name, edit in cases.items():
+        rc, out, err = hf_cli(with_header(name.replace(" ", "_"), edit))
+        assert rc == 1 and key in err and "Traceback" not in err, (name, err)
+    # A .bin whose pickle would run code: refused, the code never runs.
+    evil = shutil.copytree(hf, tmp_path / "evil")
+    for f in evil.glob("model*"):
+        f.unlink()
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    torch.save({"model.embed_tokens.weight": Payload()}, evil / "pytorch_model.bin")
+    rc, out, err = hf_cli(evil)
+    assert rc == 1 and "pytorch_model.bin" in err and "Traceback" not in err and not marker.exists(), err
+    # NaN weights are reported at load, with the key.
+    nan = shutil.copytree(cogvlm_ckpt, tmp_path / "nan")
+    f = nan / "1" / "mp_rank_00_model_states.pt"
+    state = torch.load(f, weights_only=True)
+    state["module"]["transformer.layers.1.mlp.dense_4h_to_h.weight"][3, 3] = float("nan")
+    torch.save(state, f)
+    rc, out, err = script("basic_demo/cli_demo_sat.py", "--from_pretrained", nan, "--query", "hi")
+    assert rc == 1 and "transformer.layers.1.mlp.dense_4h_to_h.weight holds 1 NaN" in err, err
+    hf_nan = shutil.copytree(hf, tmp_path / "hf-nan")
+    from safetensors.torch import load_file
+    t = load_file(str(hf_nan / "model-00001-of-00001.safetensors"))
+    t["lm_head.weight"][0, 0] = float("inf")
+    save_file(t, str(hf_nan / "model-00001-of-00001.safetensors"))
+    rc, out, err = hf_cli(hf_nan)
+    assert rc == 1 and "lm_head.weight holds 1 NaN or infinite" in err, err

@@ -44,12 +44,37 @@ class Sample:
 
 
 def _image_ok(path: Path) -> bool:
+    """Cheap checks only (a data set may hold 300K images): verify() reads PNG to its end
+    (CRCs), but not JPEG data, so a JPEG must also end with its end-of-image marker."""
     try:
         with Image.open(path) as im:
+            fmt = im.format
             im.verify()
+        if fmt == "JPEG":
+            with open(path, "rb") as f:
+                f.seek(max(0, path.stat().st_size - 1024))
+                if b"\xff\xd9" not in f.read():
+                    return False                       # truncated: no end-of-image marker
         return True
     except Exception:  # noqa: BLE001 - any unreadable file is skipped and counted
         return False
+
+
+def _text(v, what: str) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"{what} must be a string, not {type(v).__name__}")
+    return v.strip()
+
+
+def _objects(v) -> tuple:
+    """Synthetic labels' `objects`: a list of {kind, colour, box: 4 fractions}."""
+    if v is None:
+        return ()
+    if not isinstance(v, list) or not all(
+            isinstance(o, dict) and isinstance(o.get("kind"), str) and isinstance(o.get("box"), list)
+            and len(o["box"]) == 4 and all(isinstance(x, (int, float)) for x in o["box"]) for o in v):
+        raise TypeError("objects must be a list of {kind, colour, box}")
+    return tuple(v)
 
 
 def scan_captcha(folder: Path) -> tuple[list[Sample], dict]:
@@ -69,16 +94,20 @@ def scan_captcha(folder: Path) -> tuple[list[Sample], dict]:
 
 def _samples(label: dict) -> list:
     """A label -> its samples, each a list of (query, answer) turns (the last one trained)."""
+    if not isinstance(label, dict):
+        raise TypeError("a label must be a JSON object")
     if label.get("captions"):
-        return [[(CAPTION_QUERY, str(c["content"]).strip())] for c in label["captions"][:1]]
+        return [[(CAPTION_QUERY, _text(c["content"], "content"))] for c in label["captions"][:1]]
     conv, turns, query = label.get("conversations") or [], [], None
     if label.get("qa"):                                # independent pairs (utils/synthetic_data.py)
-        return [[(str(x["question"]).strip(), str(x["answer"]).strip())] for x in label["qa"]]
+        return [[(_text(x["question"], "question"), _text(x["answer"], "answer"))] for x in label["qa"]]
+    if not isinstance(conv, list):
+        raise TypeError("conversations must be a list")
     for msg in conv:
         if msg.get("role") == "user":
-            query = str(msg["content"]).strip()
+            query = _text(msg["content"], "content")
         elif msg.get("role") == "assistant" and query is not None:
-            turns.append((query, str(msg["content"]).strip()))
+            turns.append((query, _text(msg["content"], "content")))
             query = None
     turns = [(q, a) for q, a in turns if q and a]
     return [turns[: k + 1] for k in range(len(turns))]   # each turn, the earlier ones as history
@@ -91,9 +120,12 @@ def scan_conversations(folder: Path) -> tuple[list[Sample], dict]:
         try:
             label = json.loads(lab.read_text(encoding="utf-8"))
             convs = _samples(label)
-            objects = tuple(label.get("objects") or ())
-        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
-            skipped[str(lab)] = "label is not valid JSON of the expected layout"
+            objects = _objects(label.get("objects"))
+        except OSError as e:                           # e.g. a directory named x.json
+            skipped[str(lab)] = f"label cannot be read ({e.strerror or e})"
+            continue
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
+            skipped[str(lab)] = f"label is not valid JSON of the expected layout ({type(e).__name__}: {str(e)[:60]})"
             continue
         img = images.get(lab.stem)
         if not convs or not all(q and a for c in convs for q, a in c):
@@ -118,7 +150,17 @@ class FinetuneDataset(torch.utils.data.Dataset):
         self.cfg, self.tok, self.version = cfg, tokenizer, version or cfg.version
         self.max_length = min(max_length, cfg.max_sequence_length)
         conv = (self.folder / "labels").is_dir() and (self.folder / "images").is_dir()
-        self.samples, self.skipped = (scan_conversations if conv else scan_captcha)(self.folder)
+        samples, self.skipped = (scan_conversations if conv else scan_captcha)(self.folder)
+        # A prompt that leaves no room for one answer token would train on nothing (loss NaN).
+        self.samples = []
+        for smp in samples:
+            query, history = smp.turns[-1][0], smp.turns[:-1]
+            n = len(build_row(tokenizer, cfg, build_prompt(query, history, self.version), True))
+            if n >= self.max_length:
+                self.skipped[f"{smp.image} ({query[:30]!r})"] = (f"prompt of {n} tokens does not fit "
+                                                                f"--max_length {self.max_length}")
+            else:
+                self.samples.append(smp)
         if self.skipped:
             log.warning("%s: skipped %d sample(s) (%s)", self.folder, len(self.skipped),
                         ", ".join(f"{Path(k).name}: {v}" for k, v in list(self.skipped.items())[:3]))

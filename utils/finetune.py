@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.checkpoint import atomic_write, read_sat_state_dict, sat_key
+from models.checkpoint import atomic_write, read_sat_state_dict, remove_stale_temporaries, sat_key
 from models.loading import default_dtype, load_model, resolve_pretrained
 from models.lora import LoRAConfig, apply_lora
 from . import args as common
@@ -361,11 +361,17 @@ def train(args) -> dict:
         if not (save / "latest").is_file():
             raise FileNotFoundError(f"--resume: {save} holds no checkpoint ('latest' missing)")
         start_step = int((save / "latest").read_text().strip())
+        if not (save / "ds_state" / str(start_step)).is_dir():
+            raise FileNotFoundError(f"--resume: {save / 'ds_state' / str(start_step)} (the optimizer and "
+                                    f"scheduler state of step {start_step}) is missing; continue without "
+                                    f"it by finetuning from {save} with a new --save")
         source = str(save)
         log.info("resuming from %s at step %d", save, start_step)
     elif not args.eval_only and (save / "latest").exists():
         raise FileExistsError(f"{save} already holds a checkpoint: pass --resume to continue it, "
                               f"or choose another --save directory")
+    if is_main and remove_stale_temporaries(save):
+        log.info("removed temporary files of an interrupted save in %s", save)
     model, cfg = load_model(source, device=args.device, dtype=dtype, trust_checkpoint=args.trust_checkpoint,
                             cpu_layout=False, rank=mp_rank, world=args.model_parallel_size)
     lora_from_ckpt = "lora" in cfg.extra
