@@ -571,3 +571,65 @@ def test_broken_weight_files_are_one_line(cogvlm_ckpt, tmp_path):
     save_file(t, str(hf_nan / "model-00001-of-00001.safetensors"))
     rc, out, err = hf_cli(hf_nan)
     assert rc == 1 and "lm_head.weight holds 1 NaN or infinite" in err, err
+
+
+def test_slow_remote_fetches_do_not_starve_data_requests(cogvlm_ckpt, tokenizer, monkeypatch):
+    """8 fetches from a server that sends 1 byte every 0.2 s must not hold up a data: request
+    (they used to take every worker thread: an innocent request waited 28.5 s)."""
+    import socketserver
+    import time
+    import httpx
+    import uvicorn
+    sys.path.insert(0, str(ROOT / "openai_demo"))
+    import openai_api
+    from models import load_model
+    from tests.test_openai_api import _free_port
+    from utils.engine import BatchEngine
+
+    hosts = []
+
+    class Slow(socketserver.BaseRequestHandler):
+        def handle(self):
+            hosts.append(self.request.recv(1000).split(b"Host: ")[1].split(b"\r\n")[0].decode())
+            self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+            for _ in range(100):
+                try:
+                    self.request.sendall(b"x")
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+    slow = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Slow)
+    slow.daemon_threads = True
+    threading.Thread(target=slow.serve_forever, daemon=True).start()
+    monkeypatch.setattr(openai_api, "_checked_address", lambda host: "127.0.0.1")
+    model, _ = load_model(str(cogvlm_ckpt))
+    engine = BatchEngine(model, tokenizer, max_batch=4)
+    app = openai_api.create_app(model, tokenizer, "tiny", engine, openai_api.Limits(remote_timeout_s=8.0),
+                                allow_remote_images=True)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            httpx.get(url + "/health", timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    try:
+        remote = user("x", f"http://img.example:{slow.server_address[1]}/a.png")
+        with ThreadPoolExecutor(9) as pool:
+            fetches = [pool.submit(post, url, remote) for _ in range(8)]
+            time.sleep(1.0)                                        # they are all waiting on bytes
+            t = time.monotonic()
+            code, _ = post(url, user("y", png_url()))
+            waited = time.monotonic() - t
+            results = [f.result(timeout=60) for f in fetches]
+        assert code == 200 and waited < 5, f"a data: request waited {waited:.1f} s behind slow fetches"
+        assert all(c == 400 and "longer than 8 s" in js["error"]["message"] for c, js in results), results
+        assert set(hosts) == {f"img.example:{slow.server_address[1]}"}    # asked by name, at the checked address
+    finally:
+        server.should_exit = True
+        engine.close()
+        slow.shutdown()
