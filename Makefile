@@ -37,9 +37,12 @@ install-dev: $(VENV)/.dev
 
 # The bundled model (assets/checkpoints/tiny-cogvlm) answers questions about synthetic scenes; the
 # answer's boxes are drawn into grounding_output/.
+# The query reaches the shell through the environment, so any text the CLI accepts passes
+# (double quotes, $, backslashes: every CogAgent task is quoted).
+demo: export DEMO_QUERY := $(value DEMO_QUERY)
 demo: $(VENV)/.core
-	$(PYTHON) basic_demo/cli_demo_sat.py --from_pretrained $(DEMO_MODEL) \
-	    --image $(DEMO_IMAGE) --query "$(DEMO_QUERY)" --top_k 1 --output_dir grounding_output
+	$(PYTHON) basic_demo/cli_demo_sat.py --from_pretrained "$(DEMO_MODEL)" \
+	    --image "$(DEMO_IMAGE)" --query "$$DEMO_QUERY" --top_k 1 --output_dir grounding_output
 
 test: $(VENV)/.dev chromium
 	$(PYTHON) -m pytest

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
+from utils.flags import ArgumentParser  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -24,7 +25,7 @@ from utils.tokenizer import DEFAULT_TOKENIZER, Tokenizer, resolve_tokenizer  # n
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from_pretrained", default="THUDM/cogagent-chat-hf",
                    help="HF checkpoint directory, or a hub name found in the local HF cache")
     p.add_argument("--local_tokenizer", default=DEFAULT_TOKENIZER)

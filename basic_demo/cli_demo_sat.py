@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
+from utils.flags import ArgumentParser  # noqa: E402
 
 from utils.args import add_generation_args, add_model_args, generation_config, load_or_report, setup_logging  # noqa: E402
 from utils.chat import ImageContext, stream_chat  # noqa: E402
@@ -21,7 +22,7 @@ from utils.lockstep import Lockstep  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     add_generation_args(p)
     p.add_argument("--stream_chat", action="store_true", help="print the answer as it is generated")

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
+from utils.flags import ArgumentParser  # noqa: E402
 
 from models.generate import GenerationConfig, PromptTooLong  # noqa: E402
 from utils.args import GEN_DEFAULTS, add_generation_args, add_model_args, load_or_report, setup_logging  # noqa: E402
@@ -25,7 +26,7 @@ from utils.lockstep import Lockstep  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     add_generation_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 = every interface)")
@@ -49,16 +50,17 @@ def make_generate(model, tok, args):
 def build_app(step: Lockstep, title: str = "CogVLM / CogAgent"):
     import gradio as gr
 
-    def respond(query, image_path, chat, history, temperature, top_p, top_k, max_new_tokens):
-        """Streams (chatbot, history, boxes image, error text)."""
+    def respond(query, picture, chat, history, temperature, top_p, top_k, max_new_tokens):
+        """Streams (chatbot, history, boxes image, error text). `picture`: the path of the
+        last image that decoded (a bad upload never replaces it)."""
         query = (query or "").strip()
         if not query:
-            yield chat, history, gr.update(), "Type a question first."
+            yield chat, history, gr.update(), "⚠️ **Type a question first.**"
             return
         try:
-            pixels = load_image(image_path) if image_path else None
-        except ImageError as e:
-            yield chat, history, gr.update(), f"**Error:** {e}"
+            pixels = load_image(picture) if picture else None
+        except ImageError as e:                       # the file changed since it was checked
+            yield chat, history, gr.update(), f"⚠️ **Error:** {e}"
             return
         chat = chat + [{"role": "user", "content": query}, {"role": "assistant", "content": ""}]
         answer, deltas = "", None
@@ -70,7 +72,7 @@ def build_app(step: Lockstep, title: str = "CogVLM / CogAgent"):
                 chat[-1] = {"role": "assistant", "content": answer}
                 yield chat, history, gr.update(), ""
         except PromptTooLong as e:
-            yield chat[:-2], history, gr.update(), f"**Error:** {e}"
+            yield chat[:-2], history, gr.update(), f"⚠️ **Error:** {e}"
             return
         finally:                       # the other ranks run the whole answer: so does rank 0
             for _ in deltas or ():
@@ -78,19 +80,36 @@ def build_app(step: Lockstep, title: str = "CogVLM / CogAgent"):
         answer = answer.strip()
         history = history + [(query, answer)]
         boxes = parse_groundings(answer)
-        drawn = draw_groundings(pixels, boxes) if boxes and pixels is not None else None
-        yield chat, history, drawn if drawn is not None else gr.update(), ""
+        # The panel shows this answer's boxes, or nothing: never an earlier answer's.
+        yield chat, history, draw_groundings(pixels, boxes) if boxes and pixels is not None else None, ""
+
+    def new_image(path, chat, history, picture):
+        """(upload box, chat, history, boxes, preview, picture, error): a good image starts a
+        new chat; a bad one is reported in our own words and changes nothing else. The upload
+        box is emptied either way, ready for the next file (the preview shows the image)."""
+        if not path:
+            return None, chat, history, gr.update(), gr.update(), picture, ""
+        try:
+            load_image(path)
+        except ImageError as e:
+            return (None, chat, history, gr.update(), gr.update(), picture,
+                    f"⚠️ **Error:** {e}. The chat goes on with the previous image (or none).")
+        return None, [], [], None, path, path, ""
 
     def clear():
-        return [], [], None, None, ""
+        return [], [], None, None, None, None, ""
 
     with gr.Blocks(title=title) as app:
         gr.Markdown(f"## {title}\nUpload an image (or none for text-only chat), then ask. "
                     "Answers with `[[x0,y0,x1,y1]]` boxes are drawn on the right.")
         history = gr.State([])
+        picture = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(type="filepath", label="Image", elem_id="image-input", height=320)
+                # A plain file input: the upload is decoded by us (Gradio's image input fails on a
+                # bad file with its own popup and loses the chat).
+                image = gr.File(label="Image (png, jpg, webp, gif)", type="filepath", elem_id="image-input")
+                preview = gr.Image(label="Image", interactive=False, elem_id="image-preview", height=320)
                 temperature = gr.Slider(0.0, 1.5, value=GEN_DEFAULTS.temperature, step=0.05,
                                         label="temperature", elem_id="temperature")
                 top_p = gr.Slider(0.0, 1.0, value=GEN_DEFAULTS.top_p, step=0.05, label="top_p", elem_id="top_p")
@@ -107,12 +126,13 @@ def build_app(step: Lockstep, title: str = "CogVLM / CogAgent"):
             with gr.Column(scale=1):
                 boxes = gr.Image(type="pil", label="Boxes in the answer", elem_id="grounding-output",
                                  interactive=False, height=320)
-        inputs = [query, image, chat, history, temperature, top_p, top_k, max_new]
+        inputs = [query, picture, chat, history, temperature, top_p, top_k, max_new]
         outputs = [chat, history, boxes, error]
         for ev in (send.click, query.submit):
             ev(respond, inputs, outputs).then(lambda: "", None, query)
-        clear_btn.click(clear, None, [chat, history, boxes, image, error])
-        image.change(lambda: ([], [], None, ""), None, [chat, history, boxes, error])   # new image: new chat
+        clear_btn.click(clear, None, [chat, history, boxes, image, preview, picture, error])
+        image.upload(new_image, [image, chat, history, picture],
+                     [image, chat, history, boxes, preview, picture, error])
     return app
 
 
@@ -129,9 +149,12 @@ def main(argv=None) -> int:
         return step.follow()
     with step:
         app = build_app(step)
+        # Gradio's own start-up lines advise `share=True in launch()`; ours name our flag.
+        print(f"web demo on http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+              + ("" if args.share else " (for a public link, restart with --share)"), flush=True)
         # one request at a time: every rank must run the same calls in the same order
         app.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port,
-                                                      share=args.share, show_error=True)
+                                                      share=args.share, show_error=True, quiet=True)
     return 0
 
 

@@ -5,11 +5,11 @@ CogAgent agent. See composite_demo/README.md; models come from composite_demo/re
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
+from utils.flags import ArgumentParser  # noqa: E402
 
 import streamlit as st  # noqa: E402
 
@@ -28,7 +28,7 @@ def load(path: str, device, quant, bf16, fp16, local_tokenizer):
     import torch
     from utils.args import add_model_args, load_from_args
     from utils.chat import ImageCache
-    p = argparse.ArgumentParser()
+    p = ArgumentParser()
     add_model_args(p)
     args = p.parse_args(["--from_pretrained", path])
     args.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -47,7 +47,8 @@ def sidebar():
             temperature=st.slider("temperature", 0.0, 1.5, 0.8, 0.05, key="temperature"),
             top_p=st.slider("top_p", 0.0, 1.0, 0.4, 0.05, key="top_p"),
             top_k=st.slider("top_k (1 = greedy)", 1, 100, 1, key="top_k"),
-            max_new_tokens=st.slider("max new tokens", 1, 2048, 512, key="max_new_tokens"))
+            max_new_tokens=st.slider("max new tokens", 1, 2048, 512, key="max_new_tokens"),
+            max_length=1 << 30)        # no length setting here: the model's own maximum applies
         grounding, template = False, None
         if mode == "CogVLM chat":
             grounding = st.toggle("Grounding (answers with boxes)", key="grounding")
@@ -79,10 +80,16 @@ def show_extras(msg):
         st.image(msg["drawn"], caption="boxes in the answer", width=480)
     if msg.get("action"):
         st.json(msg["action"], expanded=True)
+    if msg.get("not_action"):
+        st.warning("This answer is not an action (no Plan, Next Action or Grounded Operation in it).")
 
 
 def main():
-    reg = parse(sys.argv[1:])
+    try:
+        reg = parse(sys.argv[1:])
+    except ValueError as e:
+        st.error(str(e))
+        return
     mode, gen, grounding, template, retry, clear = sidebar()
     path = reg.model_for(mode, grounding)
     st.title(mode)
@@ -104,13 +111,17 @@ def main():
         retry_text = history[-2]["text"]
         del history[-2:]
     upload = st.file_uploader("Image (jpg, png, webp)", type=["jpg", "jpeg", "png", "webp"], key=f"upload::{mode}")
-    pixels = None
+    pixels, bad_image = None, None
     if upload is not None:
         try:
             pixels = load_image(upload.getvalue())
             st.image(pixels, width=320)
         except ImageError as e:
+            bad_image = str(e)
             st.error(f"Image not usable: {e}")
+    if mode == "CogAgent agent":
+        st.caption("Each task starts fresh: the model sees one task per screenshot (as the original "
+                   "recommends); earlier tasks stay on the page.")
     for msg in history:
         with st.chat_message(msg["role"]):
             st.markdown(msg["content"])
@@ -121,10 +132,14 @@ def main():
         return
     query = build_query(mode, text, grounding, template)
     pairs = [(history[i]["query"], history[i + 1]["content"]) for i in range(0, len(history) - 1, 2)]
+    if mode == "CogAgent agent":
+        pairs = []                     # a second task in the same history derails the model
     with st.chat_message("user"):
         st.markdown(query)
     with st.chat_message("assistant"):
         from utils.chat import stream_chat
+        if bad_image:
+            st.warning("The uploaded image could not be read, so this is answered without an image.")
         try:
             answer = st.write_stream(stream_chat(model, tok, query, pairs, images.get(pixels), None, gen))
         except PromptTooLong as e:
@@ -137,9 +152,12 @@ def main():
             msg["drawn"] = draw_groundings(pixels, boxes)
         if mode == "CogAgent agent":
             act = parse_agent_output(answer)
-            msg["action"] = {"plan": act.plan, "next_action": act.next_action, "operation": act.operation,
-                             "element": act.element_type, "target": act.target, "text": act.text,
-                             "boxes": act.boxes}
+            if act.operation or act.plan or act.next_action:
+                msg["action"] = {"plan": act.plan, "next_action": act.next_action, "operation": act.operation,
+                                 "element": act.element_type, "target": act.target, "text": act.text,
+                                 "boxes": act.boxes}
+            else:
+                msg["not_action"] = True
         show_extras(msg)
     history += [{"role": "user", "content": query, "query": query, "text": text}, msg]
 

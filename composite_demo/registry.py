@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from utils.flags import ArgumentParser
+
 MODES = ("CogVLM chat", "CogAgent chat", "CogAgent agent")
 
 
@@ -36,7 +38,7 @@ class Registry:
 
 
 def parse(argv: list[str]) -> Registry:
-    p = argparse.ArgumentParser(prog="composite_demo/main.py", description=__doc__,
+    p = ArgumentParser(prog="composite_demo/main.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cogvlm", default=os.environ.get("COGVLM_MODEL"))
     p.add_argument("--cogagent", default=os.environ.get("COGAGENT_MODEL"))
@@ -47,5 +49,8 @@ def parse(argv: list[str]) -> Registry:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--fp16", action="store_true")
     p.add_argument("--local_tokenizer", default=os.environ.get("COGVLM_TOKENIZER"))
-    a, _ = p.parse_known_args(argv)
+    a, unknown = p.parse_known_args(argv)
+    if unknown:                                 # a typo must not be ignored silently
+        raise ValueError(f"unknown argument(s) after `--`: {' '.join(unknown)} "
+                         f"(known: --cogvlm --cogagent --grounding --device --quant --bf16 --fp16 --local_tokenizer)")
     return Registry(**vars(a))

@@ -14,6 +14,9 @@ else
 fi
 launch() {   # launch SCRIPT ARGS...
     local script="$REPO/finetune_demo/$1"; shift
+    # Model, data and --save are checked in seconds, in one process, before any rank starts.
+    "$PYTHON" "$script" "$@" --preflight || exit $?
+    echo "starting $NUM_GPUS process(es) with $LAUNCHER; a first start can take a minute (DeepSpeed builds its ops once)" >&2
     if [ "$LAUNCHER" = deepspeed ]; then
         "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" "$script" "$@"
     else

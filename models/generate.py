@@ -100,17 +100,23 @@ def decode_one_token(model: CogVLM, tokens: torch.Tensor, cache: Cache) -> torch
     return logits[:, -1]
 
 
-def token_budget(prompt_len: int, image_tokens: int, gen: GenerationConfig, model_max: int) -> int:
-    """How many tokens may be generated; raises PromptTooLong with the figures."""
+def token_budget(prompt_len: int, image_tokens: int, gen: GenerationConfig, model_max: int,
+                 length_flag: Optional[str] = "--max_length") -> int:
+    """How many tokens may be generated; raises PromptTooLong naming the limit that applied
+    and a remedy the app has (length_flag: how this app sets max_length, None if it cannot)."""
     limit = min(gen.max_length, model_max)
     budget = limit - prompt_len
     if gen.max_new_tokens is not None:
         budget = min(budget, gen.max_new_tokens)
     if prompt_len >= limit:
-        raise PromptTooLong(
-            f"the prompt is {prompt_len} tokens ({image_tokens} of them image tokens) but the "
-            f"total length limit is {limit} (max_length {gen.max_length}, model maximum "
-            f"{model_max}); shorten the question, clear the history, or raise --max_length")
+        what = f"the prompt is {prompt_len} tokens ({image_tokens} of them image tokens)"
+        if gen.max_length < model_max:
+            raise PromptTooLong(
+                f"{what} but the total length limit (max_length) is {gen.max_length}; shorten the "
+                f"question or clear the history" + (f", or raise {length_flag} (the model allows "
+                                                    f"{model_max})" if length_flag else ""))
+        raise PromptTooLong(f"{what} but the model's maximum length is {model_max} tokens; shorten "
+                            f"the question or clear the history")
     return max(budget, 0)
 
 

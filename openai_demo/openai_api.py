@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
+from utils.flags import ArgumentParser  # noqa: E402
 # oneDNN caches one compiled kernel per GEMM shape (1024 by default); a server sees endless
 # prompt-length x batch-size shapes, and the cache showed up as steady RSS growth. Set before
 # torch is imported.
@@ -459,7 +460,7 @@ def _prompt_inputs(req: ChatRequest, model, tokenizer, limits: Limits, version, 
 
 def parse_args(argv=None):
     from utils.args import add_model_args
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)

@@ -13,6 +13,9 @@ import os
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
+from utils.flags import ArgumentParser  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -23,7 +26,7 @@ def data_url(path: Path) -> str:
 
 def main(argv=None) -> int:
     from openai import OpenAI, OpenAIError
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base_url", default="http://127.0.0.1:8000/v1")
     p.add_argument("--api_key", default=os.environ.get("COGVLM_API_KEY", "none"))
     p.add_argument("--image", type=Path, default=ROOT / "assets" / "demo.png")

@@ -21,6 +21,7 @@ def app(cogvlm_ckpt, cogagent_ckpt, monkeypatch):
     from streamlit.testing.v1 import AppTest
     monkeypatch.setenv("COGVLM_MODEL", str(cogvlm_ckpt))
     monkeypatch.setenv("COGAGENT_MODEL", str(cogagent_ckpt))
+    monkeypatch.setattr(sys, "argv", [APP])            # as `streamlit run main.py` (no flags after --)
     at = AppTest.from_file(APP, default_timeout=120)
     at.run()
     assert not at.exception and not at.error
@@ -63,7 +64,9 @@ def test_cogagent_agent_task_is_quoted_and_action_parsed(app, image_file):
     upload(app, image_file)
     app.chat_input[0].set_value("open the settings").run()
     assert messages(app)[0] == 'What steps do I need to take to "open the settings"?(with grounding)'
-    assert len(app.json) == 1 and "operation" in app.json[0].value
+    # the random model's answer is parsed: an action's fields, or a note that it is none
+    assert (len(app.json) == 1 and "operation" in app.json[0].value) or \
+        any("not an action" in w.value for w in app.warning)
     app.sidebar.toggle(key="agrounding").set_value(False).run()
     app.chat_input[0].set_value("close it").run()
     assert messages(app)[2] == 'What steps do I need to take to "close it"?'
@@ -78,6 +81,7 @@ def test_bad_image_and_missing_model_are_reported(app, tmp_path, monkeypatch):
     assert any("Image not usable" in e.value for e in app.error) and not app.exception
     app.chat_input[0].set_value("Still answering text?").run()   # the app keeps going, text only
     assert len(messages(app)) == 2
+    assert any("answered without an image" in w.value for w in app.warning)       # and says so
     from streamlit.testing.v1 import AppTest
     for var in ("COGVLM_MODEL", "COGAGENT_MODEL"):
         monkeypatch.delenv(var)
@@ -109,3 +113,33 @@ def test_streamlit_server_in_chromium(cogvlm_ckpt, image_file, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_agent_tasks_start_fresh_and_non_actions_are_named(app, image_file, monkeypatch):
+    """A second agent task is asked without the first (the original's one task per
+    screenshot); an answer that is no action says so instead of a JSON of nulls."""
+    import utils.chat
+    seen = []
+
+    def spy(model, tok, query, history, *a, **k):
+        seen.append(list(history))
+        return iter(["Plan: 1. Click it. Next Action: Click the Open button. "
+                     "Grounded Operation:[button] Open -> CLICK at the box [[100,200,300,400]]"])
+    monkeypatch.setattr(utils.chat, "stream_chat", spy)
+    app.sidebar.radio(key="mode").set_value("CogAgent agent").run()
+    upload(app, image_file)
+    for task in ("open the settings", "close it"):
+        app.chat_input[0].set_value(task).run()
+    assert seen == [[], []]
+    assert any("Each task starts fresh" in c.value for c in app.caption)
+    monkeypatch.setattr(utils.chat, "stream_chat", lambda *a, **k: iter(["I cannot see a button here."]))
+    app.chat_input[0].set_value("press it").run()
+    assert any("not an action" in w.value for w in app.warning) and len(app.json) == 2
+
+
+def test_unknown_flags_are_refused(cogvlm_ckpt, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+    monkeypatch.setattr(sys, "argv", [APP, "--cogvlmm", str(cogvlm_ckpt)])
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert "unknown argument(s) after `--`: --cogvlmm" in at.error[0].value

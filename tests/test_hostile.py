@@ -608,8 +608,8 @@ def test_slow_remote_fetches_do_not_starve_data_requests(cogvlm_ckpt, tokenizer,
     app = openai_api.create_app(model, tokenizer, "tiny", engine, openai_api.Limits(remote_timeout_s=8.0),
                                 allow_remote_images=True)
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
+    api = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=api.run, daemon=True).start()
     url = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:
@@ -630,6 +630,30 @@ def test_slow_remote_fetches_do_not_starve_data_requests(cogvlm_ckpt, tokenizer,
         assert all(c == 400 and "longer than 8 s" in js["error"]["message"] for c, js in results), results
         assert set(hosts) == {f"img.example:{slow.server_address[1]}"}    # asked by name, at the checked address
     finally:
-        server.should_exit = True
+        api.should_exit = True
         engine.close()
         slow.shutdown()
+
+
+def test_cli_reads_image_urls_and_skips_empty_questions(cogvlm_ckpt, image_file, tmp_path):
+    """The original accepted image URLs: http(s) images are downloaded (size cap, deadline);
+    an empty line is not sent to the model as a question."""
+    import functools
+    import http.server
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(image_file.parent))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/{image_file.name}"
+    try:
+        session = f"{url}\n\n   \nWhat is it?\nstop\n"
+        p = subprocess.run([sys.executable, str(ROOT / "basic_demo" / "cli_demo_sat.py"), "--from_pretrained",
+                            str(cogvlm_ckpt), "--max_new_tokens", "4", "--output_dir", str(tmp_path)],
+                           input=session, capture_output=True, text=True, timeout=120, cwd="/", env=ENV)
+        assert p.returncode == 0 and "Error" not in p.stdout, p.stdout + p.stderr
+        assert p.stdout.count("Model: ") == 1                              # blank lines were skipped
+        missing = url.rsplit("/", 1)[0] + "/nope.png"
+        rc, out, err = script("basic_demo/cli_demo_sat.py", "--from_pretrained", cogvlm_ckpt, "--image", missing,
+                              "--query", "hi", "--output_dir", tmp_path)
+        assert rc == 1 and "HTTP 404" in err and "Traceback" not in err
+    finally:
+        httpd.shutdown()

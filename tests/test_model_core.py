@@ -165,8 +165,12 @@ def test_cogagent_encoders_run_once_per_image(cogagent_ckpt, tokenizer, image_fi
 
 def test_prompt_too_long_is_clear(cogvlm_ckpt, tokenizer, image_file):
     model, cfg = load_model(str(cogvlm_ckpt))
-    with pytest.raises(PromptTooLong, match=r"image tokens.*total length limit is 40"):
+    with pytest.raises(PromptTooLong, match=r"image tokens.*total length limit \(max_length\) is 40.*raise "
+                                            r"--max_length \(the model allows 512\)"):
         chat(model, tokenizer, "word " * 50, image=image_file, gen=GenerationConfig(max_length=40))
+    with pytest.raises(PromptTooLong, match=r"the model's maximum length is 512 tokens; shorten") as e:
+        chat(model, tokenizer, "word " * 600, gen=GenerationConfig(max_length=4096))
+    assert "--max_length" not in str(e.value)                     # raising it would not help
     # budget counts image tokens: a tiny max_length leaves room for only a few new tokens
     n_prompt = prepare(model, tokenizer, "hi", (), ImageContext(image_file, cfg)).input_ids.shape[1]
     out = list(generate_tokens(model, prepare(model, tokenizer, "hi", (), ImageContext(image_file, cfg)),

@@ -73,7 +73,7 @@ def test_upload_ask_and_stream(web_server, image_file):
     with browser_page() as page:
         page.goto(web_server)
         page.set_input_files("#image-input input[type=file]", str(image_file))
-        page.wait_for_selector("#image-input img", timeout=30000)
+        page.wait_for_selector("#image-preview img", timeout=30000)
         ask(page, "What is in the image?", wait=False)
         page.wait_for_function("""() => { const m = document.querySelectorAll('#chatbot [data-testid="bot"]');
                                           return m.length == 1 && m[0].innerText.trim().length > 0; }""", timeout=60000)
@@ -102,7 +102,7 @@ def test_torchrun_rank0_serves_and_rank1_follows(cogvlm_ckpt, image_file, tmp_pa
         with browser_page() as page:
             page.goto(url)
             page.set_input_files("#image-input input[type=file]", str(image_file))
-            page.wait_for_selector("#image-input img", timeout=30000)
+            page.wait_for_selector("#image-preview img", timeout=30000)
             ask(page, "What is in the image?")
             assert bot_texts(page)[0] == ANSWERS["plain"]          # same greedy answer, split model
             ask(page, "And the colours?")                         # the follower kept up
@@ -130,9 +130,60 @@ def test_grounding_answer_is_drawn_beside_the_chat(image_file):
         with browser_page() as page:
             page.goto(f"http://127.0.0.1:{port}/")
             page.set_input_files("#image-input input[type=file]", str(image_file))
-            page.wait_for_selector("#image-input img", timeout=30000)
+            page.wait_for_selector("#image-preview img", timeout=30000)
             ask(page, "Describe the image with boxes.")
             page.wait_for_selector("#grounding-output img", timeout=30000)
             assert "blue square" in bot_texts(page)[0]
     finally:
         app.close()
+
+
+def test_bad_image_keeps_the_chat_and_old_boxes_are_cleared(image_file, tmp_path):
+    """A bad upload shows our one-line message and keeps the conversation; an answer without
+    boxes clears the previous answer's boxes; an empty question gets a visible warning."""
+    from basic_demo.web_demo import build_app
+    from utils.lockstep import Lockstep
+    answers = iter(["A red circle [[062,083,375,500]].", "No boxes this time."])
+
+    def generate(query, history, pixels, *sampling):
+        yield next(answers)
+
+    app = build_app(Lockstep({"generate": generate}))
+    port = free_port()
+    app.queue(default_concurrency_limit=1).launch(server_name="127.0.0.1", server_port=port,
+                                                  prevent_thread_lock=True, share=False)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    try:
+        with browser_page() as page:
+            popups = []
+            page.on("console", lambda m: popups.append(m.text) if "preprocess" in m.text else None)
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.set_input_files("#image-input input[type=file]", str(image_file))
+            page.wait_for_selector("#image-preview img", timeout=30000)
+            ask(page, "Describe the image with boxes.")
+            page.wait_for_selector("#grounding-output img", timeout=30000)
+            page.set_input_files("#image-input input[type=file]", str(bad))
+            page.wait_for_function("() => document.querySelector('#error').innerText.includes('not an image file')",
+                                   timeout=30000)
+            assert len(bot_texts(page)) == 1                               # the chat is still there
+            assert not page.query_selector_all(".toast-body") and not popups
+            ask(page, "And now?")
+            page.wait_for_function("() => !document.querySelector('#grounding-output img')", timeout=30000)
+            assert bot_texts(page)[1] == "No boxes this time."
+            page.click("#send")                                            # empty question
+            page.wait_for_function("() => document.querySelector('#error').innerText.includes('Type a question first')",
+                                   timeout=30000)
+            assert page.query_selector("#error strong") is not None       # bold, not faint text
+    finally:
+        app.close()
+
+
+def test_startup_line_names_our_share_flag(cogvlm_ckpt, tmp_path):
+    proc, url = start_server(cogvlm_ckpt, tmp_path)
+    try:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    finally:
+        proc.kill()
+    assert "restart with --share" in out and "share=True" not in out, out

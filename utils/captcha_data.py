@@ -14,6 +14,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
+from utils.flags import ArgumentParser  # noqa: E402
+
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 
@@ -45,7 +48,7 @@ def generate(out: Path, n: int, seed: int = 0, length=(5, 5), alphabet: str = AL
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)

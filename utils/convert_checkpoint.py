@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from utils.flags import ArgumentParser  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -24,7 +25,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("direction", choices=["sat2hf", "hf2sat"])
     p.add_argument("--src", required=True, type=Path,
                    help="sat2hf: a SAT directory or a model name (as --from_pretrained); hf2sat: an HF directory")

@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
+from utils.flags import ArgumentParser  # noqa: E402
 
 from utils.grounding import parse_agent_output, parse_groundings  # noqa: E402
 
@@ -108,7 +109,7 @@ def evaluate(model, tok, data: Path, limit: int = None, batch: int = 16, version
 
 def main(argv=None) -> int:
     from utils.args import add_model_args, load_or_report, setup_logging
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, default_model="tiny-cogvlm")
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--limit", type=int, default=None, help="first N questions only")

@@ -34,6 +34,7 @@ from models.checkpoint import atomic_write, read_sat_state_dict, remove_stale_te
 from models.loading import default_dtype, load_model, resolve_pretrained
 from models.lora import LoRAConfig, apply_lora
 from . import args as common
+from .flags import ArgumentParser
 from .chat import ImageContext, batch_chat
 from .dataset import FinetuneDataset, collate_train, packed_attention_mask
 from .tokenizer import Tokenizer, resolve_tokenizer
@@ -94,6 +95,46 @@ def add_finetune_args(p: argparse.ArgumentParser, default_model: str) -> None:
     g.add_argument("--eval_interval", type=int, default=200)
     g.add_argument("--eval_samples", type=int, default=64, help="validation samples per evaluation")
     g.add_argument("--eval_max_new_tokens", type=int, default=32)
+    p.add_argument("--preflight", action="store_true",
+                   help="only check the model, data and --save directory, then exit (the launchers "
+                        "run this before starting any process)")
+
+
+def preflight(args) -> None:
+    """Seconds-cheap checks of everything a run needs before any process group, DeepSpeed op
+    build or model load: raises with one line naming what is wrong."""
+    from models.checkpoint import CheckpointError
+    if args.use_qlora and args.model_parallel_size > 1:
+        raise ValueError("--use_qlora with --model_parallel_size > 1 is not supported (bitsandbytes cannot "
+                         "re-pack a 4-bit weight split across ranks for evaluation); use "
+                         "--model_parallel_size 1 (a QLoRA run fits one GPU), or LoRA with model parallel")
+    src = resolve_pretrained(args.from_pretrained)           # ModelNotFound names where it looked
+    if not (src / "model_config.json").is_file():
+        raise CheckpointError(f"{src}: no model_config.json; finetuning reads SAT checkpoints "
+                              f"(convert an HF one with utils/convert_checkpoint.py hf2sat)")
+    for flag in ("train_data", "valid_data", "test_data"):
+        d = getattr(args, flag)
+        if d and not Path(d).is_dir():
+            raise FileNotFoundError(f"--{flag} {d} is not a directory")
+    if args.eval_only:
+        return
+    save = Path(args.save)
+    if save.exists() and not save.is_dir():
+        raise FileExistsError(f"--save {save} is a file, not a directory")
+    if args.resume:
+        if not (save / "latest").is_file():
+            raise FileNotFoundError(f"--resume: {save} holds no checkpoint ('latest' missing)")
+        step = (save / "latest").read_text().strip()
+        if not (save / "ds_state" / step).is_dir():
+            raise FileNotFoundError(f"--resume: {save / 'ds_state' / step} (the optimizer and scheduler "
+                                    f"state of step {step}) is missing; continue without it by finetuning "
+                                    f"from {save} with a new --save")
+    elif (save / "latest").exists():
+        raise FileExistsError(f"{save} already holds a checkpoint: pass --resume to continue it, "
+                              f"or choose another --save directory")
+    probe = save if save.exists() else next(p for p in save.absolute().parents if p.exists())
+    if not os.access(probe, os.W_OK):
+        raise PermissionError(f"--save {save}: {probe} is not writable")
 
 
 # ----------------------------------------------------------------------------------------
@@ -357,19 +398,10 @@ def train(args) -> dict:
 
     start_step = 0
     source = args.from_pretrained
-    if args.resume:
-        if not (save / "latest").is_file():
-            raise FileNotFoundError(f"--resume: {save} holds no checkpoint ('latest' missing)")
+    if args.resume:                                 # preflight() checked the files
         start_step = int((save / "latest").read_text().strip())
-        if not (save / "ds_state" / str(start_step)).is_dir():
-            raise FileNotFoundError(f"--resume: {save / 'ds_state' / str(start_step)} (the optimizer and "
-                                    f"scheduler state of step {start_step}) is missing; continue without "
-                                    f"it by finetuning from {save} with a new --save")
         source = str(save)
         log.info("resuming from %s at step %d", save, start_step)
-    elif not args.eval_only and (save / "latest").exists():
-        raise FileExistsError(f"{save} already holds a checkpoint: pass --resume to continue it, "
-                              f"or choose another --save directory")
     if is_main and remove_stale_temporaries(save):
         log.info("removed temporary files of an interrupted save in %s", save)
     model, cfg = load_model(source, device=args.device, dtype=dtype, trust_checkpoint=args.trust_checkpoint,
@@ -512,7 +544,7 @@ def train(args) -> dict:
 
 
 def main(argv=None, default_model: str = "cogvlm-base-490", description: str = __doc__) -> int:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_finetune_args(p, default_model)
     args = p.parse_args(argv)
     if not args.eval_only and not (args.save and args.train_data):
@@ -530,8 +562,12 @@ def main(argv=None, default_model: str = "cogvlm-base-490", description: str = _
     from models import CheckpointError, ModelNotFound
     from .tokenizer import TokenizerError
     try:
+        preflight(args)
+        if args.preflight:
+            return 0
         train(args)
-    except (ModelNotFound, CheckpointError, TokenizerError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", flush=True, file=__import__("sys").stderr)
+    except (ModelNotFound, CheckpointError, TokenizerError, OSError, ValueError) as e:
+        if os.environ.get("RANK", "0") == "0":           # one line, not one per rank
+            print(f"error: {e}", flush=True, file=__import__("sys").stderr)
         return 1
     return 0                # the launchers end with models.tp.exit_process: all ranks together

@@ -80,12 +80,21 @@ def _spacy():
     return _NLP or None
 
 
+# `[button] Open -> CLICK at the box [[...]]`: an agent action's box is labelled by its target.
+ACTION_RE = re.compile(r"\[([^\[\]]*)\]\s*([^\[\]]*?)\s*->\s*([A-Z_]+)[^\[\]]*?$")
+
+
 def parse_groundings(text: str) -> list[Grounding]:
+    """Every box with its label: the noun phrase before it, or for a CogAgent action
+    (`[button] Open -> CLICK at the box [[...]]`) the action's target (`Open`)."""
     out = []
     for m in BOX_RE.finditer(text):
         boxes = [b for b in (_parse_entry(e) for e in m.group(1).split(";")) if b is not None]
         if boxes:
-            out.append(Grounding(phrase_before(text[: m.start()]), boxes, m.span()))
+            before = text[: m.start()]
+            action = ACTION_RE.search(before[-300:])
+            phrase = (action.group(2).strip() or action.group(1).strip()) if action else phrase_before(before)
+            out.append(Grounding(phrase, boxes, m.span()))
     return out
 
 

@@ -30,7 +30,9 @@ def load_image(src: Union[str, Path, bytes, Image.Image], max_pixels: int = MAX_
     if isinstance(src, Image.Image):
         img = src
     else:
-        if isinstance(src, (str, Path)):
+        if isinstance(src, str) and src.startswith(("http://", "https://")):
+            data = fetch_image(src)
+        elif isinstance(src, (str, Path)):
             p = Path(src).expanduser()
             if not p.exists():
                 raise ImageError(f"image not found: {p}")
@@ -73,6 +75,31 @@ def load_image(src: Union[str, Path, bytes, Image.Image], max_pixels: int = MAX_
     except Exception as e:  # noqa: BLE001 - fuzzed files raise anything from inside the decoders
         raise ImageError(f"{name}: image data is corrupt or truncated ({type(e).__name__}: {e})") from None
     return img
+
+
+MAX_FETCH_BYTES = 20 << 20
+
+
+def fetch_image(url: str, timeout: float = 10.0, max_bytes: int = MAX_FETCH_BYTES) -> bytes:
+    """An http(s) image for the command-line demos (as the original accepted URLs): one total
+    deadline, a size cap, redirects followed (a user's own request, not a server's)."""
+    import time
+    import httpx
+    deadline = time.monotonic() + timeout
+    try:
+        with httpx.stream("GET", url, timeout=timeout, follow_redirects=True) as r:
+            if r.status_code != 200:
+                raise ImageError(f"{url}: HTTP {r.status_code}")
+            data = bytearray()
+            for chunk in r.iter_bytes():
+                data += chunk
+                if len(data) > max_bytes:
+                    raise ImageError(f"{url}: larger than {max_bytes >> 20} MB")
+                if time.monotonic() > deadline:
+                    raise ImageError(f"{url}: download took longer than {timeout:g} s")
+            return bytes(data)
+    except httpx.HTTPError as e:
+        raise ImageError(f"{url}: cannot download ({type(e).__name__}: {e})") from None
 
 
 def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
+from utils.flags import ArgumentParser  # noqa: E402
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -107,7 +108,7 @@ def reshard(src: Path, dst: Path, mp: int = None, merge_lora: bool = False, trus
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from_pretrained", required=True, help="SAT checkpoint directory or model name")
     p.add_argument("--save", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--mp", type=int, default=None, help="model-parallel files to write (1 = merge)")

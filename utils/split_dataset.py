@@ -14,6 +14,9 @@ import shutil
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
+from utils.flags import ArgumentParser  # noqa: E402
+
 
 def split(src: Path, dst: Path, ratios=(0.8, 0.05, 0.15), seed: int = 0, move: bool = False) -> dict:
     if not src.is_dir():
@@ -53,7 +56,7 @@ def split(src: Path, dst: Path, ratios=(0.8, 0.05, 0.15), seed: int = 0, move: b
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", required=True, type=Path)
     p.add_argument("--dst", required=True, type=Path)
     p.add_argument("--ratios", type=float, nargs=3, default=(0.8, 0.05, 0.15), metavar=("TRAIN", "VALID", "TEST"))
