@@ -48,6 +48,11 @@ def resolve_hf_dir(name: str) -> Path:
     p = Path(name).expanduser()
     if p.is_dir():
         return p
+    from models.loading import ModelNotFound, resolve_pretrained
+    try:
+        return resolve_pretrained(name)              # a released or bundled name on disk (SAT format too)
+    except ModelNotFound:
+        pass
     try:
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(name, local_files_only=True))

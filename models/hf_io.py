@@ -148,6 +148,8 @@ def load_hf_model(path, dtype: Optional[torch.dtype] = None, device="cpu"):
     path = Path(path).expanduser()
     if not path.is_dir():
         raise CheckpointError(f"no such HF checkpoint directory: {path}")
+    if (path / "model_config.json").is_file() and not (path / "config.json").is_file():
+        return _hf_model_from_sat(path, dtype, device)
     config, index = read_hf_checkpoint(path)
     cls = CogAgentForCausalLM if isinstance(config, CogAgentConfig) else CogVLMForCausalLM
     model = cls.from_pretrained(path, config=config, dtype=dtype or default_dtype(device))
@@ -155,6 +157,22 @@ def load_hf_model(path, dtype: Optional[torch.dtype] = None, device="cpu"):
         check_finite(t, name, str(path))
     regenerate_derived(model, device)                  # never the file's (possibly bf16) tables
     return use_fast_cpu_layout(model.to(device)).eval()
+
+
+def _hf_model_from_sat(path: Path, dtype, device):
+    """A SAT checkpoint as the transformers model (same parameter names as ours), so that
+    the HF front end takes both formats. Its config.json is derived as sat2hf writes it."""
+    from .checkpoint import load_state_into
+    from .hf import CogAgentForCausalLM, CogVLMConfig, CogVLMForCausalLM
+    from .layout import use_fast_cpu_layout
+    from .loading import default_dtype
+    sd = read_sat_state_dict(path)
+    cfg = load_sat_config(path, sd)
+    config = CogVLMConfig.from_model_config(cfg)
+    with torch.device("meta"):
+        model = (CogAgentForCausalLM if cfg.cross else CogVLMForCausalLM)(config)
+    load_state_into(model, sd, str(path), dtype=dtype or default_dtype(device), device=device)
+    return use_fast_cpu_layout(model).eval()
 
 
 def read_hf_checkpoint(path: Path):
@@ -172,6 +190,26 @@ def meta_model(config) -> CogVLM:
     """The architecture of an HF config, built on the meta device (no memory)."""
     with torch.device("meta"):
         return CogVLM(config.to_model_config())
+
+
+def read_hf_as_sat(path) -> tuple[ModelConfig, dict]:
+    """An HF checkpoint directory as (ModelConfig, SAT-named state dict), so that every entry
+    point that loads SAT checkpoints (load_model) takes HF ones too. The derived rotary tables
+    are left out (regenerated); tensors are read from the files one by one, not converted twice."""
+    from safetensors import safe_open
+    from .checkpoint import sat_key
+    config, index = read_hf_checkpoint(Path(path))
+    cfg = config.to_model_config()
+    sd, handles = {}, {}
+    for key, (f, _) in index.items():
+        if is_derived(key):
+            continue
+        if f.suffix == ".safetensors":
+            sd[sat_key(key)] = handles.setdefault(f, safe_open(str(f), framework="pt")).get_tensor(key)
+        else:
+            sd[sat_key(key)] = handles.setdefault(f, torch.load(f, map_location="cpu", weights_only=True,
+                                                                mmap=True))[key]
+    return cfg, sd
 
 
 def hf_derived_tensors(cfg: ModelConfig) -> dict[str, torch.Tensor]:

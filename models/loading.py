@@ -86,17 +86,22 @@ def init_weights(model: CogVLM, std: float = 0.02) -> None:
 def load_model(from_pretrained: str, device: Union[str, torch.device] = "cpu",
                dtype: Optional[torch.dtype] = None, trust_checkpoint: bool = False,
                cpu_layout: bool = True, rank: int = 0, world: int = 1):
-    """Build the model from `model_config.json` on the meta device, then load the weights
+    """Build the model from `model_config.json` (or an HF `config.json`) on the meta device, then load the weights
     tensor by tensor from a memory-mapped file: one copy of the weights in memory.
     cpu_layout=False skips the column-major re-layout (callers that pack or quantize the
     weights next would only copy them twice). world > 1: tensor parallel, this process holds
     rank `rank`'s piece (read from its own MP shard file, or cut from a single-rank file).
     Returns (model, config)."""
     ckpt = resolve_pretrained(from_pretrained)
-    if not (ckpt / "model_config.json").is_file():
-        raise CheckpointError(f"{ckpt}: no model_config.json (not a SAT checkpoint directory)")
-    sd = read_sat_state_dict(ckpt, trust=trust_checkpoint, rank=rank, world=world)   # memory-mapped
-    cfg = load_sat_config(ckpt, sd)
+    if (ckpt / "model_config.json").is_file():
+        sd = read_sat_state_dict(ckpt, trust=trust_checkpoint, rank=rank, world=world)   # memory-mapped
+        cfg = load_sat_config(ckpt, sd)
+    elif (ckpt / "config.json").is_file():             # HF format (e.g. THUDM/cogvlm-chat-hf)
+        from .hf_io import read_hf_as_sat
+        cfg, sd = read_hf_as_sat(ckpt)
+    else:
+        raise CheckpointError(f"{ckpt}: neither model_config.json (SAT format) nor config.json "
+                              f"(Hugging Face format): not a checkpoint directory")
     dtype = dtype or default_dtype(device)
     log.info("loading %s (%s, %d layers, hidden %d) on %s as %s", ckpt, cfg.model_class,
              cfg.num_layers, cfg.hidden_size, device, dtype)

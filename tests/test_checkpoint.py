@@ -110,7 +110,7 @@ def test_bad_directories(tmp_path, cogvlm_ckpt, monkeypatch):
         load_model(str(tmp_path / "nowhere" / "x"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(CheckpointError, match="no model_config.json"):
+    with pytest.raises(CheckpointError, match="neither model_config.json"):
         load_model(str(empty))
     ck = _copy(cogvlm_ckpt, tmp_path / "nolatest")
     (ck / "latest").unlink()

@@ -395,3 +395,36 @@ def test_left_padded_positions_are_the_originals(hf_models, tokenizer, image_fil
         explicit = model(**inputs, position_ids=torch.tensor(
             [[0, 1] + [2] * L + [3] + list(range(4, 4 + long_text)), expected])).logits
     assert torch.equal(implicit, explicit)
+
+
+# ---------------------------------------------------------------- both formats everywhere
+def test_every_entry_point_takes_both_formats(cogvlm_ckpt, tmp_path, image_file):
+    """--from_pretrained takes a SAT or an HF directory in both CLIs and the server: the same
+    greedy answer from either."""
+    import httpx
+    from tests.test_hostile import post, start_server, user
+    from tests.test_openai_api import png_url
+    hf = sat_to_hf(cogvlm_ckpt, tmp_path / "hf")
+    env = {**os.environ, "LOGLEVEL": "WARNING", "HF_HUB_OFFLINE": "1"}
+
+    def cli(script, ckpt):
+        p = subprocess.run([sys.executable, str(ROOT / "basic_demo" / script), "--from_pretrained", str(ckpt),
+                            "--image", str(image_file), "--query", "What is it?", "--max_new_tokens", "6",
+                            "--output_dir", str(tmp_path)], capture_output=True, text=True, timeout=120,
+                           cwd="/", env=env)
+        assert p.returncode == 0, p.stderr
+        return p.stdout.strip()
+    answers = {cli(s, c) for s in ("cli_demo_sat.py", "cli_demo_hf.py") for c in (cogvlm_ckpt, hf)}
+    assert len(answers) == 1, answers
+    got = []
+    for ckpt in (cogvlm_ckpt, hf):
+        url, proc = start_server(ckpt, tmp_path / f"log-{ckpt.name}")
+        try:
+            code, js = post(url, {**user("What is it?", png_url()), "max_tokens": 6, "temperature": 0})
+            assert code == 200, js
+            got.append(js["choices"][0]["message"]["content"])
+            assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer test-key-123"}).status_code == 200
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+    assert got[0] == got[1]

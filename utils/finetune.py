@@ -109,9 +109,11 @@ def preflight(args) -> None:
                          "re-pack a 4-bit weight split across ranks for evaluation); use "
                          "--model_parallel_size 1 (a QLoRA run fits one GPU), or LoRA with model parallel")
     src = resolve_pretrained(args.from_pretrained)           # ModelNotFound names where it looked
-    if not (src / "model_config.json").is_file():
-        raise CheckpointError(f"{src}: no model_config.json; finetuning reads SAT checkpoints "
-                              f"(convert an HF one with utils/convert_checkpoint.py hf2sat)")
+    if not (src / "model_config.json").is_file() and not (src / "config.json").is_file():
+        raise CheckpointError(f"{src}: neither model_config.json (SAT format) nor config.json (HF format)")
+    if args.use_qlora and not (src / "model_config.json").is_file():
+        raise CheckpointError(f"{src}: --use_qlora reads SAT checkpoints; convert this HF one first "
+                              f"(utils/convert_checkpoint.py hf2sat)")
     for flag in ("train_data", "valid_data", "test_data"):
         d = getattr(args, flag)
         if d and not Path(d).is_dir():
