@@ -58,3 +58,21 @@ def test_agent_output():
     c = parse_agent_output("Next Action: scroll down. Grounded Operation: SCROLL_DOWN")
     assert c.operation == "SCROLL_DOWN"
     assert parse_agent_output("nonsense").operation is None
+
+
+def test_agent_boxes_are_labelled_by_their_target_in_their_box_colour():
+    from utils.grounding import COLORS
+    text = ("Plan: 1. Click the Open button. Next Action: Click the Open button.\n"
+            "Grounded Operation:[button] Open -> CLICK at the box [[300,400,600,700]]")
+    gs = parse_groundings(text)
+    assert [g.phrase for g in gs] == ["Open"]                            # not "the box"
+    typed = parse_groundings("Grounded Operation:[combobox] Search -> TYPE: CogVLM at the box [[212,498,787,564]]")
+    assert typed[0].phrase == "Search"
+    assert [g.phrase for g in parse_groundings("a red circle [[010,020,300,400]] and a blue square "
+                                               "[[500,500,900,900]]")] == ["a red circle", "a blue square"]
+    img = Image.new("RGB", (400, 400), (255, 255, 255))
+    out = draw_groundings(img, gs)
+    box_colour = out.getpixel((120, 220))                               # on the box's left edge
+    assert box_colour == COLORS[0]
+    tag = [out.getpixel((x, y)) for x in range(120, 160) for y in range(135, 158)]
+    assert COLORS[0] in tag                                             # the label's tag: same colour

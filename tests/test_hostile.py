@@ -657,3 +657,60 @@ def test_cli_reads_image_urls_and_skips_empty_questions(cogvlm_ckpt, image_file,
         assert rc == 1 and "HTTP 404" in err and "Traceback" not in err
     finally:
         httpd.shutdown()
+
+
+# ---------------------------------------------------------------- finetune launchers
+@pytest.mark.parametrize("env,extra,expect", [
+    ({"MODEL": "/no/such/model"}, [], "no such checkpoint directory: /no/such/model"),
+    ({"MP_SIZE": "2"}, ["--use_qlora"], "--use_qlora with --model_parallel_size > 1 is not supported"),
+    ({"DATA": "/no/such/data"}, [], "--train_data /no/such/data/train is not a directory"),
+])
+def test_launchers_check_first_in_one_line(env, extra, expect, cogvlm_ckpt, tmp_path):
+    """Checked in one process, in seconds, before torchrun starts any rank (which used to
+    take 74 s and print the error twice plus a torchrun traceback)."""
+    import time
+    from utils.captcha_data import generate
+    from utils.split_dataset import split
+    generate(tmp_path / "all", 20, seed=0)
+    split(tmp_path / "all", tmp_path / "data", seed=0)
+    full_env = {**ENV, "MODEL": str(cogvlm_ckpt), "DATA": str(tmp_path / "data"), "SAVE": str(tmp_path / "save"),
+                "NUM_GPUS": "2", "PYTHON": sys.executable, **env}
+    t = time.monotonic()
+    for launcher in ("finetune_cogvlm_lora.sh", "finetune_cogagent_lora.sh"):
+        p = subprocess.run(["bash", str(ROOT / "finetune_demo" / launcher), *extra], capture_output=True, text=True,
+                           timeout=120, cwd="/", env=full_env)
+        errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+        assert p.returncode != 0 and len(errors) == 1 and expect in errors[0], p.stderr
+        assert "Traceback" not in p.stderr and "starting" not in p.stderr      # no rank was started
+    assert time.monotonic() - t < 60
+
+
+def test_flags_in_both_spellings_and_bundled_names_in_the_converter(tmp_path):
+    rc, out, err = script("basic_demo/cli_demo_sat.py", "--from-pretrained", "tiny-cogvlm", "--image",
+                          ROOT / "assets" / "scene.png", "--query", "How many shapes are there?",
+                          "--max-new-tokens", "4", "--output-dir", tmp_path)
+    assert rc == 0 and out.strip() == "3", err
+    rc, out, err = script("utils/convert_checkpoint.py", "sat2hf", "--src", "tiny-cogvlm", "--dst", tmp_path / "hf")
+    assert rc == 0 and (tmp_path / "hf" / "config.json").is_file(), err
+    rc, out, err = script("openai_demo/openai_api.py", "--max_length", "100", "--max-batch", "2", "--help")
+    assert rc == 0
+
+
+def test_make_demo_passes_any_query(tmp_path):
+    """`make demo DEMO_QUERY=...` with double quotes, `$` and backslashes (every agent task is
+    quoted): the query reaches the CLI unchanged. A stand-in venv (this interpreter) keeps
+    make from installing anything."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (venv / "bin" / "python").chmod(0o755)
+    (venv / ".core").touch()
+    outputs = []
+    for query in ('What steps do I need to take to "click the Open button"?(with grounding)',
+                  'a "quoted" $HOME `date` \\n query'):
+        p = subprocess.run(["make", "-s", "-C", str(ROOT), "demo", f"VENV={venv}", "DEMO_MODEL=tiny-cogagent",
+                            "DEMO_IMAGE=assets/gui.png", f"DEMO_QUERY={query}"],
+                           capture_output=True, text=True, timeout=180, env=ENV)
+        assert p.returncode == 0 and "unrecognized arguments" not in p.stderr, p.stderr
+        outputs.append(p.stdout)
+    assert "CLICK" in outputs[0] and "Open" in outputs[0], outputs[0]      # the agent task, intact
