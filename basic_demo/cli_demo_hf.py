@@ -18,7 +18,8 @@ import torch  # noqa: E402
 
 from models import CheckpointError  # noqa: E402
 from models.generate import token_budget  # noqa: E402
-from utils.args import add_generation_args, generation_config, load_or_report, setup_logging  # noqa: E402
+from utils.args import (add_dtype_args, add_generation_args, dtype_from_args, generation_config,  # noqa: E402
+                        load_or_report, setup_logging)
 from utils.chat import ImageContext, build_hf_inputs  # noqa: E402
 from utils.cli import print_answer, run  # noqa: E402
 from utils.tokenizer import DEFAULT_TOKENIZER, Tokenizer, resolve_tokenizer  # noqa: E402
@@ -31,8 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--local_tokenizer", default=DEFAULT_TOKENIZER)
     p.add_argument("--version", default=None, choices=["base", "chat", "chat_old", "vqa"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--fp16", action="store_true")
-    p.add_argument("--bf16", action="store_true")
+    add_dtype_args(p)
     p.add_argument("--quant", type=int, choices=[4, 8], default=None)
     add_generation_args(p)
     p.add_argument("--stream_chat", action="store_true")
@@ -64,9 +64,8 @@ def resolve_hf_dir(name: str) -> Path:
 
 def load(args):
     from models.hf_io import load_hf_model
-    from models.loading import default_dtype
     path = resolve_hf_dir(args.from_pretrained)
-    model = load_hf_model(path, default_dtype(args.device, args.fp16, args.bf16), args.device)
+    model = load_hf_model(path, dtype_from_args(args), args.device)
     if args.quant:
         from models.quantize import quantize
         quantize(model, args.quant)

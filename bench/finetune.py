@@ -1,6 +1,7 @@
-"""Finetuning cost: LoRA vs full-parameter training of the same model, through the real
-trainer (utils/finetune.py, DeepSpeed ZeRO-2, one CPU process): median step time, peak RSS,
-trainable fraction. Each mode runs in its own process, so that peak memory is its own.
+"""Finetuning cost: LoRA vs full-parameter training of the same model, and fp32 vs bf16
+autocast (`--dtype bfloat16` on CPU), through the real trainer (utils/finetune.py, DeepSpeed
+ZeRO-2, one CPU process): median step time, peak RSS, trainable fraction. Each mode runs in
+its own process, so that peak memory is its own.
 
   python bench/finetune.py [--json out.json]
 """
@@ -53,9 +54,15 @@ def main() -> int:
         tmp = Path(tmp)
         ckpt = create(SMALL, tmp / "small", seed=0)
         generate(tmp / "data", 64, seed=0)
-        res = {"config": "SMALL (8 layers, hidden 1024, ViT 4x512 at 224 px), batch 4, fp32, 1 process"}
-        for name, mode in [("lora", ["--lora_rank", "10"]), ("lora_vit", ["--lora_rank", "10", "--lora_vit"]),
-                           ("full", ["--full"])]:
+        from models.loading import cpu_flags
+        res = {"config": "SMALL (8 layers, hidden 1024, ViT 4x512 at 224 px), batch 4, 1 process",
+               "cpu_bf16_flags": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})}
+        fp32 = ["--dtype", "float32"]
+        for name, mode in [("lora", ["--lora_rank", "10", *fp32]),
+                           ("lora_vit", ["--lora_rank", "10", "--lora_vit", *fp32]),
+                           ("full", ["--full", *fp32]),
+                           ("lora_bf16_autocast", ["--lora_rank", "10", "--dtype", "bfloat16"]),
+                           ("full_bf16_autocast", ["--full", "--dtype", "bfloat16"])]:
             r = run(mode, ckpt, tmp / "data", tmp / f"save-{name}", a.steps)
             r["trainable_fraction"] = r["trainable"] / r["total"]
             res[name] = r
@@ -64,6 +71,9 @@ def main() -> int:
         res["full_over_lora_step"] = res["full"]["step_s"] / res["lora"]["step_s"]
         res["full_over_lora_rss"] = res["full"]["peak_rss_mb"] / res["lora"]["peak_rss_mb"]
         print(f"full / LoRA: step time {res['full_over_lora_step']:.2f}x, peak RSS {res['full_over_lora_rss']:.2f}x")
+        for name in ("lora", "full"):
+            res[f"{name}_fp32_over_bf16_autocast_step"] = res[name]["step_s"] / res[f"{name}_bf16_autocast"]["step_s"]
+            print(f"{name}: fp32 step / bf16 autocast step = {res[f'{name}_fp32_over_bf16_autocast_step']:.2f}x")
     if a.json:
         a.json.write_text(json.dumps(res, indent=1))
     return 0

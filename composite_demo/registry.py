@@ -29,6 +29,7 @@ class Registry:
     bf16: bool = False
     fp16: bool = False
     local_tokenizer: Optional[str] = None
+    dtype: str = "auto"
 
     def model_for(self, mode: str, grounding: bool = False) -> Optional[str]:
         any_model = self.cogvlm or self.cogagent or self.grounding
@@ -46,11 +47,13 @@ def parse(argv: list[str]) -> Registry:
     p.add_argument("--device", default=os.environ.get("COGVLM_DEVICE"))
     p.add_argument("--quant", type=int, choices=[4, 8], default=int(os.environ["COGVLM_QUANT"])
                    if os.environ.get("COGVLM_QUANT") else None)
+    p.add_argument("--dtype", default=os.environ.get("COGVLM_DTYPE", "auto"),
+                   choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--fp16", action="store_true")
     p.add_argument("--local_tokenizer", default=os.environ.get("COGVLM_TOKENIZER"))
     a, unknown = p.parse_known_args(argv)
     if unknown:                                 # a typo must not be ignored silently
         raise ValueError(f"unknown argument(s) after `--`: {' '.join(unknown)} "
-                         f"(known: --cogvlm --cogagent --grounding --device --quant --bf16 --fp16 --local_tokenizer)")
+                         f"(known: --cogvlm --cogagent --grounding --device --quant --dtype --bf16 --fp16 --local_tokenizer)")
     return Registry(**vars(a))

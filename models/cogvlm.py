@@ -76,9 +76,10 @@ def expert_linear(x: torch.Tensor, vision_mask: Optional[torch.Tensor],
     if vision_mask is None:
         return language(x)
     lang_out = language(x[~vision_mask])                                         # n_lang,out
-    out = x.new_empty(*x.shape[:-1], lang_out.shape[-1])
+    # The output's dtype is the projections' (under autocast, bf16 from fp32 inputs).
+    out = lang_out.new_empty(*x.shape[:-1], lang_out.shape[-1])
     out[~vision_mask] = lang_out
-    out[vision_mask] = vision(x[vision_mask])
+    out[vision_mask] = vision(x[vision_mask]).to(out.dtype)
     return out
 
 

@@ -54,6 +54,35 @@ def resolve_pretrained(name_or_path: str) -> Path:
     raise ModelNotFound(f"no such checkpoint directory: {p}")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_flags() -> set:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_dtype(name: str, device: Union[str, torch.device]) -> torch.dtype:
+    """`--dtype`: float32 / bfloat16 / float16, or auto: bf16 on CUDA; on a CPU bf16 when it
+    has AMX or AVX-512 BF16 (bf16 matrix products several times fp32's there, half the bytes
+    per token), else fp32 (without them bf16 is slower than fp32). The choice is logged."""
+    if name != "auto":
+        return DTYPES[name]
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    fast = sorted(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+    log.info("--dtype auto: %s", f"bfloat16 (this CPU has {', '.join(fast)})" if fast
+             else "float32 (this CPU has neither AMX nor AVX-512 BF16)")
+    return torch.bfloat16 if fast else torch.float32
+
+
 def default_dtype(device: Union[str, torch.device], fp16: bool = False, bf16: bool = False) -> torch.dtype:
     """fp32 on CPU (no fast bf16 there), bf16 on CUDA; --fp16/--bf16 override."""
     if fp16:

@@ -11,6 +11,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# The entry points' --dtype default is auto (bf16 on CPUs with AMX / AVX-512 BF16); the suite
+# compares against fp32 references, so its processes run fp32 unless a test says otherwise.
+os.environ.setdefault("COGVLM_DTYPE", "float32")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 from utils.create_test_model import CORPUS  # noqa: E402

@@ -28,13 +28,28 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str = "cogvlm-chat
     g.add_argument("--version", default=None, choices=["base", "chat", "chat_old", "vqa"],
                    help="prompt template (default: the checkpoint's own)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--fp16", action="store_true", help="load weights as float16")
-    g.add_argument("--bf16", action="store_true", help="load weights as bfloat16 (CUDA default)")
+    add_dtype_args(g)
     g.add_argument("--quant", type=int, choices=[4, 8], default=None,
                    help="quantize the weights to 4 or 8 bits after loading")
     g.add_argument("--trust-checkpoint", "--trust_checkpoint", dest="trust_checkpoint",
                    action="store_true", help="allow checkpoint files that need full unpickling "
                                              "(training checkpoints); only for files you trust")
+
+
+def add_dtype_args(g) -> None:
+    """--dtype (default auto, or $COGVLM_DTYPE), with --bf16 / --fp16 as its short forms."""
+    g.add_argument("--dtype", default=os.environ.get("COGVLM_DTYPE", "auto"),
+                   choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and activations: auto = bfloat16 on CUDA and on CPUs with AMX or "
+                        "AVX-512 BF16, else float32 (default: auto, or $COGVLM_DTYPE)")
+    g.add_argument("--fp16", action="store_true", help="same as --dtype float16")
+    g.add_argument("--bf16", action="store_true", help="same as --dtype bfloat16")
+
+
+def dtype_from_args(args) -> torch.dtype:
+    from models.loading import resolve_dtype
+    name = "float16" if args.fp16 else "bfloat16" if args.bf16 else args.dtype
+    return resolve_dtype(name, args.device)
 
 
 def ranged(cast, lo, hi=None, above: bool = False):
@@ -82,14 +97,14 @@ def setup_logging() -> None:
 def load_from_args(args):
     """(model, tokenizer). Every demo calls this. Under torchrun (WORLD_SIZE > 1) the model is
     tensor parallel over the ranks: each process loads its own piece."""
-    from models.loading import default_dtype, resolve_pretrained
+    from models.loading import resolve_pretrained
     from models.tp import init_distributed
     rank, world = init_distributed(args.device)
     if world > 1 and torch.device(args.device).type == "cuda":
         args.device = f"cuda:{torch.cuda.current_device()}"
     if world > 1 and args.quant:
         raise ValueError("--quant is not supported with model parallelism yet; run it in one process")
-    dtype = default_dtype(args.device, args.fp16, args.bf16)
+    dtype = dtype_from_args(args)
     from models.layout import pack_for_cpu_inference
     # On fp32 CPU every weight is packed (or quantized) below: skip the re-layout in between.
     will_repack = bool(args.quant) or (torch.device(args.device).type == "cpu" and dtype == torch.float32

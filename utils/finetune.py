@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.checkpoint import atomic_write, read_sat_state_dict, remove_stale_temporaries, sat_key
-from models.loading import default_dtype, load_model, resolve_pretrained
+from models.loading import load_model, resolve_pretrained
 from models.lora import LoRAConfig, apply_lora
 from . import args as common
 from .flags import ArgumentParser
@@ -187,8 +187,8 @@ def ds_config(args, cuda: bool) -> dict:
                               "reduce_scatter": True, "allgather_bucket_size": 5e7,
                               "reduce_bucket_size": 5e7},
         "zero_allow_untested_optimizer": True,         # torch AdamW (DeepSpeed's needs CUDA)
-        "bf16": {"enabled": bool(cuda and not args.fp16)},
-        "fp16": {"enabled": bool(cuda and args.fp16)},
+        "bf16": {"enabled": bool(cuda and getattr(args, "train_dtype", None) == torch.bfloat16)},
+        "fp16": {"enabled": bool(cuda and getattr(args, "train_dtype", None) == torch.float16)},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -396,7 +396,14 @@ def train(args) -> dict:
     mp_rank, dp_rank = groups.get_model_parallel_rank(), groups.get_data_parallel_rank()
     is_main = rank == 0
     save = Path(args.save or ".")
-    dtype = default_dtype(args.device, args.fp16, args.bf16)
+    # --dtype: on CUDA the weights' dtype (DeepSpeed's bf16/fp16 mode); on a CPU fp32 weights,
+    # and bfloat16 means autocast (bf16 matrix products, fp32 master weights and optimizer).
+    wanted = common.dtype_from_args(args)
+    autocast_bf16 = not cuda and wanted == torch.bfloat16
+    dtype = wanted if cuda else torch.float32
+    args.train_dtype = dtype
+    if is_main and autocast_bf16:
+        log.info("training with bf16 autocast on CPU (fp32 weights)")
 
     start_step = 0
     source = args.from_pretrained
@@ -495,8 +502,9 @@ def train(args) -> dict:
             batch = collate_train([train_set[i] for i in idx], object_vocab)
             if batch is None:
                 continue
-            loss = compute_loss(engine.module, batch, device, args.aux_object_loss,
-                                encoders_only=step < args.aux_warmup_iters)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
+                loss = compute_loss(engine.module, batch, device, args.aux_object_loss,
+                                    encoders_only=step < args.aux_warmup_iters)
             engine.backward(loss)
             engine.step()
             step_loss += loss.detach().double().cpu() / args.gradient_accumulation_steps
