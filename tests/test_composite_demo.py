@@ -143,3 +143,24 @@ def test_unknown_flags_are_refused(cogvlm_ckpt, monkeypatch):
     at = AppTest.from_file(APP, default_timeout=60)
     at.run()
     assert "unknown argument(s) after `--`: --cogvlmm" in at.error[0].value
+
+
+def test_streamlit_from_the_repository_root_is_local_and_quiet(cogvlm_ckpt):
+    """The plain README command run from the repository root: `.streamlit/config.toml` makes it
+    listen on 127.0.0.1 only and send no usage statistics (Streamlit's defaults: every
+    interface, statistics on)."""
+    port = free_port()
+    env = {**os.environ, "COGVLM_MODEL": str(cogvlm_ckpt), "HF_HUB_OFFLINE": "1", "LOGLEVEL": "WARNING"}
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "composite_demo/main.py",
+                             f"--server.port={port}", "--server.fileWatcherType=none"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/_stcore/health", proc)
+        listening = [line.split()[1] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+                     + Path("/proc/net/tcp6").read_text().splitlines()[1:]
+                     if line.split()[3] == "0A" and line.split()[1].endswith(f":{port:04X}")]
+        assert listening == [f"0100007F:{port:04X}"], listening       # 127.0.0.1 only
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=20)[0]
+    assert "usage statistics" not in out.lower(), out                  # printed when they are on
