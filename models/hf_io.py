@@ -194,22 +194,27 @@ def meta_model(config) -> CogVLM:
 
 def read_hf_as_sat(path) -> tuple[ModelConfig, dict]:
     """An HF checkpoint directory as (ModelConfig, SAT-named state dict), so that every entry
-    point that loads SAT checkpoints (load_model) takes HF ones too. The derived rotary tables
-    are left out (regenerated); tensors are read from the files one by one, not converted twice."""
+    point that loads SAT checkpoints (load_model) takes HF ones too, and hf2sat writes it. The
+    derived rotary tables are left out (regenerated); each file is opened once and its tensors
+    are read one by one."""
     from safetensors import safe_open
     from .checkpoint import sat_key
     config, index = read_hf_checkpoint(Path(path))
-    cfg = config.to_model_config()
-    sd, handles = {}, {}
-    for key, (f, _) in index.items():
-        if is_derived(key):
-            continue
-        if f.suffix == ".safetensors":
-            sd[sat_key(key)] = handles.setdefault(f, safe_open(str(f), framework="pt")).get_tensor(key)
-        else:
-            sd[sat_key(key)] = handles.setdefault(f, torch.load(f, map_location="cpu", weights_only=True,
-                                                                mmap=True))[key]
-    return cfg, sd
+    opened = {}
+
+    def open_file(f: Path):
+        if f not in opened:
+            opened[f] = (safe_open(str(f), framework="pt") if f.suffix == ".safetensors" else
+                         torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+        return opened[f]
+
+    sd = {}
+    for key, (f, _) in tqdm(index.items(), desc="reading HF weights", unit="tensor", leave=False,
+                            disable=len(index) < 200):
+        if not is_derived(key):
+            h = open_file(f)
+            sd[sat_key(key)] = h.get_tensor(key) if f.suffix == ".safetensors" else h[key]
+    return config.to_model_config(), sd
 
 
 def hf_derived_tensors(cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -323,28 +328,15 @@ def _write_hf(out: Path, cfg: ModelConfig, sources: dict, shard_bytes: int, dtyp
 
 
 def hf_to_sat(hf_dir, out_dir, dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> Path:
-    from safetensors import safe_open
-    hf_dir, out = Path(hf_dir), Path(out_dir)
-    config, index = read_hf_checkpoint(hf_dir)
-    cfg = config.to_model_config()
-    meta = meta_model(config)
-    sd, handles = {}, {}
-    for key in tqdm(sorted(meta.state_dict()), desc="HF -> SAT", unit="tensor"):
-        if is_derived(key):                            # rotary tables: regenerated below
-            continue
-        f = index[key][0]
-        if f.suffix == ".safetensors":
-            t = handles.setdefault(f, safe_open(str(f), framework="pt")).get_tensor(key)
-        else:
-            t = handles.setdefault(f, torch.load(f, weights_only=True, mmap=True))[key]
-        sd[key] = t.to(dtype) if dtype else t
+    from .checkpoint import load_state_into
+    hf_dir = Path(hf_dir)
+    cfg, sd = read_hf_as_sat(hf_dir)                   # every key and shape checked first
     with torch.device("meta"):
         model = CogVLM(cfg)
-    model.load_state_dict(sd, strict=False, assign=True)
-    regenerate_derived(model)
+    load_state_into(model, sd, str(hf_dir), dtype=dtype)
 
     def write(tmp: Path) -> None:
         save_sat_checkpoint(model, cfg, tmp, overwrite=True)
         if (hf_dir / "tokenizer").is_dir():
             shutil.copytree(hf_dir / "tokenizer", tmp / "tokenizer")
-    return write_checkpoint_dir(out, write, [hf_dir], overwrite)
+    return write_checkpoint_dir(out_dir, write, [hf_dir], overwrite)

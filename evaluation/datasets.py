@@ -1,0 +1,142 @@
+"""Benchmark data read as the owners release it. Each reader takes the dataset root (--data)
+and returns Examples; a missing file is named in one line with where it was looked for.
+
+- RefCOCO / RefCOCO+ / RefCOCOg (the `refer` layout): ROOT/<name>/instances.json (COCO boxes,
+  x y w h in pixels) and ROOT/<name>/refs(unc).p (refcocog: refs(umd).p), a pickle of refs
+  with split, sentences, ann_id, image_id, read with a restricted unpickler (builtin containers
+  and scalars only: never code); images ROOT/images/mscoco/images/train2014/.
+- VQAv2: v2_OpenEnded_mscoco_<split>2014_questions.json + v2_mscoco_<split>2014_annotations.json
+  in ROOT (or ROOT/Questions, ROOT/Annotations); images ROOT/<split>2014/ or ROOT/images/<split>2014/.
+- TextVQA: ROOT/TextVQA_0.5.1_<split>.json; images ROOT/train_images/ (val images live there too).
+- POPE: ROOT/coco_pope_<kind>.json (one JSON object a line: question_id, image, text, label);
+  images ROOT/val2014/ or ROOT/images/val2014/.
+"""
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+
+class DataError(FileNotFoundError):
+    """A dataset file that is missing or unreadable; the message says which and where."""
+
+
+@dataclass
+class Example:
+    id: str
+    image: Path
+    question: str                            # the expression, question or POPE question
+    answers: list = field(default_factory=list)     # VQA: human answers; POPE: [label]
+    box: Optional[tuple] = None              # grounding truth, x0 y0 x1 y1 in pixels
+    size: Optional[tuple] = None             # (width, height) of the image
+
+
+def _find(root: Path, names: list, what: str) -> Path:
+    for n in names:
+        if (root / n).is_file():
+            return root / n
+    raise DataError(f"{what}: none of {', '.join(names)} in {root}")
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+
+
+def _image_dir(root: Path, candidates: list, what: str) -> Path:
+    for c in candidates:
+        if (root / c).is_dir():
+            return root / c
+    raise DataError(f"{what} images: none of {', '.join(candidates)} in {root}")
+
+
+class _DataOnly(pickle.Unpickler):
+    """Builds builtin containers and scalars only; any class or function is refused."""
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"refs file wants {module}.{name}: only plain data is read")
+
+
+def read_refs(path: Path) -> list:
+    try:
+        with open(path, "rb") as f:
+            return _DataOnly(io.BytesIO(f.read()), encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise DataError(f"{path}: not a refs pickle of plain data ({e})") from None
+
+
+REFER = {"refcoco": "refs(unc).p", "refcoco+": "refs(unc).p", "refcocog": "refs(umd).p"}
+
+
+def read_refer(root: Path, name: str, split: str) -> list[Example]:
+    base = root / name
+    refs = read_refs(_find(base, [REFER[name]], f"{name} refs"))
+    inst = _json(_find(base, ["instances.json"], f"{name} instances"))
+    images = {im["id"]: im for im in inst["images"]}
+    anns = {a["id"]: a for a in inst["annotations"]}
+    img_dir = _image_dir(root, ["images/mscoco/images/train2014", "train2014"], "COCO train2014")
+    out = []
+    for ref in refs:
+        if ref["split"] != split:
+            continue
+        im, (x, y, w, h) = images[ref["image_id"]], anns[ref["ann_id"]]["bbox"]
+        for s in ref["sentences"]:
+            out.append(Example(str(s["sent_id"]), img_dir / im["file_name"], s["sent"],
+                               box=(x, y, x + w, y + h), size=(im["width"], im["height"])))
+    if not out:
+        raise DataError(f"{name}: no referring expressions in split {split!r}")
+    return out
+
+
+def read_vqav2(root: Path, split: str) -> list[Example]:
+    q = _find(root, [f"v2_OpenEnded_mscoco_{split}2014_questions.json",
+                     f"Questions/v2_OpenEnded_mscoco_{split}2014_questions.json"], "VQAv2 questions")
+    a = _find(root, [f"v2_mscoco_{split}2014_annotations.json",
+                     f"Annotations/v2_mscoco_{split}2014_annotations.json"], "VQAv2 annotations")
+    answers = {x["question_id"]: [y["answer"] for y in x["answers"]] for x in _json(a)["annotations"]}
+    img_dir = _image_dir(root, [f"{split}2014", f"images/{split}2014"], f"COCO {split}2014")
+    return [Example(str(x["question_id"]), img_dir / f"COCO_{split}2014_{x['image_id']:012d}.jpg",
+                    x["question"], answers.get(x["question_id"], []))
+            for x in _json(q)["questions"]]
+
+
+def read_textvqa(root: Path, split: str) -> list[Example]:
+    d = _json(_find(root, [f"TextVQA_0.5.1_{split}.json"], "TextVQA"))
+    img_dir = _image_dir(root, ["train_images", "images"], "TextVQA")
+    return [Example(str(x["question_id"]), img_dir / f"{x['image_id']}.jpg", x["question"], x.get("answers", []))
+            for x in d["data"]]
+
+
+def read_pope(root: Path, kind: str) -> list[Example]:
+    f = _find(root, [f"coco_pope_{kind}.json", f"coco/coco_pope_{kind}.json"], f"POPE {kind}")
+    img_dir = _image_dir(root, ["val2014", "images/val2014"], "COCO val2014")
+    out = []
+    for line in f.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            x = json.loads(line)
+            out.append(Example(str(x["question_id"]), img_dir / x["image"], x["text"], [x["label"]]))
+    return out
+
+
+# task name -> (reader, its argument); the split or kind follows the colon: refcoco:val
+def read_task(root: Path, task: str) -> list[Example]:
+    name, _, part = task.partition(":")
+    if name in REFER:
+        if part not in ("val", "testA", "testB", "test"):
+            raise DataError(f"{task}: the split must be val, testA, testB or test")
+        return read_refer(root, name, part)
+    if name == "vqav2":
+        return read_vqav2(root, part or "val")
+    if name == "textvqa":
+        return read_textvqa(root, part or "val")
+    if name == "pope":
+        if part not in ("adversarial", "popular", "random"):
+            raise DataError(f"{task}: the POPE kind must be adversarial, popular or random")
+        return read_pope(root, part)
+    raise DataError(f"unknown task {task!r}; known: refcoco:val|testA|testB, refcoco+:..., refcocog:val|test, "
+                    f"vqav2:val, textvqa:val, pope:adversarial|popular|random")

@@ -1,0 +1,199 @@
+"""Score a model on benchmarks read as their owners release them, batched, on one process or
+data parallel over many (torchrun), resumable.
+
+  python evaluation/evaluate.py --from_pretrained cogvlm-grounding-generalist-v1.1 \\
+      --task refcoco:val,refcoco:testA --data DATA --output_dir OUT [--batch_size 8] [--limit N]
+  torchrun --nproc-per-node 4 evaluation/evaluate.py ...      # each process a whole model
+
+Tasks: refcoco:val|testA|testB, refcoco+:val|testA|testB, refcocog:val|test, vqav2:val,
+textvqa:val, pope:adversarial|popular|random. Every answer is streamed to
+OUT/predictions-<task>.jsonl (':' as '_'): a rerun skips what is there. The table is printed
+(markdown) and written to OUT/results.json, metrics in percent.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
+from utils.flags import ArgumentParser  # noqa: E402
+
+from evaluation.datasets import DataError, Example, read_task  # noqa: E402
+from evaluation.metrics import grounding_hit, pope_scores, vqa_accuracy  # noqa: E402
+from utils.task_prompts import EXPRESSION_TO_BOX, fill  # noqa: E402
+
+
+def kind(task: str) -> str:
+    name = task.split(":")[0]
+    return {"vqav2": "vqa", "textvqa": "vqa", "pope": "pope"}.get(name, "grounding")
+
+
+def prompt(task: str, ex: Example, version: str) -> tuple[str, str]:
+    """(query, template) per task: referring expressions in the grounding request; VQA in the
+    `Short answer` template; POPE's question in the model's own template."""
+    k = kind(task)
+    if k == "grounding":
+        return fill(EXPRESSION_TO_BOX[0], expr=ex.question), version
+    if k == "vqa":
+        return ex.question, version if version != "auto" else "vqa"
+    return ex.question, version
+
+
+def example_score(task: str, ex: Example, answer: str):
+    k = kind(task)
+    if k == "grounding":
+        w, h = ex.size
+        return {"hit": grounding_hit(answer, ex.box, w, h), "hit_first_box": grounding_hit(answer, ex.box, w, h, False)}
+    if k == "vqa":
+        return {"accuracy": vqa_accuracy(answer, ex.answers)}
+    return {"label": ex.answers[0]}
+
+
+def task_metrics(task: str, rows: list) -> dict:
+    """rows: the prediction lines of every example of the task -> metrics in percent."""
+    k = kind(task)
+    if k == "grounding":
+        return {"accuracy": 100 * sum(r["score"]["hit"] for r in rows) / len(rows),
+                "accuracy_first_box": 100 * sum(r["score"]["hit_first_box"] for r in rows) / len(rows),
+                "n": len(rows)}
+    if k == "vqa":
+        return {"accuracy": 100 * sum(r["score"]["accuracy"] for r in rows) / len(rows), "n": len(rows)}
+    s = pope_scores([(r["answer"], r["score"]["label"]) for r in rows])
+    return {**{m: 100 * v for m, v in s.items()}, "n": len(rows)}
+
+
+def predictions_file(out: Path, task: str) -> Path:
+    return out / f"predictions-{task.replace(':', '_')}.jsonl"
+
+
+def done_ids(path: Path) -> dict:
+    """id -> row of the lines already written (a line cut by a kill is ignored)."""
+    rows = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                rows[row["id"]] = row
+            except (ValueError, KeyError, TypeError):
+                continue
+    return rows
+
+
+def append_line(path: Path, row: dict) -> None:
+    """One write() per line on an O_APPEND file: lines of several processes never interleave."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, (json.dumps(row, ensure_ascii=False) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def run_task(answer_fn, task: str, examples: list, out: Path, version: str, batch_size: int,
+             rank: int = 0, world: int = 1, show: bool = True) -> int:
+    """Answer this process's share (every world-th example) of what is not done yet, streaming
+    each line to the task's predictions file. answer_fn(requests) -> answers, with requests
+    (query, version, image path). Returns how many were answered."""
+    from tqdm import tqdm
+    from utils.grounding import parse_groundings
+    path = predictions_file(out, task)
+    done = done_ids(path)
+    todo = [ex for i, ex in enumerate(examples) if i % world == rank and ex.id not in done]
+    bar = tqdm(total=len(todo), desc=task, unit="ex", disable=not show)
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i:i + batch_size]
+        reqs = [(*prompt(task, ex, version), ex.image) for ex in chunk]
+        for ex, (query, _, _), answer in zip(chunk, reqs, answer_fn(reqs)):
+            boxes = [list(b) for g in parse_groundings(answer) for b in g.boxes]
+            append_line(path, {"id": ex.id, "prompt": query, "answer": answer, "boxes": boxes,
+                               "score": example_score(task, ex, answer)})
+        bar.update(len(chunk))
+    bar.close()
+    return len(todo)
+
+
+def model_answers(model, tok, gen):
+    """answer_fn for run_task: batch_chat on the model, each image decoded once per batch."""
+    from utils.chat import ImageContext, batch_chat
+
+    def answer(reqs):
+        images, by_version = {}, {}
+        for i, (query, version, image) in enumerate(reqs):
+            if image not in images:
+                images[image] = ImageContext(image, model.config)
+            by_version.setdefault(version, []).append(i)
+        out = [None] * len(reqs)
+        for version, idx in by_version.items():
+            answers = batch_chat(model, tok, [(reqs[i][0], [], images[reqs[i][2]]) for i in idx],
+                                 None if version == "auto" else version, gen)
+            for i, a in zip(idx, answers):
+                out[i] = a
+        return out
+    return answer
+
+
+def main(argv=None) -> int:
+    from utils.args import add_model_args, dtype_from_args, setup_logging
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p, default_model="cogvlm-grounding-generalist-v1.1")
+    p.add_argument("--task", required=True, help="comma-separated, e.g. refcoco:val,vqav2:val")
+    p.add_argument("--data", required=True, type=Path, help="the datasets' root, as released")
+    p.add_argument("--output_dir", required=True, type=Path)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="first N examples of each task")
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    args = p.parse_args(argv)
+    setup_logging()
+    tasks = [t.strip() for t in args.task.split(",") if t.strip()]
+    try:
+        data = {t: read_task(args.data, t)[: args.limit] for t in tasks}
+    except (DataError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    import torch
+    import torch.distributed as dist
+    from models import CheckpointError, ModelNotFound, load_model
+    from models.generate import GenerationConfig
+    from models.loading import resolve_pretrained
+    from utils.tokenizer import Tokenizer, TokenizerError, resolve_tokenizer
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:                                   # data parallel: each process a whole model
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    try:
+        model, cfg = load_model(args.from_pretrained, device=args.device, dtype=dtype_from_args(args),
+                                trust_checkpoint=args.trust_checkpoint)
+        tok = Tokenizer(resolve_tokenizer(args.local_tokenizer, resolve_pretrained(args.from_pretrained)))
+    except (ModelNotFound, CheckpointError, TokenizerError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    torch.set_grad_enabled(False)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    answer = model_answers(model, tok, GenerationConfig(max_new_tokens=args.max_new_tokens, top_k=1))
+    t0 = time.perf_counter()
+    for task in tasks:
+        run_task(answer, task, data[task], args.output_dir, args.version or "auto", args.batch_size,
+                 rank, world, show=rank == 0)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        results = {}
+        for task in tasks:
+            rows = done_ids(predictions_file(args.output_dir, task))
+            results[task] = task_metrics(task, [rows[ex.id] for ex in data[task]])
+        (args.output_dir / "results.json").write_text(json.dumps(results, indent=1))
+        print("\n| task | metric | value |\n|---|---|---|")
+        for task, m in results.items():
+            for k, v in m.items():
+                print(f"| {task} | {k} | {v if k == 'n' else f'{v:.2f}'} |")
+        print(f"\n{sum(len(v) for v in data.values())} examples in {time.perf_counter() - t0:.1f} s; "
+              f"predictions and results.json in {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    from models.tp import exit_process
+    exit_process(main())

@@ -1,0 +1,181 @@
+"""Benchmark evaluation: metrics against hand-computed values, readers on tiny files in each
+dataset's released layout (written here), the runner end to end, resumed, and data parallel
+over two torchrun processes with the numbers of one."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from evaluation.datasets import DataError, read_task
+from evaluation.metrics import grounding_hit, normalize_vqa, pope_scores, vqa_accuracy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------- metrics, by hand
+def test_vqa_accuracy_by_hand():
+    # the answer is normalized ("two" -> "2"); leave-one-out over the ten human answers:
+    # the 3 subsets without one "2" keep 2 matches (2/3), the 7 others keep 3 (1.0)
+    assert vqa_accuracy("two", ["2"] * 3 + ["3"] * 7) == pytest.approx((3 * 2 / 3 + 7 * 1.0) / 10)
+    # "The dog." -> "dog": 9 human "dog"s, so every subset keeps >= 8 matches -> 1.0
+    assert vqa_accuracy("The dog.", ["dog"] * 9 + ["a dog"]) == 1.0
+    assert vqa_accuracy("A Dog.", ["dog"] * 10) == 1.0
+    assert vqa_accuracy("cat", ["dog"] * 10) == 0.0
+    # humans disagree: their punctuation goes ("yes." -> "yes"), nothing else of theirs changes
+    assert vqa_accuracy("yes", ["yes."] * 3 + ["no"] * 7) == pytest.approx((3 * 2 / 3 + 7 * 1.0) / 10)
+    assert vqa_accuracy("two", ["Two"] * 3 + ["no"] * 7) == 0.0      # "Two" keeps its case and word
+    assert vqa_accuracy("yes", ["yes"] * 2 + ["no"] * 8) == pytest.approx((2 * 1 / 3 + 8 * 2 / 3) / 10)
+    assert normalize_vqa("Isnt it the 1,000 cats?") == "isn't it 1000 cats"
+    assert normalize_vqa("It's 3.5 m.") == "it's 3.5 m"
+
+
+def test_grounding_protocol_by_hand():
+    # two boxes merged by min/max into the truth; the first alone has IoU exactly 0.5 (no hit)
+    answer = "the bus [[100,100,500,900]] and its other half [[500,100,900,900]]"
+    truth = (100, 100, 900, 900)                                  # pixels of a 1000 x 1000 image
+    assert grounding_hit(answer, truth, 1000, 1000) == 1.0
+    assert grounding_hit(answer, truth, 1000, 1000, merge=False) == 0.0
+    # thousandths are scaled to the image: [[250,500,750,1000]] on 200 x 100 -> (50, 50, 150, 100)
+    assert grounding_hit("[[250,500,750,1000]]", (50, 50, 150, 100), 200, 100) == 1.0
+    assert grounding_hit("no box here", truth, 1000, 1000) == 0.0
+
+
+def test_pope_scores_by_hand():
+    pairs = [("Yes, there is.", "yes"), ("No.", "yes"), ("There is no cat.", "no"), ("yes", "no"),
+             ("Yes", "yes")]
+    s = pope_scores(pairs)
+    # tp 2, fn 1, tn 1, fp 1: accuracy 3/5, precision 2/3, recall 2/3, f1 2/3, yes ratio 3/5
+    assert s == pytest.approx({"accuracy": 0.6, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "yes_ratio": 0.6})
+
+
+# ---------------------------------------------------------------- released layouts
+def make_refcoco(root: Path) -> Path:
+    """refer layout: refcoco/instances.json (COCO boxes x y w h), refcoco/refs(unc).p, images."""
+    img_dir = root / "images" / "mscoco" / "images" / "train2014"
+    img_dir.mkdir(parents=True)
+    images = []
+    for i, (w, h) in enumerate([(200, 100), (100, 100)], start=1):
+        name = f"COCO_train2014_{i:012d}.jpg"
+        Image.new("RGB", (w, h), (40 * i, 120, 200)).save(img_dir / name)
+        images.append({"id": i, "file_name": name, "width": w, "height": h})
+    anns = [{"id": 10, "image_id": 1, "bbox": [50, 50, 100, 50], "category_id": 1},
+            {"id": 11, "image_id": 2, "bbox": [0, 0, 50, 50], "category_id": 1},
+            {"id": 12, "image_id": 2, "bbox": [50, 50, 50, 50], "category_id": 1}]
+    (root / "refcoco").mkdir()
+    (root / "refcoco" / "instances.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    refs = [{"ref_id": 0, "ann_id": 10, "image_id": 1, "split": "val",
+             "sentences": [{"sent_id": 100, "sent": "the right half"}, {"sent_id": 101, "sent": "that part"}]},
+            {"ref_id": 1, "ann_id": 11, "image_id": 2, "split": "val", "sentences": [{"sent_id": 102, "sent": "top left"}]},
+            {"ref_id": 2, "ann_id": 12, "image_id": 2, "split": "testA", "sentences": [{"sent_id": 103, "sent": "bottom"}]}]
+    with open(root / "refcoco" / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f, protocol=2)
+    return root
+
+
+def make_vqa_pope(root: Path) -> Path:
+    (root / "val2014").mkdir(parents=True)
+    for i in (1, 2):
+        Image.new("RGB", (64, 48), (90 * i, 40, 40)).save(root / "val2014" / f"COCO_val2014_{i:012d}.jpg")
+    qs = [{"question_id": 1001, "image_id": 1, "question": "How many cats?"},
+          {"question_id": 1002, "image_id": 2, "question": "What colour?"}]
+    ans = [{"question_id": 1001, "answers": [{"answer": a, "answer_id": k + 1} for k, a in enumerate(["2"] * 3 + ["3"] * 7)]},
+           {"question_id": 1002, "answers": [{"answer": "red", "answer_id": k + 1} for k in range(10)]}]
+    (root / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps({"questions": qs}))
+    (root / "v2_mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": ans}))
+    lines = [{"question_id": 1, "image": "COCO_val2014_000000000001.jpg", "text": "Is there a cat in the image?", "label": "yes"},
+             {"question_id": 2, "image": "COCO_val2014_000000000002.jpg", "text": "Is there a dog in the image?", "label": "no"}]
+    (root / "coco_pope_random.json").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return root
+
+
+def test_readers_follow_the_released_layouts(tmp_path):
+    root = make_vqa_pope(make_refcoco(tmp_path / "data"))
+    val = read_task(root, "refcoco:val")
+    assert [(e.id, e.question, e.box, e.size) for e in val] == [
+        ("100", "the right half", (50, 50, 150, 100), (200, 100)), ("101", "that part", (50, 50, 150, 100), (200, 100)),
+        ("102", "top left", (0, 0, 50, 50), (100, 100))]
+    assert val[0].image.name == "COCO_train2014_000000000001.jpg" and val[0].image.is_file()
+    assert [e.id for e in read_task(root, "refcoco:testA")] == ["103"]
+    vqa = read_task(root, "vqav2:val")
+    assert vqa[0].question == "How many cats?" and vqa[0].answers == ["2"] * 3 + ["3"] * 7 and vqa[1].image.is_file()
+    pope = read_task(root, "pope:random")
+    assert [(e.question, e.answers) for e in pope] == [("Is there a cat in the image?", ["yes"]),
+                                                      ("Is there a dog in the image?", ["no"])]
+    with pytest.raises(DataError, match=r"refcocog refs: none of refs\(umd\)\.p in .*data/refcocog"):
+        read_task(root, "refcocog:val")
+    with pytest.raises(DataError, match="TextVQA: none of TextVQA_0.5.1_val.json"):
+        read_task(root, "textvqa:val")
+
+
+def test_refs_pickle_is_read_as_plain_data_only(tmp_path):
+    root = make_refcoco(tmp_path / "data")
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    with open(root / "refcoco" / "refs(unc).p", "wb") as f:
+        pickle.dump([Payload()], f)
+    with pytest.raises(DataError, match="only plain data is read"):
+        read_task(root, "refcoco:val")
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- the runner
+def test_run_task_with_a_scripted_model(tmp_path):
+    """Known answers -> the numbers by hand: refcoco val 2 hits of 3, VQA (0.9 + 1.0) / 2,
+    POPE accuracy 1/2."""
+    from evaluation.evaluate import done_ids, predictions_file, run_task, task_metrics
+    root = make_vqa_pope(make_refcoco(tmp_path / "data"))
+    scripted = {"the right half": "[[250,500,750,1000]]",                 # exactly the truth: hit
+                "that part": "[[000,000,100,100]]",                       # miss
+                "top left": "[[000,000,500,500]]",                        # hit
+                "How many cats?": "two", "What colour?": "Red",
+                "Is there a cat in the image?": "Yes.", "Is there a dog in the image?": "Yes, a dog."}
+
+    def answer(reqs):
+        return [next(v for k, v in scripted.items() if k in q) for q, _, _ in reqs]
+    out = tmp_path / "out"
+    out.mkdir()
+    expect = {"refcoco:val": {"accuracy": 200 / 3, "accuracy_first_box": 200 / 3, "n": 3},
+              "vqav2:val": {"accuracy": 100 * (0.9 + 1.0) / 2, "n": 2},
+              "pope:random": {"accuracy": 50.0, "precision": 50.0, "recall": 100.0, "f1": 100 * 2 / 3,
+                              "yes_ratio": 100.0, "n": 2}}
+    for task, want in expect.items():
+        examples = read_task(root, task)
+        assert run_task(answer, task, examples, out, "auto", 2, show=False) == len(examples)
+        rows = done_ids(predictions_file(out, task))
+        assert task_metrics(task, [rows[e.id] for e in examples]) == pytest.approx(want)
+        assert run_task(answer, task, examples, out, "auto", 2, show=False) == 0     # resumed: nothing left
+    row = done_ids(predictions_file(out, "refcoco:val"))["100"]
+    assert row["prompt"].startswith("Can you point out the right half") and row["boxes"] == [[250, 500, 750, 1000]]
+
+
+def test_runner_cli_one_and_two_processes_agree(cogvlm_ckpt, tmp_path):
+    root = make_vqa_pope(make_refcoco(tmp_path / "data"))
+    env = {**os.environ, "LOGLEVEL": "WARNING", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    args = ["--from_pretrained", str(cogvlm_ckpt), "--task", "refcoco:val,vqav2:val,pope:random",
+            "--data", str(root), "--batch_size", "2", "--max_new_tokens", "8"]
+    one = subprocess.run([sys.executable, str(ROOT / "evaluation" / "evaluate.py"), *args, "--output_dir",
+                          str(tmp_path / "one")], capture_output=True, text=True, timeout=300, cwd="/", env=env)
+    assert one.returncode == 0 and "| refcoco:val | accuracy |" in one.stdout, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+                          "--nproc-per-node=2", str(ROOT / "evaluation" / "evaluate.py"), *args, "--output_dir",
+                          str(tmp_path / "two")], capture_output=True, text=True, timeout=300, cwd="/", env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "results.json").read_text())
+    b = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert a == b and a["refcoco:val"]["n"] == 3 and a["pope:random"]["n"] == 2
+    lines = (tmp_path / "two" / "predictions-refcoco_val.jsonl").read_text().splitlines()
+    assert sorted(json.loads(x)["id"] for x in lines) == ["100", "101", "102"]
+    bad = subprocess.run([sys.executable, str(ROOT / "evaluation" / "evaluate.py"), *args[:2], "--task",
+                          "textvqa:val", "--data", str(root), "--output_dir", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=120, cwd="/", env=env)
+    assert bad.returncode == 1 and "TextVQA: none of TextVQA_0.5.1_val.json" in bad.stderr and "Traceback" not in bad.stderr
