@@ -10,6 +10,7 @@ and returns Examples; a missing file is named in one line with where it was look
 - TextVQA: ROOT/TextVQA_0.5.1_<split>.json; images ROOT/train_images/ (val images live there too).
 - POPE: ROOT/coco_pope_<kind>.json (one JSON object a line: question_id, image, text, label);
   images ROOT/val2014/ or ROOT/images/val2014/.
+- COCO captions: ROOT/captions_<split>2014.json (or annotations/); images ROOT/<split>2014/.
 """
 from __future__ import annotations
 
@@ -123,6 +124,21 @@ def read_pope(root: Path, kind: str) -> list[Example]:
     return out
 
 
+def read_coco_captions(root: Path, split: str) -> list[Example]:
+    """COCO layout: captions_<split>2014.json (or annotations/...) with images and their
+    captions; one example per image, the captions as its answers. NoCaps' JSON has the same
+    fields (images + annotations), so the same reader serves it."""
+    f = _find(root, [f"captions_{split}2014.json", f"annotations/captions_{split}2014.json",
+                     f"nocaps_{split}_4500_captions.json"], "COCO captions")
+    d = _json(f)
+    caps = {}
+    for a in d["annotations"]:
+        caps.setdefault(a["image_id"], []).append(a["caption"])
+    img_dir = _image_dir(root, [f"{split}2014", f"images/{split}2014", split], f"{split} images")
+    return [Example(str(im["id"]), img_dir / im["file_name"], "", caps.get(im["id"], []))
+            for im in d["images"]]
+
+
 # task name -> (reader, its argument); the split or kind follows the colon: refcoco:val
 def read_task(root: Path, task: str) -> list[Example]:
     name, _, part = task.partition(":")
@@ -134,9 +150,11 @@ def read_task(root: Path, task: str) -> list[Example]:
         return read_vqav2(root, part or "val")
     if name == "textvqa":
         return read_textvqa(root, part or "val")
+    if name == "coco_caption":
+        return read_coco_captions(root, part or "val")
     if name == "pope":
         if part not in ("adversarial", "popular", "random"):
             raise DataError(f"{task}: the POPE kind must be adversarial, popular or random")
         return read_pope(root, part)
     raise DataError(f"unknown task {task!r}; known: refcoco:val|testA|testB, refcoco+:..., refcocog:val|test, "
-                    f"vqav2:val, textvqa:val, pope:adversarial|popular|random")
+                    f"vqav2:val, textvqa:val, pope:adversarial|popular|random, coco_caption:val")

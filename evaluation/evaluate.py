@@ -6,7 +6,7 @@ data parallel over many (torchrun), resumable.
   torchrun --nproc-per-node 4 evaluation/evaluate.py ...      # each process a whole model
 
 Tasks: refcoco:val|testA|testB, refcoco+:val|testA|testB, refcocog:val|test, vqav2:val,
-textvqa:val, pope:adversarial|popular|random. Every answer is streamed to
+textvqa:val, pope:adversarial|popular|random, coco_caption:val. Every answer is streamed to
 OUT/predictions-<task>.jsonl (':' as '_'): a rerun skips what is there. The table is printed
 (markdown) and written to OUT/results.json, metrics in percent.
 """
@@ -23,13 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any 
 from utils.flags import ArgumentParser  # noqa: E402
 
 from evaluation.datasets import DataError, Example, read_task  # noqa: E402
-from evaluation.metrics import grounding_hit, pope_scores, vqa_accuracy  # noqa: E402
+from evaluation.metrics import cider_d, grounding_hit, pope_scores, vqa_accuracy  # noqa: E402
 from utils.task_prompts import EXPRESSION_TO_BOX, fill  # noqa: E402
+
+
+CAPTION_REQUEST = "Describe the image in one sentence."
 
 
 def kind(task: str) -> str:
     name = task.split(":")[0]
-    return {"vqav2": "vqa", "textvqa": "vqa", "pope": "pope"}.get(name, "grounding")
+    return {"vqav2": "vqa", "textvqa": "vqa", "pope": "pope", "coco_caption": "caption"}.get(name, "grounding")
 
 
 def prompt(task: str, ex: Example, version: str) -> tuple[str, str]:
@@ -40,6 +43,8 @@ def prompt(task: str, ex: Example, version: str) -> tuple[str, str]:
         return fill(EXPRESSION_TO_BOX[0], expr=ex.question), version
     if k == "vqa":
         return ex.question, version if version != "auto" else "vqa"
+    if k == "caption":
+        return CAPTION_REQUEST, version
     return ex.question, version
 
 
@@ -50,12 +55,18 @@ def example_score(task: str, ex: Example, answer: str):
         return {"hit": grounding_hit(answer, ex.box, w, h), "hit_first_box": grounding_hit(answer, ex.box, w, h, False)}
     if k == "vqa":
         return {"accuracy": vqa_accuracy(answer, ex.answers)}
+    if k == "caption":
+        return {}                                  # CIDEr is a corpus score (idf over the set)
     return {"label": ex.answers[0]}
 
 
-def task_metrics(task: str, rows: list) -> dict:
-    """rows: the prediction lines of every example of the task -> metrics in percent."""
+def task_metrics(task: str, rows: list, examples: list) -> dict:
+    """rows: the prediction lines of every example of the task (in the order of `examples`)
+    -> metrics in percent (CIDEr as the papers print it, x100)."""
     k = kind(task)
+    if k == "caption":
+        score, _ = cider_d([r["answer"] for r in rows], [ex.answers for ex in examples])
+        return {"cider": 100 * score, "n": len(rows)}
     if k == "grounding":
         return {"accuracy": 100 * sum(r["score"]["hit"] for r in rows) / len(rows),
                 "accuracy_first_box": 100 * sum(r["score"]["hit_first_box"] for r in rows) / len(rows),
@@ -183,7 +194,7 @@ def main(argv=None) -> int:
         results = {}
         for task in tasks:
             rows = done_ids(predictions_file(args.output_dir, task))
-            results[task] = task_metrics(task, [rows[ex.id] for ex in data[task]])
+            results[task] = task_metrics(task, [rows[ex.id] for ex in data[task]], data[task])
         (args.output_dir / "results.json").write_text(json.dumps(results, indent=1))
         print("\n| task | metric | value |\n|---|---|---|")
         for task, m in results.items():

@@ -134,3 +134,53 @@ def pope_scores(pairs: list) -> dict:
     return {"accuracy": (tp + tn) / n if n else 0.0, "precision": precision, "recall": recall,
             "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
             "yes_ratio": (tp + fp) / n if n else 0.0}
+
+
+# ----- captions: CIDEr-D ---------------------------------------------------------------------
+def caption_tokens(text: str) -> list:
+    """Lower case, punctuation dropped (close to the COCO evaluation's tokenizer)."""
+    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
+
+
+def _ngrams(words: list, n: int) -> dict:
+    out = {}
+    for i in range(len(words) - n + 1):
+        g = tuple(words[i:i + n])
+        out[g] = out.get(g, 0) + 1
+    return out
+
+
+def cider_d(candidates: list, references: list, sigma: float = 6.0) -> tuple[float, list]:
+    """CIDEr-D of candidate captions (one per image) against their reference captions (a list
+    per image): tf-idf n-gram vectors (n = 1..4, idf over the references of the whole set),
+    the candidate's counts clipped by the reference's, cosine, a Gaussian length penalty
+    (sigma 6), averaged over the references and the four n, times 10.
+    Returns (corpus score, per-image scores)."""
+    import math
+    N = len(references)
+    refs = [[caption_tokens(r) for r in rs] for rs in references]
+    df = {}
+    for rs in refs:
+        for g in {g for r in rs for n in range(1, 5) for g in _ngrams(r, n)}:
+            df[g] = df.get(g, 0) + 1
+
+    def vectors(words):
+        vecs, norms = [], []
+        for n in range(1, 5):
+            v = {g: c * (math.log(N) - math.log(max(1.0, df.get(g, 0.0)))) for g, c in _ngrams(words, n).items()}
+            vecs.append(v)
+            norms.append(math.sqrt(sum(x * x for x in v.values())))
+        return vecs, norms, len(words)
+
+    scores = []
+    for cand, rs in zip(candidates, refs):
+        hv, hn, hl = vectors(caption_tokens(cand))
+        total = [0.0] * 4
+        for r in rs:
+            rv, rn, rl = vectors(r)
+            for n in range(4):
+                if hn[n] and rn[n]:
+                    val = sum(min(x, rv[n].get(g, 0.0)) * rv[n].get(g, 0.0) for g, x in hv[n].items())
+                    total[n] += val / (hn[n] * rn[n]) * math.exp(-((hl - rl) ** 2) / (2 * sigma ** 2))
+        scores.append(10.0 * sum(t / len(rs) for t in total) / 4 if rs else 0.0)
+    return (sum(scores) / len(scores) if scores else 0.0), scores

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from evaluation.datasets import DataError, read_task
-from evaluation.metrics import grounding_hit, normalize_vqa, pope_scores, vqa_accuracy
+from evaluation.metrics import cider_d, grounding_hit, normalize_vqa, pope_scores, vqa_accuracy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,6 +55,21 @@ def test_pope_scores_by_hand():
     assert s == pytest.approx({"accuracy": 0.6, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "yes_ratio": 0.6})
 
 
+def test_cider_d_by_hand():
+    import math
+    # Two images, one reference each, no word shared: every n-gram has df 1, idf log 2.
+    refs = [["a man rides a horse"], ["two dogs play in snow"]]
+    # a candidate equal to its reference: cosine 1 for n = 1..4, no length penalty -> 10
+    assert cider_d(["A man rides a horse."], refs[:1] + [["some other words here"]])[1][0] == pytest.approx(10.0)
+    # "a man" against "a man rides a horse": unigrams {a: 1, man: 1} vs {a: 2, man, rides, horse}
+    # (all idf log 2): clipped dot = (1*2 + 1*1) (log 2)^2, norms sqrt(2) log 2 and sqrt(7) log 2
+    # -> cos1 = 3 / sqrt(14); bigram "a man" vs 4 bigrams of count 1: cos2 = 1 / 2; no 3- or
+    # 4-grams in the candidate; length penalty exp(-(2 - 5)^2 / 72)
+    want = 10 * (3 / math.sqrt(14) + 1 / 2) / 4 * math.exp(-9 / 72)
+    corpus, per_image = cider_d(["a man", "cats"], refs)
+    assert per_image == pytest.approx([want, 0.0]) and corpus == pytest.approx(want / 2)
+
+
 # ---------------------------------------------------------------- released layouts
 def make_refcoco(root: Path) -> Path:
     """refer layout: refcoco/instances.json (COCO boxes x y w h), refcoco/refs(unc).p, images."""
@@ -92,6 +107,11 @@ def make_vqa_pope(root: Path) -> Path:
     lines = [{"question_id": 1, "image": "COCO_val2014_000000000001.jpg", "text": "Is there a cat in the image?", "label": "yes"},
              {"question_id": 2, "image": "COCO_val2014_000000000002.jpg", "text": "Is there a dog in the image?", "label": "no"}]
     (root / "coco_pope_random.json").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    caps = {"images": [{"id": i, "file_name": f"COCO_val2014_{i:012d}.jpg"} for i in (1, 2)],
+            "annotations": [{"id": 7, "image_id": 1, "caption": "A man rides a horse."},
+                            {"id": 8, "image_id": 2, "caption": "Two dogs play in snow."}]}
+    (root / "annotations").mkdir()
+    (root / "annotations" / "captions_val2014.json").write_text(json.dumps(caps))
     return root
 
 
@@ -140,19 +160,24 @@ def test_run_task_with_a_scripted_model(tmp_path):
                 "How many cats?": "two", "What colour?": "Red",
                 "Is there a cat in the image?": "Yes.", "Is there a dog in the image?": "Yes, a dog."}
 
+    captions = {"COCO_val2014_000000000001.jpg": "a man rides a horse", "COCO_val2014_000000000002.jpg": "cats"}
+
     def answer(reqs):
-        return [next(v for k, v in scripted.items() if k in q) for q, _, _ in reqs]
+        return [captions[img.name] if q.startswith("Describe the image")
+                else next(v for k, v in scripted.items() if k in q) for q, _, img in reqs]
     out = tmp_path / "out"
     out.mkdir()
     expect = {"refcoco:val": {"accuracy": 200 / 3, "accuracy_first_box": 200 / 3, "n": 3},
               "vqav2:val": {"accuracy": 100 * (0.9 + 1.0) / 2, "n": 2},
               "pope:random": {"accuracy": 50.0, "precision": 50.0, "recall": 100.0, "f1": 100 * 2 / 3,
-                              "yes_ratio": 100.0, "n": 2}}
+                              "yes_ratio": 100.0, "n": 2},
+              # CIDEr-D: image 1 equals its only reference (10), image 2 shares nothing (0), x100
+              "coco_caption:val": {"cider": 100 * (10 + 0) / 2, "n": 2}}
     for task, want in expect.items():
         examples = read_task(root, task)
         assert run_task(answer, task, examples, out, "auto", 2, show=False) == len(examples)
         rows = done_ids(predictions_file(out, task))
-        assert task_metrics(task, [rows[e.id] for e in examples]) == pytest.approx(want)
+        assert task_metrics(task, [rows[e.id] for e in examples], examples) == pytest.approx(want)
         assert run_task(answer, task, examples, out, "auto", 2, show=False) == 0     # resumed: nothing left
     row = done_ids(predictions_file(out, "refcoco:val"))["100"]
     assert row["prompt"].startswith("Can you point out the right half") and row["boxes"] == [[250, 500, 750, 1000]]
