@@ -71,7 +71,8 @@ def read_refs(path: Path) -> list:
         raise DataError(f"{path}: not a refs pickle of plain data ({e})") from None
 
 
-REFER = {"refcoco": "refs(unc).p", "refcoco+": "refs(unc).p", "refcocog": "refs(umd).p"}
+# synthetic: our held-out set exported in this layout (evaluation/synthetic.py)
+REFER = {"refcoco": "refs(unc).p", "refcoco+": "refs(unc).p", "refcocog": "refs(umd).p", "synthetic": "refs(unc).p"}
 
 
 def read_refer(root: Path, name: str, split: str) -> list[Example]:

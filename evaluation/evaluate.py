@@ -5,7 +5,7 @@ data parallel over many (torchrun), resumable.
       --task refcoco:val,refcoco:testA --data DATA --output_dir OUT [--batch_size 8] [--limit N]
   torchrun --nproc-per-node 4 evaluation/evaluate.py ...      # each process a whole model
 
-Tasks: refcoco:val|testA|testB, refcoco+:val|testA|testB, refcocog:val|test, vqav2:val,
+Tasks: refcoco:val|testA|testB, refcoco+:val|testA|testB, refcocog:val|test, synthetic:val, vqav2:val,
 textvqa:val, pope:adversarial|popular|random, coco_caption:val. Every answer is streamed to
 OUT/predictions-<task>.jsonl (':' as '_'): a rerun skips what is there. The table is printed
 (markdown) and written to OUT/results.json, metrics in percent.
@@ -35,12 +35,12 @@ def kind(task: str) -> str:
     return {"vqav2": "vqa", "textvqa": "vqa", "pope": "pope", "coco_caption": "caption"}.get(name, "grounding")
 
 
-def prompt(task: str, ex: Example, version: str) -> tuple[str, str]:
+def prompt(task: str, ex: Example, version: str, grounding_prompt: str = EXPRESSION_TO_BOX[0]) -> tuple[str, str]:
     """(query, template) per task: referring expressions in the grounding request; VQA in the
     `Short answer` template; POPE's question in the model's own template."""
     k = kind(task)
     if k == "grounding":
-        return fill(EXPRESSION_TO_BOX[0], expr=ex.question), version
+        return fill(grounding_prompt, expr=ex.question), version
     if k == "vqa":
         return ex.question, version if version != "auto" else "vqa"
     if k == "caption":
@@ -104,7 +104,7 @@ def append_line(path: Path, row: dict) -> None:
 
 
 def run_task(answer_fn, task: str, examples: list, out: Path, version: str, batch_size: int,
-             rank: int = 0, world: int = 1, show: bool = True) -> int:
+             rank: int = 0, world: int = 1, show: bool = True, grounding_prompt: str = EXPRESSION_TO_BOX[0]) -> int:
     """Answer this process's share (every world-th example) of what is not done yet, streaming
     each line to the task's predictions file. answer_fn(requests) -> answers, with requests
     (query, version, image path). Returns how many were answered."""
@@ -116,7 +116,7 @@ def run_task(answer_fn, task: str, examples: list, out: Path, version: str, batc
     bar = tqdm(total=len(todo), desc=task, unit="ex", disable=not show)
     for i in range(0, len(todo), batch_size):
         chunk = todo[i:i + batch_size]
-        reqs = [(*prompt(task, ex, version), ex.image) for ex in chunk]
+        reqs = [(*prompt(task, ex, version, grounding_prompt), ex.image) for ex in chunk]
         for ex, (query, _, _), answer in zip(chunk, reqs, answer_fn(reqs)):
             boxes = [list(b) for g in parse_groundings(answer) for b in g.boxes]
             append_line(path, {"id": ex.id, "prompt": query, "answer": answer, "boxes": boxes,
@@ -156,6 +156,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="first N examples of each task")
     p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--grounding_prompt", default=EXPRESSION_TO_BOX[0],
+                   help="the request for a referring expression, {expr} filled in (default: %(default)s)")
     args = p.parse_args(argv)
     setup_logging()
     tasks = [t.strip() for t in args.task.split(",") if t.strip()]
@@ -187,7 +189,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     for task in tasks:
         run_task(answer, task, data[task], args.output_dir, args.version or "auto", args.batch_size,
-                 rank, world, show=rank == 0)
+                 rank, world, show=rank == 0, grounding_prompt=args.grounding_prompt)
     if world > 1:
         dist.barrier()
     if rank == 0:

@@ -204,3 +204,28 @@ def test_runner_cli_one_and_two_processes_agree(cogvlm_ckpt, tmp_path):
                           "textvqa:val", "--data", str(root), "--output_dir", str(tmp_path / "x")],
                          capture_output=True, text=True, timeout=120, cwd="/", env=env)
     assert bad.returncode == 1 and "TextVQA: none of TextVQA_0.5.1_val.json" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bundled_model_scored_by_the_runner_agrees_with_its_eval_json(tmp_path):
+    """The held-out synthetic set (seed 1, 300 images) exported in the refer and VQAv2 layouts
+    and scored by evaluation/evaluate.py gives tiny-cogvlm's own figures (eval.json, written by
+    utils/eval_synthetic.py): box accuracy as is, VQA accuracy as the weighted mean of the
+    one-word question kinds."""
+    from evaluation.synthetic import export
+    from utils.synthetic_data import generate
+    generate(tmp_path / "heldout", 300, 1, gui=False, text_min_len=4)
+    counts = export(tmp_path / "heldout", tmp_path / "layouts")
+    m = json.loads((ROOT / "assets" / "checkpoints" / "tiny-cogvlm" / "eval.json").read_text())["metrics"]
+    kinds = ("colour", "shape", "count", "presence", "text")
+    assert counts == {"expressions": m["box_iou50"]["n"], "questions": sum(m[k]["n"] for k in kinds)}
+    env = {**os.environ, "LOGLEVEL": "WARNING", "HF_HUB_OFFLINE": "1", "COGVLM_DTYPE": "float32"}
+    p = subprocess.run([sys.executable, str(ROOT / "evaluation" / "evaluate.py"), "--from_pretrained", "tiny-cogvlm",
+                        "--task", "synthetic:val,vqav2:val", "--data", str(tmp_path / "layouts"), "--output_dir",
+                        str(tmp_path / "out"), "--version", "chat_old", "--grounding_prompt", "Where is the {expr}?",
+                        "--max_new_tokens", "96", "--batch_size", "16"],
+                       capture_output=True, text=True, timeout=600, cwd="/", env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert r["synthetic:val"]["accuracy"] == pytest.approx(100 * m["box_iou50"]["accuracy"])
+    weighted = sum(m[k]["accuracy"] * m[k]["n"] for k in kinds) / sum(m[k]["n"] for k in kinds)
+    assert r["vqav2:val"]["accuracy"] == pytest.approx(100 * weighted)
