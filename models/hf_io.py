@@ -74,15 +74,16 @@ def hf_weight_index(path: Path) -> dict[str, tuple[Path, tuple]]:
         missing = sorted({str(f.name) for f in files.values() if not f.is_file()})
         if missing:
             raise CheckpointError(f"{path}: shard file(s) listed in {idx.name} are missing: {', '.join(missing)}")
-    elif (path / "model.safetensors").is_file():
-        files = dict.fromkeys(_safetensors_shapes(path / "model.safetensors"), path / "model.safetensors")
-    elif (path / "pytorch_model.bin").is_file():
-        files = dict.fromkeys(_bin_shapes(path / "pytorch_model.bin"), path / "pytorch_model.bin")
     else:
-        raise CheckpointError(f"{path}: no model.safetensors, shard index or pytorch_model.bin")
+        single = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)
+        if single is None:
+            raise CheckpointError(f"{path}: no model.safetensors, shard index or pytorch_model.bin")
+        files = None                                   # every key of the one file
     shapes = {}
-    for f in sorted(set(files.values())):
+    for f in sorted(set(files.values())) if files is not None else [single]:
         shapes.update(_safetensors_shapes(f) if f.suffix == ".safetensors" else _bin_shapes(f))
+    if files is None:
+        files = dict.fromkeys(shapes, single)
     absent = [k for k in files if k not in shapes]
     if absent:
         raise CheckpointError(f"{path}: tensor(s) listed in the shard index are not in their file: "

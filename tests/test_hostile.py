@@ -340,26 +340,36 @@ def test_queued_big_images_hold_only_model_sized_tensors(cogvlm_ckpt, tmp_path):
         proc.wait(timeout=20)
 
 
-def test_remote_fetch_has_one_deadline_and_refuses_shared_addresses(monkeypatch):
+def slow_image_server(delay: float, hosts: list = None):
+    """A local HTTP server that answers 200 with 100 bytes, one every `delay` seconds; the Host
+    header of each request goes to `hosts`."""
     import socketserver
     import time
-    sys.path.insert(0, str(ROOT / "openai_demo"))
-    import openai_api
 
     class Slow(socketserver.BaseRequestHandler):
         def handle(self):
-            self.request.recv(1000)
+            head = self.request.recv(1000)
+            if hosts is not None:
+                hosts.append(head.split(b"Host: ")[1].split(b"\r\n")[0].decode())
             self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
-            for _ in range(100):                                           # 1 byte every 0.1 s
+            for _ in range(100):
                 try:
                     self.request.sendall(b"x")
                 except OSError:
                     return
-                time.sleep(0.1)
+                time.sleep(delay)
 
     srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Slow)
     srv.daemon_threads = True
     threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def test_remote_fetch_has_one_deadline_and_refuses_shared_addresses(monkeypatch):
+    import time
+    sys.path.insert(0, str(ROOT / "openai_demo"))
+    import openai_api
+    srv = slow_image_server(0.1)                                         # 1 byte every 0.1 s
     monkeypatch.setattr(openai_api, "_checked_address", lambda host: "127.0.0.1")   # the test host only
     t = time.monotonic()
     with pytest.raises(openai_api.ApiError, match="longer than 1 s"):
@@ -576,7 +586,6 @@ def test_broken_weight_files_are_one_line(cogvlm_ckpt, tmp_path):
 def test_slow_remote_fetches_do_not_starve_data_requests(cogvlm_ckpt, tokenizer, monkeypatch):
     """8 fetches from a server that sends 1 byte every 0.2 s must not hold up a data: request
     (they used to take every worker thread: an innocent request waited 28.5 s)."""
-    import socketserver
     import time
     import httpx
     import uvicorn
@@ -587,21 +596,7 @@ def test_slow_remote_fetches_do_not_starve_data_requests(cogvlm_ckpt, tokenizer,
     from utils.engine import BatchEngine
 
     hosts = []
-
-    class Slow(socketserver.BaseRequestHandler):
-        def handle(self):
-            hosts.append(self.request.recv(1000).split(b"Host: ")[1].split(b"\r\n")[0].decode())
-            self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
-            for _ in range(100):
-                try:
-                    self.request.sendall(b"x")
-                except OSError:
-                    return
-                time.sleep(0.2)
-
-    slow = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Slow)
-    slow.daemon_threads = True
-    threading.Thread(target=slow.serve_forever, daemon=True).start()
+    slow = slow_image_server(0.2, hosts)
     monkeypatch.setattr(openai_api, "_checked_address", lambda host: "127.0.0.1")
     model, _ = load_model(str(cogvlm_ckpt))
     engine = BatchEngine(model, tokenizer, max_batch=4)

@@ -15,18 +15,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
 from utils.flags import ArgumentParser  # noqa: E402
 
+from evaluation.metrics import iou  # noqa: E402
 from utils.grounding import parse_agent_output, parse_groundings  # noqa: E402
 
 GOALS = {"colour": 0.9, "shape": 0.9, "count": 0.9, "presence": 0.9, "box_iou50": 0.7, "text": 0.8,
          "agent_op_target": 0.8, "agent_box_iou50": 0.6}
-
-
-def iou(a, b) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def first_box(text: str):
