@@ -25,7 +25,26 @@ def gemv_bandwidth(n: int = 8192, repeat: int = 15) -> float:
     return n * n * 4 / t
 
 
-def gemm_flops(n: int = 2048, repeat: int = 7) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def best_gemv(n: int = 8192, repeat: int = 15) -> dict:
+    """Bytes/s of an n x n matrix-vector product by kernel: fp32 torch.mv, bf16 F.linear, and
+    (where oneDNN runs bf16) bf16 oneDNN-packed; "best" is the highest, the reference that
+    decode speed is compared with."""
+    import torch.nn.functional as F
+    from models.layout import can_pack
+    w, x = torch.randn(n, n), torch.randn(n)
+    res = {"fp32": n * n * 4 / median_time(lambda: torch.mv(w, x), repeat, warmup=3)}
+    wb, xb = w.bfloat16(), x.bfloat16()[None]
+    del w
+    res["bf16"] = n * n * 2 / median_time(lambda: F.linear(xb, wb), repeat, warmup=3)
+    if can_pack(torch.bfloat16):
+        packed = torch.ops.mkldnn._reorder_linear_weight(wb, 1)
+        res["bf16_packed"] = n * n * 2 / median_time(
+            lambda: torch.ops.mkldnn._linear_pointwise(xb, packed, None, "none", [], ""), repeat, warmup=3)
+    res["best"] = max(res.values())
+    return res
+
+
+def gemm_flops(n: int = 2048, repeat: int = 7, dtype=torch.float32) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     t = median_time(lambda: a @ b, repeat, warmup=2)
     return 2 * n ** 3 / t

@@ -1,8 +1,11 @@
 """Prefill and decode speed of the model core against this machine's own roofline.
 
 Mid-size random-weight CogVLM (language hidden 2048, 16 layers, 16 heads, MLP 5632, vocab
-32000; vision hidden 512, 4 layers, 8 heads, 224 px), fp32. Every figure is a median of
-several runs; ratios are taken against a GEMV / GEMM measured in the same process.
+32000; vision hidden 512, 4 layers, 8 heads, 224 px), in --dtype, optionally --quant 8|4
+(PyTorch's weight-only CPU kernels). Every figure is a median of several runs; ratios are
+taken against GEMV / GEMM figures measured in the same process: decode bandwidth against the
+best GEMV this process measures (fp32 and bf16, plain and oneDNN-packed), prefill against the
+GEMM of the compute dtype.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import gemm_flops, gemv_bandwidth, median_time  # noqa: E402
+from bench.common import best_gemv, gemm_flops, median_time  # noqa: E402
 from models import Cache, CogVLM, CrossConfig, EVAConfig, ModelConfig  # noqa: E402
 from models.generate import ModelInputs, decode_one_token, prefill  # noqa: E402
 from models.layout import pack_for_cpu_inference, use_fast_cpu_layout  # noqa: E402
@@ -62,14 +65,21 @@ def prefill_flops(model: CogVLM, cfg: ModelConfig, T: int, n_vision: int) -> flo
     return f
 
 
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def decode_bytes(model: CogVLM, cfg: ModelConfig, ctx: int) -> float:
-    """Bytes a decode step must read: language weights, LM head, norms, one embedding row,
-    and the K/V cache of `ctx` tokens (fp32)."""
-    lang = sum(p.numel() for n, p in model.model.layers.named_parameters()
-               if "language" in n or "layernorm" in n and "cross" not in n)
-    n = lang + model.lm_head.weight.numel() + cfg.hidden_size * 2
-    kv = cfg.num_layers * 2 * ctx * cfg.hidden_size
-    return 4 * (n + kv)
+    """Bytes a decode step must read, as stored (quantized weights and their scales included):
+    language weights, LM head, norms, one embedding row, and the K/V cache of `ctx` tokens.
+    Call before packing (oneDNN's packed tensors do not report their size)."""
+    layers = model.model.layers
+    lang = _bytes(t for n, t in list(layers.named_parameters()) + list(layers.named_buffers())
+                  if "language" in n or "layernorm" in n and "cross" not in n)
+    head = _bytes(list(model.lm_head.parameters()) + list(model.lm_head.buffers()))
+    e = model.model.embed_tokens.weight.element_size()
+    kv = cfg.num_layers * 2 * ctx * cfg.hidden_size * e
+    return lang + head + cfg.hidden_size * 2 * e + kv
 
 
 def decode_step_time(model: CogVLM, ctx: int, steps: int, cross_kv=None, batch: int = 1) -> float:
@@ -93,13 +103,14 @@ def with_cross_branch(model: CogVLM, cfg: ModelConfig) -> CogVLM:
     with torch.device("meta"):
         agent = CogVLM(cfg)
     agent.load_state_dict(model.state_dict(), strict=False, assign=True)
+    dtype = model.lm_head.weight.dtype
     for name, t in list(agent.named_parameters()):
         if t.is_meta:
             mod_name, _, attr = name.rpartition(".")
-            new = torch.randn(t.shape) * 0.02 if t.dim() > 1 else torch.ones(t.shape)
+            new = (torch.randn(t.shape) * 0.02 if t.dim() > 1 else torch.ones(t.shape)).to(dtype)
             setattr(agent.get_submodule(mod_name), attr, torch.nn.Parameter(new))
     regenerate_derived(agent)
-    return use_fast_cpu_layout(agent).eval()
+    return agent.eval()
 
 
 def main(argv=None) -> int:
@@ -109,17 +120,29 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--packed", action="store_true",
-                   help="oneDNN-packed linear weights, as the demos and the server use on CPU")
+                   help="oneDNN-packed fp32/bf16 linear weights, as the demos and the server use on CPU")
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--quant", type=int, choices=[4, 8], default=None,
+                   help="weight-only int8/int4 (PyTorch's CPU kernels), image encoder int8")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
+    from models.loading import cpu_flags, resolve_dtype
+    from models.quantize import quantize
+    dtype = resolve_dtype(a.dtype, "cpu")
+    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"})
+    print(f"CPU flags: {' '.join(flags)}; dtype {dtype}, quant {a.quant}, packed {a.packed}")
 
-    bw, flops = gemv_bandwidth(), gemm_flops()
+    gemv = best_gemv()
+    bw, flops = gemv["best"], gemm_flops(dtype=dtype)
     with torch.device("cpu"):
         model = CogVLM(MID)
     init_weights(model)
-    use_fast_cpu_layout(model).eval()
-    res = {"packed": a.packed}
+    model = model.to(dtype).eval()
+    if dtype == torch.float32:
+        use_fast_cpu_layout(model)
+    res = {"packed": a.packed, "dtype": str(dtype).split(".")[-1], "quant": a.quant, "cpu_flags": flags,
+           "gemv_GBps_by_kernel": {k: v / 1e9 for k, v in gemv.items()}}
     with torch.device("meta"):                         # parameter counts, whatever the layout
         counted = CogVLM(MID)
 
@@ -129,7 +152,7 @@ def main(argv=None) -> int:
     img = torch.randn(1, 3, 224, 224)
 
     def run_prefill():                                 # image encoder + prompt, as in real use
-        cache = Cache.allocate(MID, 1, T + 1, torch.float32, "cpu")
+        cache = Cache.allocate(MID, 1, T + 1, dtype, "cpu")
         with torch.inference_mode():
             short.image_embeds = model.encode_images(img)
             prefill(model, short, cache)
@@ -138,6 +161,14 @@ def main(argv=None) -> int:
     agent_cfg = ModelConfig(**{**MID.__dict__, "model_class": "CogAgentModel", "cross": MID_CROSS,
                                "adapter_has_pos_embed": True})
     agent = with_cross_branch(model, agent_cfg)
+    if dtype == torch.float32:
+        use_fast_cpu_layout(agent)
+    if a.quant:                                        # each quantizes its own copy
+        quantize(agent, a.quant, vision_bits=8, backend="torch")
+        quantize(model, a.quant, vision_bits=8, backend="torch")
+    step_bytes = {c: decode_bytes(model, MID, c) for c in (T, T + 1016)}
+    agent_extra = _bytes(t for n, t in list(agent.model.layers.named_parameters()) +
+                         list(agent.model.layers.named_buffers()) if "cross" in n)
     if a.packed:                                       # after sharing: the agent packs its own
         pack_for_cpu_inference(agent)
         pack_for_cpu_inference(model)
@@ -148,8 +179,8 @@ def main(argv=None) -> int:
     bws, gemms, prefills = [bw], [flops], []
     run_prefill()                                      # warm-up
     for _ in range(a.repeat):                          # interleaved, so drift hits all alike
-        bws.append(gemv_bandwidth(repeat=7))
-        gemms.append(gemm_flops(repeat=3))
+        bws.append(best_gemv(repeat=7)["best"])
+        gemms.append(gemm_flops(repeat=3, dtype=dtype))
         prefills.append(median_time(run_prefill, 1, 0))
         runs["short"].append(decode_step_time(model, ctx_short, a.steps))
         runs["long"].append(decode_step_time(model, ctx_long, a.steps))
@@ -158,30 +189,28 @@ def main(argv=None) -> int:
     med = {k: statistics.median(v) for k, v in runs.items()}
     bw, flops, t_prefill = statistics.median(bws), statistics.median(gemms), statistics.median(prefills)
     res.update(gemv_GBps=bw / 1e9, gemm_GFLOPs=flops / 1e9)
-    print(f"medians of {len(bws)} measurements taken between the runs: GEMV {bw / 1e9:.1f} GB/s, "
-          f"GEMM {flops / 1e9:.0f} GFLOP/s")
+    print(f"medians of {len(bws)} measurements taken between the runs: best GEMV {bw / 1e9:.1f} GB/s "
+          f"({', '.join(f'{k} {v / 1e9:.1f}' for k, v in gemv.items())} at start), "
+          f"GEMM ({dtype}) {flops / 1e9:.0f} GFLOP/s")
     f = prefill_flops(counted, MID, T, n_vis)
     res.update(prefill_tokens=T, prefill_s=t_prefill, prefill_gemm_fraction=f / t_prefill / flops)
     print(f"prefill: {T} tokens ({n_vis} vision) + image encoder: {t_prefill:.3f} s, "
           f"{f / t_prefill / 1e9:.0f} GFLOP/s = {res['prefill_gemm_fraction']:.0%} of GEMM")
     for label, ctx in (("short", ctx_short), ("long", ctx_long)):
         step = med[label]
-        frac = decode_bytes(counted, MID, ctx) / step / bw
+        frac = step_bytes[ctx] / step / bw
         res[f"decode_{label}_ctx"] = ctx
         res[f"decode_{label}_tok_s"] = 1 / step
         res[f"decode_{label}_bw_fraction"] = frac
         print(f"decode at {ctx} tokens of context: {1 / step:.2f} tok/s, {step * 1e3:.1f} ms/step, "
-              f"{frac:.0%} of GEMV bandwidth")
+              f"{step_bytes[ctx] / 1e9:.2f} GB/token = {frac:.0%} of the best GEMV bandwidth")
     res["long_over_short"] = med["long"] / med["short"]
-    ideal = decode_bytes(counted, MID, ctx_long) / decode_bytes(counted, MID, ctx_short)
+    ideal = step_bytes[ctx_long] / step_bytes[ctx_short]
     print(f"slowdown {ctx_short} -> {ctx_long} context: {res['long_over_short']:.3f}x "
           f"(bytes read grow {ideal:.3f}x)")
-    with torch.device("meta"):
-        counted_agent = CogVLM(agent_cfg)
-    extra = sum(p.numel() for n, p in counted_agent.model.layers.named_parameters() if "cross" in n)
-    extra += sum(t.numel() for kv in ckv for t in kv)
+    extra = agent_extra + _bytes(t for kv in ckv for t in kv)
     res["cogagent_step_ratio"] = med["agent"] / med["vlm"]
-    res["cogagent_bytes_ratio"] = 1 + 4 * extra / decode_bytes(counted, MID, ctx_short)
+    res["cogagent_bytes_ratio"] = 1 + extra / step_bytes[ctx_short]
     print(f"CogAgent decode step / CogVLM decode step: {res['cogagent_step_ratio']:.3f}x "
           f"(bytes read grow {res['cogagent_bytes_ratio']:.3f}x: {MID_CROSS.num_patches} high-res "
           f"tokens, cross width {MID_CROSS.attn_hidden_size})")

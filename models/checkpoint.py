@@ -176,12 +176,48 @@ def read_sat_state_dict(ckpt_dir: Path, trust: bool = False, rank: int = 0, worl
     return read_shard(files[rank if len(files) > 1 else 0], trust)
 
 
+class LazyStateDict(dict):
+    """A state dict whose tensors are read from their files when asked for (each access reads
+    again), with every shape known up front from the files' headers."""
+    def __init__(self):
+        super().__init__()
+        self.shapes = {}
+
+    def add(self, key: str, shape, read) -> None:
+        dict.__setitem__(self, key, read)
+        self.shapes[key] = tuple(shape)
+
+    def __getitem__(self, key):
+        v = dict.__getitem__(self, key)
+        return v if isinstance(v, torch.Tensor) else v()
+
+    def __setitem__(self, key, t: torch.Tensor) -> None:
+        dict.__setitem__(self, key, t)
+        self.shapes[key] = tuple(t.shape)
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def items(self):
+        return ((k, self[k]) for k in self)
+
+    def values(self):
+        return (self[k] for k in self)
+
+
+def _shape(sd: dict, key: str) -> tuple:
+    return sd.shapes[key] if isinstance(sd, LazyStateDict) else tuple(sd[key].shape)
+
+
 def load_state_into(model: nn.Module, sat_sd: dict, source: str, dtype: Optional[torch.dtype] = None,
-                    device="cpu", rank: int = 0, world: int = 1) -> None:
+                    device="cpu", rank: int = 0, world: int = 1, quant_plan: Optional[dict] = None,
+                    quant_backend: str = "torch") -> None:
     """Load a SAT-named state dict into a model built on any device (meta included), one
     tensor at a time (assign, no second copy). Every key must match by name and shape.
     Under tensor parallelism (world > 1, the model already cut by tp.py) a full-size tensor
-    is cut to this rank's piece as it is read."""
+    is cut to this rank's piece as it is read. quant_plan (module name -> bits, quantize.py):
+    those linear layers are replaced by their quantized form as soon as their tensors are read,
+    and the full-precision copy is dropped."""
     own = model.state_dict(keep_vars=True)
     names = sat_key_map(model, own.keys())
     extra = [k for k in sat_sd if k not in names]
@@ -196,26 +232,57 @@ def load_state_into(model: nn.Module, sat_sd: dict, source: str, dtype: Optional
         from .tp import shard_spec, shard_tensor
         for skey, okey in names.items():
             spec = shard_spec(okey)
-            if spec and skey in sat_sd and sat_sd[skey].shape != own[okey].shape \
-                    and sat_sd[skey].shape[spec[0]] == own[okey].shape[spec[0]] * world:
+            if spec and skey in sat_sd and _shape(sat_sd, skey) != tuple(own[okey].shape) \
+                    and _shape(sat_sd, skey)[spec[0]] == own[okey].shape[spec[0]] * world:
                 sat_sd[skey] = shard_tensor(sat_sd[skey], *spec, rank, world, skey)
     for skey, okey in names.items():
-        if skey in sat_sd and tuple(sat_sd[skey].shape) != tuple(own[okey].shape):
-            raise CheckpointError(f"{source}: key {skey} has shape {tuple(sat_sd[skey].shape)} "
+        if skey in sat_sd and _shape(sat_sd, skey) != tuple(own[okey].shape):
+            raise CheckpointError(f"{source}: key {skey} has shape {_shape(sat_sd, skey)} "
                                   f"in the checkpoint but {tuple(own[okey].shape)} in the model "
                                   f"built from model_config.json")
-    new_sd = {}
-    for skey, okey in tqdm(names.items(), desc="loading weights", unit="tensor",
-                           disable=len(names) < 200 or rank != 0, leave=False):
-        if is_derived(okey):
-            continue
-        t = sat_sd[skey]
-        if not t.is_floating_point():
-            raise CheckpointError(f"{source}: key {skey} has dtype {t.dtype}, expected floating point")
-        new_sd[okey] = t.to(device=device, dtype=dtype or t.dtype)
-        check_finite(new_sd[okey], skey, source)
+    def tensors():
+        for skey, okey in names.items():
+            if is_derived(okey):
+                continue
+            t = sat_sd[skey]
+            if not t.is_floating_point():
+                raise CheckpointError(f"{source}: key {skey} has dtype {t.dtype}, expected floating point")
+            t = t.to(device=device, dtype=dtype or t.dtype)
+            check_finite(t, skey, source)
+            yield okey, t
+    materialize(model, tensors(), len(names), device, quant_plan, quant_backend, show=rank == 0)
+
+
+def materialize(model: nn.Module, tensors, total: int, device="cpu", quant_plan: Optional[dict] = None,
+                quant_backend: str = "torch", show: bool = True) -> None:
+    """Fill a model built on the meta device from (our key, tensor) pairs, one at a time: the
+    linear layers named in quant_plan (module name -> bits) are replaced by their quantized
+    form as soon as their tensors have arrived, so only one full-precision layer exists at a
+    time; everything else is assigned as is. Used by checkpoint loading and by the full-size
+    benchmark's random-weight source alike."""
+    new_sd, pending = {}, {}
+    quant_plan = quant_plan or {}
+    for okey, t in tqdm(tensors, total=total, desc="loading weights", unit="tensor",
+                        disable=total < 200 or not show, leave=False):
+        mod_name, _, attr = okey.rpartition(".")
+        if mod_name in quant_plan:
+            stream_quantize(model, mod_name, attr, t, pending, quant_plan[mod_name], quant_backend)
+        else:
+            new_sd[okey] = t
     model.load_state_dict(new_sd, strict=False, assign=True)
     regenerate_derived(model, device)
+
+
+def stream_quantize(model: nn.Module, name: str, attr: str, t: torch.Tensor, pending: dict,
+                    bits: int, backend: str) -> None:
+    """Collect linear layer `name`'s tensors as they are read; once it has all (weight, and
+    bias if it has one) replace it by its quantized form."""
+    from .quantize import quantized_module, replace_module
+    got = pending.setdefault(name, {})
+    got[attr] = t
+    if "weight" in got and ("bias" in got or model.get_submodule(name).bias is None):
+        del pending[name]
+        replace_module(model, name, quantized_module(got["weight"], got.get("bias"), bits, backend))
 
 
 def check_finite(t: torch.Tensor, key: str, source: str) -> None:

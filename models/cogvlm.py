@@ -61,7 +61,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     One query (every decode step): two batched matrix-vector products read the cache views in
     place, which measured faster on CPU than the fused kernel at long context (bench/decode.py)."""
     if q.shape[2] == 1:
-        s = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)        # B,H,1,S
+        # K (S,D per head, rows contiguous) times q: the GEMV reads K in its own layout, 2.5x
+        # faster in bf16 than q @ K^T (bench/RESULTS.md).
+        s = torch.matmul(k, q.transpose(-1, -2)).transpose(-1, -2).mul_(q.shape[-1] ** -0.5)  # B,H,1,S
         if mask is not None:
             s = s.masked_fill(~mask, float("-inf"))
         return torch.matmul(s.softmax(-1), v)                                     # B,H,1,D

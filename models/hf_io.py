@@ -209,12 +209,13 @@ def read_hf_as_sat(path) -> tuple[ModelConfig, dict]:
                          torch.load(f, map_location="cpu", weights_only=True, mmap=True))
         return opened[f]
 
-    sd = {}
-    for key, (f, _) in tqdm(index.items(), desc="reading HF weights", unit="tensor", leave=False,
-                            disable=len(index) < 200):
+    from .checkpoint import LazyStateDict
+    sd = LazyStateDict()
+    for key, (f, shape) in index.items():
         if not is_derived(key):
-            h = open_file(f)
-            sd[sat_key(key)] = h.get_tensor(key) if f.suffix == ".safetensors" else h[key]
+            # Read when asked for (load_model quantizes each tensor as it arrives), not now.
+            sd.add(sat_key(key), shape, lambda f=f, key=key: (open_file(f).get_tensor(key) if f.suffix == ".safetensors"
+                                                              else open_file(f)[key]))
     return config.to_model_config(), sd
 
 

@@ -1,6 +1,8 @@
 """`load_model`: the one loader every demo, test and script uses."""
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 from pathlib import Path
@@ -92,6 +94,27 @@ def default_dtype(device: Union[str, torch.device], fp16: bool = False, bf16: bo
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+@contextlib.contextmanager
+def memory_returned_to_os():
+    """While loading: glibc serves allocations above 1 MB with mmap, so the full-precision
+    temporaries of each quantized layer go back to the OS when freed. Glibc's default (a
+    threshold that grows with use) kept up to 210 MB of them in its heap and doubled the
+    measured peak in half the runs of tests/test_quantize.py. After loading the threshold is
+    set to 32 MB (glibc's own ceiling, so prefill activations reuse heap memory) and the heap
+    is trimmed. No-op where glibc is absent."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        yield
+        return
+    libc.mallopt(-3, 1 << 20)                           # M_MMAP_THRESHOLD
+    try:
+        yield
+    finally:
+        libc.mallopt(-3, 32 << 20)
+        libc.malloc_trim(0)
+
+
 def build_model(cfg: ModelConfig, device="cpu", dtype: torch.dtype = torch.float32) -> CogVLM:
     """A randomly initialised model (tests, benchmarks, training from scratch)."""
     with torch.device(device):
@@ -114,13 +137,16 @@ def init_weights(model: CogVLM, std: float = 0.02) -> None:
 
 def load_model(from_pretrained: str, device: Union[str, torch.device] = "cpu",
                dtype: Optional[torch.dtype] = None, trust_checkpoint: bool = False,
-               cpu_layout: bool = True, rank: int = 0, world: int = 1):
+               cpu_layout: bool = True, rank: int = 0, world: int = 1, quant: Optional[int] = None,
+               quant_vision: Optional[int] = None, quant_backend: Optional[str] = None):
     """Build the model from `model_config.json` (or an HF `config.json`) on the meta device, then load the weights
     tensor by tensor from a memory-mapped file: one copy of the weights in memory.
     cpu_layout=False skips the column-major re-layout (callers that pack or quantize the
     weights next would only copy them twice). world > 1: tensor parallel, this process holds
     rank `rank`'s piece (read from its own MP shard file, or cut from a single-rank file).
-    Returns (model, config)."""
+    quant=4|8: each linear layer is quantized as soon as its weights are read (quantize.py),
+    so memory peaks near the quantized size, never the full-precision one; quant_vision: the
+    image encoders' bits (default 8; 16 = unquantized). Returns (model, config)."""
     ckpt = resolve_pretrained(from_pretrained)
     if (ckpt / "model_config.json").is_file():
         sd = read_sat_state_dict(ckpt, trust=trust_checkpoint, rank=rank, world=world)   # memory-mapped
@@ -142,5 +168,14 @@ def load_model(from_pretrained: str, device: Union[str, torch.device] = "cpu",
     if "lora" in cfg.extra:                            # a LoRA finetuning checkpoint
         from .lora import LoRAConfig, apply_lora
         apply_lora(model, LoRAConfig.from_json(cfg.extra["lora"]))
-    load_state_into(model, sd, str(ckpt), dtype=dtype, device=device, rank=rank, world=world)
+    plan, backend = None, None
+    if quant:
+        from .quantize import default_backend, quant_plan
+        backend = quant_backend or default_backend(device)
+        plan = quant_plan(model, quant, 8 if quant_vision is None else quant_vision, backend)
+    with memory_returned_to_os() if quant else contextlib.nullcontext():
+        load_state_into(model, sd, str(ckpt), dtype=dtype, device=device, rank=rank, world=world,
+                        quant_plan=plan, quant_backend=backend)
+    if quant:
+        model.quantized_bits = quant
     return (use_fast_cpu_layout(model) if cpu_layout else model).eval(), cfg

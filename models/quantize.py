@@ -1,32 +1,216 @@
-"""4- and 8-bit weight quantization with bitsandbytes, applied after the model is loaded, by
-module name. Works on CPU and CUDA and from any load dtype (the original needed fp16 + CUDA).
+"""Weight-only int8 / int4 quantization, applied by module name after the model is built, or
+tensor by tensor while a checkpoint streams in (checkpoint.load_state_into), with the same
+function either way.
+
+Two back ends:
+- "torch" (the CPU default): PyTorch's own weight-only kernels. int8 = one symmetric scale per
+  output row (`torch._weight_int8pack_mm`); int4 = an asymmetric scale + zero per 64 inputs
+  (4.5 bits per weight, the bytes of llama.cpp's Q4_0), in the blocked layout of
+  `torch._weight_int4pack_mm_for_cpu`. Single-token steps (a few rows) run those kernels;
+  steps of many rows (prefill, image encoders) dequantize the layer into a reused bf16/fp32
+  buffer and run the dense oneDNN/MKL GEMM, which is several times faster there.
+- "bitsandbytes" (the CUDA default, and what QLoRA on CUDA uses): LLM.int8 / nf4. Its fast CPU
+  4-bit path needs the `kernels` hub package, which does not install here, so on CPU it is the
+  slow fallback.
 
 What is quantized: every linear layer of the decoder (language and vision experts, CogAgent's
-cross attention), of the EVA encoders' inner blocks and of the adapter's MLP.
-What stays in the load dtype: token embeddings, the LM head, the patch embeddings, every
-norm, the adapter's input projection, and the first and last used block of each vision
-encoder (their errors reach every image token).
+cross attention) and of the EVA encoders' inner blocks and adapter MLP (`vision_bits`); the LM
+head to 8 bits with the torch back end. What stays in the load dtype: token embeddings, patch
+embeddings, norms, the adapter's input projection, and the first and last used block of each
+vision encoder (their errors reach every image token).
 """
 from __future__ import annotations
 
 import re
+import threading
 import warnings
+from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+GROUP = 64            # int4 inputs per scale/zero pair
+# Up to this many rows a step runs the weight-only kernel; more rows dequantize the layer and
+# run the dense GEMM (break-even measured for 4096 x 4096: int8 ~24 rows, int4 ~150 rows).
+KERNEL_ROWS = {8: 24, 4: 128}
+BACKENDS = ("torch", "bitsandbytes")
 
 
-def _skip_patterns(model) -> list[re.Pattern]:
-    cfg = model.cfg if hasattr(model, "cfg") else model.config
+def _skip_patterns(cfg, head: bool) -> list[re.Pattern]:
     last_eva = cfg.eva.num_layers - 1
-    pats = [r"lm_head", r"model\.embed_tokens", r".*patch_embed", r"model\.vision\.linear_proj\.linear_proj",
+    pats = [r"model\.embed_tokens", r".*patch_embed", r"model\.vision\.linear_proj\.linear_proj",
             rf"model\.vision\.transformer\.layers\.(0|{last_eva})\.", r"model\.cross_vision\.vit\.model\.head"]
+    if not head:
+        pats.append(r"lm_head")
     if cfg.cross is not None:
         last_used = cfg.cross.num_layers - 2          # the last block is skipped in forward
         pats.append(rf"model\.cross_vision\.vit\.model\.blocks\.(0|{last_used}|{last_used + 1})\.")
     return [re.compile(p) for p in pats]
 
 
+def quant_plan(model: nn.Module, bits: int, vision_bits: Optional[int] = None,
+               backend: str = "torch") -> dict[str, int]:
+    """Module name -> bits for every linear layer to quantize. vision_bits: the image encoders'
+    (None: same as `bits`; 16: keep them in the load dtype)."""
+    if bits not in (4, 8) or vision_bits not in (None, 4, 8, 16):
+        raise ValueError(f"--quant takes 4 or 8 (vision: 4, 8 or 16), not {bits}/{vision_bits}")
+    if backend not in BACKENDS:
+        raise ValueError(f"quantization back end {backend!r}: choose one of {', '.join(BACKENDS)}")
+    cfg = model.cfg if hasattr(model, "cfg") else model.config
+    skip = _skip_patterns(cfg, head=backend == "torch")
+    vision_bits = bits if vision_bits is None else vision_bits
+    plan = {}
+    for name, mod in model.named_modules():
+        if type(mod) is not nn.Linear or any(p.match(name) for p in skip):
+            continue
+        b = 8 if name == "lm_head" else vision_bits if name.startswith(("model.vision.", "model.cross_vision.")) else bits
+        if b == 4 and backend == "torch" and not int4_fits(mod.out_features, mod.in_features):
+            b = 8                                     # shapes the int4 kernel's layout cannot hold
+        if b != 16:
+            plan[name] = b
+    return plan
+
+
+def int4_fits(n: int, k: int) -> bool:
+    return n % 64 == 0 and k % GROUP == 0
+
+
+# ---------------------------------------------------------------------------------------
+# The torch back end
+_buffers = threading.local()                           # one dequantization buffer per thread and shape
+
+
+def _buffer(shape, dtype) -> torch.Tensor:
+    cache = getattr(_buffers, "d", None)
+    if cache is None:
+        cache = _buffers.d = {}
+    key = (tuple(shape), dtype)
+    if key not in cache:
+        with torch.inference_mode(False):             # usable inside and outside inference mode
+            cache[key] = torch.empty(shape, dtype=dtype)
+    return cache[key]
+
+
+_INT4_BLOCK = None
+
+
+def int4_row_block() -> int:
+    """Rows interleaved per block by `_convert_weight_to_int4pack_for_cpu` on this CPU (the
+    layout depends on the kernel PyTorch picked: 64 with AVX-512, 32 with AVX2), found once by
+    packing a probe and reading it back; 0 if neither layout matches."""
+    global _INT4_BLOCK
+    if _INT4_BLOCK is None:
+        q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        _INT4_BLOCK = next((b for b in (64, 32, 16) if torch.equal(_unpack_int4(packed, b).int(), q)), 0)
+    return _INT4_BLOCK
+
+
+def _unpack_int4(packed: torch.Tensor, block: int, tmp: Optional[torch.Tensor] = None,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Packed N,K/2 uint8 -> N,K nibbles in row order. Byte (n block, k, j) holds row j of the
+    block in its low nibble and row j + block/2 in its high nibble: the bytes are transposed
+    first (half the data of transposing the nibbles, 4x faster measured), then split."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    v = packed.view(N // block, K, block // 2)                                   # N/b,K,b/2
+    tmp = tmp if tmp is not None else torch.empty(N // block, block // 2, K, dtype=torch.uint8)
+    tmp.copy_(v.transpose(1, 2))                                                 # N/b,b/2,K
+    out = out if out is not None else torch.empty(N, K, dtype=torch.uint8)
+    o = out.view(N // block, 2, block // 2, K)                                   # N/b,2,b/2,K
+    torch.bitwise_and(tmp, 15, out=o[:, 0])
+    torch.bitwise_right_shift(tmp, 4, out=o[:, 1])
+    return out
+
+
+class _DequantMatmul(torch.autograd.Function):
+    """y = x W^T with W dequantized; backward gives the input's gradient only (frozen weights,
+    QLoRA)."""
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return layer._matmul(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w = ctx.layer.dequantize()
+        return (grad.to(w.dtype) @ w).to(grad.dtype), None
+
+
+class WeightOnlyLinear(nn.Module):
+    """int8 (per-row scales) or int4 (per-64 scale + zero) weights, computing in `dtype`."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], bits: int):
+        super().__init__()
+        self.out_features, self.in_features = N, K = weight.shape
+        self.bits, self.dtype = bits, weight.dtype
+        if bits == 4 and not int4_fits(N, K):
+            raise ValueError(f"int4 needs rows % 64 == 0 and inputs % {GROUP} == 0, not {(N, K)}")
+        w = weight.detach()
+        q = torch.empty(N, K if bits == 8 else K // 2, dtype=torch.int8 if bits == 8 else torch.uint8)
+        scales = torch.empty((N,) if bits == 8 else (K // GROUP, N, 2), dtype=w.dtype)
+        # A few million weights at a time: the fp32 temporaries stay small (an LM head of
+        # 32000 x 4096 would otherwise take 3 x 0.5 GB of them while it is quantized).
+        step = max(64, (1 << 22) // K // 64 * 64)
+        for r in range(0, N, step):
+            chunk = w[r:r + step].float()
+            if bits == 8:
+                scale = chunk.abs().amax(1).clamp(min=1e-12) / 127                          # n
+                q[r:r + step] = chunk.div_(scale[:, None]).round_().to(torch.int8)
+                scales[r:r + step] = scale
+            else:
+                g = chunk.view(chunk.shape[0], -1, GROUP)                                   # n,K/G,G
+                lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+                scale = ((hi - lo) / 15).clamp(min=1e-12)
+                qi = g.sub_(lo).div_(scale).round_().clamp_(0, 15).to(torch.int32).view(-1, K)
+                # Rows are packed in blocks of 64, so chunks of 64 rows pack independently.
+                q[r:r + step] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qi, 1)
+                # The kernel computes (q - 8) * scale + zero, so zero is the value of q = 8.
+                scales[:, r:r + step] = torch.cat([scale, lo + 8 * scale], -1).transpose(0, 1)  # K/G,n,2
+        self.register_buffer("qweight", q)
+        self.register_buffer("scales", scales)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(w.dtype), requires_grad=False)
+
+    def dequantize(self, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The weight as N,K in the compute dtype (into `out` when given)."""
+        N, K = self.out_features, self.in_features
+        out = out if out is not None else torch.empty(N, K, dtype=self.dtype)
+        if self.bits == 8:
+            return out.copy_(self.qweight).mul_(self.scales[:, None])
+        block = int4_row_block()
+        if not block:                                # unknown layout: ask the kernel (slow, exact)
+            eye = torch.eye(K, dtype=self.dtype)
+            return out.copy_(torch._weight_int4pack_mm_for_cpu(eye, self.qweight, GROUP, self.scales).t())
+        out.copy_(_unpack_int4(self.qweight, block, _buffer((N // block, block // 2, K), torch.uint8),
+                               _buffer((N, K), torch.uint8)))
+        sz = self.scales.transpose(0, 1)                                             # N,K/G,2
+        offset = sz[..., 1:] - 8 * sz[..., :1]            # w = q * scale + (zero - 8 * scale)
+        o = out.view(N, K // GROUP, GROUP)                                           # N,K/G,G
+        return o.mul_(sz[..., :1]).add_(offset).view(N, K)
+
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.shape[0] <= KERNEL_ROWS[self.bits]:
+            if self.bits == 8:
+                return torch._weight_int8pack_mm(x2, self.qweight, self.scales)
+            return torch._weight_int4pack_mm_for_cpu(x2, self.qweight, GROUP, self.scales)
+        buf = _buffer((self.out_features, self.in_features), self.dtype)
+        if self.bits == 8:               # per-row scales: scale the outputs, not the weight
+            return F.linear(x2, buf.copy_(self.qweight)) * self.scales
+        return F.linear(x2, self.dequantize(buf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
+        y = _DequantMatmul.apply(x2, self) if x2.requires_grad else self._matmul(x2)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int{self.bits}, {self.dtype}"
+
+
+# ---------------------------------------------------------------------------------------
+# The bitsandbytes back end
 def _bnb():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")               # bitsandbytes' jit deprecation warnings
@@ -34,24 +218,26 @@ def _bnb():
     return bnb
 
 
-def quantized_linear(lin: nn.Linear, bits: int, compute_dtype: torch.dtype) -> nn.Module:
+def bnb_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], bits: int) -> nn.Module:
     bnb = _bnb()
-    dev = lin.weight.device
-    w = lin.weight.data.contiguous()
+    dev, dtype = weight.device, weight.dtype
+    # 8-bit matmuls run in fp16 on CUDA and in fp32 on CPU; 4-bit computes in the load dtype.
+    compute = (torch.float16 if dev.type == "cuda" else torch.float32) if bits == 8 else dtype
+    out_f, in_f = weight.shape
+    w = weight.detach().contiguous()
     if bits == 8:
-        q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                has_fp16_weights=False, threshold=6.0, device="meta")
-        q.weight = bnb.nn.Int8Params(w.to(torch.float16 if dev.type == "cuda" else w.dtype),
+        q = bnb.nn.Linear8bitLt(in_f, out_f, bias=bias is not None, has_fp16_weights=False,
+                                threshold=6.0, device="meta")
+        q.weight = bnb.nn.Int8Params(w.to(torch.float16 if dev.type == "cuda" else dtype),
                                      requires_grad=False, has_fp16_weights=False)
-    elif bits == 4:
-        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                              compute_dtype=compute_dtype, quant_type="nf4", device="meta")
-        q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
     else:
-        raise ValueError(f"--quant takes 4 or 8, not {bits}")
-    if lin.bias is not None:
-        q.bias = nn.Parameter(lin.bias.data.to(compute_dtype), requires_grad=False)
-    return q.to(dev)                                   # bitsandbytes quantizes on the move
+        q = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None, compute_dtype=compute,
+                              quant_type="nf4", device="meta")
+        q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+    if bias is not None:
+        q.bias = nn.Parameter(bias.detach().to(compute), requires_grad=False)
+    q = q.to(dev)                                       # bitsandbytes quantizes on the move
+    return _Cast(q, compute) if compute != dtype else q
 
 
 class _Cast(nn.Module):
@@ -65,19 +251,32 @@ class _Cast(nn.Module):
         return self.inner(x.to(self.dtype)).to(x.dtype)
 
 
+# ---------------------------------------------------------------------------------------
+def default_backend(device) -> str:
+    return "bitsandbytes" if torch.device(device).type == "cuda" else "torch"
+
+
+def quantized_module(weight: torch.Tensor, bias: Optional[torch.Tensor], bits: int, backend: str) -> nn.Module:
+    """The quantized replacement of one linear layer, from its full-precision tensors (the one
+    function both the in-place and the streaming path call)."""
+    if backend == "torch":
+        return WeightOnlyLinear(weight, bias, bits)
+    return bnb_linear(weight, bias, bits)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
 @torch.no_grad()
-def quantize(model: nn.Module, bits: int) -> nn.Module:
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    # 8-bit matmuls run in fp16 on CUDA and in fp32 on CPU; 4-bit computes in the load dtype.
-    on_cuda = next(model.parameters()).device.type == "cuda"
-    compute = (torch.float16 if on_cuda else torch.float32) if bits == 8 else dtype
-    skip = _skip_patterns(model)
-    targets = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and not any(p.match(n) for p in skip)]
-    for name, lin in targets:
-        parent, _, child = name.rpartition(".")
-        q = quantized_linear(lin, bits, compute)
-        setattr(model.get_submodule(parent), child, _Cast(q, compute) if compute != dtype else q)
+def quantize(model: nn.Module, bits: int, vision_bits: Optional[int] = None,
+             backend: Optional[str] = None) -> nn.Module:
+    """Quantize a loaded model in place (see the module docstring for what and how)."""
+    backend = backend or default_backend(next(model.parameters()).device)
+    for name, b in quant_plan(model, bits, vision_bits, backend).items():
+        lin = model.get_submodule(name)
+        replace_module(model, name, quantized_module(lin.weight, lin.bias, b, backend))
     model.quantized_bits = bits
     return model
 

@@ -30,7 +30,13 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str = "cogvlm-chat
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_dtype_args(g)
     g.add_argument("--quant", type=int, choices=[4, 8], default=None,
-                   help="quantize the weights to 4 or 8 bits after loading")
+                   help="quantize the weights to 4 or 8 bits while loading (CPU: PyTorch's "
+                        "weight-only kernels; CUDA: bitsandbytes)")
+    g.add_argument("--quant_vision", type=int, choices=[4, 8, 16], default=None,
+                   help="bits of the image encoders under --quant (default: 8; 16 = unquantized)")
+    g.add_argument("--cpu_weights", default="auto", choices=["auto", "packed", "plain"],
+                   help="CPU inference: packed = oneDNN-blocked fp32/bf16 weights (auto; measured "
+                        "faster here, bench/RESULTS.md), plain = PyTorch's own layout")
     g.add_argument("--trust-checkpoint", "--trust_checkpoint", dest="trust_checkpoint",
                    action="store_true", help="allow checkpoint files that need full unpickling "
                                              "(training checkpoints); only for files you trust")
@@ -105,17 +111,13 @@ def load_from_args(args):
     if world > 1 and args.quant:
         raise ValueError("--quant is not supported with model parallelism yet; run it in one process")
     dtype = dtype_from_args(args)
-    from models.layout import pack_for_cpu_inference
-    # On fp32 CPU every weight is packed (or quantized) below: skip the re-layout in between.
-    will_repack = bool(args.quant) or (torch.device(args.device).type == "cpu" and dtype == torch.float32
-                                        and torch.backends.mkldnn.is_available())
+    from models.layout import can_pack, pack_for_cpu_inference
+    pack = getattr(args, "cpu_weights", "auto") != "plain" and can_pack(dtype, args.device)
     model, cfg = load_model(args.from_pretrained, device=args.device, dtype=dtype,
-                            trust_checkpoint=args.trust_checkpoint, cpu_layout=not will_repack,
-                            rank=rank, world=world)
-    if args.quant:
-        from models.quantize import quantize
-        quantize(model, args.quant)
-    pack_for_cpu_inference(model)                     # no-op unless fp32 on CPU with oneDNN
+                            trust_checkpoint=args.trust_checkpoint, cpu_layout=not pack, rank=rank,
+                            world=world, quant=args.quant, quant_vision=getattr(args, "quant_vision", None))
+    if pack:                                          # the weights --quant left in fp32/bf16
+        pack_for_cpu_inference(model)
     tok = Tokenizer(resolve_tokenizer(args.local_tokenizer, resolve_pretrained(args.from_pretrained)))
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model's "

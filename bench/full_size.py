@@ -1,0 +1,186 @@
+"""The released sizes on this machine: CogVLM-17B (`cogvlm-chat-v1.1`) or CogAgent-18B
+(`cogagent-chat`) with their released configs and random weights, built directly in the target
+precision through the same streaming path that loads a checkpoint (models.checkpoint.materialize:
+one full-precision layer at a time, quantized as it arrives), then measured in one process:
+build time, peak RSS, image encoding (CogAgent: plus its 1120-px branch), prefill of image + 30
+text tokens, time to first token, decode tokens/s and its fraction of the GEMV bandwidth
+measured in the same process.
+
+  python bench/full_size.py --model cogvlm-chat-v1.1 --quant 4 --json out.json
+  python bench/full_size.py --model tiny-test-cogagent --quant 8     # seconds, for a check
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from bench.common import best_gemv  # noqa: E402
+from models import Cache, CogVLM  # noqa: E402
+from models.checkpoint import is_derived, materialize  # noqa: E402
+from models.config import MODEL_CONFIGS, get_config  # noqa: E402
+from models.generate import ModelInputs, decode_one_token, prefill  # noqa: E402
+from models.layout import can_pack, pack_for_cpu_inference  # noqa: E402
+from models.loading import cpu_flags, memory_returned_to_os, resolve_dtype  # noqa: E402
+from models.quantize import quant_plan  # noqa: E402
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9   # Linux: KiB
+
+
+def random_tensors(model: torch.nn.Module, dtype: torch.dtype, seed: int = 0):
+    """(key, tensor) for every weight of a meta-built model, one at a time, in the target
+    dtype: N(0, 0.02) matrices and learned embeddings, zero biases, unit norm weights."""
+    g = torch.Generator().manual_seed(seed)
+    for name, t in model.state_dict().items():
+        if is_derived(name):
+            continue
+        if t.dim() >= 2 or name.endswith(("boi", "eoi", "cls_embedding", "cls_token", "pos_embed")):
+            out = torch.empty(t.shape, dtype=dtype)
+            out.normal_(0.0, 0.02, generator=g)
+        elif name.endswith("bias"):
+            out = torch.zeros(t.shape, dtype=dtype)
+        else:
+            out = torch.ones(t.shape, dtype=dtype)
+        yield name, out
+
+
+def build(name: str, dtype: torch.dtype, quant, quant_vision) -> CogVLM:
+    cfg = get_config(name)
+    with torch.device("meta"):
+        model = CogVLM(cfg)
+    plan = quant_plan(model, quant, quant_vision, "torch") if quant else None
+    total = len(model.state_dict())
+    with memory_returned_to_os():
+        materialize(model, random_tensors(model, dtype), total, "cpu", plan, "torch")
+    if can_pack(dtype):
+        pack_for_cpu_inference(model)                  # the linear layers left unquantized
+    return model.eval()
+
+
+def stored_bytes(mod: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(mod.parameters()) + list(mod.buffers())
+               if t.layout == torch.strided)
+
+
+def decode_bytes(model: CogVLM, ctx: int) -> int:
+    """What one decode step must read: the language path of every layer (weights as stored,
+    scales included), CogAgent's cross query/output and cached K/V, the LM head, the KV cache."""
+    cfg = model.config
+    n = 0
+    for layer in model.model.layers:
+        for mod_name, mod in layer.named_modules():
+            if not list(mod.children()) and "vision" not in mod_name and "key_value" not in mod_name:
+                n += packed_or_stored(mod)
+    n += packed_or_stored(model.lm_head)
+    e = model.model.embed_tokens.weight.element_size()
+    n += cfg.num_layers * 2 * ctx * cfg.hidden_size * e
+    if cfg.cross is not None:
+        n += cfg.num_layers * 2 * cfg.cross.num_patches * cfg.cross.attn_hidden_size * e
+    return n
+
+
+def packed_or_stored(mod: torch.nn.Module) -> int:
+    """Bytes of a leaf module; a oneDNN-packed linear counts as its plain weight."""
+    if hasattr(mod, "packed"):
+        e = 2 if mod.packed.dtype == torch.bfloat16 else 4
+        return mod.in_features * mod.out_features * e + stored_bytes(mod)
+    return stored_bytes(mod)
+
+
+@torch.inference_mode()
+def measure(model: CogVLM, text_tokens: int, decode_steps: int) -> dict:
+    cfg = model.config
+    dtype = model.model.embed_tokens.weight.dtype
+    res = {}
+    img = torch.randn(1, 3, cfg.eva.image_size, cfg.eva.image_size)
+    t = time.perf_counter()
+    embeds = model.encode_images(img)
+    res["image_s"] = time.perf_counter() - t
+    cross_kv = None
+    res["cross_image_s"] = 0.0
+    if cfg.cross is not None:
+        t = time.perf_counter()
+        cross_kv = model.cross_kv(torch.randn(1, 3, cfg.cross.image_size, cfg.cross.image_size))
+        res["cross_image_s"] = time.perf_counter() - t
+    L = cfg.image_length
+    ids = torch.randint(3, cfg.vocab_size, (1, 1 + L + 2 + text_tokens))
+    pos = torch.tensor([[0, 1] + [2] * L + [3] + list(range(4, 4 + text_tokens))])
+    vision = torch.zeros_like(ids, dtype=torch.bool)
+    vision[0, 1:L + 2] = True
+    slots = vision.clone()
+    slots[0, L + 2] = True
+    T = ids.shape[1]
+    inputs = ModelInputs(ids, pos, vision, slots, image_embeds=embeds, cross_kv=cross_kv)
+    cache = Cache.allocate(cfg, 1, T + decode_steps + 2, dtype, "cpu")
+    t = time.perf_counter()
+    logits = prefill(model, inputs, cache)
+    res["prefill_s"] = time.perf_counter() - t
+    res["prompt_tokens"] = T
+    res["ttft_s"] = res["image_s"] + res["cross_image_s"] + res["prefill_s"]
+    tok = logits.argmax(-1)
+    decode_one_token(model, tok, cache)                # warm-up (first call allocates)
+    steps = []
+    for _ in range(decode_steps):
+        t = time.perf_counter()
+        tok = decode_one_token(model, tok, cache).argmax(-1)
+        steps.append(time.perf_counter() - t)
+    step = sorted(steps)[len(steps) // 2]
+    res["decode_tok_s"] = 1 / step
+    res["decode_bytes_per_token"] = decode_bytes(model, T + decode_steps // 2)
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="cogvlm-chat-v1.1", choices=sorted(MODEL_CONFIGS),
+                   help="a released config (cogvlm-chat-v1.1, cogagent-chat, ...) or a tiny one")
+    p.add_argument("--quant", type=int, choices=[0, 4, 8], default=4,
+                   help="language model weights: 4 or 8 bits, 0 = unquantized (default 4)")
+    p.add_argument("--quant_vision", type=int, choices=[4, 8, 16], default=8,
+                   help="image encoders' bits (16 = unquantized; default 8)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--threads", type=int, default=None, help="default: every core")
+    p.add_argument("--text_tokens", type=int, default=30)
+    p.add_argument("--decode_steps", type=int, default=8)
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dtype = resolve_dtype(a.dtype, "cpu")
+    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"})
+    precision = f"int{a.quant} + vision {'int' + str(a.quant_vision) if a.quant_vision != 16 else 'unquantized'}" \
+        if a.quant else "unquantized"
+    print(f"{a.model}: {precision}, compute {dtype}, {torch.get_num_threads()} threads, CPU flags {' '.join(flags)}",
+          flush=True)
+    gemv = best_gemv(n=4096 if a.model.startswith("tiny") else 8192)
+    t = time.perf_counter()
+    model = build(a.model, dtype, a.quant or None, a.quant_vision)
+    build_s = time.perf_counter() - t
+    print(f"built in {build_s:.1f} s, peak RSS {peak_rss_gb():.2f} GB", flush=True)
+    r = measure(model, a.text_tokens, a.decode_steps)
+    frac = r["decode_bytes_per_token"] * r["decode_tok_s"] / gemv["best"]
+    out = {"model": a.model, "precision": f"{precision} ({str(dtype).split('.')[-1]})",
+           "peak_rss_gb": round(peak_rss_gb(), 3), "build_s": round(build_s, 2),
+           "image_s": round(r["image_s"], 3), "cross_image_s": round(r["cross_image_s"], 3),
+           "ttft_s": round(r["ttft_s"], 3), "decode_tok_s": round(r["decode_tok_s"], 3),
+           "decode_frac_bw": round(frac, 3), "gemv_gbps": round(gemv["best"] / 1e9, 2),
+           "prefill_s": round(r["prefill_s"], 3), "prompt_tokens": r["prompt_tokens"],
+           "decode_gb_per_token": round(r["decode_bytes_per_token"] / 1e9, 3),
+           "threads": torch.get_num_threads(), "cpu_flags": flags}
+    print(json.dumps(out, indent=1))
+    if a.json:
+        a.json.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
