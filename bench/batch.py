@@ -27,13 +27,23 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path)
     p.add_argument("--no-packed", dest="packed", action="store_false",
                    help="plain F.linear instead of the oneDNN-packed weights the demos use on CPU")
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--quant", type=int, choices=[4, 8], default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    from models.loading import resolve_dtype
+    from models.quantize import quantize
+    dtype = resolve_dtype(a.dtype, "cpu")
     model = CogVLM(MID)
     init_weights(model)
-    use_fast_cpu_layout(model).eval()
+    model = model.to(dtype).eval()
+    if dtype == torch.float32:
+        use_fast_cpu_layout(model)
+    if a.quant:
+        quantize(model, a.quant, vision_bits=8, backend="torch")
     if a.packed:
         pack_for_cpu_inference(model)
+    print(f"dtype {dtype}, quant {a.quant}, packed {a.packed}")
     runs = {b: [] for b in (1, 4, 16)}
     for _ in range(a.repeat):
         for b in runs:

@@ -7,13 +7,21 @@ import time
 import torch
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def median_time(fn, repeat: int = 5, warmup: int = 1) -> float:
+    """Median wall time of fn() (CUDA work included: synchronized before and after)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
+        _sync()
         t = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -25,18 +33,18 @@ def gemv_bandwidth(n: int = 8192, repeat: int = 15) -> float:
     return n * n * 4 / t
 
 
-def best_gemv(n: int = 8192, repeat: int = 15) -> dict:
+def best_gemv(n: int = 8192, repeat: int = 15, device="cpu") -> dict:
     """Bytes/s of an n x n matrix-vector product by kernel: fp32 torch.mv, bf16 F.linear, and
     (where oneDNN runs bf16) bf16 oneDNN-packed; "best" is the highest, the reference that
     decode speed is compared with."""
     import torch.nn.functional as F
     from models.layout import can_pack
-    w, x = torch.randn(n, n), torch.randn(n)
+    w, x = torch.randn(n, n, device=device), torch.randn(n, device=device)
     res = {"fp32": n * n * 4 / median_time(lambda: torch.mv(w, x), repeat, warmup=3)}
     wb, xb = w.bfloat16(), x.bfloat16()[None]
     del w
     res["bf16"] = n * n * 2 / median_time(lambda: F.linear(xb, wb), repeat, warmup=3)
-    if can_pack(torch.bfloat16):
+    if can_pack(torch.bfloat16, device):
         packed = torch.ops.mkldnn._reorder_linear_weight(wb, 1)
         res["bf16_packed"] = n * n * 2 / median_time(
             lambda: torch.ops.mkldnn._linear_pointwise(xb, packed, None, "none", [], ""), repeat, warmup=3)
@@ -44,7 +52,9 @@ def best_gemv(n: int = 8192, repeat: int = 15) -> dict:
     return res
 
 
-def gemm_flops(n: int = 2048, repeat: int = 7, dtype=torch.float32) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def gemm_flops(n: int = 2048, repeat: int = 7, dtype=torch.float32, device="cpu") -> float:
+    if torch.device(device).type == "cuda":
+        n = 8192                                      # a GPU needs a bigger product to reach its peak
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     t = median_time(lambda: a @ b, repeat, warmup=2)
     return 2 * n ** 3 / t

@@ -36,6 +36,7 @@ MID_CROSS = CrossConfig(image_size=448, hidden_size=512, num_layers=4, num_atten
 
 
 def make_inputs(cfg: ModelConfig, n_text: int, model: CogVLM, with_cross: bool) -> ModelInputs:
+    dev = next(model.parameters()).device
     L = cfg.image_length
     ids = torch.randint(3, cfg.vocab_size, (1, 1 + L + 2 + n_text))
     pos = torch.tensor([[0, 1] + [2] * L + [3] + list(range(4, 4 + n_text))])
@@ -44,9 +45,10 @@ def make_inputs(cfg: ModelConfig, n_text: int, model: CogVLM, with_cross: bool) 
     slots = vision.clone()
     slots[0, L + 2] = True
     with torch.inference_mode():
-        emb = model.encode_images(torch.randn(1, 3, cfg.eva.image_size, cfg.eva.image_size))
-        ckv = model.cross_kv(torch.randn(1, 3, cfg.cross.image_size, cfg.cross.image_size)) if with_cross else None
-    return ModelInputs(ids, pos, vision, slots, image_embeds=emb, cross_kv=ckv)
+        emb = model.encode_images(torch.randn(1, 3, cfg.eva.image_size, cfg.eva.image_size, device=dev))
+        ckv = model.cross_kv(torch.randn(1, 3, cfg.cross.image_size, cfg.cross.image_size, device=dev)) \
+            if with_cross else None
+    return ModelInputs(ids.to(dev), pos.to(dev), vision.to(dev), slots.to(dev), image_embeds=emb, cross_kv=ckv)
 
 
 def prefill_flops(model: CogVLM, cfg: ModelConfig, T: int, n_vision: int) -> float:
@@ -86,12 +88,12 @@ def decode_step_time(model: CogVLM, ctx: int, steps: int, cross_kv=None, batch: 
     """Median seconds of one decode step with `ctx` tokens already in the cache. The cache
     holds random K/V (a step's cost does not depend on their values), which spares a prefill."""
     cfg = model.config
-    dtype = next(model.parameters()).dtype
-    cache = Cache.allocate(cfg, batch, ctx + steps + 2, dtype, "cpu")
+    p = next(model.parameters())
+    cache = Cache.allocate(cfg, batch, ctx + steps + 2, p.dtype, p.device)
     for t in cache.k + cache.v:
         t.normal_()
-    cache.length, cache.next_position, cache.cross_kv = ctx, torch.full((batch,), ctx), cross_kv
-    tok = torch.full((batch,), 5)
+    cache.length, cache.next_position, cache.cross_kv = ctx, torch.full((batch,), ctx, device=p.device), cross_kv
+    tok = torch.full((batch,), 5, device=p.device)
     with torch.inference_mode():
         decode_one_token(model, tok, cache)                             # warm-up
         return median_time(lambda: decode_one_token(model, tok, cache), steps, 0)
@@ -107,9 +109,10 @@ def with_cross_branch(model: CogVLM, cfg: ModelConfig) -> CogVLM:
     for name, t in list(agent.named_parameters()):
         if t.is_meta:
             mod_name, _, attr = name.rpartition(".")
-            new = (torch.randn(t.shape) * 0.02 if t.dim() > 1 else torch.ones(t.shape)).to(dtype)
+            new = (torch.randn(t.shape) * 0.02 if t.dim() > 1 else torch.ones(t.shape)).to(
+                dtype=dtype, device=model.lm_head.weight.device)
             setattr(agent.get_submodule(mod_name), attr, torch.nn.Parameter(new))
-    regenerate_derived(agent)
+    regenerate_derived(agent, model.lm_head.weight.device)
     return agent.eval()
 
 
@@ -123,25 +126,30 @@ def main(argv=None) -> int:
                    help="oneDNN-packed fp32/bf16 linear weights, as the demos and the server use on CPU")
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--quant", type=int, choices=[4, 8], default=None,
-                   help="weight-only int8/int4 (PyTorch's CPU kernels), image encoder int8")
+                   help="weight-only int8/int4, image encoder int8")
+    p.add_argument("--backend", default=None, choices=["torch", "bitsandbytes"],
+                   help="quantization kernels (default: torch on CPU, bitsandbytes on CUDA)")
+    p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
+    dev = torch.device(a.device)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     from models.loading import cpu_flags, resolve_dtype
-    from models.quantize import quantize
-    dtype = resolve_dtype(a.dtype, "cpu")
+    from models.quantize import default_backend, quantize
+    dtype = resolve_dtype(a.dtype, dev)
+    backend = a.backend or default_backend(dev)
     flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"})
     print(f"CPU flags: {' '.join(flags)}; dtype {dtype}, quant {a.quant}, packed {a.packed}")
 
-    gemv = best_gemv()
-    bw, flops = gemv["best"], gemm_flops(dtype=dtype)
-    with torch.device("cpu"):
+    gemv = best_gemv(device=dev)
+    bw, flops = gemv["best"], gemm_flops(dtype=dtype, device=dev)
+    with torch.device(dev):
         model = CogVLM(MID)
     init_weights(model)
     model = model.to(dtype).eval()
-    if dtype == torch.float32:
+    if dtype == torch.float32 and dev.type == "cpu":
         use_fast_cpu_layout(model)
-    res = {"packed": a.packed, "dtype": str(dtype).split(".")[-1], "quant": a.quant, "cpu_flags": flags,
+    res = {"device": str(dev), "backend": backend if a.quant else None, "packed": a.packed, "dtype": str(dtype).split(".")[-1], "quant": a.quant, "cpu_flags": flags,
            "gemv_GBps_by_kernel": {k: v / 1e9 for k, v in gemv.items()}}
     with torch.device("meta"):                         # parameter counts, whatever the layout
         counted = CogVLM(MID)
@@ -149,10 +157,10 @@ def main(argv=None) -> int:
     short = make_inputs(MID, 24, model, False)
     T = short.input_ids.shape[1]
     n_vis = int(short.vision_mask.sum())
-    img = torch.randn(1, 3, 224, 224)
+    img = torch.randn(1, 3, 224, 224, device=dev)
 
     def run_prefill():                                 # image encoder + prompt, as in real use
-        cache = Cache.allocate(MID, 1, T + 1, dtype, "cpu")
+        cache = Cache.allocate(MID, 1, T + 1, dtype, dev)
         with torch.inference_mode():
             short.image_embeds = model.encode_images(img)
             prefill(model, short, cache)
@@ -161,11 +169,11 @@ def main(argv=None) -> int:
     agent_cfg = ModelConfig(**{**MID.__dict__, "model_class": "CogAgentModel", "cross": MID_CROSS,
                                "adapter_has_pos_embed": True})
     agent = with_cross_branch(model, agent_cfg)
-    if dtype == torch.float32:
+    if dtype == torch.float32 and dev.type == "cpu":
         use_fast_cpu_layout(agent)
     if a.quant:                                        # each quantizes its own copy
-        quantize(agent, a.quant, vision_bits=8, backend="torch")
-        quantize(model, a.quant, vision_bits=8, backend="torch")
+        quantize(agent, a.quant, vision_bits=8, backend=backend)
+        quantize(model, a.quant, vision_bits=8, backend=backend)
     step_bytes = {c: decode_bytes(model, MID, c) for c in (T, T + 1016)}
     agent_extra = _bytes(t for n, t in list(agent.model.layers.named_parameters()) +
                          list(agent.model.layers.named_buffers()) if "cross" in n)
@@ -173,14 +181,14 @@ def main(argv=None) -> int:
         pack_for_cpu_inference(agent)
         pack_for_cpu_inference(model)
     with torch.inference_mode():
-        ckv = agent.cross_kv(torch.randn(1, 3, MID_CROSS.image_size, MID_CROSS.image_size))
+        ckv = agent.cross_kv(torch.randn(1, 3, MID_CROSS.image_size, MID_CROSS.image_size, device=dev))
     ctx_short, ctx_long = T, T + 1016                   # ~280 and ~1300 tokens of context
     runs = {"short": [], "long": [], "agent": [], "vlm": []}
     bws, gemms, prefills = [bw], [flops], []
     run_prefill()                                      # warm-up
     for _ in range(a.repeat):                          # interleaved, so drift hits all alike
-        bws.append(best_gemv(repeat=7)["best"])
-        gemms.append(gemm_flops(repeat=3, dtype=dtype))
+        bws.append(best_gemv(repeat=7, device=dev)["best"])
+        gemms.append(gemm_flops(repeat=3, dtype=dtype, device=dev))
         prefills.append(median_time(run_prefill, 1, 0))
         runs["short"].append(decode_step_time(model, ctx_short, a.steps))
         runs["long"].append(decode_step_time(model, ctx_long, a.steps))

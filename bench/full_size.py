@@ -29,39 +29,41 @@ from models.config import MODEL_CONFIGS, get_config  # noqa: E402
 from models.generate import ModelInputs, decode_one_token, prefill  # noqa: E402
 from models.layout import can_pack, pack_for_cpu_inference  # noqa: E402
 from models.loading import cpu_flags, memory_returned_to_os, resolve_dtype  # noqa: E402
-from models.quantize import quant_plan  # noqa: E402
+from models.quantize import default_backend, quant_plan  # noqa: E402
 
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9   # Linux: KiB
 
 
-def random_tensors(model: torch.nn.Module, dtype: torch.dtype, seed: int = 0):
+def random_tensors(model: torch.nn.Module, dtype: torch.dtype, device, seed: int = 0):
     """(key, tensor) for every weight of a meta-built model, one at a time, in the target
-    dtype: N(0, 0.02) matrices and learned embeddings, zero biases, unit norm weights."""
-    g = torch.Generator().manual_seed(seed)
+    dtype on the target device: N(0, 0.02) matrices and learned embeddings, zero biases, unit
+    norm weights."""
+    g = torch.Generator(device=device).manual_seed(seed)
     for name, t in model.state_dict().items():
         if is_derived(name):
             continue
         if t.dim() >= 2 or name.endswith(("boi", "eoi", "cls_embedding", "cls_token", "pos_embed")):
-            out = torch.empty(t.shape, dtype=dtype)
+            out = torch.empty(t.shape, dtype=dtype, device=device)
             out.normal_(0.0, 0.02, generator=g)
         elif name.endswith("bias"):
-            out = torch.zeros(t.shape, dtype=dtype)
+            out = torch.zeros(t.shape, dtype=dtype, device=device)
         else:
-            out = torch.ones(t.shape, dtype=dtype)
+            out = torch.ones(t.shape, dtype=dtype, device=device)
         yield name, out
 
 
-def build(name: str, dtype: torch.dtype, quant, quant_vision) -> CogVLM:
+def build(name: str, dtype: torch.dtype, quant, quant_vision, device="cpu") -> CogVLM:
     cfg = get_config(name)
     with torch.device("meta"):
         model = CogVLM(cfg)
-    plan = quant_plan(model, quant, quant_vision, "torch") if quant else None
+    backend = default_backend(device)
+    plan = quant_plan(model, quant, quant_vision, backend) if quant else None
     total = len(model.state_dict())
     with memory_returned_to_os():
-        materialize(model, random_tensors(model, dtype), total, "cpu", plan, "torch")
-    if can_pack(dtype):
+        materialize(model, random_tensors(model, dtype, device), total, device, plan, backend)
+    if can_pack(dtype, device):
         pack_for_cpu_inference(model)                  # the linear layers left unquantized
     return model.eval()
 
@@ -96,21 +98,27 @@ def packed_or_stored(mod: torch.nn.Module) -> int:
     return stored_bytes(mod)
 
 
+def _now() -> float:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 @torch.inference_mode()
 def measure(model: CogVLM, text_tokens: int, decode_steps: int) -> dict:
     cfg = model.config
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype, dev = model.model.embed_tokens.weight.dtype, model.model.embed_tokens.weight.device
     res = {}
-    img = torch.randn(1, 3, cfg.eva.image_size, cfg.eva.image_size)
-    t = time.perf_counter()
+    img = torch.randn(1, 3, cfg.eva.image_size, cfg.eva.image_size, device=dev)
+    t = _now()
     embeds = model.encode_images(img)
-    res["image_s"] = time.perf_counter() - t
+    res["image_s"] = _now() - t
     cross_kv = None
     res["cross_image_s"] = 0.0
     if cfg.cross is not None:
-        t = time.perf_counter()
-        cross_kv = model.cross_kv(torch.randn(1, 3, cfg.cross.image_size, cfg.cross.image_size))
-        res["cross_image_s"] = time.perf_counter() - t
+        t = _now()
+        cross_kv = model.cross_kv(torch.randn(1, 3, cfg.cross.image_size, cfg.cross.image_size, device=dev))
+        res["cross_image_s"] = _now() - t
     L = cfg.image_length
     ids = torch.randint(3, cfg.vocab_size, (1, 1 + L + 2 + text_tokens))
     pos = torch.tensor([[0, 1] + [2] * L + [3] + list(range(4, 4 + text_tokens))])
@@ -119,20 +127,21 @@ def measure(model: CogVLM, text_tokens: int, decode_steps: int) -> dict:
     slots = vision.clone()
     slots[0, L + 2] = True
     T = ids.shape[1]
-    inputs = ModelInputs(ids, pos, vision, slots, image_embeds=embeds, cross_kv=cross_kv)
-    cache = Cache.allocate(cfg, 1, T + decode_steps + 2, dtype, "cpu")
-    t = time.perf_counter()
+    inputs = ModelInputs(ids.to(dev), pos.to(dev), vision.to(dev), slots.to(dev), image_embeds=embeds,
+                         cross_kv=cross_kv)
+    cache = Cache.allocate(cfg, 1, T + decode_steps + 2, dtype, dev)
+    t = _now()
     logits = prefill(model, inputs, cache)
-    res["prefill_s"] = time.perf_counter() - t
+    res["prefill_s"] = _now() - t
     res["prompt_tokens"] = T
     res["ttft_s"] = res["image_s"] + res["cross_image_s"] + res["prefill_s"]
     tok = logits.argmax(-1)
     decode_one_token(model, tok, cache)                # warm-up (first call allocates)
     steps = []
     for _ in range(decode_steps):
-        t = time.perf_counter()
+        t = _now()
         tok = decode_one_token(model, tok, cache).argmax(-1)
-        steps.append(time.perf_counter() - t)
+        steps.append(_now() - t)
     step = sorted(steps)[len(steps) // 2]
     res["decode_tok_s"] = 1 / step
     res["decode_bytes_per_token"] = decode_bytes(model, T + decode_steps // 2)
@@ -148,6 +157,7 @@ def main(argv=None) -> int:
     p.add_argument("--quant_vision", type=int, choices=[4, 8, 16], default=8,
                    help="image encoders' bits (16 = unquantized; default 8)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (quantized with bitsandbytes there)")
     p.add_argument("--threads", type=int, default=None, help="default: every core")
     p.add_argument("--text_tokens", type=int, default=30)
     p.add_argument("--decode_steps", type=int, default=8)
@@ -155,15 +165,15 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    dtype = resolve_dtype(a.dtype, "cpu")
+    dtype = resolve_dtype(a.dtype, a.device)
     flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"})
     precision = f"int{a.quant} + vision {'int' + str(a.quant_vision) if a.quant_vision != 16 else 'unquantized'}" \
         if a.quant else "unquantized"
     print(f"{a.model}: {precision}, compute {dtype}, {torch.get_num_threads()} threads, CPU flags {' '.join(flags)}",
           flush=True)
-    gemv = best_gemv(n=4096 if a.model.startswith("tiny") else 8192)
+    gemv = best_gemv(n=4096 if a.model.startswith("tiny") else 8192, device=a.device)
     t = time.perf_counter()
-    model = build(a.model, dtype, a.quant or None, a.quant_vision)
+    model = build(a.model, dtype, a.quant or None, a.quant_vision, a.device)
     build_s = time.perf_counter() - t
     print(f"built in {build_s:.1f} s, peak RSS {peak_rss_gb():.2f} GB", flush=True)
     r = measure(model, a.text_tokens, a.decode_steps)
@@ -175,7 +185,10 @@ def main(argv=None) -> int:
            "decode_frac_bw": round(frac, 3), "gemv_gbps": round(gemv["best"] / 1e9, 2),
            "prefill_s": round(r["prefill_s"], 3), "prompt_tokens": r["prompt_tokens"],
            "decode_gb_per_token": round(r["decode_bytes_per_token"] / 1e9, 3),
-           "threads": torch.get_num_threads(), "cpu_flags": flags}
+           "threads": torch.get_num_threads(), "cpu_flags": flags, "device": a.device}
+    if torch.device(a.device).type == "cuda":
+        out["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+        out["gpu"] = torch.cuda.get_device_name()
     print(json.dumps(out, indent=1))
     if a.json:
         a.json.write_text(json.dumps(out, indent=1))

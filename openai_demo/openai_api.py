@@ -2,6 +2,7 @@
 
     python openai_demo/openai_api.py --from_pretrained cogvlm-chat-v1.1 --port 8000
     # then any OpenAI client with base_url=http://127.0.0.1:8000/v1
+    torchrun --nproc-per-node 2 openai_demo/openai_api.py ...   # one model split over 2 GPUs
 
 Endpoints: GET /health, GET /v1/models, POST /v1/chat/completions (OpenAI vision format:
 `content` is a string or a list of `text` / `image_url` parts; image URLs are `data:` URLs of
@@ -519,20 +520,28 @@ def main(argv=None) -> int:
     import uvicorn
     from models.loading import resolve_pretrained
     from utils.args import load_or_report, setup_logging
-    from utils.engine import BatchEngine
+    from models.tp import tp_rank_world
+    from utils.engine import BatchEngine, MirroredModel, broadcaster, follow
     args = parse_args(argv)
     setup_logging()
     loaded = load_or_report(args)
     if loaded is None:
         return 1
     model, tok = loaded
+    max_len = min(args.max_length, model.config.max_sequence_length)
+    rank, world = tp_rank_world()
+    if world > 1 and rank != 0:                        # tensor parallel: follow rank 0's engine
+        return follow(BatchEngine(model, tok, max_batch=args.max_batch, max_len=max_len, worker=False))
+    mirror = broadcaster() if world > 1 else None
+    if mirror:
+        model = MirroredModel(model, mirror)           # image encoding reaches every rank
     name = args.model_name or resolve_pretrained(args.from_pretrained).name
     limits = Limits(max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
                     max_image_pixels=args.max_image_pixels, max_images=args.max_images,
                     max_messages=args.max_messages, max_tokens=args.max_tokens,
                     default_max_tokens=min(512, args.max_tokens))
-    engine = BatchEngine(model, tok, max_batch=args.max_batch, max_queue=args.max_queue,
-                         max_len=min(args.max_length, model.config.max_sequence_length))
+    engine = BatchEngine(getattr(model, "_model", model), tok, max_batch=args.max_batch,
+                         max_queue=args.max_queue, max_len=max_len, mirror=mirror)
     app = create_app(model, tok, name, engine, limits, args.api_key, args.cors_origins,
                      args.allow_remote_images, args.version)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
@@ -545,4 +554,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from models.tp import exit_process
+    exit_process(main())                        # under torchrun: every rank leaves together

@@ -5,6 +5,13 @@ Layout: a batch K/V buffer of `max_batch` rows. All active rows write their next
 same slot S; a new request is prefilled alone (B=1), then its K/V is copied into a free row so
 that it ends at slot S (its earlier slots are masked out for it). When S reaches the end of
 the buffer, every row is shifted left at once. A finished or cancelled row is simply freed.
+
+Under torchrun with tensor parallelism (the server split across devices) rank 0 runs this
+engine and every other rank runs `follow()`: rank 0 sends each model-touching decision
+(admit a prompt into row r, decode a step with these tokens, free row r, encode an image)
+before making it, and the followers make the same one on their own share of the weights
+and of the K/V buffers, meeting rank 0 in the same collectives. Sampling, text, stop
+strings and HTTP stay on rank 0.
 """
 from __future__ import annotations
 
@@ -76,15 +83,18 @@ class _BatchCache:
 
 class BatchEngine:
     def __init__(self, model: CogVLM, tokenizer: Tokenizer, max_batch: int = 16, max_queue: int = 64,
-                 max_len: Optional[int] = None):
+                 max_len: Optional[int] = None, mirror: Optional[Callable] = None, worker: bool = True):
+        """mirror(name, *args): under tensor parallelism on rank 0, sends a decision to the
+        followers (see the module doc); worker=False: a follower's engine (no thread)."""
         self.model, self.tok = model, tokenizer
+        self.mirror = mirror or (lambda *args: None)
         cfg = model.config
         self.cfg, self.max_batch, self.max_queue = cfg, max_batch, max_queue
         self.max_len = max_len or cfg.max_sequence_length
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
         self.cap = self.max_len + max(64, self.max_len // 4)   # slots per row; full = shift left
-        shape = (max_batch, cfg.num_attention_heads, self.cap, cfg.head_dim)
+        shape = (max_batch, model.num_kv_heads, self.cap, cfg.head_dim)     # this rank's heads
         self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.num_layers)]
         self.cross = None                              # per layer (k, v) buffers, CogAgent only
@@ -98,7 +108,8 @@ class BatchEngine:
         self.closed = False
         self.steps = 0
         self.thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
-        self.thread.start()
+        if worker:
+            self.thread.start()
 
     # ----- public ---------------------------------------------------------------------
     def submit(self, req: Request) -> None:
@@ -116,7 +127,14 @@ class BatchEngine:
         with self.cv:
             self.closed = True
             self.cv.notify()
-        self.thread.join(timeout=30)
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)
+        if not self.thread.is_alive():                 # the worker has stopped sending
+            # Release the followers; if one is already gone (Ctrl-C reaches every rank) the
+            # send may never complete: give it a few seconds, then leave anyway.
+            t = threading.Thread(target=self.mirror, args=("stop",), daemon=True)
+            t.start()
+            t.join(timeout=5)
 
     # ----- worker ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -181,26 +199,32 @@ class BatchEngine:
         at slot S. (Prefilling the requests admitted together as one batch was measured too:
         on the 2-core CPU it was no faster in total and every stream's first token waited for
         the whole group: 16 streams' TTFT p50 5.3 s -> 10.6 s.)"""
-        P = req.prompt_tokens
-        self._make_room(P)
-        cache = Cache.allocate(self.cfg, 1, P, self.dtype, self.device)
-        logits = prefill(self.model, req.inputs, cache)
         row = self.rows.index(None)
-        for layer in range(self.cfg.num_layers):
-            self.k[layer][row, :, self.S - P: self.S] = cache.k[layer][0]
-            self.v[layer][row, :, self.S - P: self.S] = cache.v[layer][0]
-        if req.inputs.cross_kv is not None:
-            self._set_cross(row, req.inputs.cross_kv)
-        else:
-            self.has_image[row] = False
-        self.start[row] = self.S - P
-        self.next_pos[row] = cache.next_position[0]
+        self.mirror("admit", row, _shareable(req.inputs))
+        logits = self._admit_model(row, req.inputs)
         req.row = row
         self.rows[row] = req
         if req.gen.seed is not None:
             req.generator = torch.Generator(device=self.device).manual_seed(req.gen.seed)
         req.seen = req.inputs.input_ids.masked_fill(req.inputs.image_mask, self.cfg.bos_token_id)
         self._accept(row, logits)
+
+    def _admit_model(self, row: int, inputs: ModelInputs) -> torch.Tensor:
+        """The model's part of admitting a prompt into `row` (every rank runs it)."""
+        P = inputs.input_ids.shape[1]
+        self._make_room(P)
+        cache = Cache.allocate(self.cfg, 1, P, self.dtype, self.device, heads=self.model.num_kv_heads)
+        logits = prefill(self.model, inputs, cache)
+        for layer in range(self.cfg.num_layers):
+            self.k[layer][row, :, self.S - P: self.S] = cache.k[layer][0]
+            self.v[layer][row, :, self.S - P: self.S] = cache.v[layer][0]
+        if inputs.cross_kv is not None:
+            self._set_cross(row, inputs.cross_kv)
+        else:
+            self.has_image[row] = False
+        self.start[row] = self.S - P
+        self.next_pos[row] = cache.next_position[0]
+        return logits
 
     def _set_cross(self, row: int, kv: list) -> None:
         if self.cross is None:
@@ -235,15 +259,28 @@ class BatchEngine:
 
     def _step(self) -> None:
         n = max(i for i, r in enumerate(self.rows) if r is not None) + 1
-        if self.S + 1 > self.cap:
-            self._move(int(min(self.start[i] for i in range(n) if self.rows[i] is not None)))
-        self.n = n
         live = [i for i in range(n) if self.rows[i] is not None]
+        tokens = [self.rows[i].ids[-1] if self.rows[i] is not None else 0 for i in range(n)]
+        self.mirror("step", n, tokens, live)
+        logits = self._step_model(n, tokens, live)
+        self.steps += 1
+        for i in live:
+            try:
+                self._accept(i, logits[i: i + 1])
+            except Exception as e:  # noqa: BLE001 - one row's failure ends that row only
+                log.exception("sampling row %d failed", i)
+                self._finish(i, "error", error=str(e))
+
+    def _step_model(self, n: int, tokens: list, live: list) -> torch.Tensor:
+        """One decode step of rows [0, n) (every rank runs it) -> logits n,V."""
+        if self.S + 1 > self.cap:
+            self._move(int(min(self.start[i] for i in live)))
+        self.n = n
         self.w0 = int(min(self.start[i] for i in live))
-        tokens = torch.tensor([self.rows[i].ids[-1] if self.rows[i] is not None else 0 for i in range(n)],
-                              device=self.device)
+        tokens = torch.tensor(tokens, device=self.device)
         slots = torch.arange(self.w0, self.S + 1, device=self.device)
-        alive = torch.tensor([r is not None for r in self.rows[:n]], device=self.device)
+        alive = torch.zeros(n, dtype=torch.bool, device=self.device)
+        alive[live] = True
         mask = (slots[None, :] >= self.start[:n, None]) & alive[:, None]
         mask[:, -1] = True                            # every row sees its own new token
         cross_kv = cross_rows = None
@@ -255,13 +292,7 @@ class BatchEngine:
         logits = self.model.lm_head(h[:, -1])
         self.S += 1
         self.next_pos[:n] += 1
-        self.steps += 1
-        for i in live:
-            try:
-                self._accept(i, logits[i: i + 1])
-            except Exception as e:  # noqa: BLE001 - one row's failure ends that row only
-                log.exception("sampling row %d failed", i)
-                self._finish(i, "error", error=str(e))
+        return logits
 
     def _accept(self, row: int, logits: torch.Tensor) -> None:
         """Sample this row's next token, stream its text, finish it if it is done."""
@@ -305,9 +336,95 @@ class BatchEngine:
 
     def _finish(self, row: int, reason: str, error: Optional[str] = None) -> None:
         req = self.rows[row]
+        self.mirror("finish", row)
         self.rows[row] = None
         self.has_image[row] = False
         if req is None:
             return
         req.emit({"type": "done", "finish_reason": reason, "error": error,
                   "prompt_tokens": req.prompt_tokens, "completion_tokens": len(req.ids)})
+
+
+# ----- tensor parallel serving --------------------------------------------------------------
+def _shareable(inputs: ModelInputs) -> ModelInputs:
+    """A request's inputs as sent to the followers: on the CPU, without CogAgent's cross K/V
+    (each rank holds its own heads of them: the follower keeps the ones it computed)."""
+    from dataclasses import replace
+    cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in vars(inputs).items()}
+    cpu["cross_kv"] = inputs.cross_kv is not None          # only whether there are any
+    return replace(inputs, **cpu)
+
+
+class MirroredModel:
+    """Rank 0's model as the server's request code sees it: image encoding (run while a
+    request is prepared) is sent to the followers first, so that they run it too. Everything
+    else is the model itself."""
+
+    def __init__(self, model: CogVLM, send: Callable):
+        self._model, self._send = model, send
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        self._send("encode_images", images.cpu())
+        return self._model.encode_images(images)
+
+    def cross_kv(self, images: torch.Tensor) -> list:
+        self._send("cross_kv", images.cpu())
+        return self._model.cross_kv(images)
+
+
+def broadcaster():
+    """send(name, *args) from rank 0 to every follower (torch.distributed objects)."""
+    import torch.distributed as dist
+
+    def send(name: str, *args) -> None:
+        dist.broadcast_object_list([(name, args)], src=0)
+    return send
+
+
+def follow(engine: BatchEngine) -> int:
+    """A follower rank: make every decision rank 0 sends, on this rank's share, until it
+    sends "stop". Returns 0."""
+    import signal
+    import torch.distributed as dist
+    # Ctrl-C (and torchrun's forwarded SIGINT / SIGTERM) reach every rank at once: a follower
+    # leaves when rank 0, shutting down, sends "stop" (or when rank 0's connection drops), so
+    # that both end with matching collectives.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    cross = None                                         # this rank's K/V of the last image
+    with torch.inference_mode():
+        while True:
+            msg = [None]
+            dist.broadcast_object_list(msg, src=0)
+            name, args = msg[0]
+            if name == "stop":
+                return 0
+            try:
+                cross = _follow_one(engine, name, args, cross)
+            except Exception as e:  # noqa: BLE001 - rank 0 met the same error and goes on
+                log.warning("follower: %s failed as on rank 0: %s", name, e)
+
+
+def _follow_one(engine: BatchEngine, name: str, args: tuple, cross):
+    """One decision from rank 0; returns this rank's cross K/V of the last image encoded."""
+    from dataclasses import replace
+    model, dev = engine.model, engine.device
+    if name == "encode_images":
+        model.encode_images(args[0].to(dev))
+    elif name == "cross_kv":
+        cross = model.cross_kv(args[0].to(dev))
+    elif name == "admit":
+        row, inputs = args
+        inputs = replace(inputs, **{k: v.to(dev) for k, v in vars(inputs).items() if isinstance(v, torch.Tensor)})
+        inputs.cross_kv = cross if inputs.cross_kv else None
+        engine._admit_model(row, inputs)
+        engine.rows[row] = True                        # occupied (rank 0 holds the request)
+    elif name == "step":
+        engine._step_model(*args)
+    elif name == "finish":
+        engine.rows[args[0]] = None
+        engine.has_image[args[0]] = False
+    return cross
