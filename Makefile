@@ -8,7 +8,7 @@ DEMO_MODEL ?= tiny-cogvlm
 DEMO_IMAGE ?= assets/scene.png
 DEMO_QUERY ?= Describe the image with boxes.
 
-.PHONY: install install-dev chromium demo test bench tiny-models clean
+.PHONY: install install-dev chromium demo test bench bench-full gpu-check tiny-models clean
 
 $(VENV)/.core: requirements.txt
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -49,10 +49,22 @@ test: $(VENV)/.dev chromium
 
 bench: $(VENV)/.core
 	$(PYTHON) bench/decode.py --json bench/results_decode.json
+	$(PYTHON) bench/decode.py --dtype bfloat16 --packed --json bench/results_decode_bfloat16_packed.json
+	$(PYTHON) bench/decode.py --dtype bfloat16 --packed --quant 8 --json bench/results_decode_bfloat16_packed_int8.json
+	$(PYTHON) bench/decode.py --dtype bfloat16 --packed --quant 4 --json bench/results_decode_bfloat16_packed_int4.json
 	$(PYTHON) bench/batch.py --json bench/results_batch.json
 	$(PYTHON) bench/quant.py --json bench/results_quant.json
 	$(PYTHON) bench/finetune.py --json bench/results_finetune.json
 	$(PYTHON) bench/tp.py --json bench/results_tp.json
+
+# The released sizes with random weights (about 15 GB of RAM and 10 minutes each on 2 cores).
+bench-full: $(VENV)/.core
+	$(PYTHON) bench/full_size.py --model cogvlm-chat-v1.1 --quant 4 --qlora_step --json bench/results_full_cogvlm_int4.json
+	$(PYTHON) bench/full_size.py --model cogagent-chat --quant 4 --qlora_step --json bench/results_full_cogagent_int4.json
+
+# On a CUDA machine: the CUDA tests and GPU benchmarks, one JSON (bench/gpu_check.sh).
+gpu-check:
+	bash bench/gpu_check.sh
 
 # The bundled demo models (assets/checkpoints/tiny-cogvlm, tiny-cogagent): synthetic data,
 # tokenizer, full-parameter training with finetune_demo/, export, evaluation. Resumable.

@@ -26,13 +26,6 @@ def median_time(fn, repeat: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def gemv_bandwidth(n: int = 8192, repeat: int = 15) -> float:
-    """Bytes/s of an n x n fp32 matrix-vector product (reads the whole matrix once)."""
-    w, x = torch.randn(n, n), torch.randn(n)
-    t = median_time(lambda: torch.mv(w, x), repeat, warmup=3)
-    return n * n * 4 / t
-
-
 def best_gemv(n: int = 8192, repeat: int = 15, device="cpu") -> dict:
     """Bytes/s of an n x n matrix-vector product by kernel: fp32 torch.mv, bf16 F.linear, and
     (where oneDNN runs bf16) bf16 oneDNN-packed; "best" is the highest, the reference that
@@ -42,7 +35,6 @@ def best_gemv(n: int = 8192, repeat: int = 15, device="cpu") -> dict:
     w, x = torch.randn(n, n, device=device), torch.randn(n, device=device)
     res = {"fp32": n * n * 4 / median_time(lambda: torch.mv(w, x), repeat, warmup=3)}
     wb, xb = w.bfloat16(), x.bfloat16()[None]
-    del w
     res["bf16"] = n * n * 2 / median_time(lambda: F.linear(xb, wb), repeat, warmup=3)
     if can_pack(torch.bfloat16, device):
         packed = torch.ops.mkldnn._reorder_linear_weight(wb, 1)
@@ -58,3 +50,16 @@ def gemm_flops(n: int = 2048, repeat: int = 7, dtype=torch.float32, device="cpu"
     a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     t = median_time(lambda: a @ b, repeat, warmup=2)
     return 2 * n ** 3 / t
+
+
+def image_prompt(cfg, n_text: int, generator=None, device="cpu"):
+    """A random prompt laid out as the templates lay it out: <s>, boi, image patches, eoi, then
+    n_text text tokens. Returns (input_ids, position_ids, vision_mask, image_mask), each 1,T."""
+    L = cfg.image_length
+    ids = torch.randint(3, cfg.vocab_size, (1, 1 + L + 2 + n_text), generator=generator)
+    pos = torch.tensor([[0, 1] + [2] * L + [3] + list(range(4, 4 + n_text))])
+    vision = torch.zeros_like(ids, dtype=torch.bool)
+    vision[0, 1:L + 2] = True                          # boi + patches: the vision expert
+    slots = vision.clone()
+    slots[0, L + 2] = True                             # + eoi: the image's slots
+    return tuple(t.to(device) for t in (ids, pos, vision, slots))

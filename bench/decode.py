@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import best_gemv, gemm_flops, median_time  # noqa: E402
+from bench.common import best_gemv, gemm_flops, image_prompt, median_time  # noqa: E402
 from models import Cache, CogVLM, CrossConfig, EVAConfig, ModelConfig  # noqa: E402
 from models.generate import ModelInputs, decode_one_token, prefill  # noqa: E402
 from models.layout import pack_for_cpu_inference, use_fast_cpu_layout  # noqa: E402
@@ -37,18 +37,12 @@ MID_CROSS = CrossConfig(image_size=448, hidden_size=512, num_layers=4, num_atten
 
 def make_inputs(cfg: ModelConfig, n_text: int, model: CogVLM, with_cross: bool) -> ModelInputs:
     dev = next(model.parameters()).device
-    L = cfg.image_length
-    ids = torch.randint(3, cfg.vocab_size, (1, 1 + L + 2 + n_text))
-    pos = torch.tensor([[0, 1] + [2] * L + [3] + list(range(4, 4 + n_text))])
-    vision = torch.zeros_like(ids, dtype=torch.bool)
-    vision[0, 1:L + 2] = True
-    slots = vision.clone()
-    slots[0, L + 2] = True
+    ids, pos, vision, slots = image_prompt(cfg, n_text, device=dev)
     with torch.inference_mode():
         emb = model.encode_images(torch.randn(1, 3, cfg.eva.image_size, cfg.eva.image_size, device=dev))
         ckv = model.cross_kv(torch.randn(1, 3, cfg.cross.image_size, cfg.cross.image_size, device=dev)) \
             if with_cross else None
-    return ModelInputs(ids.to(dev), pos.to(dev), vision.to(dev), slots.to(dev), image_embeds=emb, cross_kv=ckv)
+    return ModelInputs(ids, pos, vision, slots, image_embeds=emb, cross_kv=ckv)
 
 
 def prefill_flops(model: CogVLM, cfg: ModelConfig, T: int, n_vision: int) -> float:

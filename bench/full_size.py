@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import best_gemv  # noqa: E402
+from bench.common import best_gemv, gemm_flops, image_prompt  # noqa: E402
 from models import Cache, CogVLM  # noqa: E402
 from models.checkpoint import is_derived, materialize  # noqa: E402
 from models.config import MODEL_CONFIGS, get_config  # noqa: E402
@@ -98,6 +98,27 @@ def packed_or_stored(mod: torch.nn.Module) -> int:
     return stored_bytes(mod)
 
 
+def ttft_flops(cfg, T: int) -> float:
+    """FLOPs from image to first token: bench/decode.prefill_flops (ViT, adapter, every linear
+    once per token through its expert, causal attention, the LM head once) plus, for CogAgent,
+    the high-res encoder and each layer's cross attention (K/V of every high-res token once,
+    query/output per prompt token, attention over the high-res tokens)."""
+    from bench.decode import prefill_flops
+    with torch.device("meta"):
+        meta = CogVLM(cfg)
+    f = prefill_flops(meta, cfg, T, cfg.image_length + 1)
+    c = cfg.cross
+    if c is not None:
+        n = c.num_patches + 1
+        vit = sum(p.numel() for name, p in meta.model.cross_vision.named_parameters() if "blocks" in name)
+        f += 2 * vit * n + c.num_layers * 4 * n * n * c.hidden_size
+        for layer in meta.model.layers:
+            a = layer.cross_attn
+            f += 2 * a.key_value.weight.numel() * n + 2 * (a.query.weight.numel() + a.dense.weight.numel()) * T
+            f += 4 * T * n * c.attn_hidden_size
+    return f
+
+
 def _now() -> float:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
@@ -119,16 +140,9 @@ def measure(model: CogVLM, text_tokens: int, decode_steps: int) -> dict:
         t = _now()
         cross_kv = model.cross_kv(torch.randn(1, 3, cfg.cross.image_size, cfg.cross.image_size, device=dev))
         res["cross_image_s"] = _now() - t
-    L = cfg.image_length
-    ids = torch.randint(3, cfg.vocab_size, (1, 1 + L + 2 + text_tokens))
-    pos = torch.tensor([[0, 1] + [2] * L + [3] + list(range(4, 4 + text_tokens))])
-    vision = torch.zeros_like(ids, dtype=torch.bool)
-    vision[0, 1:L + 2] = True
-    slots = vision.clone()
-    slots[0, L + 2] = True
+    ids, pos, vision, slots = image_prompt(cfg, text_tokens, device=dev)
     T = ids.shape[1]
-    inputs = ModelInputs(ids.to(dev), pos.to(dev), vision.to(dev), slots.to(dev), image_embeds=embeds,
-                         cross_kv=cross_kv)
+    inputs = ModelInputs(ids, pos, vision, slots, image_embeds=embeds, cross_kv=cross_kv)
     cache = Cache.allocate(cfg, 1, T + decode_steps + 2, dtype, dev)
     t = _now()
     logits = prefill(model, inputs, cache)
@@ -148,6 +162,40 @@ def measure(model: CogVLM, text_tokens: int, decode_steps: int) -> dict:
     return res
 
 
+def qlora_step(model: CogVLM, text_tokens: int, rank: int = 10) -> dict:
+    """One QLoRA training step, batch 1: the quantized base frozen, LoRA (rank 10, fp32) on the
+    attention of every decoder layer (and CogAgent's cross attention), each layer recomputed
+    in backward (utils.finetune.checkpoint_layers), the image encoders frozen, AdamW on the
+    adapters. Returns its wall time and the peak RSS of the process so far."""
+    from models.lora import LoRAConfig, apply_lora
+    from utils.finetune import checkpoint_layers
+    cfg = model.config
+    dev = model.model.embed_tokens.weight.device
+    for p in model.parameters():
+        p.requires_grad_(False)
+    apply_lora(model, LoRAConfig(rank=rank, alpha=rank), dtype=torch.float32)
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    checkpoint_layers(model)
+    model.train()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids, pos, vision, slots = image_prompt(cfg, text_tokens, device=dev)
+    t = _now()
+    with torch.no_grad():                              # frozen encoders: no graph, no activations kept
+        embeds = model.encode_images(torch.randn(1, 3, cfg.eva.image_size, cfg.eva.image_size, device=dev))
+        cross_kv = model.cross_kv(torch.randn(1, 3, cfg.cross.image_size, cfg.cross.image_size, device=dev)) \
+            if cfg.cross is not None else None
+    logits = model(ids, pos, vision, image_embeds=embeds, image_mask=slots, cross_kv=cross_kv)
+    answer = ~slots[0, 1:]                             # the loss on the text tokens
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1][answer].float(), ids[0, 1:][answer])
+    loss.backward()
+    opt.step()
+    return {"qlora_step_s": round(_now() - t, 2), "qlora_loss": round(float(loss.detach()), 4),
+            "qlora_trainable": sum(p.numel() for p in params),
+            "qlora_peak_rss_gb": round(peak_rss_gb(), 3)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="cogvlm-chat-v1.1", choices=sorted(MODEL_CONFIGS),
@@ -162,6 +210,8 @@ def main(argv=None) -> int:
     p.add_argument("--text_tokens", type=int, default=30)
     p.add_argument("--decode_steps", type=int, default=8)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--qlora_step", action="store_true",
+                   help="after the inference figures, one QLoRA training step (batch 1): its time and peak RSS")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -172,23 +222,31 @@ def main(argv=None) -> int:
     print(f"{a.model}: {precision}, compute {dtype}, {torch.get_num_threads()} threads, CPU flags {' '.join(flags)}",
           flush=True)
     gemv = best_gemv(n=4096 if a.model.startswith("tiny") else 8192, device=a.device)
+    gemm = gemm_flops(dtype=dtype, device=a.device)
     t = time.perf_counter()
     model = build(a.model, dtype, a.quant or None, a.quant_vision, a.device)
     build_s = time.perf_counter() - t
     print(f"built in {build_s:.1f} s, peak RSS {peak_rss_gb():.2f} GB", flush=True)
     r = measure(model, a.text_tokens, a.decode_steps)
     frac = r["decode_bytes_per_token"] * r["decode_tok_s"] / gemv["best"]
+    flops = ttft_flops(model.config, r["prompt_tokens"])
     out = {"model": a.model, "precision": f"{precision} ({str(dtype).split('.')[-1]})",
            "peak_rss_gb": round(peak_rss_gb(), 3), "build_s": round(build_s, 2),
            "image_s": round(r["image_s"], 3), "cross_image_s": round(r["cross_image_s"], 3),
            "ttft_s": round(r["ttft_s"], 3), "decode_tok_s": round(r["decode_tok_s"], 3),
            "decode_frac_bw": round(frac, 3), "gemv_gbps": round(gemv["best"] / 1e9, 2),
+           "ttft_tflop": round(flops / 1e12, 2), "gemm_tflops": round(gemm / 1e12, 3),
+           "ttft_frac_gemm": round(flops / r["ttft_s"] / gemm, 3),
            "prefill_s": round(r["prefill_s"], 3), "prompt_tokens": r["prompt_tokens"],
            "decode_gb_per_token": round(r["decode_bytes_per_token"] / 1e9, 3),
            "threads": torch.get_num_threads(), "cpu_flags": flags, "device": a.device}
     if torch.device(a.device).type == "cuda":
         out["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
         out["gpu"] = torch.cuda.get_device_name()
+    if a.qlora_step:
+        out.update(qlora_step(model, a.text_tokens))
+        if torch.device(a.device).type == "cuda":
+            out["qlora_peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
     print(json.dumps(out, indent=1))
     if a.json:
         a.json.write_text(json.dumps(out, indent=1))

@@ -1,10 +1,12 @@
-"""Quantization table: weight bytes, peak RSS, decode tokens/s and greedy-token agreement with
-fp32 over 50 prompts, for fp32 / bf16 / int8 / int4 of the same random-weight model.
+"""Quality and memory per precision and quantization scheme, against bf16: weight bytes, peak
+RSS, decode tokens/s, greedy-token agreement and the error of the first step's logits over
+50 prompts, for fp32 / bf16 / PyTorch int8 / PyTorch int4 / bitsandbytes int8 / nf4 of the same
+random-weight model; then the same agreement and logit error on the bundled trained models.
 
-Each precision runs in its own process (so peak RSS is its own); the model is a SAT
-checkpoint written once (language hidden 1024, 8 layers, vocab 32000; ViT 56 px, 16 image tokens).
-Random weights make the agreement figure a measure of numerical perturbation only; the
-quality of a trained model is what matters, and this is the only one that can be run here.
+Each scheme runs in its own process (so peak RSS is its own); the model is a SAT checkpoint
+written once (language hidden 1024, 8 layers, vocab 32000; ViT 56 px, 16 image tokens).
+Random weights make the agreement figure a measure of numerical perturbation only (their
+logits have tiny margins, so every rounding flips tokens); the bundled models are trained.
 """
 from __future__ import annotations
 
@@ -27,31 +29,39 @@ SMALL = ModelConfig(num_layers=8, hidden_size=1024, num_attention_heads=16, inne
                     vocab_size=32000, max_sequence_length=2048,
                     eva=EVAConfig(num_layers=2, hidden_size=256, num_attention_heads=4,
                                   inner_hidden_size=1024, image_size=56))
-PRECISIONS = ["fp32", "bf16", "int8", "int4"]
+# scheme -> (load dtype, bits, back end)
+SCHEMES = {"fp32": (torch.float32, None, None), "bf16": (torch.bfloat16, None, None),
+           "int8": (torch.bfloat16, 8, "torch"), "int4": (torch.bfloat16, 4, "torch"),
+           "bnb-int8": (torch.bfloat16, 8, "bitsandbytes"), "bnb-nf4": (torch.bfloat16, 4, "bitsandbytes")}
+REF = "bf16"
 
 
-def worker(ckpt: str, precision: str, prompts: int, new_tokens: int, out: str) -> None:
+def load(ckpt: str, scheme: str):
+    from models.quantize import quantize
+    dtype, bits, backend = SCHEMES[scheme]
+    if backend == "bitsandbytes":                      # bitsandbytes quantizes after loading
+        model, cfg = load_model(ckpt, dtype=dtype)
+        quantize(model, bits, vision_bits=8, backend=backend)
+    else:
+        model, cfg = load_model(ckpt, dtype=dtype, quant=bits)
+    return model, cfg
+
+
+def worker(ckpt: str, scheme: str, prompts: int, new_tokens: int, out: str) -> None:
     from models.generate import GenerationConfig, ModelInputs, generate_tokens
-    from models.quantize import quantize, weight_bytes
+    from models.quantize import weight_bytes
     torch.set_num_threads(2)
-    dtype = torch.bfloat16 if precision in ("bf16", "int8", "int4") else torch.float32
-    model, cfg = load_model(ckpt, dtype=dtype)
-    if precision.startswith("int"):
-        quantize(model, int(precision[3:]))
-    L = cfg.image_length
+    model, cfg = load(ckpt, scheme)
+    from bench.common import image_prompt
     g = torch.Generator().manual_seed(0)
-    outputs, decode_time, decoded = [], 0.0, 0
+    outputs, first_logits, decode_time, decoded = [], [], 0.0, 0
     for i in range(prompts):
-        n_text = 12
-        ids = torch.randint(3, cfg.vocab_size, (1, 1 + L + 2 + n_text), generator=g)
-        pos = torch.tensor([[0, 1] + [2] * L + [3] + list(range(4, 4 + n_text))])
-        vision = torch.zeros_like(ids, dtype=torch.bool)
-        vision[0, 1:L + 2] = True
-        slots = vision.clone()
-        slots[0, L + 2] = True
+        ids, pos, vision, slots = image_prompt(cfg, 12, generator=g)
         img = torch.randn(1, 3, 56, 56, generator=g)
         with torch.inference_mode():
             inputs = ModelInputs(ids, pos, vision, slots, image_embeds=model.encode_images(img))
+            first_logits.append(model(ids, pos, vision, image_embeds=inputs.image_embeds, image_mask=slots,
+                                      last_only=True)[0, -1].float())
             toks, t0 = [], None
             for step, tok in enumerate(generate_tokens(model, inputs, GenerationConfig(), -1, new_tokens)):
                 if step == 0:
@@ -60,42 +70,95 @@ def worker(ckpt: str, precision: str, prompts: int, new_tokens: int, out: str) -
             decode_time += time.perf_counter() - t0
             decoded += new_tokens - 1
         outputs.append(toks)
+    torch.save(torch.stack(first_logits), out + ".pt")
     Path(out).write_text(json.dumps({
         "weight_bytes": weight_bytes(model), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "tok_s": decoded / decode_time, "outputs": outputs}))
+
+
+def logit_error(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean over prompts of ||a - ref|| / ||ref|| (first-step logits)."""
+    return float(((a - ref).norm(dim=-1) / ref.norm(dim=-1)).mean())
+
+
+BUNDLED = [("tiny-cogvlm", "scene.png", ["Describe the image.", "How many shapes are there?",
+                                         "What shape is the blue object?", "Describe the image with boxes.",
+                                         "What colour is the square?"]),
+           ("tiny-cogagent", "gui.png", ['What steps do I need to take to "click the Open button"?(with grounding)',
+                                         "Describe the image.", "What does the title say?"])]
+
+
+def bundled(schemes) -> dict:
+    """Greedy answers and first-step logits of the bundled models' example questions, per scheme."""
+    from models.generate import GenerationConfig
+    from models.loading import BUNDLED_DIR
+    from utils.chat import ImageContext, chat, prepare
+    from utils.tokenizer import Tokenizer
+    root = Path(__file__).resolve().parent.parent
+    res = {}
+    for scheme in schemes:
+        answers, logits = [], []
+        for name, image, questions in BUNDLED:
+            model, cfg = load(str(BUNDLED_DIR / name), scheme)
+            tok = Tokenizer(BUNDLED_DIR / name / "tokenizer")
+            for q in questions:
+                img = ImageContext(root / "assets" / image, cfg)
+                x = prepare(model, tok, q, [], img)
+                with torch.inference_mode():
+                    logits.append(model(x.input_ids, x.position_ids, x.vision_mask, image_embeds=x.image_embeds,
+                                        image_mask=x.image_mask, cross_kv=x.cross_kv, last_only=True)[0, -1].float())
+                answers.append(chat(model, tok, q, [], img, gen=GenerationConfig(max_new_tokens=64))[0])
+        res[scheme] = (answers, logits)
+    return res
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--prompts", type=int, default=50)
     p.add_argument("--new_tokens", type=int, default=10)
+    p.add_argument("--schemes", default=",".join(SCHEMES))
     p.add_argument("--json", type=Path)
-    p.add_argument("--worker", nargs=3, metavar=("CKPT", "PRECISION", "OUT"))
+    p.add_argument("--worker", nargs=3, metavar=("CKPT", "SCHEME", "OUT"))
     a = p.parse_args(argv)
     if a.worker:
         worker(a.worker[0], a.worker[1], a.prompts, a.new_tokens, a.worker[2])
         return 0
+    schemes = a.schemes.split(",")
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
         save_sat_checkpoint(build_model(SMALL), SMALL, Path(d) / "m")
-        res = {}
-        for prec in PRECISIONS:
-            out = Path(d) / f"{prec}.json"
+        res, logits = {}, {}
+        for scheme in schemes:
+            out = Path(d) / f"{scheme}.json"
             subprocess.run([sys.executable, __file__, "--prompts", str(a.prompts), "--new_tokens",
-                            str(a.new_tokens), "--worker", str(Path(d) / "m"), prec, str(out)], check=True)
-            res[prec] = json.loads(out.read_text())
-    ref = res["fp32"]["outputs"]
-    print(f"{'':6} {'weights MB':>10} {'peak RSS MB':>11} {'decode tok/s':>12} {'greedy tokens = fp32':>21}")
-    table = {}
-    for prec in PRECISIONS:
-        r = res[prec]
+                            str(a.new_tokens), "--worker", str(Path(d) / "m"), scheme, str(out)], check=True)
+            res[scheme] = json.loads(out.read_text())
+            logits[scheme] = torch.load(str(out) + ".pt")
+    ref = res[REF]["outputs"]
+    print(f"random-weight model, against {REF}:")
+    print(f"{'':9} {'weights MB':>10} {'peak RSS MB':>11} {'decode tok/s':>12} {'logit error':>11} "
+          f"{'first token = bf16':>18} {'greedy tokens = bf16':>21}")
+    table = {"random": {}, "bundled": {}}
+    for scheme in schemes:
+        r = res[scheme]
         same = sum(x == y for o, q in zip(ref, r["outputs"]) for x, y in zip(o, q))
         total = sum(len(o) for o in ref)
         exact = sum(o == q for o, q in zip(ref, r["outputs"]))
-        table[prec] = dict(weight_MB=r["weight_bytes"] / 1e6, peak_rss_MB=r["peak_rss"] / 1e6,
-                           tok_s=r["tok_s"], token_agreement=same / total, prompt_agreement=exact / len(ref))
-        print(f"{prec:6} {r['weight_bytes'] / 1e6:10.0f} {r['peak_rss'] / 1e6:11.0f} {r['tok_s']:12.2f} "
-              f"{same / total:10.1%} ({exact}/{len(ref)} prompts)")
+        first = float((logits[scheme].argmax(-1) == logits[REF].argmax(-1)).float().mean())
+        err = logit_error(logits[scheme], logits[REF])
+        table["random"][scheme] = dict(weight_MB=r["weight_bytes"] / 1e6, peak_rss_MB=r["peak_rss"] / 1e6,
+                                       tok_s=r["tok_s"], logit_rel_error=err, first_token_agreement=first,
+                                       token_agreement=same / total, prompt_agreement=exact / len(ref))
+        print(f"{scheme:9} {r['weight_bytes'] / 1e6:10.0f} {r['peak_rss'] / 1e6:11.0f} {r['tok_s']:12.2f} "
+              f"{err:11.4f} {first:18.1%} {same / total:10.1%} ({exact}/{len(ref)} prompts)")
+    b = bundled(schemes)
+    print(f"\nbundled models (tiny-cogvlm, tiny-cogagent; {len(b[REF][0])} questions), against {REF}:")
+    for scheme in schemes:
+        answers, lg = b[scheme]
+        same = sum(x == y for x, y in zip(answers, b[REF][0]))
+        err = sum(logit_error(x[None], y[None]) for x, y in zip(lg, b[REF][1])) / len(lg)
+        table["bundled"][scheme] = dict(same_answers=same, of=len(answers), logit_rel_error=err)
+        print(f"{scheme:9} same greedy answer {same}/{len(answers)}, logit error {err:.4f}")
     if a.json:
         a.json.write_text(json.dumps(table, indent=1))
     return 0

@@ -11,6 +11,9 @@ and returns Examples; a missing file is named in one line with where it was look
 - POPE: ROOT/coco_pope_<kind>.json (one JSON object a line: question_id, image, text, label);
   images ROOT/val2014/ or ROOT/images/val2014/.
 - COCO captions: ROOT/captions_<split>2014.json (or annotations/); images ROOT/<split>2014/.
+- Finetuning data (`finetune:<split>`): ROOT/<split>/ in either layout the finetuning scripts
+  read (labels/ + images/ conversations, or captcha images named by their text); every
+  answer turn is an example, the turns before it its history.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ class Example:
     answers: list = field(default_factory=list)     # VQA: human answers; POPE: [label]
     box: Optional[tuple] = None              # grounding truth, x0 y0 x1 y1 in pixels
     size: Optional[tuple] = None             # (width, height) of the image
+    history: list = field(default_factory=list)    # earlier (query, answer) turns (finetuning data)
 
 
 def _find(root: Path, names: list, what: str) -> Path:
@@ -140,9 +144,27 @@ def read_coco_captions(root: Path, split: str) -> list[Example]:
             for im in d["images"]]
 
 
+def read_finetune(root: Path, split: str) -> list[Example]:
+    """The finetuning scripts' own data (utils/dataset.py layouts), answers as the truth."""
+    from utils.dataset import scan_captcha, scan_conversations
+    folder = root / split if split else root
+    if not folder.is_dir():
+        raise DataError(f"finetuning data: no folder {folder} (expected {root}/<split>/ with labels/ + images/, "
+                        f"or captcha images)")
+    conv = (folder / "labels").is_dir() and (folder / "images").is_dir()
+    samples, _ = (scan_conversations if conv else scan_captcha)(folder)
+    out = []
+    for i, s in enumerate(samples):
+        (query, answer), history = s.turns[-1], s.turns[:-1]
+        out.append(Example(f"{s.image.name}#{i}", s.image, query, [answer], history=list(history)))
+    return out
+
+
 # task name -> (reader, its argument); the split or kind follows the colon: refcoco:val
 def read_task(root: Path, task: str) -> list[Example]:
     name, _, part = task.partition(":")
+    if name == "finetune":
+        return read_finetune(root, part)
     if name in REFER:
         if part not in ("val", "testA", "testB", "test"):
             raise DataError(f"{task}: the split must be val, testA, testB or test")
@@ -158,4 +180,4 @@ def read_task(root: Path, task: str) -> list[Example]:
             raise DataError(f"{task}: the POPE kind must be adversarial, popular or random")
         return read_pope(root, part)
     raise DataError(f"unknown task {task!r}; known: refcoco:val|testA|testB, refcoco+:..., refcocog:val|test, "
-                    f"vqav2:val, textvqa:val, pope:adversarial|popular|random, coco_caption:val")
+                    f"vqav2:val, textvqa:val, pope:adversarial|popular|random, coco_caption:val, finetune:<split>")

@@ -6,7 +6,8 @@ data parallel over many (torchrun), resumable.
   torchrun --nproc-per-node 4 evaluation/evaluate.py ...      # each process a whole model
 
 Tasks: refcoco:val|testA|testB, refcoco+:val|testA|testB, refcocog:val|test, synthetic:val, vqav2:val,
-textvqa:val, pope:adversarial|popular|random, coco_caption:val. Every answer is streamed to
+textvqa:val, pope:adversarial|popular|random, coco_caption:val, finetune:<split> (the
+finetuning scripts' data: exact-match acc and acc_w/o_case). Every answer is streamed to
 OUT/predictions-<task>.jsonl (':' as '_'): a rerun skips what is there. The table is printed
 (markdown) and written to OUT/results.json, metrics in percent.
 """
@@ -32,7 +33,8 @@ CAPTION_REQUEST = "Describe the image in one sentence."
 
 def kind(task: str) -> str:
     name = task.split(":")[0]
-    return {"vqav2": "vqa", "textvqa": "vqa", "pope": "pope", "coco_caption": "caption"}.get(name, "grounding")
+    return {"vqav2": "vqa", "textvqa": "vqa", "pope": "pope", "coco_caption": "caption",
+            "finetune": "exact"}.get(name, "grounding")
 
 
 def prompt(task: str, ex: Example, version: str, grounding_prompt: str = EXPRESSION_TO_BOX[0]) -> tuple[str, str]:
@@ -48,6 +50,12 @@ def prompt(task: str, ex: Example, version: str, grounding_prompt: str = EXPRESS
     return ex.question, version
 
 
+def exact_scores(answer: str, truth: str) -> dict:
+    """The finetuning scripts' metric: the whole answer equal to the truth (and ignoring case)."""
+    a, t = answer.strip(), truth.strip()
+    return {"exact": float(a == t), "nocase": float(a.lower() == t.lower())}
+
+
 def example_score(task: str, ex: Example, answer: str):
     k = kind(task)
     if k == "grounding":
@@ -57,6 +65,8 @@ def example_score(task: str, ex: Example, answer: str):
         return {"accuracy": vqa_accuracy(answer, ex.answers)}
     if k == "caption":
         return {}                                  # CIDEr is a corpus score (idf over the set)
+    if k == "exact":
+        return exact_scores(answer, ex.answers[0])
     return {"label": ex.answers[0]}
 
 
@@ -73,6 +83,10 @@ def task_metrics(task: str, rows: list, examples: list) -> dict:
                 "n": len(rows)}
     if k == "vqa":
         return {"accuracy": 100 * sum(r["score"]["accuracy"] for r in rows) / len(rows), "n": len(rows)}
+    if k == "exact":
+        n = max(1, len(rows))
+        return {"acc": 100 * sum(r["score"]["exact"] for r in rows) / n,
+                "acc_w/o_case": 100 * sum(r["score"]["nocase"] for r in rows) / n, "n": len(rows)}
     s = pope_scores([(r["answer"], r["score"]["label"]) for r in rows])
     return {**{m: 100 * v for m, v in s.items()}, "n": len(rows)}
 
@@ -107,7 +121,7 @@ def run_task(answer_fn, task: str, examples: list, out: Path, version: str, batc
              rank: int = 0, world: int = 1, show: bool = True, grounding_prompt: str = EXPRESSION_TO_BOX[0]) -> int:
     """Answer this process's share (every world-th example) of what is not done yet, streaming
     each line to the task's predictions file. answer_fn(requests) -> answers, with requests
-    (query, version, image path). Returns how many were answered."""
+    (query, version, image path, history). Returns how many were answered."""
     from tqdm import tqdm
     from utils.grounding import parse_groundings
     path = predictions_file(out, task)
@@ -116,8 +130,8 @@ def run_task(answer_fn, task: str, examples: list, out: Path, version: str, batc
     bar = tqdm(total=len(todo), desc=task, unit="ex", disable=not show)
     for i in range(0, len(todo), batch_size):
         chunk = todo[i:i + batch_size]
-        reqs = [(*prompt(task, ex, version, grounding_prompt), ex.image) for ex in chunk]
-        for ex, (query, _, _), answer in zip(chunk, reqs, answer_fn(reqs)):
+        reqs = [(*prompt(task, ex, version, grounding_prompt), ex.image, ex.history) for ex in chunk]
+        for ex, (query, *_), answer in zip(chunk, reqs, answer_fn(reqs)):
             boxes = [list(b) for g in parse_groundings(answer) for b in g.boxes]
             append_line(path, {"id": ex.id, "prompt": query, "answer": answer, "boxes": boxes,
                                "score": example_score(task, ex, answer)})
@@ -126,19 +140,40 @@ def run_task(answer_fn, task: str, examples: list, out: Path, version: str, batc
     return len(todo)
 
 
+def score_in_memory(answer_fn, task: str, examples: list, version: str, batch_size: int,
+                    rank: int = 0, world: int = 1, group=None) -> dict:
+    """What run_task + task_metrics compute, without files: this process answers every
+    world-th example, the rows are gathered over `group` (data parallel) and every rank gets
+    the task's metrics. The finetuning scripts' evaluations use it."""
+    import torch.distributed as dist
+    mine = []
+    todo = [(i, ex) for i, ex in enumerate(examples) if i % world == rank]
+    for j in range(0, len(todo), batch_size):
+        chunk = todo[j:j + batch_size]
+        reqs = [(*prompt(task, ex, version), ex.image, ex.history) for _, ex in chunk]
+        for (i, ex), answer in zip(chunk, answer_fn(reqs)):
+            mine.append((i, {"id": ex.id, "answer": answer, "score": example_score(task, ex, answer)}))
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, mine, group=group)
+        mine = [r for part in parts for r in part]
+    rows = [r for _, r in sorted(mine, key=lambda x: x[0])]
+    return task_metrics(task, rows, examples)
+
+
 def model_answers(model, tok, gen):
     """answer_fn for run_task: batch_chat on the model, each image decoded once per batch."""
     from utils.chat import ImageContext, batch_chat
 
     def answer(reqs):
         images, by_version = {}, {}
-        for i, (query, version, image) in enumerate(reqs):
+        for i, (query, version, image, history) in enumerate(reqs):
             if image not in images:
                 images[image] = ImageContext(image, model.config)
             by_version.setdefault(version, []).append(i)
         out = [None] * len(reqs)
         for version, idx in by_version.items():
-            answers = batch_chat(model, tok, [(reqs[i][0], [], images[reqs[i][2]]) for i in idx],
+            answers = batch_chat(model, tok, [(reqs[i][0], reqs[i][3], images[reqs[i][2]]) for i in idx],
                                  None if version == "auto" else version, gen)
             for i, a in zip(idx, answers):
                 out[i] = a

@@ -32,8 +32,9 @@ import torch.nn.functional as F
 
 GROUP = 64            # int4 inputs per scale/zero pair
 # Up to this many rows a step runs the weight-only kernel; more rows dequantize the layer and
-# run the dense GEMM (break-even measured for 4096 x 4096: int8 ~24 rows, int4 ~150 rows).
-KERNEL_ROWS = {8: 24, 4: 128}
+# run the dense GEMM (break-even measured on 4096 x 4096 and the mid-size shapes: int8 16-24
+# rows, int4 64-96 rows).
+KERNEL_ROWS = {8: 16, 4: 80}
 BACKENDS = ("torch", "bitsandbytes")
 
 
@@ -81,7 +82,7 @@ def int4_fits(n: int, k: int) -> bool:
 _buffers = threading.local()                           # per thread: dtype, slot -> flat buffer
 
 
-def _buffer(shape, dtype, slot: int = 0) -> torch.Tensor:
+def _buffer(shape, dtype, slot: int = 0, device=None) -> torch.Tensor:
     """A reused scratch tensor of `shape`: one flat buffer per thread, dtype and slot, grown to
     the largest layer seen, so the scratch memory of a whole model is that of its largest
     layer (not one buffer per weight shape: 0.5 GB more at CogVLM-17B's size)."""
@@ -91,10 +92,11 @@ def _buffer(shape, dtype, slot: int = 0) -> torch.Tensor:
     n = 1
     for d in shape:
         n *= d
-    flat = cache.get((dtype, slot))
+    key = (dtype, slot, str(device or "cpu"))
+    flat = cache.get(key)
     if flat is None or flat.numel() < n:
         with torch.inference_mode(False):             # usable inside and outside inference mode
-            flat = cache[(dtype, slot)] = torch.empty(n, dtype=dtype)
+            flat = cache[key] = torch.empty(n, dtype=dtype, device=device)
     return flat[:n].view(shape)
 
 
@@ -139,7 +141,8 @@ class _DequantMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        w = ctx.layer.dequantize()
+        layer = ctx.layer
+        w = layer.dequantize(_buffer((layer.out_features, layer.in_features), layer.dtype, 0, layer.qweight.device))
         return (grad.to(w.dtype) @ w).to(grad.dtype), None
 
 
@@ -152,9 +155,11 @@ class WeightOnlyLinear(nn.Module):
         self.bits, self.dtype = bits, weight.dtype
         if bits == 4 and not int4_fits(N, K):
             raise ValueError(f"int4 needs rows % 64 == 0 and inputs % {GROUP} == 0, not {(N, K)}")
-        w = weight.detach()
-        q = torch.empty(N, K if bits == 8 else K // 2, dtype=torch.int8 if bits == 8 else torch.uint8)
-        scales = torch.empty((N,) if bits == 8 else (K // GROUP, N, 2), dtype=w.dtype)
+        if bits == 4 and weight.device.type != "cpu":
+            raise ValueError("int4 with the PyTorch back end runs on CPU only; on CUDA use bitsandbytes (the default)")
+        w, dev = weight.detach(), weight.device
+        q = torch.empty(N, K if bits == 8 else K // 2, dtype=torch.int8 if bits == 8 else torch.uint8, device=dev)
+        scales = torch.empty((N,) if bits == 8 else (K // GROUP, N, 2), dtype=w.dtype, device=dev)
         # A few million weights at a time: the fp32 temporaries stay small (an LM head of
         # 32000 x 4096 would otherwise take 3 x 0.5 GB of them while it is quantized).
         step = max(64, (1 << 22) // K // 64 * 64)
@@ -180,7 +185,7 @@ class WeightOnlyLinear(nn.Module):
     def dequantize(self, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The weight as N,K in the compute dtype (into `out` when given)."""
         N, K = self.out_features, self.in_features
-        out = out if out is not None else torch.empty(N, K, dtype=self.dtype)
+        out = out if out is not None else torch.empty(N, K, dtype=self.dtype, device=self.qweight.device)
         if self.bits == 8:
             return out.copy_(self.qweight).mul_(self.scales[:, None])
         block = int4_row_block()
@@ -199,7 +204,7 @@ class WeightOnlyLinear(nn.Module):
             if self.bits == 8:
                 return torch._weight_int8pack_mm(x2, self.qweight, self.scales)
             return torch._weight_int4pack_mm_for_cpu(x2, self.qweight, GROUP, self.scales)
-        buf = _buffer((self.out_features, self.in_features), self.dtype)
+        buf = _buffer((self.out_features, self.in_features), self.dtype, 0, self.qweight.device)
         if self.bits == 8:               # per-row scales: scale the outputs, not the weight
             return F.linear(x2, buf.copy_(self.qweight)) * self.scales
         return F.linear(x2, self.dequantize(buf))

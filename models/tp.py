@@ -151,12 +151,17 @@ class _AllReduceBoth(_AllReduce):
         return _CopyToRanks.backward(ctx, g)
 
 
+def _split() -> bool:
+    """Whether this process is one of several tensor-parallel ranks."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(_GROUP) > 1
+
+
 def all_reduce(x):
-    return _AllReduce.apply(x)
+    return _AllReduce.apply(x) if _split() else x
 
 
 def copy_to_ranks(x):
-    return _CopyToRanks.apply(x) if torch.is_grad_enabled() else x
+    return _CopyToRanks.apply(x) if torch.is_grad_enabled() and _split() else x
 
 
 class ColumnParallelLinear(nn.Linear):

@@ -164,7 +164,7 @@ def test_run_task_with_a_scripted_model(tmp_path):
 
     def answer(reqs):
         return [captions[img.name] if q.startswith("Describe the image")
-                else next(v for k, v in scripted.items() if k in q) for q, _, img in reqs]
+                else next(v for k, v in scripted.items() if k in q) for q, _, img, _ in reqs]
     out = tmp_path / "out"
     out.mkdir()
     expect = {"refcoco:val": {"accuracy": 200 / 3, "accuracy_first_box": 200 / 3, "n": 3},
@@ -181,6 +181,41 @@ def test_run_task_with_a_scripted_model(tmp_path):
         assert run_task(answer, task, examples, out, "auto", 2, show=False) == 0     # resumed: nothing left
     row = done_ids(predictions_file(out, "refcoco:val"))["100"]
     assert row["prompt"].startswith("Can you point out the right half") and row["boxes"] == [[250, 500, 750, 1000]]
+
+
+def test_finetune_task_scores_the_finetuning_data(tmp_path):
+    """The finetuning scripts' data through the runner (task finetune:<split>): each answer
+    turn an example with the earlier turns as history; exact-match acc and acc_w/o_case by
+    hand; the in-memory path the finetuning scripts call gives the same numbers."""
+    from evaluation.evaluate import done_ids, predictions_file, run_task, score_in_memory, task_metrics
+    test = tmp_path / "data" / "test"
+    (test / "images").mkdir(parents=True)
+    (test / "labels").mkdir()
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(test / "images" / "a.jpg")
+    conv = [{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "Red"},
+            {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "yes"}]
+    (test / "labels" / "a.json").write_text(json.dumps({"conversations": conv}))
+    Image.new("RGB", (60, 20), (0, 0, 0)).save(tmp_path / "data" / "ab12.png")   # a captcha split
+    seen = []
+
+    def answer(reqs):
+        seen.extend(reqs)
+        return [{"What colour?": "red", "Sure?": "yes"}.get(q, "AB12") for q, _, _, _ in reqs]
+    examples = read_task(tmp_path / "data", "finetune:test")
+    assert [(e.question, e.answers, e.history) for e in examples] == [
+        ("What colour?", ["Red"], []), ("Sure?", ["yes"], [("What colour?", "Red")])]
+    out = tmp_path / "out"
+    out.mkdir()
+    run_task(answer, "finetune:test", examples, out, "auto", 4, show=False)
+    assert seen[1][3] == [("What colour?", "Red")]                # history reaches the model
+    rows = done_ids(predictions_file(out, "finetune:test"))
+    want = {"acc": 50.0, "acc_w/o_case": 100.0, "n": 2}           # "red" vs "Red": only ignoring case
+    assert task_metrics("finetune:test", [rows[e.id] for e in examples], examples) == want
+    assert score_in_memory(answer, "finetune:test", examples, "auto", 1) == want
+    captcha = read_task(tmp_path / "data", "finetune:")
+    assert [(e.question, e.answers) for e in captcha][0][1] == ["ab12"]
+    with pytest.raises(DataError, match="no folder"):
+        read_task(tmp_path / "data", "finetune:valid")
 
 
 def test_runner_cli_one_and_two_processes_agree(cogvlm_ckpt, tmp_path):

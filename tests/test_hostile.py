@@ -188,23 +188,15 @@ def test_merge_refuses_a_missing_or_duplicated_rank(cogvlm_ckpt, tmp_path):
 
 # ---------------------------------------------------------------- the server, attacked
 def start_server(ckpt, log, *extra):
-    import httpx
-    from tests.test_openai_api import _free_port
+    from tests.test_openai_api import _free_port, wait_healthy
     port = _free_port()
     env = {**ENV, "COGVLM_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "openai_demo" / "openai_api.py"), "--from_pretrained",
                              str(ckpt), "--port", str(port), *map(str, extra)],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd="/")
     url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return url, proc
-        except httpx.HTTPError:
-            import time
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(Path(log).read_text())
+    wait_healthy(url, proc, log)
+    return url, proc
 
 
 def post(url, body=None, raw=None, key=KEY, timeout=60):

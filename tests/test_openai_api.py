@@ -31,6 +31,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, proc, log: Path, tries: int = 600) -> None:
+    """Until the server at url answers /health; its log in the error if it never does."""
+    for _ in range(tries):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(Path(log).read_text()[-3000:])
+
+
 def png_url(size=(64, 48), color=(200, 30, 30), fmt="PNG", mime="image/png") -> str:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, fmt)
@@ -48,15 +62,7 @@ def server(cogvlm_ckpt, tmp_path_factory):
                              "--max-tokens", "64", "--max-images", "2", "--max-image-pixels", "4000000"],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd="/")
     url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        raise RuntimeError(log.read_text())
+    wait_healthy(url, proc, log)
     yield url, proc
     proc.terminate()
     proc.wait(timeout=20)

@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.test_openai_api import _free_port, _image_msg, png_url
+from tests.test_openai_api import _free_port, _image_msg, png_url, wait_healthy
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -32,16 +31,12 @@ def _start(ckpt: Path, log: Path, ranks: int):
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=ENV, cwd="/",
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return url, proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-        if proc.poll() is not None:
-            break
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise RuntimeError(log.read_text()[-3000:])
+    try:
+        wait_healthy(url, proc, log)
+    except RuntimeError:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return url, proc
 
 
 def _children(pid: int) -> list[int]:

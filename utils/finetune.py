@@ -35,7 +35,6 @@ from models.loading import load_model, resolve_pretrained
 from models.lora import LoRAConfig, apply_lora
 from . import args as common
 from .flags import ArgumentParser
-from .chat import ImageContext, batch_chat
 from .dataset import FinetuneDataset, collate_train, packed_attention_mask
 from .tokenizer import Tokenizer, resolve_tokenizer
 
@@ -235,6 +234,8 @@ def freeze_for_training(model, args) -> tuple[int, int]:
     # a 4-bit weight holds two values per byte: count the weights it stands for
     total = sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
                 for p in model.parameters())
+    from models.quantize import WeightOnlyLinear       # weights kept as buffers
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, WeightOnlyLinear))
     return trainable, total
 
 
@@ -328,40 +329,43 @@ def object_loss(model, b: dict) -> torch.Tensor:
 def sat_state_for_saving(model, base_sd: Optional[dict]) -> dict:
     """SAT-named weights; quantized (QLoRA) base weights come from the checkpoint they were
     loaded from (they never change), everything else from the model."""
+    from models.quantize import WeightOnlyLinear
+    quantized = {n for n, m in model.named_modules() if isinstance(m, WeightOnlyLinear)}
     out = {}
+    for name in sorted(quantized):                    # PyTorch int4/int8: qweight + scales buffers
+        key = sat_key(name + ".weight")
+        out[key] = base_sd[key].detach().cpu().contiguous()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.startswith("aux_heads."):             # training-only heads: not part of the model
-            continue
+        mod, _, attr = name.rpartition(".")
+        if name.startswith("aux_heads.") or mod in quantized and attr in ("qweight", "scales"):
+            continue                                  # training-only heads; quantized weights (above)
         key = sat_key(name)
-        if not t.is_floating_point():
+        if not t.is_floating_point():                 # bitsandbytes' packed weights
             t = base_sd[key]
         out[key] = t.detach().cpu().contiguous()
     return out
 
 
 @torch.no_grad()
-def evaluate(model, tok, dataset, args, dp_rank: int, dp: int, dp_group=None) -> dict:
-    """Greedy answers for the first --eval_samples samples (spread over the data-parallel
-    ranks): acc (exact match) and acc_w/o_case."""
+def evaluate(model, tok, examples, args, dp_rank: int, dp: int, dp_group=None) -> dict:
+    """Greedy answers for the first --eval_samples examples (spread over the data-parallel
+    ranks), scored by the benchmark runner (evaluation/evaluate.py, task finetune): acc
+    (exact match) and acc_w/o_case, in percent."""
+    from evaluation.evaluate import model_answers, score_in_memory
     from models.generate import GenerationConfig
     model.eval()
-    n = min(args.eval_samples, len(dataset))
-    mine = list(range(dp_rank, n, dp))
     gen = GenerationConfig(max_new_tokens=args.eval_max_new_tokens, top_k=1)
-    exact = nocase = 0
-    for i in range(0, len(mine), args.batch_size):
-        samples = [dataset.samples[j] for j in mine[i:i + args.batch_size]]
-        reqs = [(s.turns[-1][0], s.turns[:-1], ImageContext(s.image, model.config)) for s in samples]
-        answers = batch_chat(model, tok, reqs, args.version, gen)
-        for s, a in zip(samples, answers):
-            exact += a.strip() == s.turns[-1][1].strip()
-            nocase += a.strip().lower() == s.turns[-1][1].strip().lower()
-    counts = torch.tensor([exact, nocase, len(mine)], dtype=torch.float64)
-    if dp > 1:
-        dist.all_reduce(counts, group=dp_group)
+    metrics = score_in_memory(model_answers(model, tok, gen), "finetune:", examples[: args.eval_samples],
+                              args.version or "auto", args.batch_size, dp_rank, dp, dp_group)
     model.train()
-    total = max(1.0, counts[2].item())
-    return {"acc": counts[0].item() / total, "acc_w/o_case": counts[1].item() / total, "n": int(counts[2].item())}
+    return metrics
+
+
+def eval_examples(dataset) -> list:
+    """A finetuning dataset's samples (the ones that fit) as the runner's examples."""
+    from evaluation.datasets import Example
+    return [Example(f"{s.image.name}#{i}", s.image, s.turns[-1][0], [s.turns[-1][1]], history=list(s.turns[:-1]))
+            for i, s in enumerate(dataset.samples)]
 
 
 def evaluate_sets(model, tok, cfg, args, dp_rank, dp, is_main, dp_group=None) -> dict:
@@ -372,11 +376,11 @@ def evaluate_sets(model, tok, cfg, args, dp_rank, dp, is_main, dp_group=None) ->
             continue
         data = FinetuneDataset(folder, cfg, tok, args.version, args.max_length)
         saved, args.eval_samples = args.eval_samples, limit
-        metrics = evaluate(model, tok, data, args, dp_rank, dp, dp_group)
+        metrics = evaluate(model, tok, eval_examples(data), args, dp_rank, dp, dp_group)
         args.eval_samples = saved
         out[name] = metrics
         if is_main:
-            print(f"{name}: acc {metrics['acc']:.4f} acc_w/o_case {metrics['acc_w/o_case']:.4f} "
+            print(f"{name}: acc {metrics['acc']:.2f} acc_w/o_case {metrics['acc_w/o_case']:.2f} "
                   f"({metrics['n']} samples, skipped {len(data.skipped)})", flush=True)
     return out
 
@@ -413,15 +417,15 @@ def train(args) -> dict:
         log.info("resuming from %s at step %d", save, start_step)
     if is_main and remove_stale_temporaries(save):
         log.info("removed temporary files of an interrupted save in %s", save)
+    # QLoRA: the base is quantized to 4 bits while it is read (the bf16 model is never held).
     model, cfg = load_model(source, device=args.device, dtype=dtype, trust_checkpoint=args.trust_checkpoint,
-                            cpu_layout=False, rank=mp_rank, world=args.model_parallel_size)
+                            cpu_layout=False, rank=mp_rank, world=args.model_parallel_size,
+                            quant=4 if args.use_qlora else None)
     lora_from_ckpt = "lora" in cfg.extra
     base_sd = None
     if args.use_qlora:
-        from models.quantize import quantize
         base_sd = read_sat_state_dict(resolve_pretrained(source), args.trust_checkpoint,
                                       mp_rank, args.model_parallel_size)
-        quantize(model, 4)
     if args.full and args.lora_rank and not lora_from_ckpt:
         args.lora_rank = 0
     if args.lora_rank > 0 and not lora_from_ckpt:
@@ -528,11 +532,11 @@ def train(args) -> dict:
                 bar.write(msg)
             window.clear()
         if valid_set is not None and ((step + 1) % args.eval_interval == 0 or step + 1 == args.train_iters):
-            metrics = evaluate(engine.module, tok, valid_set, args, dp_rank, groups.dp, groups.dp_group)
+            metrics = evaluate(engine.module, tok, eval_examples(valid_set), args, dp_rank, groups.dp, groups.dp_group)
             result["eval"] = metrics
             if is_main:
-                bar.write(f"eval step {step + 1}: acc {metrics['acc']:.4f} acc_w/o_case "
-                          f"{metrics['acc_w/o_case']:.4f} ({metrics['n']} samples)")
+                bar.write(f"eval step {step + 1}: acc {metrics['acc']:.2f} acc_w/o_case "
+                          f"{metrics['acc_w/o_case']:.2f} ({metrics['n']} samples)")
         if (step + 1) % args.save_interval == 0 or step + 1 == args.train_iters:
             save_checkpoint(step + 1)
     bar.close()
