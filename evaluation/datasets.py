@@ -11,6 +11,9 @@ and returns Examples; a missing file is named in one line with where it was look
 - POPE: ROOT/coco_pope_<kind>.json (one JSON object a line: question_id, image, text, label);
   images ROOT/val2014/ or ROOT/images/val2014/.
 - COCO captions: ROOT/captions_<split>2014.json (or annotations/); images ROOT/<split>2014/.
+- Our synthetic set as utils/synthetic_data.py writes it (`synthetic_qa:<split>`): ROOT/<split>/
+  labels/<name>.json ({"qa": [{question, answer}, ...]}) + images/<name>.*; every question of a
+  known kind (agent tasks included) is an example.
 - Finetuning data (`finetune:<split>`): ROOT/<split>/ in either layout the finetuning scripts
   read (labels/ + images/ conversations, or captcha images named by their text); every
   answer turn is an example, the turns before it its history.
@@ -160,11 +163,29 @@ def read_finetune(root: Path, split: str) -> list[Example]:
     return out
 
 
+def read_synthetic_qa(root: Path, split: str) -> list[Example]:
+    from evaluation.metrics import synthetic_category
+    folder = root / split if split else root
+    if not (folder / "labels").is_dir():
+        raise DataError(f"synthetic set: no {folder / 'labels'} (make one with utils/synthetic_data.py)")
+    out = []
+    for lab in sorted((folder / "labels").glob("*.json")):
+        qa = _json(lab)["qa"]
+        img = next((folder / "images").glob(lab.stem + ".*"), None)
+        if img is None:
+            raise DataError(f"synthetic set: no image {folder / 'images' / lab.stem}.* for {lab}")
+        out += [Example(f"{lab.stem}#{j}", img, x["question"], [x["answer"]])
+                for j, x in enumerate(qa) if synthetic_category(x["question"]) != "other"]
+    return out
+
+
 # task name -> (reader, its argument); the split or kind follows the colon: refcoco:val
 def read_task(root: Path, task: str) -> list[Example]:
     name, _, part = task.partition(":")
     if name == "finetune":
         return read_finetune(root, part)
+    if name == "synthetic_qa":
+        return read_synthetic_qa(root, part)
     if name in REFER:
         if part not in ("val", "testA", "testB", "test"):
             raise DataError(f"{task}: the split must be val, testA, testB or test")
@@ -180,4 +201,4 @@ def read_task(root: Path, task: str) -> list[Example]:
             raise DataError(f"{task}: the POPE kind must be adversarial, popular or random")
         return read_pope(root, part)
     raise DataError(f"unknown task {task!r}; known: refcoco:val|testA|testB, refcoco+:..., refcocog:val|test, "
-                    f"vqav2:val, textvqa:val, pope:adversarial|popular|random, coco_caption:val, finetune:<split>")
+                    f"vqav2:val, textvqa:val, pope:adversarial|popular|random, coco_caption:val, finetune:<split>, synthetic_qa:<split>")

@@ -4,10 +4,12 @@ data parallel over many (torchrun), resumable.
   python evaluation/evaluate.py --from_pretrained cogvlm-grounding-generalist-v1.1 \\
       --task refcoco:val,refcoco:testA --data DATA --output_dir OUT [--batch_size 8] [--limit N]
   torchrun --nproc-per-node 4 evaluation/evaluate.py ...      # each process a whole model
+  torchrun --nproc-per-node 8 evaluation/evaluate.py --model_parallel_size 2 ...   # 4 models of 2 ranks
 
 Tasks: refcoco:val|testA|testB, refcoco+:val|testA|testB, refcocog:val|test, synthetic:val, vqav2:val,
 textvqa:val, pope:adversarial|popular|random, coco_caption:val, finetune:<split> (the
-finetuning scripts' data: exact-match acc and acc_w/o_case). Every answer is streamed to
+finetuning scripts' data: exact-match acc and acc_w/o_case), synthetic_qa:<split> (our synthetic
+set as utils/synthetic_data.py writes it: per question kind, CogAgent actions included). Every answer is streamed to
 OUT/predictions-<task>.jsonl (':' as '_'): a rerun skips what is there. The table is printed
 (markdown) and written to OUT/results.json, metrics in percent.
 """
@@ -19,12 +21,13 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
 from utils.flags import ArgumentParser  # noqa: E402
 
 from evaluation.datasets import DataError, Example, read_task  # noqa: E402
-from evaluation.metrics import cider_d, grounding_hit, pope_scores, vqa_accuracy  # noqa: E402
+from evaluation.metrics import cider_d, grounding_hit, pope_scores, synthetic_scores, vqa_accuracy  # noqa: E402
 from utils.task_prompts import EXPRESSION_TO_BOX, fill  # noqa: E402
 
 
@@ -34,7 +37,7 @@ CAPTION_REQUEST = "Describe the image in one sentence."
 def kind(task: str) -> str:
     name = task.split(":")[0]
     return {"vqav2": "vqa", "textvqa": "vqa", "pope": "pope", "coco_caption": "caption",
-            "finetune": "exact"}.get(name, "grounding")
+            "finetune": "exact", "synthetic_qa": "synthetic"}.get(name, "grounding")
 
 
 def prompt(task: str, ex: Example, version: str, grounding_prompt: str = EXPRESSION_TO_BOX[0]) -> tuple[str, str]:
@@ -67,6 +70,8 @@ def example_score(task: str, ex: Example, answer: str):
         return {}                                  # CIDEr is a corpus score (idf over the set)
     if k == "exact":
         return exact_scores(answer, ex.answers[0])
+    if k == "synthetic":
+        return synthetic_scores(ex.question, answer, ex.answers[0])
     return {"label": ex.answers[0]}
 
 
@@ -83,6 +88,12 @@ def task_metrics(task: str, rows: list, examples: list) -> dict:
                 "n": len(rows)}
     if k == "vqa":
         return {"accuracy": 100 * sum(r["score"]["accuracy"] for r in rows) / len(rows), "n": len(rows)}
+    if k == "synthetic":                           # per question kind: percent and count
+        out = {}
+        for m in sorted({m for r in rows for m in r["score"]}):
+            got = [r["score"][m] for r in rows if m in r["score"]]
+            out[m], out[m + "_n"] = 100 * sum(got) / len(got), len(got)
+        return {**out, "n": len(rows)}
     if k == "exact":
         n = max(1, len(rows))
         return {"acc": 100 * sum(r["score"]["exact"] for r in rows) / n,
@@ -141,14 +152,17 @@ def run_task(answer_fn, task: str, examples: list, out: Path, version: str, batc
 
 
 def score_in_memory(answer_fn, task: str, examples: list, version: str, batch_size: int,
-                    rank: int = 0, world: int = 1, group=None) -> dict:
+                    rank: int = 0, world: int = 1, group=None, rows_out: Optional[list] = None,
+                    show: bool = False) -> dict:
     """What run_task + task_metrics compute, without files: this process answers every
     world-th example, the rows are gathered over `group` (data parallel) and every rank gets
-    the task's metrics. The finetuning scripts' evaluations use it."""
+    the task's metrics (and, in rows_out, every example's row in order). The finetuning
+    scripts' evaluations and utils/eval_synthetic.py use it."""
     import torch.distributed as dist
+    from tqdm import tqdm
     mine = []
     todo = [(i, ex) for i, ex in enumerate(examples) if i % world == rank]
-    for j in range(0, len(todo), batch_size):
+    for j in tqdm(range(0, len(todo), batch_size), desc=task, unit="batch", disable=not show):
         chunk = todo[j:j + batch_size]
         reqs = [(*prompt(task, ex, version), ex.image, ex.history) for _, ex in chunk]
         for (i, ex), answer in zip(chunk, answer_fn(reqs)):
@@ -158,7 +172,36 @@ def score_in_memory(answer_fn, task: str, examples: list, version: str, batch_si
         dist.all_gather_object(parts, mine, group=group)
         mine = [r for part in parts for r in part]
     rows = [r for _, r in sorted(mine, key=lambda x: x[0])]
+    if rows_out is not None:
+        rows_out.extend(rows)
     return task_metrics(task, rows, examples)
+
+
+def group_answers(answer_fn, group, leader: int):
+    """answer_fn for the leading rank of a model-parallel group: each batch of requests is sent
+    to the group's other ranks first, so that they run the same batch_chat (and meet in the
+    same collectives). `follow_answers` is their side; `stop_followers` ends it."""
+    import torch.distributed as dist
+
+    def answer(reqs):
+        dist.broadcast_object_list([reqs], src=leader, group=group)
+        return answer_fn(reqs)
+    return answer
+
+
+def follow_answers(answer_fn, group, leader: int) -> None:
+    import torch.distributed as dist
+    while True:
+        msg = [None]
+        dist.broadcast_object_list(msg, src=leader, group=group)
+        if msg[0] is None:
+            return
+        answer_fn(msg[0])
+
+
+def stop_followers(group, leader: int) -> None:
+    import torch.distributed as dist
+    dist.broadcast_object_list([None], src=leader, group=group)
 
 
 def model_answers(model, tok, gen):
@@ -191,6 +234,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="first N examples of each task")
     p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--model_parallel_size", type=int, default=1,
+                   help="under torchrun: processes per model (tensor parallel); the models split the examples")
     p.add_argument("--grounding_prompt", default=EXPRESSION_TO_BOX[0],
                    help="the request for a referring expression, {expr} filled in (default: %(default)s)")
     args = p.parse_args(argv)
@@ -207,24 +252,46 @@ def main(argv=None) -> int:
     from models.generate import GenerationConfig
     from models.loading import resolve_pretrained
     from utils.tokenizer import Tokenizer, TokenizerError, resolve_tokenizer
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:                                   # data parallel: each process a whole model
-        dist.init_process_group("gloo")
-    rank = dist.get_rank() if world > 1 else 0
+    from models.tp import ModelParallelGroups, init_distributed, set_group
+    from utils.lockstep import agree
+    world, mp = int(os.environ.get("WORLD_SIZE", "1")), args.model_parallel_size
+    if mp < 1 or world % mp:
+        print(f"error: --model_parallel_size {mp} must divide the {world} process(es) "
+              f"(run it under torchrun --nproc-per-node N)", file=sys.stderr)
+        return 1
+    rank, _ = init_distributed(args.device)
+    groups = ModelParallelGroups(mp) if world > 1 else None
+    if groups is not None:
+        set_group(groups.mp_group)
+    mp_rank = groups.get_model_parallel_rank() if groups else 0
+    dp_rank, dp = (groups.get_data_parallel_rank(), groups.dp) if groups else (0, 1)
+    error = None
     try:
         model, cfg = load_model(args.from_pretrained, device=args.device, dtype=dtype_from_args(args),
-                                trust_checkpoint=args.trust_checkpoint)
+                                trust_checkpoint=args.trust_checkpoint, rank=mp_rank, world=mp)
         tok = Tokenizer(resolve_tokenizer(args.local_tokenizer, resolve_pretrained(args.from_pretrained)))
     except (ModelNotFound, CheckpointError, TokenizerError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        error = str(e)
+    failed = agree(error)                          # every rank stops if any failed to load
+    if failed:
+        if rank == 0:
+            print("\n".join(f"error{f' (rank {r})' if world > 1 else ''}: {e}" for r, e in failed), file=sys.stderr)
         return 1
     torch.set_grad_enabled(False)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     answer = model_answers(model, tok, GenerationConfig(max_new_tokens=args.max_new_tokens, top_k=1))
+    leader = rank - mp_rank                         # the group's first rank writes its answers
     t0 = time.perf_counter()
-    for task in tasks:
-        run_task(answer, task, data[task], args.output_dir, args.version or "auto", args.batch_size,
-                 rank, world, show=rank == 0, grounding_prompt=args.grounding_prompt)
+    if mp_rank > 0:
+        follow_answers(answer, groups.mp_group, leader)
+    else:
+        if mp > 1:
+            answer = group_answers(answer, groups.mp_group, leader)
+        for task in tasks:
+            run_task(answer, task, data[task], args.output_dir, args.version or "auto", args.batch_size,
+                     dp_rank, dp, show=rank == 0, grounding_prompt=args.grounding_prompt)
+        if mp > 1:
+            stop_followers(groups.mp_group, leader)
     if world > 1:
         dist.barrier()
     if rank == 0:
@@ -236,7 +303,7 @@ def main(argv=None) -> int:
         print("\n| task | metric | value |\n|---|---|---|")
         for task, m in results.items():
             for k, v in m.items():
-                print(f"| {task} | {k} | {v if k == 'n' else f'{v:.2f}'} |")
+                print(f"| {task} | {k} | {v if k == 'n' or k.endswith('_n') else f'{v:.2f}'} |")
         print(f"\n{sum(len(v) for v in data.values())} examples in {time.perf_counter() - t0:.1f} s; "
               f"predictions and results.json in {args.output_dir}")
     return 0

@@ -7,13 +7,16 @@
   (punctuation, number words, articles, contractions), then min(matches / 3, 1) averaged over
   the ten leave-one-out subsets of the human answers.
 - POPE: accuracy, precision, recall, F1 of "yes", and the ratio of "yes" answers.
+- Our synthetic set (the bundled models): per question kind, exact answers (colour, shape,
+  count, presence, text), the first box at IoU >= 0.5, CogAgent actions (operation + target,
+  and the box at IoU >= 0.5).
 """
 from __future__ import annotations
 
 import re
 from typing import Optional
 
-from utils.grounding import parse_groundings
+from utils.grounding import parse_agent_output, parse_groundings
 
 
 def iou(a, b) -> float:
@@ -184,3 +187,38 @@ def cider_d(candidates: list, references: list, sigma: float = 6.0) -> tuple[flo
                     total[n] += val / (hn[n] * rn[n]) * math.exp(-((hl - rl) ** 2) / (2 * sigma ** 2))
         scores.append(10.0 * sum(t / len(rs) for t in total) / 4 if rs else 0.0)
     return (sum(scores) / len(scores) if scores else 0.0), scores
+
+
+# ---------------------------------------------------------------- our synthetic set
+SYNTHETIC_KINDS = (("What colour", "colour"), ("What shape", "shape"), ("How many", "count"),
+                   ("Is there", "presence"), ("Where is", "box"), ("What does the text say", "text"))
+
+
+def synthetic_category(question: str) -> str:
+    if "steps do I need" in question:
+        return "agent"
+    return next((kind for start, kind in SYNTHETIC_KINDS if question.startswith(start)), "other")
+
+
+def first_box(text: str):
+    return next((b for g in parse_groundings(text) for b in g.boxes if len(b) == 4), None)
+
+
+def synthetic_scores(question: str, answer: str, reference: str) -> dict:
+    """Per-metric 0/1 for one question (metrics that do not apply are absent)."""
+    cat, a, r = synthetic_category(question), answer.strip(), reference.strip()
+    if cat in ("colour", "shape", "count", "presence", "text"):
+        out = {cat: float(a.lower().rstrip(".") == r.lower().rstrip("."))}
+        if cat == "text":              # partial credit, to see progress before exact matches
+            out["text_chars"] = sum(x == y for x, y in zip(a.lower(), r.lower())) / max(len(a), len(r), 1)
+        return out
+    if cat == "box":
+        pa, pr = first_box(a), first_box(r)
+        return {"box_iou50": float(pa is not None and iou(pa, pr) >= 0.5)}
+    if cat == "agent":
+        pa, pr = parse_agent_output(a), parse_agent_output(r)
+        ok = pa.operation == pr.operation and (pa.target or "").lower() == (pr.target or "").lower()
+        ba, br = (pa.boxes[0] if pa.boxes else None), pr.boxes[0]
+        return {"agent_op_target": float(ok),
+                "agent_box_iou50": float(ba is not None and len(ba) == 4 and iou(ba, br) >= 0.5)}
+    return {}

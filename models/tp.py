@@ -97,6 +97,44 @@ def set_group(group) -> None:
     _GROUP = group
 
 
+class ModelParallelGroups:
+    """Ranks [k*mp, (k+1)*mp) split one model (tensor parallel); ranks with the same
+    model-parallel rank form a data-parallel group. (Also the `mpu` DeepSpeed asks for.)"""
+
+    def __init__(self, mp: int):
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if world % mp:
+            raise ValueError(f"--model_parallel_size {mp} does not divide the {world} processes")
+        self.mp, self.dp = mp, world // mp
+        self.mp_group = self.dp_group = None
+        for k in range(self.dp):                          # every rank creates every group
+            g = dist.new_group(list(range(k * mp, (k + 1) * mp)))
+            if rank // mp == k:
+                self.mp_group = g
+        for m in range(mp):
+            g = dist.new_group(list(range(m, world, mp)))
+            if rank % mp == m:
+                self.dp_group = g
+
+    def get_model_parallel_rank(self):
+        return dist.get_rank(self.mp_group)
+
+    def get_model_parallel_world_size(self):
+        return self.mp
+
+    def get_model_parallel_group(self):
+        return self.mp_group
+
+    def get_data_parallel_rank(self):
+        return dist.get_rank(self.dp_group)
+
+    def get_data_parallel_world_size(self):
+        return self.dp
+
+    def get_data_parallel_group(self):
+        return self.dp_group
+
+
 def group_rank_world() -> tuple[int, int]:
     return dist.get_rank(_GROUP), dist.get_world_size(_GROUP)
 

@@ -230,9 +230,18 @@ def test_runner_cli_one_and_two_processes_agree(cogvlm_ckpt, tmp_path):
                           "--nproc-per-node=2", str(ROOT / "evaluation" / "evaluate.py"), *args, "--output_dir",
                           str(tmp_path / "two")], capture_output=True, text=True, timeout=300, cwd="/", env=env)
     assert two.returncode == 0, two.stderr[-3000:]
+    # 4 processes = 2 models of 2 tensor-parallel ranks, each model taking every other example
+    mp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+                         "--nproc-per-node=4", str(ROOT / "evaluation" / "evaluate.py"), *args,
+                         "--model_parallel_size", "2", "--output_dir", str(tmp_path / "mp")],
+                        capture_output=True, text=True, timeout=300, cwd="/", env=env)
+    assert mp.returncode == 0, mp.stderr[-3000:]
     a = json.loads((tmp_path / "one" / "results.json").read_text())
     b = json.loads((tmp_path / "two" / "results.json").read_text())
-    assert a == b and a["refcoco:val"]["n"] == 3 and a["pope:random"]["n"] == 2
+    c = json.loads((tmp_path / "mp" / "results.json").read_text())
+    assert a == b == c and a["refcoco:val"]["n"] == 3 and a["pope:random"]["n"] == 2
+    mp_lines = (tmp_path / "mp" / "predictions-vqav2_val.jsonl").read_text().splitlines()
+    assert len(mp_lines) == 2                        # each example answered once, by a group's first rank
     lines = (tmp_path / "two" / "predictions-refcoco_val.jsonl").read_text().splitlines()
     assert sorted(json.loads(x)["id"] for x in lines) == ["100", "101", "102"]
     bad = subprocess.run([sys.executable, str(ROOT / "evaluation" / "evaluate.py"), *args[:2], "--task",
@@ -264,3 +273,28 @@ def test_bundled_model_scored_by_the_runner_agrees_with_its_eval_json(tmp_path):
     assert r["synthetic:val"]["accuracy"] == pytest.approx(100 * m["box_iou50"]["accuracy"])
     weighted = sum(m[k]["accuracy"] * m[k]["n"] for k in kinds) / sum(m[k]["n"] for k in kinds)
     assert r["vqav2:val"]["accuracy"] == pytest.approx(100 * weighted)
+
+
+def test_synthetic_qa_task_scores_every_kind_by_hand(tmp_path):
+    """The synthetic folder as utils/synthetic_data.py writes it, read by the runner (task
+    synthetic_qa, what utils/eval_synthetic.py now calls): the reference answers score 100 on
+    every kind (CogAgent actions included), empty answers 0; counts per kind as in the labels."""
+    from evaluation.evaluate import score_in_memory
+    from evaluation.metrics import synthetic_category
+    from utils.synthetic_data import generate
+    generate(tmp_path / "s", 4, 3, gui=True, text_min_len=4)
+    examples = read_task(tmp_path / "s", "synthetic_qa:")
+    labels = [q for lab in sorted((tmp_path / "s" / "labels").glob("*.json"))
+              for q in json.loads(lab.read_text())["qa"] if synthetic_category(q["question"]) != "other"]
+    assert [e.question for e in examples] == [q["question"] for q in labels]
+    truth = {(e.image, e.question): e.answers[0] for e in examples}
+    right = score_in_memory(lambda reqs: [truth[(img, q)] for q, _, img, _ in reqs], "synthetic_qa:", examples, "auto", 3)
+    wrong = score_in_memory(lambda reqs: [""] * len(reqs), "synthetic_qa:", examples, "auto", 3)
+    kinds = {k for k in right if not k.endswith("_n") and k != "n"}
+    assert "agent_op_target" in kinds and "box_iou50" in kinds
+    assert all(right[k] == 100 for k in kinds) and all(wrong[k] == 0 for k in kinds)
+    per_kind = {}
+    for q in labels:
+        c = synthetic_category(q["question"])
+        per_kind[c] = per_kind.get(c, 0) + 1
+    assert right["agent_op_target_n"] == per_kind["agent"] and right["box_iou50_n"] == per_kind["box"]

@@ -9,95 +9,34 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
 from utils.flags import ArgumentParser  # noqa: E402
 
-from evaluation.metrics import iou  # noqa: E402
-from utils.grounding import parse_agent_output, parse_groundings  # noqa: E402
+from evaluation.metrics import first_box, iou, synthetic_category as category  # noqa: E402,F401
+from evaluation.metrics import synthetic_scores as score  # noqa: E402,F401
 
 GOALS = {"colour": 0.9, "shape": 0.9, "count": 0.9, "presence": 0.9, "box_iou50": 0.7, "text": 0.8,
          "agent_op_target": 0.8, "agent_box_iou50": 0.6}
 
 
-def first_box(text: str):
-    for g in parse_groundings(text):
-        for b in g.boxes:
-            if len(b) == 4:
-                return b
-    return None
-
-
-def category(question: str) -> str:
-    if question.startswith("What colour"):
-        return "colour"
-    if question.startswith("What shape"):
-        return "shape"
-    if question.startswith("How many"):
-        return "count"
-    if question.startswith("Is there"):
-        return "presence"
-    if question.startswith("Where is"):
-        return "box"
-    if question.startswith("What does the text say"):
-        return "text"
-    if "steps do I need" in question:
-        return "agent"
-    return "other"
-
-
-def score(question: str, answer: str, reference: str) -> dict:
-    """Per-metric 0/1 for one question (metrics that do not apply are absent)."""
-    cat, a, r = category(question), answer.strip(), reference.strip()
-    if cat in ("colour", "shape", "count", "presence", "text"):
-        out = {cat: float(a.lower().rstrip(".") == r.lower().rstrip("."))}
-        if cat == "text":              # partial credit, to see progress before exact matches
-            out["text_chars"] = sum(x == y for x, y in zip(a.lower(), r.lower())) / max(len(a), len(r), 1)
-        return out
-    if cat == "box":
-        pa, pr = first_box(a), first_box(r)
-        return {"box_iou50": float(pa is not None and iou(pa, pr) >= 0.5)}
-    if cat == "agent":
-        pa, pr = parse_agent_output(a), parse_agent_output(r)
-        ok = pa.operation == pr.operation and (pa.target or "").lower() == (pr.target or "").lower()
-        ba, br = (pa.boxes[0] if pa.boxes else None), pr.boxes[0]
-        return {"agent_op_target": float(ok),
-                "agent_box_iou50": float(ba is not None and len(ba) == 4 and iou(ba, br) >= 0.5)}
-    return {}
-
-
 def evaluate(model, tok, data: Path, limit: int = None, batch: int = 16, version: str = None,
              records: list = None) -> dict:
-    """-> {metric: {accuracy, n, goal}}; each question's [image, question, reference, answer]
-    is appended to `records` when given."""
+    """-> {metric: {accuracy, n, goal}} by the benchmark runner (task synthetic_qa: the same
+    reader, batching and metrics as `evaluation/evaluate.py --task synthetic_qa:`); each
+    question's [image, question, reference, answer] is appended to `records` when given."""
+    from evaluation.datasets import read_synthetic_qa
+    from evaluation.evaluate import model_answers, score_in_memory
     from models.generate import GenerationConfig
-    from utils.chat import ImageContext, batch_chat
-    from tqdm import tqdm
-    items = []
-    for lab in sorted((data / "labels").glob("*.json")):
-        d = json.loads(lab.read_text())
-        img = next((data / "images").glob(lab.stem + ".*"))
-        items += [(img, x["question"], x["answer"]) for x in d["qa"] if category(x["question"]) != "other"]
-    items = items[:limit] if limit else items
-    sums, counts = defaultdict(float), defaultdict(int)
-    gen = GenerationConfig(max_new_tokens=96, top_k=1)
-    cache = {}
-    for i in tqdm(range(0, len(items), batch), desc="evaluating", unit="batch"):
-        chunk = items[i:i + batch]
-        reqs = []
-        for img, q, _ in chunk:
-            if img not in cache:
-                cache = {img: ImageContext(img, model.config)}      # consecutive questions share it
-            reqs.append((q, [], cache[img]))
-        for (img, q, ref), ans in zip(chunk, batch_chat(model, tok, reqs, version, gen)):
-            if records is not None:
-                records.append([img.name, q, ref, ans])
-            for k, v in score(q, ans, ref).items():
-                sums[k] += v
-                counts[k] += 1
-    return {k: {"accuracy": sums[k] / counts[k], "n": counts[k], "goal": GOALS.get(k)} for k in sorted(counts)}
+    examples = read_synthetic_qa(data, "")[:limit] if limit else read_synthetic_qa(data, "")
+    rows = []
+    m = score_in_memory(model_answers(model, tok, GenerationConfig(max_new_tokens=96, top_k=1)), "synthetic_qa:",
+                        examples, version or "auto", batch, rows_out=rows, show=True)
+    if records is not None:
+        records += [[ex.image.name, ex.question, ex.answers[0], r["answer"]] for ex, r in zip(examples, rows)]
+    return {k: {"accuracy": m[k] / 100, "n": m[k + "_n"], "goal": GOALS.get(k)}
+            for k in sorted(m) if k != "n" and not k.endswith("_n")}
 
 
 def main(argv=None) -> int:

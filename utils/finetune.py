@@ -139,44 +139,6 @@ def preflight(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-class ModelParallelGroups:
-    """The `mpu` DeepSpeed asks for: ranks [k*mp, (k+1)*mp) split the model; ranks with the
-    same model-parallel rank form a data-parallel group."""
-
-    def __init__(self, mp: int):
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if world % mp:
-            raise ValueError(f"--model_parallel_size {mp} does not divide the {world} processes")
-        self.mp, self.dp = mp, world // mp
-        self.mp_group = self.dp_group = None
-        for k in range(self.dp):                          # every rank creates every group
-            g = dist.new_group(list(range(k * mp, (k + 1) * mp)))
-            if rank // mp == k:
-                self.mp_group = g
-        for m in range(mp):
-            g = dist.new_group(list(range(m, world, mp)))
-            if rank % mp == m:
-                self.dp_group = g
-
-    def get_model_parallel_rank(self):
-        return dist.get_rank(self.mp_group)
-
-    def get_model_parallel_world_size(self):
-        return self.mp
-
-    def get_model_parallel_group(self):
-        return self.mp_group
-
-    def get_data_parallel_rank(self):
-        return dist.get_rank(self.dp_group)
-
-    def get_data_parallel_world_size(self):
-        return self.dp
-
-    def get_data_parallel_group(self):
-        return self.dp_group
-
-
 def ds_config(args, cuda: bool) -> dict:
     cfg = {
         "train_micro_batch_size_per_gpu": args.batch_size,
@@ -394,6 +356,7 @@ def train(args) -> dict:
         args.device = f"cuda:{torch.cuda.current_device()}"
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     rank = dist.get_rank()
+    from models.tp import ModelParallelGroups
     groups = ModelParallelGroups(args.model_parallel_size)
     from models.tp import set_group
     set_group(groups.mp_group)
