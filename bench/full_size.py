@@ -29,7 +29,7 @@ from models.config import MODEL_CONFIGS, get_config  # noqa: E402
 from models.generate import ModelInputs, decode_one_token, prefill  # noqa: E402
 from models.layout import can_pack, pack_for_cpu_inference  # noqa: E402
 from models.loading import cpu_flags, memory_returned_to_os, resolve_dtype  # noqa: E402
-from models.quantize import default_backend, quant_plan  # noqa: E402
+from models.quantize import VISION_BITS, default_backend, quant_plan  # noqa: E402
 
 
 def peak_rss_gb() -> float:
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
                    help="a released config (cogvlm-chat-v1.1, cogagent-chat, ...) or a tiny one")
     p.add_argument("--quant", type=int, choices=[0, 4, 8], default=4,
                    help="language model weights: 4 or 8 bits, 0 = unquantized (default 4)")
-    p.add_argument("--quant_vision", type=int, choices=[4, 8, 16], default=8,
+    p.add_argument("--quant_vision", type=int, choices=[4, 8, 16], default=VISION_BITS,
                    help="image encoders' bits (16 = unquantized; default 8)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--device", default="cpu", help="cpu, or cuda (quantized with bitsandbytes there)")
@@ -221,8 +221,9 @@ def main(argv=None) -> int:
         if a.quant else "unquantized"
     print(f"{a.model}: {precision}, compute {dtype}, {torch.get_num_threads()} threads, CPU flags {' '.join(flags)}",
           flush=True)
-    gemv = best_gemv(n=4096 if a.model.startswith("tiny") else 8192, device=a.device)
-    gemm = gemm_flops(dtype=dtype, device=a.device)
+    tiny = a.model.startswith("tiny")                  # a check of the script: small references
+    gemv = best_gemv(n=4096 if tiny else 8192, device=a.device)
+    gemm = gemm_flops(n=512 if tiny else 2048, dtype=dtype, device=a.device)
     t = time.perf_counter()
     model = build(a.model, dtype, a.quant or None, a.quant_vision, a.device)
     build_s = time.perf_counter() - t

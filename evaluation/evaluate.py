@@ -128,25 +128,30 @@ def append_line(path: Path, row: dict) -> None:
         os.close(fd)
 
 
+def answer_rows(answer_fn, task: str, chunk: list, version: str, grounding_prompt: str = EXPRESSION_TO_BOX[0]):
+    """One batch of examples -> their prediction rows (id, prompt, answer, parsed boxes, score)."""
+    from utils.grounding import parse_groundings
+    reqs = [(*prompt(task, ex, version, grounding_prompt), ex.image, ex.history) for ex in chunk]
+    return [{"id": ex.id, "prompt": query, "answer": answer,
+             "boxes": [list(b) for g in parse_groundings(answer) for b in g.boxes],
+             "score": example_score(task, ex, answer)}
+            for ex, (query, *_), answer in zip(chunk, reqs, answer_fn(reqs))]
+
+
 def run_task(answer_fn, task: str, examples: list, out: Path, version: str, batch_size: int,
              rank: int = 0, world: int = 1, show: bool = True, grounding_prompt: str = EXPRESSION_TO_BOX[0]) -> int:
     """Answer this process's share (every world-th example) of what is not done yet, streaming
     each line to the task's predictions file. answer_fn(requests) -> answers, with requests
     (query, version, image path, history). Returns how many were answered."""
     from tqdm import tqdm
-    from utils.grounding import parse_groundings
     path = predictions_file(out, task)
     done = done_ids(path)
     todo = [ex for i, ex in enumerate(examples) if i % world == rank and ex.id not in done]
     bar = tqdm(total=len(todo), desc=task, unit="ex", disable=not show)
     for i in range(0, len(todo), batch_size):
-        chunk = todo[i:i + batch_size]
-        reqs = [(*prompt(task, ex, version, grounding_prompt), ex.image, ex.history) for ex in chunk]
-        for ex, (query, *_), answer in zip(chunk, reqs, answer_fn(reqs)):
-            boxes = [list(b) for g in parse_groundings(answer) for b in g.boxes]
-            append_line(path, {"id": ex.id, "prompt": query, "answer": answer, "boxes": boxes,
-                               "score": example_score(task, ex, answer)})
-        bar.update(len(chunk))
+        for row in answer_rows(answer_fn, task, todo[i:i + batch_size], version, grounding_prompt):
+            append_line(path, row)
+            bar.update(1)
     bar.close()
     return len(todo)
 
@@ -164,9 +169,7 @@ def score_in_memory(answer_fn, task: str, examples: list, version: str, batch_si
     todo = [(i, ex) for i, ex in enumerate(examples) if i % world == rank]
     for j in tqdm(range(0, len(todo), batch_size), desc=task, unit="batch", disable=not show):
         chunk = todo[j:j + batch_size]
-        reqs = [(*prompt(task, ex, version), ex.image, ex.history) for _, ex in chunk]
-        for (i, ex), answer in zip(chunk, answer_fn(reqs)):
-            mine.append((i, {"id": ex.id, "answer": answer, "score": example_score(task, ex, answer)}))
+        mine += zip((i for i, _ in chunk), answer_rows(answer_fn, task, [ex for _, ex in chunk], version))
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, mine, group=group)
@@ -175,33 +178,6 @@ def score_in_memory(answer_fn, task: str, examples: list, version: str, batch_si
     if rows_out is not None:
         rows_out.extend(rows)
     return task_metrics(task, rows, examples)
-
-
-def group_answers(answer_fn, group, leader: int):
-    """answer_fn for the leading rank of a model-parallel group: each batch of requests is sent
-    to the group's other ranks first, so that they run the same batch_chat (and meet in the
-    same collectives). `follow_answers` is their side; `stop_followers` ends it."""
-    import torch.distributed as dist
-
-    def answer(reqs):
-        dist.broadcast_object_list([reqs], src=leader, group=group)
-        return answer_fn(reqs)
-    return answer
-
-
-def follow_answers(answer_fn, group, leader: int) -> None:
-    import torch.distributed as dist
-    while True:
-        msg = [None]
-        dist.broadcast_object_list(msg, src=leader, group=group)
-        if msg[0] is None:
-            return
-        answer_fn(msg[0])
-
-
-def stop_followers(group, leader: int) -> None:
-    import torch.distributed as dist
-    dist.broadcast_object_list([None], src=leader, group=group)
 
 
 def model_answers(model, tok, gen):
@@ -253,7 +229,7 @@ def main(argv=None) -> int:
     from models.loading import resolve_pretrained
     from utils.tokenizer import Tokenizer, TokenizerError, resolve_tokenizer
     from models.tp import ModelParallelGroups, init_distributed, set_group
-    from utils.lockstep import agree
+    from utils.lockstep import Lockstep, agree
     world, mp = int(os.environ.get("WORLD_SIZE", "1")), args.model_parallel_size
     if mp < 1 or world % mp:
         print(f"error: --model_parallel_size {mp} must divide the {world} process(es) "
@@ -280,18 +256,18 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     answer = model_answers(model, tok, GenerationConfig(max_new_tokens=args.max_new_tokens, top_k=1))
-    leader = rank - mp_rank                         # the group's first rank writes its answers
+    # In each model-parallel group the first rank writes the answers; the others make the same
+    # batch_chat calls (and so meet it in the same collectives).
+    step = Lockstep({"answer": answer}, groups.mp_group if groups else None, leader=rank - mp_rank)
     t0 = time.perf_counter()
     if mp_rank > 0:
-        follow_answers(answer, groups.mp_group, leader)
+        step.follow()
     else:
-        if mp > 1:
-            answer = group_answers(answer, groups.mp_group, leader)
-        for task in tasks:
-            run_task(answer, task, data[task], args.output_dir, args.version or "auto", args.batch_size,
-                     dp_rank, dp, show=rank == 0, grounding_prompt=args.grounding_prompt)
-        if mp > 1:
-            stop_followers(groups.mp_group, leader)
+        with step:
+            for task in tasks:
+                run_task(lambda reqs: step.call("answer", reqs), task, data[task], args.output_dir,
+                         args.version or "auto", args.batch_size, dp_rank, dp, show=rank == 0,
+                         grounding_prompt=args.grounding_prompt)
     if world > 1:
         dist.barrier()
     if rank == 0:

@@ -172,7 +172,7 @@ def load_model(from_pretrained: str, device: Union[str, torch.device] = "cpu",
     if quant:
         from .quantize import default_backend, quant_plan
         backend = quant_backend or default_backend(device)
-        plan = quant_plan(model, quant, 8 if quant_vision is None else quant_vision, backend)
+        plan = quant_plan(model, quant, quant_vision, backend)
     with memory_returned_to_os() if quant else contextlib.nullcontext():
         load_state_into(model, sd, str(ckpt), dtype=dtype, device=device, rank=rank, world=world,
                         quant_plan=plan, quant_backend=backend)

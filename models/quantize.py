@@ -36,6 +36,7 @@ GROUP = 64            # int4 inputs per scale/zero pair
 # rows, int4 64-96 rows).
 KERNEL_ROWS = {8: 16, 4: 80}
 BACKENDS = ("torch", "bitsandbytes")
+VISION_BITS = 8       # the image encoders' default under --quant (--quant_vision)
 
 
 def _skip_patterns(cfg, head: bool) -> list[re.Pattern]:
@@ -53,14 +54,14 @@ def _skip_patterns(cfg, head: bool) -> list[re.Pattern]:
 def quant_plan(model: nn.Module, bits: int, vision_bits: Optional[int] = None,
                backend: str = "torch") -> dict[str, int]:
     """Module name -> bits for every linear layer to quantize. vision_bits: the image encoders'
-    (None: same as `bits`; 16: keep them in the load dtype)."""
+    (None: VISION_BITS; 16: keep them in the load dtype)."""
     if bits not in (4, 8) or vision_bits not in (None, 4, 8, 16):
         raise ValueError(f"--quant takes 4 or 8 (vision: 4, 8 or 16), not {bits}/{vision_bits}")
     if backend not in BACKENDS:
         raise ValueError(f"quantization back end {backend!r}: choose one of {', '.join(BACKENDS)}")
     cfg = model.cfg if hasattr(model, "cfg") else model.config
     skip = _skip_patterns(cfg, head=backend == "torch")
-    vision_bits = bits if vision_bits is None else vision_bits
+    vision_bits = VISION_BITS if vision_bits is None else vision_bits
     plan = {}
     for name, mod in model.named_modules():
         if type(mod) is not nn.Linear or any(p.match(name) for p in skip):

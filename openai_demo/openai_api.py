@@ -24,6 +24,7 @@ import ipaddress
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -521,7 +522,8 @@ def main(argv=None) -> int:
     from models.loading import resolve_pretrained
     from utils.args import load_or_report, setup_logging
     from models.tp import tp_rank_world
-    from utils.engine import BatchEngine, MirroredModel, broadcaster, follow
+    from utils.engine import BatchEngine, MirroredModel, follower_calls
+    from utils.lockstep import Lockstep
     args = parse_args(argv)
     setup_logging()
     loaded = load_or_report(args)
@@ -531,17 +533,25 @@ def main(argv=None) -> int:
     max_len = min(args.max_length, model.config.max_sequence_length)
     rank, world = tp_rank_world()
     if world > 1 and rank != 0:                        # tensor parallel: follow rank 0's engine
-        return follow(BatchEngine(model, tok, max_batch=args.max_batch, max_len=max_len, worker=False))
-    mirror = broadcaster() if world > 1 else None
-    if mirror:
-        model = MirroredModel(model, mirror)           # image encoding reaches every rank
+        # Ctrl-C (and torchrun's forwarded SIGINT / SIGTERM) reach every rank at once: a
+        # follower leaves when rank 0, shutting down, releases it (or when rank 0 is gone), so
+        # that both end with matching collectives.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        engine = BatchEngine(model, tok, max_batch=args.max_batch, max_len=max_len, worker=False)
+        import torch
+        with torch.inference_mode():
+            return Lockstep(follower_calls(engine)).follow()
+    step = Lockstep({}) if world > 1 else None
+    if step:
+        model = MirroredModel(model, step.send)        # image encoding reaches every rank
     name = args.model_name or resolve_pretrained(args.from_pretrained).name
     limits = Limits(max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
                     max_image_pixels=args.max_image_pixels, max_images=args.max_images,
                     max_messages=args.max_messages, max_tokens=args.max_tokens,
                     default_max_tokens=min(512, args.max_tokens))
     engine = BatchEngine(getattr(model, "_model", model), tok, max_batch=args.max_batch,
-                         max_queue=args.max_queue, max_len=max_len, mirror=mirror)
+                         max_queue=args.max_queue, max_len=max_len, step=step)
     app = create_app(model, tok, name, engine, limits, args.api_key, args.cors_origins,
                      args.allow_remote_images, args.version)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:

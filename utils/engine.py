@@ -7,10 +7,10 @@ that it ends at slot S (its earlier slots are masked out for it). When S reaches
 the buffer, every row is shifted left at once. A finished or cancelled row is simply freed.
 
 Under torchrun with tensor parallelism (the server split across devices) rank 0 runs this
-engine and every other rank runs `follow()`: rank 0 sends each model-touching decision
-(admit a prompt into row r, decode a step with these tokens, free row r, encode an image)
-before making it, and the followers make the same one on their own share of the weights
-and of the K/V buffers, meeting rank 0 in the same collectives. Sampling, text, stop
+engine and every other rank follows it (`follower_calls` under utils.lockstep.Lockstep): rank 0
+sends each model-touching decision (admit a prompt into row r, decode a step with these tokens,
+free row r, encode an image) before making it, and the followers make the same one on their
+own share of the weights and of the K/V buffers, meeting rank 0 in the same collectives. Sampling, text, stop
 strings and HTTP stay on rank 0.
 """
 from __future__ import annotations
@@ -83,11 +83,12 @@ class _BatchCache:
 
 class BatchEngine:
     def __init__(self, model: CogVLM, tokenizer: Tokenizer, max_batch: int = 16, max_queue: int = 64,
-                 max_len: Optional[int] = None, mirror: Optional[Callable] = None, worker: bool = True):
-        """mirror(name, *args): under tensor parallelism on rank 0, sends a decision to the
-        followers (see the module doc); worker=False: a follower's engine (no thread)."""
+                 max_len: Optional[int] = None, step=None, worker: bool = True):
+        """step: under tensor parallelism on rank 0, the utils.lockstep.Lockstep that sends each
+        decision to the followers (see the module doc); worker=False: a follower's engine."""
         self.model, self.tok = model, tokenizer
-        self.mirror = mirror or (lambda *args: None)
+        self.step = step
+        self.mirror = step.send if step is not None else (lambda *args: None)
         cfg = model.config
         self.cfg, self.max_batch, self.max_queue = cfg, max_batch, max_queue
         self.max_len = max_len or cfg.max_sequence_length
@@ -129,10 +130,10 @@ class BatchEngine:
             self.cv.notify()
         if self.thread.is_alive():
             self.thread.join(timeout=30)
-        if not self.thread.is_alive():                 # the worker has stopped sending
-            # Release the followers; if one is already gone (Ctrl-C reaches every rank) the
-            # send may never complete: give it a few seconds, then leave anyway.
-            t = threading.Thread(target=self.mirror, args=("stop",), daemon=True)
+        if self.step is not None and not self.thread.is_alive():   # the worker has stopped sending
+            # Release the followers; if one is already gone the send may never complete: give
+            # it a few seconds, then leave anyway.
+            t = threading.Thread(target=self.step.stop, daemon=True)
             t.start()
             t.join(timeout=5)
 
@@ -375,56 +376,25 @@ class MirroredModel:
         return self._model.cross_kv(images)
 
 
-def broadcaster():
-    """send(name, *args) from rank 0 to every follower (torch.distributed objects)."""
-    import torch.distributed as dist
-
-    def send(name: str, *args) -> None:
-        dist.broadcast_object_list([(name, args)], src=0)
-    return send
-
-
-def follow(engine: BatchEngine) -> int:
-    """A follower rank: make every decision rank 0 sends, on this rank's share, until it
-    sends "stop". Returns 0."""
-    import signal
-    import torch.distributed as dist
-    # Ctrl-C (and torchrun's forwarded SIGINT / SIGTERM) reach every rank at once: a follower
-    # leaves when rank 0, shutting down, sends "stop" (or when rank 0's connection drops), so
-    # that both end with matching collectives.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    cross = None                                         # this rank's K/V of the last image
-    with torch.inference_mode():
-        while True:
-            msg = [None]
-            dist.broadcast_object_list(msg, src=0)
-            name, args = msg[0]
-            if name == "stop":
-                return 0
-            try:
-                cross = _follow_one(engine, name, args, cross)
-            except Exception as e:  # noqa: BLE001 - rank 0 met the same error and goes on
-                log.warning("follower: %s failed as on rank 0: %s", name, e)
-
-
-def _follow_one(engine: BatchEngine, name: str, args: tuple, cross):
-    """One decision from rank 0; returns this rank's cross K/V of the last image encoded."""
+def follower_calls(engine: BatchEngine) -> dict:
+    """A follower rank's side of the decisions rank 0 sends (utils.lockstep.Lockstep.follow):
+    the same model work on this rank's share of the weights and of the K/V buffers."""
     from dataclasses import replace
     model, dev = engine.model, engine.device
-    if name == "encode_images":
-        model.encode_images(args[0].to(dev))
-    elif name == "cross_kv":
-        cross = model.cross_kv(args[0].to(dev))
-    elif name == "admit":
-        row, inputs = args
+    last = {"cross": None}                             # this rank's K/V of the last image
+
+    def admit(row: int, inputs: ModelInputs) -> None:
         inputs = replace(inputs, **{k: v.to(dev) for k, v in vars(inputs).items() if isinstance(v, torch.Tensor)})
-        inputs.cross_kv = cross if inputs.cross_kv else None
+        inputs.cross_kv = last["cross"] if inputs.cross_kv else None
         engine._admit_model(row, inputs)
         engine.rows[row] = True                        # occupied (rank 0 holds the request)
-    elif name == "step":
-        engine._step_model(*args)
-    elif name == "finish":
-        engine.rows[args[0]] = None
-        engine.has_image[args[0]] = False
-    return cross
+
+    def finish(row: int) -> None:
+        engine.rows[row] = None
+        engine.has_image[row] = False
+
+    def cross_kv(images: torch.Tensor) -> None:
+        last["cross"] = model.cross_kv(images.to(dev))
+
+    return {"encode_images": lambda images: model.encode_images(images.to(dev)), "cross_kv": cross_kv,
+            "admit": admit, "step": engine._step_model, "finish": finish}

@@ -25,27 +25,41 @@ _STOP = "__stop__"
 
 
 class Lockstep:
-    def __init__(self, functions: dict[str, Callable]):
-        self.functions = functions
-        self.rank, self.world = tp_rank_world()
+    """functions: name -> callable, the calls followers may be asked to make. group / leader:
+    a sub-group of ranks led by global rank `leader` (default: every rank, led by rank 0)."""
+
+    def __init__(self, functions: dict[str, Callable], group=None, leader: int = 0):
+        self.functions, self.group, self.leader = functions, group, leader
+        split = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if split else 0
+        self.world = dist.get_world_size(group) if split else 1
         # Sampling draws from torch's global RNG: give every rank the same seed, so that
         # every rank picks the same token (the logits are already identical).
-        seed = [random.randrange(2**31) if self.rank == 0 else None]
+        seed = [random.randrange(2**31) if self.rank == leader else None]
         if self.world > 1:
-            dist.broadcast_object_list(seed, src=0)
+            dist.broadcast_object_list(seed, src=leader, group=group)
         torch.manual_seed(seed[0])
 
-    def call(self, name: str, *args):
+    def send(self, name: str, *args) -> None:
+        """Tell the followers to make this call (the leader makes it itself)."""
         if self.world > 1:
-            dist.broadcast_object_list([(name, args)], src=0)
+            dist.broadcast_object_list([(name, args)], src=self.leader, group=self.group)
+
+    def call(self, name: str, *args):
+        self.send(name, *args)
         return self.functions[name](*args)
 
+    def stop(self) -> None:
+        """Release the followers (their follow() returns)."""
+        self.send(_STOP)
+
     def follow(self) -> int:
-        """Non-zero ranks: run what rank 0 runs until it stops. An error that rank 0 also
-        meets (a prompt too long) is logged and the loop goes on."""
+        """Followers: run what the leader runs until it stops. An error that the leader also
+        meets (a prompt too long, a failed batch) is logged and the loop goes on; a leader that
+        is gone ends it with the collective's error."""
         while True:
             msg = [None]
-            dist.broadcast_object_list(msg, src=0)
+            dist.broadcast_object_list(msg, src=self.leader, group=self.group)
             name, args = msg[0]
             if name == _STOP:
                 return 0
@@ -54,15 +68,15 @@ class Lockstep:
                 if hasattr(result, "__next__"):          # a generator: run it to the end
                     for _ in result:
                         pass
-            except (ValueError, OSError) as e:
-                log.debug("rank %d: %s failed as on rank 0: %s", self.rank, name, e)
+            except Exception as e:  # noqa: BLE001 - the leader met it too and went on
+                log.debug("rank %d: %s failed as on the leader: %s", self.rank, name, e)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        if self.world > 1 and self.rank == 0:
-            dist.broadcast_object_list([(_STOP, ())], src=0)
+        if self.world > 1 and self.rank == self.leader:
+            self.stop()
         return False
 
 
