@@ -44,6 +44,17 @@ def best_gemv(n: int = 8192, repeat: int = 15, device="cpu") -> dict:
     return res
 
 
+def read_bandwidth(nbytes: int = 1 << 30, repeat: int = 9, device="cpu") -> float:
+    """Bytes/s of reading `nbytes` once (a sum over a fp32 and a bf16 tensor, the faster): the
+    machine's memory read bandwidth as a plain reduction reaches it. Matrix-vector kernels read
+    less than this (on a 2-core AMD EPYC: PyTorch's GEMV 22-35 GB/s against 40-53 GB/s here,
+    llama.cpp's bf16 decode up to 43 GB/s), so decode is reported against both figures."""
+    def one(dtype) -> float:
+        x = torch.ones(nbytes // dtype.itemsize, dtype=dtype, device=device)
+        return nbytes / median_time(lambda: x.sum(dtype=torch.float32), repeat, warmup=2)
+    return max(one(torch.float32), one(torch.bfloat16))
+
+
 def gemm_flops(n: int = 2048, repeat: int = 7, dtype=torch.float32, device="cpu") -> float:
     if torch.device(device).type == "cuda":
         n = 8192                                      # a GPU needs a bigger product to reach its peak

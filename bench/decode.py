@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import best_gemv, gemm_flops, image_prompt, median_time  # noqa: E402
+from bench.common import best_gemv, gemm_flops, image_prompt, median_time, read_bandwidth  # noqa: E402
 from models import Cache, CogVLM, CrossConfig, EVAConfig, ModelConfig  # noqa: E402
 from models.generate import ModelInputs, decode_one_token, prefill  # noqa: E402
 from models.layout import pack_for_cpu_inference, use_fast_cpu_layout  # noqa: E402
@@ -178,10 +178,11 @@ def main(argv=None) -> int:
         ckv = agent.cross_kv(torch.randn(1, 3, MID_CROSS.image_size, MID_CROSS.image_size, device=dev))
     ctx_short, ctx_long = T, T + 1016                   # ~280 and ~1300 tokens of context
     runs = {"short": [], "long": [], "agent": [], "vlm": []}
-    bws, gemms, prefills = [bw], [flops], []
+    bws, gemms, prefills, reads = [bw], [flops], [], []
     run_prefill()                                      # warm-up
     for _ in range(a.repeat):                          # interleaved, so drift hits all alike
         bws.append(best_gemv(repeat=7, device=dev)["best"])
+        reads.append(read_bandwidth(repeat=5, device=dev))
         gemms.append(gemm_flops(repeat=3, dtype=dtype, device=dev))
         prefills.append(median_time(run_prefill, 1, 0))
         runs["short"].append(decode_step_time(model, ctx_short, a.steps))
@@ -190,10 +191,11 @@ def main(argv=None) -> int:
         runs["agent"].append(decode_step_time(agent, ctx_short, a.steps, ckv))
     med = {k: statistics.median(v) for k, v in runs.items()}
     bw, flops, t_prefill = statistics.median(bws), statistics.median(gemms), statistics.median(prefills)
-    res.update(gemv_GBps=bw / 1e9, gemm_GFLOPs=flops / 1e9)
+    read = statistics.median(reads)
+    res.update(gemv_GBps=bw / 1e9, gemm_GFLOPs=flops / 1e9, read_GBps=read / 1e9)
     print(f"medians of {len(bws)} measurements taken between the runs: best GEMV {bw / 1e9:.1f} GB/s "
-          f"({', '.join(f'{k} {v / 1e9:.1f}' for k, v in gemv.items())} at start), "
-          f"GEMM ({dtype}) {flops / 1e9:.0f} GFLOP/s")
+          f"({', '.join(f'{k} {v / 1e9:.1f}' for k, v in gemv.items())} at start), memory read "
+          f"{read / 1e9:.1f} GB/s, GEMM ({dtype}) {flops / 1e9:.0f} GFLOP/s")
     f = prefill_flops(counted, MID, T, n_vis)
     res.update(prefill_tokens=T, prefill_s=t_prefill, prefill_gemm_fraction=f / t_prefill / flops)
     print(f"prefill: {T} tokens ({n_vis} vision) + image encoder: {t_prefill:.3f} s, "
@@ -204,8 +206,10 @@ def main(argv=None) -> int:
         res[f"decode_{label}_ctx"] = ctx
         res[f"decode_{label}_tok_s"] = 1 / step
         res[f"decode_{label}_bw_fraction"] = frac
+        res[f"decode_{label}_read_fraction"] = step_bytes[ctx] / step / read
         print(f"decode at {ctx} tokens of context: {1 / step:.2f} tok/s, {step * 1e3:.1f} ms/step, "
-              f"{step_bytes[ctx] / 1e9:.2f} GB/token = {frac:.0%} of the best GEMV bandwidth")
+              f"{step_bytes[ctx] / 1e9:.2f} GB/token = {frac:.0%} of the best GEMV bandwidth, "
+              f"{res[f'decode_{label}_read_fraction']:.0%} of memory read")
     res["long_over_short"] = med["long"] / med["short"]
     ideal = step_bytes[ctx_long] / step_bytes[ctx_short]
     print(f"slowdown {ctx_short} -> {ctx_long} context: {res['long_over_short']:.3f}x "

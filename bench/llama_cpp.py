@@ -1,0 +1,217 @@
+"""llama.cpp, type for type, on this machine: the language model of bench/decode.py's mid-size
+config (hidden 2048, 16 layers, 16 heads, MLP 5632, vocab 32000) as a random-weight LLaMA GGUF,
+measured by llama.cpp's own `llama-bench` (prefill of 283 text tokens, decode at 283 tokens of
+context), interleaved round by round with the project's model of the same type (bf16 oneDNN-packed,
+int8 per row against Q8_0, int4 per 64 against Q4_0), so the box's drift hits both alike. Decode is
+reported against the memory read bandwidth (a plain reduction) and the best PyTorch GEMV measured
+in the same process. llama.cpp has no visual expert: its model is the language model alone and its
+prefill is text only, while ours includes the image encoder and the 257 image tokens' expert.
+
+llama.cpp without git: llama-cpp-python's source package vendors it.
+    pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz
+    cd llama_cpp_python-*/vendor/llama.cpp
+    cmake -B build -G Ninja -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF
+    ninja -C build llama-bench llama-quantize
+    python bench/llama_cpp.py --llama_cpp $PWD --json bench/results_llama_cpp.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from bench.common import best_gemv, read_bandwidth  # noqa: E402
+from bench.decode import MID  # noqa: E402
+
+
+def write_gguf(path: Path, gguf, cfg=MID, seed: int = 0) -> None:
+    """A LLaMA with MID's language-model shapes, bf16 matrices (the released dtype), fp32 norms,
+    random normal weights (std 0.02) and a vocabulary of dummy tokens (llama.cpp's "none")."""
+    c, rng = cfg, np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.num_layers)
+    w.add_context_length(c.max_sequence_length)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.inner_hidden_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_attention_heads)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(c.vocab_size)
+    w.add_tokenizer_model("none")
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
+    bf16 = gguf.GGMLQuantizationType.BF16
+
+    def matrix(name, rows, cols):
+        data = (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02)
+        w.add_tensor(name, gguf.quants.quantize(data, bf16), raw_dtype=bf16)
+
+    h, f = c.hidden_size, c.inner_hidden_size
+    matrix("token_embd.weight", c.vocab_size, h)
+    for i in range(c.num_layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(h, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(h, np.float32))
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            matrix(f"blk.{i}.{name}.weight", h, h)
+        matrix(f"blk.{i}.ffn_gate.weight", f, h)
+        matrix(f"blk.{i}.ffn_up.weight", f, h)
+        matrix(f"blk.{i}.ffn_down.weight", h, f)
+    w.add_tensor("output_norm.weight", np.ones(h, np.float32))
+    matrix("output.weight", c.vocab_size, h)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=True)
+    w.close()
+
+
+def decode_bytes(path: Path, gguf, ctx: int, cfg=MID) -> int:
+    """Bytes one decode step reads: every tensor as stored but the embedding (one row of it),
+    plus the f16 K/V cache of `ctx` tokens."""
+    reader = gguf.GGUFReader(str(path))
+    total = 0
+    for t in reader.tensors:
+        total += int(t.n_bytes) // (cfg.vocab_size if t.name == "token_embd.weight" else 1)
+    return total + cfg.num_layers * 2 * ctx * cfg.hidden_size * 2
+
+
+# llama.cpp type -> the project's scheme with the same bytes per weight (bf16; int8 per row =
+# 8 bits + a row scale against Q8_0's 8.5; int4 per 64 with scale and zero = Q4_0's 4.5 bits).
+OURS = {"bf16": None, "q8_0": 8, "q4_0": 4}
+
+
+def llama_bench(binary: Path, model: Path, threads: int, repeat: int, args: list[str]) -> float:
+    """Tokens/s that llama-bench reports (its mean over `repeat` runs)."""
+    cmd = [str(binary), "-m", str(model), "-t", str(threads), "-r", str(repeat), "-o", "json", *args]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out)[0]["avg_ts"]
+
+
+def our_model(bits, ctx: int):
+    """bench/decode.py's mid-size CogVLM in bf16 (oneDNN-packed), or weight-only int8/int4 with
+    the image encoder int8, as the demos build it on CPU; and the bytes a decode step reads."""
+    import torch
+    from bench.decode import decode_bytes as step_bytes
+    from models import CogVLM
+    from models.layout import pack_for_cpu_inference
+    from models.loading import init_weights
+    from models.quantize import quantize
+    torch.manual_seed(0)
+    model = CogVLM(MID)
+    init_weights(model)
+    model = model.to(torch.bfloat16).eval()
+    if bits:
+        quantize(model, bits)
+    nbytes = step_bytes(model, MID, ctx)                # before packing: packed tensors hide their size
+    return pack_for_cpu_inference(model), nbytes
+
+
+def our_prefill_s(model) -> float:
+    """Image encoder + the 283-token prompt (257 image tokens through the vision expert)."""
+    import torch
+    from bench.common import median_time
+    from bench.decode import make_inputs
+    from models import Cache
+    from models.generate import prefill
+    inputs = make_inputs(MID, 24, model, False)
+    img = torch.randn(1, 3, MID.eva.image_size, MID.eva.image_size)
+
+    def run():
+        with torch.inference_mode():
+            inputs.image_embeds = model.encode_images(img)
+            prefill(model, inputs, Cache.allocate(MID, 1, inputs.input_ids.shape[1] + 1, torch.bfloat16, "cpu"))
+    return median_time(run, 3)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--llama_cpp", type=Path, required=True,
+                   help="llama.cpp source folder with build/bin/llama-bench and llama-quantize built")
+    p.add_argument("--types", default="bf16,f16,q8_0,q4_0", help="llama.cpp weight types, comma-separated")
+    p.add_argument("--repack", default="1", help="llama-bench --repack values to try, e.g. 0,1")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved rounds (llama.cpp, then ours, per type); medians are reported")
+    p.add_argument("--prompt", type=int, default=283, help="prefill tokens and decode context")
+    p.add_argument("--decode", type=int, default=32, help="tokens per decode measurement")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
+    p.add_argument("--workdir", type=Path, default=None, help="where the GGUF files go (default: a temp dir)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+
+    sys.path.insert(0, str(args.llama_cpp / "gguf-py"))
+    import gguf
+    bin_dir = args.llama_cpp / "build" / "bin"
+    for tool in ("llama-bench", "llama-quantize"):
+        if not (bin_dir / tool).exists():
+            sys.exit(f"{bin_dir / tool} not found: build llama.cpp first (see --help)")
+    import torch
+    from bench.decode import decode_step_time
+    torch.set_num_threads(args.threads)
+    bench_bin = bin_dir / "llama-bench"
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="llama_cpp_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    base = work / "mid-bf16.gguf"
+    if not base.exists():
+        print(f"writing {base}")
+        write_gguf(base, gguf)
+    files, theirs_bytes, ours, ours_bytes = {}, {}, {}, {}
+    for typ in args.types.split(","):
+        files[typ] = base if typ == "bf16" else work / f"mid-{typ}.gguf"
+        if not files[typ].exists():
+            print(f"llama-quantize {typ}")
+            subprocess.run([str(bin_dir / "llama-quantize"), str(base), str(files[typ]), typ.upper()],
+                           check=True, capture_output=True)
+        theirs_bytes[typ] = decode_bytes(files[typ], gguf, args.prompt)
+        if typ in OURS:
+            print(f"building ours for {typ}")
+            ours[typ], ours_bytes[typ] = our_model(OURS[typ], args.prompt)
+
+    runs = {}                                           # (who, type, repack) -> list of tok/s
+    reads, gemvs = [], []
+    for r in range(args.rounds):                       # interleaved, so the box's drift hits all alike
+        reads.append(read_bandwidth())
+        gemvs.append(best_gemv()["best"])
+        for typ in files:
+            for repack in args.repack.split(","):
+                runs.setdefault(("llama.cpp", typ, repack), []).append(llama_bench(
+                    bench_bin, files[typ], args.threads, 3,
+                    ["-p", "0", "-n", str(args.decode), "-d", str(args.prompt), "--repack", repack]))
+            if typ in ours:
+                runs.setdefault(("ours", typ, ""), []).append(1 / decode_step_time(ours[typ], args.prompt, 12))
+        print(f"round {r + 1}/{args.rounds}: memory read {reads[-1] / 1e9:.1f} GB/s, "
+              + ", ".join(f"{w} {t}{'/' + rp if rp else ''} {v[-1]:.1f}" for (w, t, rp), v in runs.items()))
+    read, gemv = statistics.median(reads), statistics.median(gemvs)
+    rows = []
+    for (who, typ, repack), v in runs.items():
+        nbytes = (theirs_bytes if who == "llama.cpp" else ours_bytes)[typ]
+        if who == "llama.cpp":
+            pre = args.prompt / llama_bench(bench_bin, files[typ], args.threads, 3,
+                                            ["-p", str(args.prompt), "-n", "0", "--repack", repack])
+        else:
+            pre = our_prefill_s(ours[typ])
+        tok_s = statistics.median(v)
+        rows.append({"who": who, "type": typ, "repack": repack, "prefill_s": pre, "decode_tok_s": tok_s,
+                     "gb_per_token": nbytes / 1e9, "frac_read": tok_s * nbytes / read,
+                     "frac_best_gemv": tok_s * nbytes / gemv})
+    print(f"medians of {args.rounds} rounds: memory read {read / 1e9:.1f} GB/s, best PyTorch GEMV {gemv / 1e9:.1f} GB/s")
+    print("| who | type | prefill s | decode tok/s | GB/token | % memory read | % best GEMV |")
+    for row in sorted(rows, key=lambda x: (x["type"], x["who"])):
+        print(f"| {row['who']}{' repack ' + row['repack'] if row['repack'] else ''} | {row['type']} | "
+              f"{row['prefill_s']:.2f} | {row['decode_tok_s']:.2f} | {row['gb_per_token']:.2f} | "
+              f"{row['frac_read']:.0%} | {row['frac_best_gemv']:.0%} |")
+    if args.json:
+        args.json.write_text(json.dumps({"threads": args.threads, "prompt": args.prompt, "read_gbps": read / 1e9,
+                                         "best_gemv_gbps": gemv / 1e9, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
