@@ -91,8 +91,15 @@ OURS = {"bf16": None, "q8_0": 8, "q4_0": 4}
 def llama_bench(binary: Path, model: Path, threads: int, repeat: int, args: list[str]) -> float:
     """Tokens/s that llama-bench reports (its mean over `repeat` runs)."""
     cmd = [str(binary), "-m", str(model), "-t", str(threads), "-r", str(repeat), "-o", "json", *args]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out)[0]["avg_ts"]
+    return json.loads(run_tool(cmd))[0]["avg_ts"]
+
+
+def run_tool(cmd: list[str]) -> str:
+    """Run a llama.cpp tool; its failure ends the benchmark with the tool's own last words."""
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode:
+        sys.exit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-2000:]}")
+    return p.stdout
 
 
 def our_model(bits, ctx: int):
@@ -146,12 +153,15 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
 
-    sys.path.insert(0, str(args.llama_cpp / "gguf-py"))
-    import gguf
     bin_dir = args.llama_cpp / "build" / "bin"
     for tool in ("llama-bench", "llama-quantize"):
         if not (bin_dir / tool).exists():
             sys.exit(f"{bin_dir / tool} not found: build llama.cpp first (see --help)")
+    sys.path.insert(0, str(args.llama_cpp / "gguf-py"))   # llama.cpp's own gguf-py, else the installed one
+    try:
+        import gguf
+    except ImportError:
+        sys.exit("the gguf package is missing: pip install gguf (or use a llama.cpp tree with gguf-py/)")
     import torch
     from bench.decode import decode_step_time
     torch.set_num_threads(args.threads)
@@ -168,8 +178,7 @@ def main() -> None:
         files[typ] = base if typ == "bf16" else work / f"mid-{typ}.gguf"
         if not files[typ].exists():
             print(f"llama-quantize {typ}")
-            subprocess.run([str(bin_dir / "llama-quantize"), str(base), str(files[typ]), typ.upper()],
-                           check=True, capture_output=True)
+            run_tool([str(bin_dir / "llama-quantize"), str(base), str(files[typ]), typ.upper()])
         theirs_bytes[typ] = decode_bytes(files[typ], gguf, args.prompt)
         if typ in OURS:
             print(f"building ours for {typ}")
