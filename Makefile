@@ -8,7 +8,7 @@ DEMO_MODEL ?= tiny-cogvlm
 DEMO_IMAGE ?= assets/scene.png
 DEMO_QUERY ?= Describe the image with boxes.
 
-.PHONY: install install-dev chromium demo test bench bench-full gpu-check tiny-models clean
+.PHONY: install install-dev chromium cxx demo test bench bench-full gpu-check tiny-models clean
 
 $(VENV)/.core: requirements.txt
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -23,14 +23,24 @@ $(VENV)/.dev: $(VENV)/.core requirements-dev.txt
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
 	@touch $@
 
+# Debian packages the tests need, installed when missing (as root, or through sudo).
+define apt_install
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
+	else echo "missing: install it with apt-get install $(1)"; exit 1; fi; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	$$SUDO apt-get install -y -q $(1) >/dev/null 2>&1 || \
+	{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q $(1) >/dev/null; }
+endef
+
 # The browser tests drive Debian's chromium (no Playwright browser download).
 chromium:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
-	  else echo "chromium is missing: install it with apt-get install chromium fonts-dejavu-core"; exit 1; fi; \
-	  export DEBIAN_FRONTEND=noninteractive; \
-	  $$SUDO apt-get install -y -q chromium fonts-dejavu-core >/dev/null 2>&1 || \
-	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium fonts-dejavu-core >/dev/null; }; }
+	@command -v chromium >/dev/null 2>&1 || { $(call apt_install,chromium fonts-dejavu-core); }
+
+# --compile builds its kernels with a C++ compiler and Python's headers (inductor).
+cxx: $(VENV)/.core
+	@{ command -v g++ >/dev/null 2>&1 || command -v c++ >/dev/null 2>&1; } && \
+	 $(PYTHON) -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' || \
+	 { $(call apt_install,g++ python3-dev); }
 
 install: $(VENV)/.core
 install-dev: $(VENV)/.dev
@@ -44,7 +54,7 @@ demo: $(VENV)/.core
 	$(PYTHON) basic_demo/cli_demo_sat.py --from_pretrained "$(DEMO_MODEL)" \
 	    --image "$(DEMO_IMAGE)" --query "$$DEMO_QUERY" --top_k 1 --output_dir grounding_output
 
-test: $(VENV)/.dev chromium
+test: $(VENV)/.dev chromium cxx
 	$(PYTHON) -m pytest
 
 bench: $(VENV)/.core
@@ -52,6 +62,9 @@ bench: $(VENV)/.core
 	$(PYTHON) bench/decode.py --dtype bfloat16 --packed --json bench/results_decode_bfloat16_packed.json
 	$(PYTHON) bench/decode.py --dtype bfloat16 --packed --quant 8 --json bench/results_decode_bfloat16_packed_int8.json
 	$(PYTHON) bench/decode.py --dtype bfloat16 --packed --quant 4 --json bench/results_decode_bfloat16_packed_int4.json
+	$(PYTHON) bench/decode.py --dtype bfloat16 --compile --json bench/results_decode_bfloat16_compiled.json
+	$(PYTHON) bench/decode.py --dtype bfloat16 --compile --quant 8 --json bench/results_decode_bfloat16_compiled_int8.json
+	$(PYTHON) bench/decode.py --dtype bfloat16 --compile --quant 4 --json bench/results_decode_bfloat16_compiled_int4.json
 	$(PYTHON) bench/batch.py --json bench/results_batch.json
 	$(PYTHON) bench/quant.py --json bench/results_quant.json
 	$(PYTHON) bench/finetune.py --json bench/results_finetune.json

@@ -29,7 +29,10 @@ def main(argv=None) -> int:
                    help="plain F.linear instead of the oneDNN-packed weights the demos use on CPU")
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--quant", type=int, choices=[4, 8], default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="inductor-compiled decode step (models/compile.py; implies --no-packed)")
     a = p.parse_args(argv)
+    a.packed = a.packed and not a.compile
     torch.set_num_threads(a.threads)
     from models.loading import resolve_dtype
     from models.quantize import quantize
@@ -43,7 +46,11 @@ def main(argv=None) -> int:
         quantize(model, a.quant, vision_bits=8, backend="torch")
     if a.packed:
         pack_for_cpu_inference(model)
-    print(f"dtype {dtype}, quant {a.quant}, packed {a.packed}")
+    if a.compile:
+        from models.compile import compile_decode
+        if not compile_decode(model):
+            p.error("--compile: the decode step cannot be compiled here (see the warning above)")
+    print(f"dtype {dtype}, quant {a.quant}, packed {a.packed}, compiled {a.compile}")
     runs = {b: [] for b in (1, 4, 16)}
     for _ in range(a.repeat):
         for b in runs:

@@ -83,12 +83,12 @@ def decode_step_time(model: CogVLM, ctx: int, steps: int, cross_kv=None, batch: 
     holds random K/V (a step's cost does not depend on their values), which spares a prefill."""
     cfg = model.config
     p = next(model.parameters())
-    cache = Cache.allocate(cfg, batch, ctx + steps + 2, p.dtype, p.device)
-    for t in cache.k + cache.v:
-        t.normal_()
-    cache.length, cache.next_position, cache.cross_kv = ctx, torch.full((batch,), ctx, device=p.device), cross_kv
-    tok = torch.full((batch,), 5, device=p.device)
-    with torch.inference_mode():
+    with torch.inference_mode():                   # as in generation (a compiled step guards on it)
+        cache = Cache.allocate(cfg, batch, ctx + steps + 2, p.dtype, p.device)
+        for t in cache.k + cache.v:
+            t.normal_()
+        cache.length, cache.next_position, cache.cross_kv = ctx, torch.full((batch,), ctx, device=p.device), cross_kv
+        tok = torch.full((batch,), 5, device=p.device)
         decode_one_token(model, tok, cache)                             # warm-up
         return median_time(lambda: decode_one_token(model, tok, cache), steps, 0)
 
@@ -118,6 +118,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--packed", action="store_true",
                    help="oneDNN-packed fp32/bf16 linear weights, as the demos and the server use on CPU")
+    p.add_argument("--compile", action="store_true",
+                   help="inductor-compiled decode step with frozen weights (models/compile.py; plain weights)")
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--quant", type=int, choices=[4, 8], default=None,
                    help="weight-only int8/int4, image encoder int8")
@@ -125,6 +127,8 @@ def main(argv=None) -> int:
                    help="quantization kernels (default: torch on CPU, bitsandbytes on CUDA)")
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
+    if a.compile and a.packed:
+        p.error("--compile packs the weights itself: leave out --packed")
     dev = torch.device(a.device)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -133,7 +137,7 @@ def main(argv=None) -> int:
     dtype = resolve_dtype(a.dtype, dev)
     backend = a.backend or default_backend(dev)
     flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"})
-    print(f"CPU flags: {' '.join(flags)}; dtype {dtype}, quant {a.quant}, packed {a.packed}")
+    print(f"CPU flags: {' '.join(flags)}; dtype {dtype}, quant {a.quant}, packed {a.packed}, compile {a.compile}")
 
     gemv = best_gemv(device=dev)
     bw, flops = gemv["best"], gemm_flops(dtype=dtype, device=dev)
@@ -174,6 +178,9 @@ def main(argv=None) -> int:
     if a.packed:                                       # after sharing: the agent packs its own
         pack_for_cpu_inference(agent)
         pack_for_cpu_inference(model)
+    if a.compile:
+        from models.compile import compile_decode
+        res["compiled"] = compile_decode(model) and compile_decode(agent)
     with torch.inference_mode():
         ckv = agent.cross_kv(torch.randn(1, 3, MID_CROSS.image_size, MID_CROSS.image_size, device=dev))
     ctx_short, ctx_long = T, T + 1016                   # ~280 and ~1300 tokens of context

@@ -102,9 +102,10 @@ def run_tool(cmd: list[str]) -> str:
     return p.stdout
 
 
-def our_model(bits, ctx: int):
+def our_model(bits, ctx: int, compiled: bool = False):
     """bench/decode.py's mid-size CogVLM in bf16 (oneDNN-packed), or weight-only int8/int4 with
-    the image encoder int8, as the demos build it on CPU; and the bytes a decode step reads."""
+    the image encoder int8, as the demos build it on CPU; and the bytes a decode step reads.
+    compiled: plain weights and the inductor-compiled decode step (--compile)."""
     import torch
     from bench.decode import decode_bytes as step_bytes
     from models import CogVLM
@@ -118,6 +119,11 @@ def our_model(bits, ctx: int):
     if bits:
         quantize(model, bits)
     nbytes = step_bytes(model, MID, ctx)                # before packing: packed tensors hide their size
+    if compiled:
+        from models.compile import compile_decode
+        if not compile_decode(model):
+            sys.exit("--compile: the decode step cannot be compiled here (see the warning above)")
+        return model, nbytes
     return pack_for_cpu_inference(model), nbytes
 
 
@@ -150,6 +156,7 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=32, help="tokens per decode measurement")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
     p.add_argument("--workdir", type=Path, default=None, help="where the GGUF files go (default: a temp dir)")
+    p.add_argument("--compile", action="store_true", help="ours with the inductor-compiled decode step")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
 
@@ -182,8 +189,9 @@ def main() -> None:
         theirs_bytes[typ] = decode_bytes(files[typ], gguf, args.prompt)
         if typ in OURS:
             print(f"building ours for {typ}")
-            ours[typ], ours_bytes[typ] = our_model(OURS[typ], args.prompt)
+            ours[typ], ours_bytes[typ] = our_model(OURS[typ], args.prompt, args.compile)
 
+    who_ours = "ours compiled" if args.compile else "ours"
     runs = {}                                           # (who, type, repack) -> list of tok/s
     reads, gemvs = [], []
     for r in range(args.rounds):                       # interleaved, so the box's drift hits all alike
@@ -195,7 +203,7 @@ def main() -> None:
                     bench_bin, files[typ], args.threads, 3,
                     ["-p", "0", "-n", str(args.decode), "-d", str(args.prompt), "--repack", repack]))
             if typ in ours:
-                runs.setdefault(("ours", typ, ""), []).append(1 / decode_step_time(ours[typ], args.prompt, 12))
+                runs.setdefault((who_ours, typ, ""), []).append(1 / decode_step_time(ours[typ], args.prompt, 12))
         print(f"round {r + 1}/{args.rounds}: memory read {reads[-1] / 1e9:.1f} GB/s, "
               + ", ".join(f"{w} {t}{'/' + rp if rp else ''} {v[-1]:.1f}" for (w, t, rp), v in runs.items()))
     read, gemv = statistics.median(reads), statistics.median(gemvs)

@@ -63,8 +63,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--configs", nargs="+", default=["tiny", "mid"])
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--quant", type=int, choices=[4, 8], default=None)
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
+    from models.loading import resolve_dtype
+    from models.quantize import quantize
+    dtype = resolve_dtype(a.dtype, "cpu")
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as d:
@@ -72,12 +77,14 @@ def main(argv=None) -> int:
     res = {}
     for name in a.configs:
         if name == "tiny":
-            model, new_tokens = pack_for_cpu_inference(build_model(get_config("tiny-test-cogvlm"))), 48
+            model, new_tokens = build_model(get_config("tiny-test-cogvlm"), dtype=dtype), 48
         else:
             model = CogVLM(MID)
             init_weights(model)
-            pack_for_cpu_inference(model.eval())        # as openai_api.py serves on CPU
-            new_tokens = 24
+            model, new_tokens = model.to(dtype).eval(), 24
+        if a.quant:
+            quantize(model, a.quant)
+        pack_for_cpu_inference(model)                   # as openai_api.py serves on CPU
         # EOS never ends a stream early: every stream generates exactly new_tokens.
         model.config.eos_token_id = -1
         engine = BatchEngine(model, tok, max_batch=16, max_queue=64, max_len=256)

@@ -30,6 +30,7 @@ class Registry:
     fp16: bool = False
     local_tokenizer: Optional[str] = None
     dtype: str = "auto"
+    compile: bool = False
 
     def model_for(self, mode: str, grounding: bool = False) -> Optional[str]:
         any_model = self.cogvlm or self.cogagent or self.grounding
@@ -52,8 +53,9 @@ def parse(argv: list[str]) -> Registry:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--fp16", action="store_true")
     p.add_argument("--local_tokenizer", default=os.environ.get("COGVLM_TOKENIZER"))
+    p.add_argument("--compile", action="store_true", help="CPU: inductor-compiled decode step (see the README)")
     a, unknown = p.parse_known_args(argv)
     if unknown:                                 # a typo must not be ignored silently
         raise ValueError(f"unknown argument(s) after `--`: {' '.join(unknown)} "
-                         f"(known: --cogvlm --cogagent --grounding --device --quant --dtype --bf16 --fp16 --local_tokenizer)")
+                         f"(known: --cogvlm --cogagent --grounding --device --quant --dtype --bf16 --fp16 --local_tokenizer --compile)")
     return Registry(**vars(a))

@@ -91,13 +91,28 @@ def prefill(model: CogVLM, inputs: ModelInputs, cache: Cache) -> torch.Tensor:
     return logits[:, -1]
 
 
+def forward_one_token(model: CogVLM, tokens: torch.Tensor, positions: torch.Tensor, cache,
+                      cross_kv=None, cross_rows=None, pad_mask=None, attn_mask=None) -> torch.Tensor:
+    """The model's forward for one new text token per row (what `--compile` compiles, see
+    models/compile.py): tokens B, positions B,1 -> logits B,V. Writes K/V at slot
+    cache.get_seq_length(); the caller advances the cache."""
+    h = model.model(tokens[:, None], positions, cache=cache, cross_kv=cross_kv, cross_rows=cross_rows,
+                    pad_mask=pad_mask, attn_mask=attn_mask)
+    return model.lm_head(h[:, -1])
+
+
 def decode_one_token(model: CogVLM, tokens: torch.Tensor, cache: Cache) -> torch.Tensor:
     """tokens: B new text tokens -> logits B,V. Positions continue from the last position
-    + 1 (not from the slot index: an image takes many slots but 3 positions)."""
-    pos = cache.next_position[:, None]
-    logits = model(tokens[:, None], pos, cache=cache)
+    + 1 (not from the slot index: an image takes many slots but 3 positions). Runs the
+    model's compiled step when models.compile.compile_decode gave it one."""
+    if cache.length >= cache.max_len:              # checked here: a compiled step cannot raise it
+        raise ValueError(f"KV cache holds {cache.max_len} tokens; cannot add one more")
+    step = getattr(model, "decode_step", None) or forward_one_token
+    logits = step(model, tokens, cache.next_position[:, None], cache, cache.cross_kv, cache.cross_rows,
+                  cache.pad_mask)
+    cache.length += 1
     cache.next_position = cache.next_position + 1
-    return logits[:, -1]
+    return logits
 
 
 def token_budget(prompt_len: int, image_tokens: int, gen: GenerationConfig, model_max: int,

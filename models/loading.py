@@ -94,6 +94,15 @@ def default_dtype(device: Union[str, torch.device], fp16: bool = False, bf16: bo
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them after transient buffers: a
+    burst of prefills, a compilation), so RSS tracks live memory. No-op without glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @contextlib.contextmanager
 def memory_returned_to_os():
     """While loading: glibc serves allocations above 1 MB with mmap, so the full-precision
@@ -112,7 +121,7 @@ def memory_returned_to_os():
         yield
     finally:
         libc.mallopt(-3, 32 << 20)
-        libc.malloc_trim(0)
+        release_free_memory()
 
 
 def build_model(cfg: ModelConfig, device="cpu", dtype: torch.dtype = torch.float32) -> CogVLM:

@@ -526,6 +526,10 @@ def main(argv=None) -> int:
     from utils.lockstep import Lockstep
     args = parse_args(argv)
     setup_logging()
+    if args.compile:
+        log.warning("--compile applies to single-stream decoding (CLI, web and composite demos); the "
+                    "server's batch engine decodes eagerly with oneDNN-packed weights (measured as fast)")
+        args.compile = False
     loaded = load_or_report(args)
     if loaded is None:
         return 1

@@ -15,8 +15,9 @@ from utils.chat import ImageContext, chat, prepare
 from utils.engine import BatchEngine, QueueFull, Request
 
 
-def run_requests(engine, model, tokenizer, specs, delays):
-    """specs: (query, image, max_new, stop). Submit with delays; return (text, done) per spec."""
+def run_requests(engine, model, tokenizer, specs, delays, timeout: float = 60):
+    """specs: (query, image, max_new, stop). Submit with delays; return (text, done) per spec.
+    timeout: the longest wait for one event."""
     results = [None] * len(specs)
     threads = []
 
@@ -26,7 +27,7 @@ def run_requests(engine, model, tokenizer, specs, delays):
         engine.submit(Request(inp, GenerationConfig(), max_new, q.put, stop=stop or []))
         text = ""
         while True:
-            ev = q.get(timeout=60)
+            ev = q.get(timeout=timeout)
             if ev["type"] == "delta":
                 text += ev["text"]
             elif ev["type"] == "done":
@@ -39,7 +40,7 @@ def run_requests(engine, model, tokenizer, specs, delays):
         t.start()
         threads.append(t)
     for t in threads:
-        t.join(timeout=120)
+        t.join(timeout=2 * timeout)
     return results
 
 

@@ -24,7 +24,9 @@ from typing import Callable, Optional
 import torch
 
 from models.cogvlm import Cache, CogVLM
-from models.generate import GenerationConfig, ModelInputs, apply_repetition_penalty, prefill, sample
+from models.generate import (GenerationConfig, ModelInputs, apply_repetition_penalty, forward_one_token, prefill,
+                             sample)
+from models.loading import release_free_memory
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -32,16 +34,6 @@ log = logging.getLogger(__name__)
 
 class QueueFull(RuntimeError):
     pass
-
-
-def _release_free_memory() -> None:
-    """When idle, hand freed heap pages back to the OS (glibc keeps them after the transient
-    prefill buffers of a burst), so a long-running server's RSS tracks its live memory."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 @dataclass
@@ -143,7 +135,7 @@ class BatchEngine:
         while True:
             with self.cv:
                 if not self.closed and not self.waiting and not any(self.rows):
-                    _release_free_memory()
+                    release_free_memory()
                 while not self.closed and not self.waiting and not any(self.rows):
                     self.cv.wait()
                 if self.closed:
@@ -273,7 +265,9 @@ class BatchEngine:
                 self._finish(i, "error", error=str(e))
 
     def _step_model(self, n: int, tokens: list, live: list) -> torch.Tensor:
-        """One decode step of rows [0, n) (every rank runs it) -> logits n,V."""
+        """One decode step of rows [0, n) (every rank runs it) -> logits n,V. Always eager: a
+        compiled step (--compile) measured no faster here than the oneDNN-packed weights
+        (bench/RESULTS.md, "--compile")."""
         if self.S + 1 > self.cap:
             self._move(int(min(self.start[i] for i in live)))
         self.n = n
@@ -288,9 +282,8 @@ class BatchEngine:
         if self.cross is not None and bool(self.has_image[:n].any()):
             cross_kv = [(k[:n], v[:n]) for k, v in self.cross]
             cross_rows = self.has_image[:n] & alive
-        h = self.model.model(tokens[:, None], self.next_pos[:n, None], cache=_BatchCache(self),
-                             cross_kv=cross_kv, cross_rows=cross_rows, attn_mask=mask[:, None, None, :])
-        logits = self.model.lm_head(h[:, -1])
+        logits = forward_one_token(self.model, tokens, self.next_pos[:n, None], _BatchCache(self),
+                                   cross_kv, cross_rows, None, mask[:, None, None, :])
         self.S += 1
         self.next_pos[:n] += 1
         return logits

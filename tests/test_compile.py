@@ -1,0 +1,124 @@
+"""--compile: the inductor-compiled decode step (models/compile.py) gives the eager step's logits
+and greedy answers, on CogVLM and on CogAgent (cross attention), unquantized and int8; without a
+C++ compiler, or when compiling fails, decoding goes on eagerly with one warning. Not timed:
+bench/decode.py --compile measures the speed."""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import Cache, load_model
+from models.compile import compile_decode
+from models.generate import decode_one_token, prefill
+from models.loading import resolve_dtype
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _decode_logits(model, cfg, steps: int = 6) -> torch.Tensor:
+    """Prefill an image + text prompt, then `steps` greedy decode steps: their logits, steps,V."""
+    from bench.common import image_prompt
+    from models.generate import ModelInputs
+    torch.manual_seed(0)                           # the prompt's text tokens and the images
+    ids, pos, vision, slots = image_prompt(cfg, 5)
+    out = []
+    with torch.inference_mode():
+        emb = model.encode_images(torch.randn(1, 3, cfg.eva.image_size, cfg.eva.image_size))
+        ckv = model.cross_kv(torch.randn(1, 3, cfg.cross.image_size, cfg.cross.image_size)) \
+            if cfg.cross is not None else None
+        cache = Cache.allocate(cfg, 1, ids.shape[1] + steps, emb.dtype, "cpu")
+        logits = prefill(model, ModelInputs(ids, pos, vision, slots, image_embeds=emb, cross_kv=ckv), cache)
+        for _ in range(steps):
+            logits = decode_one_token(model, logits.argmax(-1), cache)
+            out.append(logits[0].float())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("name,quant", [("tiny-cogvlm", None), ("tiny-cogagent", 8)])
+def test_compiled_decode_matches_eager(name, quant, caplog):
+    dtype = resolve_dtype("auto", "cpu")           # bf16 where the CPU has it, else fp32
+    model, cfg = load_model(name, dtype=dtype, quant=quant)
+    eager = _decode_logits(model, cfg)
+    with caplog.at_level(logging.INFO, logger="models.compile"):
+        assert compile_decode(model)
+        compiled = _decode_logits(model, cfg)
+    assert "decode step compiled" in caplog.text and "decoding eagerly" not in caplog.text
+    assert model.decode_step.calls > 0 and not model.decode_step.failed
+    # Same greedy tokens; logits within the rounding of the compute dtype.
+    assert torch.equal(eager.argmax(-1), compiled.argmax(-1))
+    err = (eager - compiled).abs().max() / eager.abs().max()
+    assert err < (0.03 if dtype == torch.bfloat16 else 1e-4), f"relative logit error {err:.4f}"
+
+
+def test_without_a_compiler_decoding_stays_eager(monkeypatch, caplog):
+    from models import compile as comp
+    model, cfg = load_model("tiny-cogvlm", dtype=torch.float32)
+    monkeypatch.setattr(comp.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    with caplog.at_level(logging.WARNING, logger="models.compile"):
+        assert not compile_decode(model)
+    assert "needs a C++ compiler" in caplog.text and not hasattr(model, "decode_step")
+
+
+def test_a_failing_compilation_falls_back_to_eager(monkeypatch, caplog):
+    """A compiler error on the first step (here a stand-in that raises) logs one warning and
+    every step, that one included, runs eagerly with the same result."""
+    from models import compile as comp
+
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("C++ compile error: cc1plus killed\nmore lines")
+        return run
+    model, cfg = load_model("tiny-cogvlm", dtype=torch.float32)
+    eager = _decode_logits(model, cfg, steps=3)
+    monkeypatch.setattr(comp.torch, "compile", broken)
+    with caplog.at_level(logging.WARNING, logger="models.compile"):
+        assert compile_decode(model)
+        fallback = _decode_logits(model, cfg, steps=3)
+    assert torch.equal(eager, fallback)
+    assert model.decode_step.failed
+    assert caplog.text.count("compiling the decode step failed (C++ compile error: cc1plus killed); "
+                             "decoding eagerly") == 1
+
+
+def test_every_inference_entry_point_takes_compile(tmp_path):
+    """The CLI answers the same with --compile; the other apps accept the flag; tensor
+    parallel runs refuse it with a clear message."""
+    env = {**os.environ, "LOGLEVEL": "INFO", "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, str(ROOT / "basic_demo" / "cli_demo_sat.py"), "--from_pretrained",
+                        "tiny-cogvlm", "--compile", "--image", str(ROOT / "assets" / "scene.png"), "--query",
+                        "How many shapes are there?", "--output_dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=400, cwd="/", env=env)
+    assert p.returncode == 0 and p.stdout.strip() == "3", p.stderr[-3000:]
+    assert "decode step compiled" in p.stderr
+    sys.path.insert(0, str(ROOT / "openai_demo"))
+    from basic_demo.web_demo import parse_args as web_args
+    from composite_demo.registry import parse as composite_args
+    from openai_api import parse_args as server_args
+    assert web_args(["--compile"]).compile and composite_args(["--compile"]).compile
+    assert server_args(["--compile"]).compile and not server_args([]).compile
+
+
+def test_int8_models_run_large_batches_eagerly():
+    """inductor's int8 kernel loses from 8 rows on (bench/RESULTS.md): an int8 model's compiled
+    step hands steps of more than INT8_MAX_ROWS rows to the eager forward; bf16 keeps them."""
+    from models import compile as comp
+    model, cfg = load_model("tiny-cogvlm", dtype=torch.float32, quant=8)
+    assert compile_decode(model) and model.decode_step.max_rows == comp.INT8_MAX_ROWS
+    seen = []
+    model.decode_step.compiled = lambda *args: seen.append(args[1].shape[0]) or "compiled"
+    for rows in (1, comp.INT8_MAX_ROWS, comp.INT8_MAX_ROWS + 1):
+        with torch.inference_mode():
+            cache = Cache.allocate(cfg, rows, 4, torch.float32, "cpu")
+            cache.next_position = torch.zeros(rows, dtype=torch.long)
+            out = decode_one_token(model, torch.zeros(rows, dtype=torch.long), cache)
+        assert (out == "compiled") == (rows <= comp.INT8_MAX_ROWS)
+    assert seen == [1, comp.INT8_MAX_ROWS]
+    plain, _ = load_model("tiny-cogvlm", dtype=torch.float32)
+    assert compile_decode(plain) and plain.decode_step.max_rows is None
