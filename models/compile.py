@@ -100,5 +100,10 @@ def compile_decode(model) -> bool:
     inductor_config.freezing = True                    # weights become constants: packed once
     inductor_config.autotune_num_choices_displayed = 0  # no timing tables on stderr
     inductor_config.max_autotune_report_choices_stats = False
+    # Left to itself inductor inlines the query's rotary (cos, sin of the position) into the
+    # attention's score reduction and recomputes it for every cached token; realizing pointwise
+    # results of more than 8 ops keeps it in a buffer (one layer, 283 -> 1299 tokens of context:
+    # +0.4 ms instead of +0.9 ms per step).
+    inductor_config.realize_cpu_opcount_threshold = 8
     model.decode_step = CompiledDecode(INT8_MAX_ROWS if getattr(model, "quantized_bits", None) == 8 else None)
     return True
