@@ -7,8 +7,8 @@ constants, packs them once and picks, per layer shape, its own C++ GEMV template
 (max-autotune): measured on the mid-size model (bench/RESULTS.md) int8 decode 2.1x, bf16 1.5x,
 int4 1.2x the eager step. Costs, also measured there: the first decode step compiles for about
 a minute on 2 cores (once per process; `dynamic=True` so every context length shares it), the
-compiled step holds its own packed copy of the language weights (the eager model keeps its own
-for prefill), and it needs a C++ compiler. Without one, or when compilation fails, decoding
+compiled step holds its own packed copy of the language weights in bf16 and int8 (the eager
+model keeps its own for prefill; int4 shares them), and it needs a C++ compiler. Without one, or when compilation fails, decoding
 goes on eagerly with one warning.
 
 Prefill (many rows, vision-expert routing with data-dependent shapes) stays eager: it already

@@ -39,8 +39,8 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str = "cogvlm-chat
                         "faster here, bench/RESULTS.md), plain = PyTorch's own layout")
     g.add_argument("--compile", action="store_true",
                    help="CPU: compile the decode step with inductor (needs a C++ compiler; the first "
-                        "step compiles for about a minute; measured 1.2-1.9x faster decoding, one "
-                        "more copy of the language weights in memory; bench/RESULTS.md)")
+                        "step compiles for about a minute; measured 1.2-2.1x faster decoding; bf16/int8: "
+                        "one more copy of the language weights in memory; bench/RESULTS.md)")
     g.add_argument("--trust-checkpoint", "--trust_checkpoint", dest="trust_checkpoint",
                    action="store_true", help="allow checkpoint files that need full unpickling "
                                              "(training checkpoints); only for files you trust")
