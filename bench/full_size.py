@@ -54,7 +54,7 @@ def random_tensors(model: torch.nn.Module, dtype: torch.dtype, device, seed: int
         yield name, out
 
 
-def build(name: str, dtype: torch.dtype, quant, quant_vision, device="cpu") -> CogVLM:
+def build(name: str, dtype: torch.dtype, quant, quant_vision, device="cpu", pack: bool = True) -> CogVLM:
     cfg = get_config(name)
     with torch.device("meta"):
         model = CogVLM(cfg)
@@ -63,7 +63,7 @@ def build(name: str, dtype: torch.dtype, quant, quant_vision, device="cpu") -> C
     total = len(model.state_dict())
     with memory_returned_to_os():
         materialize(model, random_tensors(model, dtype, device), total, device, plan, backend)
-    if can_pack(dtype, device):
+    if pack and can_pack(dtype, device):
         pack_for_cpu_inference(model)                  # the linear layers left unquantized
     return model.eval()
 
@@ -150,7 +150,9 @@ def measure(model: CogVLM, text_tokens: int, decode_steps: int) -> dict:
     res["prompt_tokens"] = T
     res["ttft_s"] = res["image_s"] + res["cross_image_s"] + res["prefill_s"]
     tok = logits.argmax(-1)
-    decode_one_token(model, tok, cache)                # warm-up (first call allocates)
+    t = _now()
+    decode_one_token(model, tok, cache)                # warm-up (first call allocates, or compiles)
+    res["first_step_s"] = _now() - t
     steps = []
     for _ in range(decode_steps):
         t = _now()
@@ -210,6 +212,8 @@ def main(argv=None) -> int:
     p.add_argument("--text_tokens", type=int, default=30)
     p.add_argument("--decode_steps", type=int, default=8)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="inductor-compiled decode step (models/compile.py; first_step_s is its compile time)")
     p.add_argument("--qlora_step", action="store_true",
                    help="after the inference figures, one QLoRA training step (batch 1): its time and peak RSS")
     a = p.parse_args(argv)
@@ -225,8 +229,12 @@ def main(argv=None) -> int:
     gemv = best_gemv(n=4096 if tiny else 8192, device=a.device)
     gemm = gemm_flops(n=512 if tiny else 2048, dtype=dtype, device=a.device)
     t = time.perf_counter()
-    model = build(a.model, dtype, a.quant or None, a.quant_vision, a.device)
+    model = build(a.model, dtype, a.quant or None, a.quant_vision, a.device, pack=not a.compile)
     build_s = time.perf_counter() - t
+    if a.compile:
+        from models.compile import compile_decode
+        if not compile_decode(model):
+            p.error("--compile: the decode step cannot be compiled here (see the warning above)")
     print(f"built in {build_s:.1f} s, peak RSS {peak_rss_gb():.2f} GB", flush=True)
     r = measure(model, a.text_tokens, a.decode_steps)
     frac = r["decode_bytes_per_token"] * r["decode_tok_s"] / gemv["best"]
@@ -240,7 +248,8 @@ def main(argv=None) -> int:
            "ttft_frac_gemm": round(flops / r["ttft_s"] / gemm, 3),
            "prefill_s": round(r["prefill_s"], 3), "prompt_tokens": r["prompt_tokens"],
            "decode_gb_per_token": round(r["decode_bytes_per_token"] / 1e9, 3),
-           "threads": torch.get_num_threads(), "cpu_flags": flags, "device": a.device}
+           "threads": torch.get_num_threads(), "cpu_flags": flags, "device": a.device,
+           "compiled": a.compile, "first_step_s": round(r["first_step_s"], 2)}
     if torch.device(a.device).type == "cuda":
         out["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
         out["gpu"] = torch.cuda.get_device_name()
