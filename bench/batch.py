@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from bench.common import compile_or_exit  # noqa: E402
 from bench.decode import MID, decode_step_time  # noqa: E402
 from models import CogVLM  # noqa: E402
 from models.layout import pack_for_cpu_inference, use_fast_cpu_layout  # noqa: E402
@@ -47,9 +48,7 @@ def main(argv=None) -> int:
     if a.packed:
         pack_for_cpu_inference(model)
     if a.compile:
-        from models.compile import compile_decode
-        if not compile_decode(model):
-            p.error("--compile: the decode step cannot be compiled here (see the warning above)")
+        compile_or_exit(model)
     print(f"dtype {dtype}, quant {a.quant}, packed {a.packed}, compiled {a.compile}")
     runs = {b: [] for b in (1, 4, 16)}
     for _ in range(a.repeat):

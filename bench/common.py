@@ -74,3 +74,12 @@ def image_prompt(cfg, n_text: int, generator=None, device="cpu"):
     slots = vision.clone()
     slots[0, L + 2] = True                             # + eoi: the image's slots
     return tuple(t.to(device) for t in (ids, pos, vision, slots))
+
+
+def compile_or_exit(model) -> None:
+    """A benchmark's --compile: the model's compiled decode step, or the run ends (measuring
+    the eager step under a "compiled" label would mislead)."""
+    import sys
+    from models.compile import compile_decode
+    if not compile_decode(model):
+        sys.exit("--compile: the decode step cannot be compiled here (see the warning above)")

@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import best_gemv, gemm_flops, image_prompt, median_time, read_bandwidth  # noqa: E402
+from bench.common import (best_gemv, compile_or_exit, gemm_flops, image_prompt, median_time,  # noqa: E402
+                          read_bandwidth)
 from models import Cache, CogVLM, CrossConfig, EVAConfig, ModelConfig  # noqa: E402
 from models.generate import ModelInputs, decode_one_token, prefill  # noqa: E402
 from models.layout import pack_for_cpu_inference, use_fast_cpu_layout  # noqa: E402
@@ -179,8 +180,9 @@ def main(argv=None) -> int:
         pack_for_cpu_inference(agent)
         pack_for_cpu_inference(model)
     if a.compile:
-        from models.compile import compile_decode
-        res["compiled"] = compile_decode(model) and compile_decode(agent)
+        compile_or_exit(model)
+        compile_or_exit(agent)
+        res["compiled"] = True
     with torch.inference_mode():
         ckv = agent.cross_kv(torch.randn(1, 3, MID_CROSS.image_size, MID_CROSS.image_size, device=dev))
     ctx_short, ctx_long = T, T + 1016                   # ~280 and ~1300 tokens of context

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import best_gemv, gemm_flops, image_prompt  # noqa: E402
+from bench.common import best_gemv, compile_or_exit, gemm_flops, image_prompt  # noqa: E402
 from models import Cache, CogVLM  # noqa: E402
 from models.checkpoint import is_derived, materialize  # noqa: E402
 from models.config import MODEL_CONFIGS, get_config  # noqa: E402
@@ -232,9 +232,7 @@ def main(argv=None) -> int:
     model = build(a.model, dtype, a.quant or None, a.quant_vision, a.device, pack=not a.compile)
     build_s = time.perf_counter() - t
     if a.compile:
-        from models.compile import compile_decode
-        if not compile_decode(model):
-            p.error("--compile: the decode step cannot be compiled here (see the warning above)")
+        compile_or_exit(model)
     print(f"built in {build_s:.1f} s, peak RSS {peak_rss_gb():.2f} GB", flush=True)
     r = measure(model, a.text_tokens, a.decode_steps)
     frac = r["decode_bytes_per_token"] * r["decode_tok_s"] / gemv["best"]

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from bench.common import best_gemv, read_bandwidth  # noqa: E402
+from bench.common import best_gemv, compile_or_exit, read_bandwidth  # noqa: E402
 from bench.decode import MID  # noqa: E402
 
 
@@ -120,9 +120,7 @@ def our_model(bits, ctx: int, compiled: bool = False):
         quantize(model, bits)
     nbytes = step_bytes(model, MID, ctx)                # before packing: packed tensors hide their size
     if compiled:
-        from models.compile import compile_decode
-        if not compile_decode(model):
-            sys.exit("--compile: the decode step cannot be compiled here (see the warning above)")
+        compile_or_exit(model)
         return model, nbytes
     return pack_for_cpu_inference(model), nbytes
 
