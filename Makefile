@@ -66,6 +66,8 @@ bench: $(VENV)/.core
 	$(PYTHON) bench/decode.py --dtype bfloat16 --compile --quant 8 --json bench/results_decode_bfloat16_compiled_int8.json
 	$(PYTHON) bench/decode.py --dtype bfloat16 --compile --quant 4 --json bench/results_decode_bfloat16_compiled_int4.json
 	$(PYTHON) bench/batch.py --json bench/results_batch.json
+	$(PYTHON) bench/batch.py --dtype bfloat16 --compare_attention --json bench/results_batch_attention.json
+	$(PYTHON) bench/int4_kernel.py --json bench/results_int4_kernel.json
 	$(PYTHON) bench/quant.py --json bench/results_quant.json
 	$(PYTHON) bench/finetune.py --json bench/results_finetune.json
 	$(PYTHON) bench/tp.py --json bench/results_tp.json

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -34,6 +35,12 @@ from models.quantize import VISION_BITS, default_backend, quant_plan  # noqa: E4
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9   # Linux: KiB
+
+
+def rss_gb() -> float:
+    """Resident memory now (GB)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
 
 
 def random_tensors(model: torch.nn.Module, dtype: torch.dtype, device, seed: int = 0):
@@ -134,6 +141,7 @@ def measure(model: CogVLM, text_tokens: int, decode_steps: int) -> dict:
     t = _now()
     embeds = model.encode_images(img)
     res["image_s"] = _now() - t
+    res["peak_rss_image_gb"] = round(peak_rss_gb(), 3)
     cross_kv = None
     res["cross_image_s"] = 0.0
     if cfg.cross is not None:
@@ -147,6 +155,7 @@ def measure(model: CogVLM, text_tokens: int, decode_steps: int) -> dict:
     t = _now()
     logits = prefill(model, inputs, cache)
     res["prefill_s"] = _now() - t
+    res["peak_rss_prefill_gb"] = round(peak_rss_gb(), 3)
     res["prompt_tokens"] = T
     res["ttft_s"] = res["image_s"] + res["cross_image_s"] + res["prefill_s"]
     tok = logits.argmax(-1)
@@ -233,7 +242,8 @@ def main(argv=None) -> int:
     build_s = time.perf_counter() - t
     if a.compile:
         compile_or_exit(model)
-    print(f"built in {build_s:.1f} s, peak RSS {peak_rss_gb():.2f} GB", flush=True)
+    build_rss = round(peak_rss_gb(), 3)
+    print(f"built in {build_s:.1f} s, peak RSS {build_rss:.2f} GB (now {rss_gb():.2f} GB)", flush=True)
     r = measure(model, a.text_tokens, a.decode_steps)
     frac = r["decode_bytes_per_token"] * r["decode_tok_s"] / gemv["best"]
     flops = ttft_flops(model.config, r["prompt_tokens"])
@@ -247,7 +257,10 @@ def main(argv=None) -> int:
            "prefill_s": round(r["prefill_s"], 3), "prompt_tokens": r["prompt_tokens"],
            "decode_gb_per_token": round(r["decode_bytes_per_token"] / 1e9, 3),
            "threads": torch.get_num_threads(), "cpu_flags": flags, "device": a.device,
-           "compiled": a.compile, "first_step_s": round(r["first_step_s"], 2)}
+           "compiled": a.compile, "first_step_s": round(r["first_step_s"], 2),
+           # where the peak happens: ru_maxrss after each phase
+           "peak_rss_build_gb": build_rss, "peak_rss_image_gb": r["peak_rss_image_gb"],
+           "peak_rss_prefill_gb": r["peak_rss_prefill_gb"]}
     if torch.device(a.device).type == "cuda":
         out["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
         out["gpu"] = torch.cuda.get_device_name()

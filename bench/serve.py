@@ -20,6 +20,7 @@ import torch  # noqa: E402
 
 from bench.decode import MID  # noqa: E402
 from models import CogVLM, build_model, get_config  # noqa: E402
+from models.compile import compile_attention  # noqa: E402
 from models.generate import GenerationConfig  # noqa: E402
 from models.layout import pack_for_cpu_inference  # noqa: E402
 from models.loading import init_weights  # noqa: E402
@@ -29,14 +30,14 @@ from utils.engine import BatchEngine, Request  # noqa: E402
 from utils.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
 
 
-def run_level(engine, model, tok, streams: int, new_tokens: int):
+def run_level(engine, model, tok, streams: int, new_tokens: int, filler: str = ""):
     ttft, done = [], threading.Barrier(streams + 1)
-    counts = []
+    counts, errors = [], []
 
     def one(i):
         q = queue.Queue()
         t0 = time.perf_counter()
-        inp = prepare(model, tok, f"Question {i}: what is the quick brown fox doing today?")
+        inp = prepare(model, tok, f"{filler}Question {i}: what is the quick brown fox doing today?")
         engine.submit(Request(inp, GenerationConfig(), new_tokens, q.put))
         first = None
         while True:
@@ -44,6 +45,8 @@ def run_level(engine, model, tok, streams: int, new_tokens: int):
             if ev["type"] == "first_token":
                 first = time.perf_counter() - t0
             if ev["type"] == "done":
+                if ev.get("finish_reason") == "error":
+                    errors.append(ev.get("error"))
                 counts.append(ev["completion_tokens"])
                 ttft.append(first if first is not None else time.perf_counter() - t0)
                 break
@@ -54,6 +57,8 @@ def run_level(engine, model, tok, streams: int, new_tokens: int):
         threading.Thread(target=one, args=(i,), daemon=True).start()
     done.wait()
     wall = time.perf_counter() - t0
+    if errors:
+        raise SystemExit(f"a stream failed: {errors[0]}")
     ttft.sort()
     return {"tok_s": sum(counts) / wall, "ttft_p50": statistics.median(ttft),
             "ttft_p95": ttft[min(len(ttft) - 1, int(round(0.95 * (len(ttft) - 1))))], "wall_s": wall}
@@ -65,6 +70,11 @@ def main(argv=None) -> int:
     p.add_argument("--configs", nargs="+", default=["tiny", "mid"])
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--quant", type=int, choices=[4, 8], default=None)
+    p.add_argument("--context", type=int, default=0,
+                   help="about this many tokens of filler text before each question: long prompts as "
+                        "an image makes them (1258 tokens at CogVLM-17B's 490 px)")
+    p.add_argument("--compile", action="store_true",
+                   help="the decode attention compiled, as openai_api.py --compile runs it")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     from models.loading import resolve_dtype
@@ -85,16 +95,26 @@ def main(argv=None) -> int:
         if a.quant:
             quantize(model, a.quant)
         pack_for_cpu_inference(model)                   # as openai_api.py serves on CPU
+        if a.compile and not compile_attention(model):
+            print("--compile: compiling is not possible here (see the message above)")
+            return 1
         # EOS never ends a stream early: every stream generates exactly new_tokens.
         model.config.eos_token_id = -1
-        engine = BatchEngine(model, tok, max_batch=16, max_queue=64, max_len=256)
-        run_level(engine, model, tok, 1, 4)                       # warm-up
+        unit = "the fox runs. "
+        filler = unit * (a.context // len(tok.encode(unit)))
+        max_len = 256 + a.context
+        engine = BatchEngine(model, tok, max_batch=16, max_queue=64, max_len=max_len)
+        run_level(engine, model, tok, 1, 4, filler)               # warm-up (and compilation)
+        run_level(engine, model, tok, 4, 4, filler)
         for streams in (1, 4, 16):
-            r = run_level(engine, model, tok, streams, new_tokens)
+            r = run_level(engine, model, tok, streams, new_tokens, filler)
+            r["prompt_tokens"] = prepare(model, tok, f"{filler}Question 0: what is the quick brown fox "
+                                                     f"doing today?").input_ids.shape[1]
             res[f"{name}_{streams}"] = r
             base = res[f"{name}_1"]["tok_s"]
-            print(f"{name:4} {streams:2d} streams: {r['tok_s']:7.1f} tok/s ({r['tok_s'] / base:4.1f}x 1 stream), "
-                  f"TTFT p50 {r['ttft_p50'] * 1e3:6.0f} ms, p95 {r['ttft_p95'] * 1e3:6.0f} ms")
+            print(f"{name:4} {streams:2d} streams: {r['tok_s']:7.1f} tok/s ({r['tok_s'] / max(base, 1e-9):4.1f}x 1 stream), "
+                  f"TTFT p50 {r['ttft_p50'] * 1e3:6.0f} ms, p95 {r['ttft_p95'] * 1e3:6.0f} ms, "
+                  f"prompts of {r['prompt_tokens']} tokens")
         engine.close()
     if a.json:
         a.json.write_text(json.dumps(res, indent=1))

@@ -55,18 +55,47 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+# Decode attention on CPU takes this many bytes of one layer's K (or V) per batched product:
+# oneDNN copies a strided cache view to contiguous memory first, and copies larger than the CPU's
+# caches thrash (mid-size bf16, 16 rows at 1299 tokens of context: 14.2 tok/s in one product,
+# 46.4 in groups; `bench/batch.py --compare_attention`).
+DECODE_CHUNK_BYTES = 6 << 20
+
+
+def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """q: B,H,1,D; k, v: B,H,S,D; mask: B|1,1,1,S bool, True = may attend -> B,H,1,D.
+    Two batched matrix-vector products that read K and V in their own layout: K (S,D per head,
+    rows contiguous) times q is 2.5x faster in bf16 than q @ K^T, and both beat the fused
+    kernel for one query (bench/RESULTS.md)."""
+    s = torch.matmul(k, q.transpose(-1, -2)).transpose(-1, -2).mul_(q.shape[-1] ** -0.5)  # B,H,1,S
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.matmul(s.softmax(-1), v)                                         # B,H,1,D
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of one new token per row (every decode step); shapes as single_query_attention.
+    On CPU the rows go in groups of about DECODE_CHUNK_BYTES of K each (see there). Compiled
+    (models/compile.py) the whole batch is one kernel: inductor reads the cache views in place."""
+    B = q.shape[0]
+    if B == 1 or k.device.type != "cpu" or torch.compiler.is_compiling():
+        return single_query_attention(q, k, v, mask)
+    rows = max(1, DECODE_CHUNK_BYTES // (k[0].numel() * k.element_size()))
+    if rows >= B:
+        return single_query_attention(q, k, v, mask)
+    per_row_mask = mask is not None and mask.shape[0] == B
+    return torch.cat([single_query_attention(q[i:i + rows], k[i:i + rows], v[i:i + rows],
+                                             mask[i:i + rows] if per_row_mask else mask)
+                      for i in range(0, B, rows)])
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: Optional[torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
-    """q: B,H,T,D; k, v: B,H,S,D (views into the cache); mask: bool, True = may attend.
-    One query (every decode step): two batched matrix-vector products read the cache views in
-    place, which measured faster on CPU than the fused kernel at long context (bench/decode.py)."""
+    """q: B,H,T,D; k, v: B,H,S,D (views into the cache); mask: bool, True = may attend."""
     if q.shape[2] == 1:
-        # K (S,D per head, rows contiguous) times q: the GEMV reads K in its own layout, 2.5x
-        # faster in bf16 than q @ K^T (bench/RESULTS.md).
-        s = torch.matmul(k, q.transpose(-1, -2)).transpose(-1, -2).mul_(q.shape[-1] ** -0.5)  # B,H,1,S
-        if mask is not None:
-            s = s.masked_fill(~mask, float("-inf"))
-        return torch.matmul(s.softmax(-1), v)                                     # B,H,1,D
+        return decode_attention(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
 
 
@@ -134,6 +163,8 @@ class VisionExpertAttention(nn.Module):
         self.vision_expert_query_key_value = nn.Linear(h, 3 * h, bias=False)
         self.language_expert_dense = nn.Linear(h, h, bias=False)
         self.vision_expert_dense = nn.Linear(h, h, bias=False)
+        # One-token steps call this (models/compile.compile_attention swaps in a compiled one).
+        self.decode_attention = decode_attention
 
     def forward(self, x, vision_mask, cos, sin, cache, layer: int, attn_mask):
         B, T, _ = x.shape
@@ -145,7 +176,10 @@ class VisionExpertAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, layer)
-        out = attention(q, k, v, attn_mask, causal=True)   # one causal mask over every token
+        if T == 1:
+            out = self.decode_attention(q, k, v, attn_mask)
+        else:
+            out = attention(q, k, v, attn_mask, causal=True)   # one causal mask over every token
         out = out.transpose(1, 2).reshape(B, T, -1)                               # B,T,H*D
         return expert_linear(out, vision_mask, self.language_expert_dense, self.vision_expert_dense)
 
@@ -180,6 +214,7 @@ class CrossAttention(nn.Module):
         self.query = nn.Linear(cfg.hidden_size, c.attn_hidden_size, bias=False)
         self.key_value = nn.Linear(c.hidden_size, 2 * c.attn_hidden_size, bias=False)
         self.dense = nn.Linear(c.attn_hidden_size, cfg.hidden_size, bias=False)
+        self.decode_attention = decode_attention        # as VisionExpertAttention's
 
     def compute_kv(self, enc: torch.Tensor):
         """enc: B,N,W -> (k, v), each B,H,N,D. Keys are the first half of key_value's output."""
@@ -191,7 +226,7 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, kv) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.query(x).view(B, T, -1, self.head_dim).transpose(1, 2)          # B,H,T,D
-        out = attention(q, kv[0], kv[1])
+        out = self.decode_attention(q, kv[0], kv[1]) if T == 1 else attention(q, kv[0], kv[1])
         return self.dense(out.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -526,16 +526,20 @@ def main(argv=None) -> int:
     from utils.lockstep import Lockstep
     args = parse_args(argv)
     setup_logging()
-    if args.compile:
-        log.warning("--compile applies to single-stream decoding (CLI, web and composite demos); the "
-                    "server's batch engine decodes eagerly with oneDNN-packed weights (measured as fast)")
-        args.compile = False
+    # --compile: the batch engine keeps its oneDNN-packed linear layers (as fast as compiled ones
+    # there) and compiles only the decode attention (models.compile.compile_attention).
+    want_compile, args.compile = args.compile, False
     loaded = load_or_report(args)
     if loaded is None:
         return 1
     model, tok = loaded
     max_len = min(args.max_length, model.config.max_sequence_length)
     rank, world = tp_rank_world()
+    if want_compile and world > 1:
+        log.warning("--compile is not supported with model parallelism yet; decoding eagerly")
+    elif want_compile:
+        from models.compile import compile_attention
+        compile_attention(model)
     if world > 1 and rank != 0:                        # tensor parallel: follow rank 0's engine
         # Ctrl-C (and torchrun's forwarded SIGINT / SIGTERM) reach every rank at once: a
         # follower leaves when rank 0, shutting down, releases it (or when rank 0 is gone), so

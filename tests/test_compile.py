@@ -48,7 +48,7 @@ def test_compiled_decode_matches_eager(name, quant, caplog):
     with caplog.at_level(logging.INFO, logger="models.compile"):
         assert compile_decode(model)
         compiled = _decode_logits(model, cfg)
-    assert "decode step compiled" in caplog.text and "decoding eagerly" not in caplog.text
+    assert "decode step compiled" in caplog.text and "running it eagerly" not in caplog.text
     assert model.decode_step.calls > 0 and not model.decode_step.failed
     # Same greedy tokens; logits within the rounding of the compute dtype.
     assert torch.equal(eager.argmax(-1), compiled.argmax(-1))
@@ -84,7 +84,7 @@ def test_a_failing_compilation_falls_back_to_eager(monkeypatch, caplog):
     assert torch.equal(eager, fallback)
     assert model.decode_step.failed
     assert caplog.text.count("compiling the decode step failed (C++ compile error: cc1plus killed); "
-                             "decoding eagerly") == 1
+                             "running it eagerly") == 1
 
 
 def test_every_inference_entry_point_takes_compile(tmp_path):
@@ -122,3 +122,31 @@ def test_int8_models_run_large_batches_eagerly():
     assert seen == [1, comp.INT8_MAX_ROWS]
     plain, _ = load_model("tiny-cogvlm", dtype=torch.float32)
     assert compile_decode(plain) and plain.decode_step.max_rows is None
+
+
+def test_compiled_attention_in_the_batch_engine(cogagent_ckpt, tokenizer, image_file, caplog):
+    """openai_api.py --compile: the batch engine's one-token attention (self and cross) runs
+    compiled, with the eager engine's greedy answers for requests joining at different steps."""
+    from PIL import Image
+    from models.compile import compile_attention
+    from tests.test_engine import run_requests
+    from utils.chat import ImageContext
+    from utils.engine import BatchEngine
+    model, cfg = load_model(str(cogagent_ckpt))
+    specs = [("What is in the image?", ImageContext(image_file, cfg), 20, None),
+             ("Tell me a story.", None, 16, None),
+             ("Colour?", ImageContext(Image.new("RGB", (50, 70), (10, 120, 250)), cfg), 12, None)]
+
+    def answers():
+        engine = BatchEngine(model, tokenizer, max_batch=3, max_len=160)
+        res = run_requests(engine, model, tokenizer, specs, [0, 0.05, 0.1], timeout=300)
+        engine.close()
+        return [text for text, _ in res]
+    eager = answers()
+    with caplog.at_level(logging.INFO, logger="models.compile"):
+        assert compile_attention(model)
+        compiled = answers()
+    fn = model.model.layers[0].self_attn.decode_attention
+    assert fn is model.model.layers[0].cross_attn.decode_attention and fn.calls > 0 and not fn.failed
+    assert "decode attention compiled" in caplog.text
+    assert compiled == eager and all(compiled)

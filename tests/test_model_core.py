@@ -221,3 +221,23 @@ def test_packed_cpu_inference_matches(cogagent_ckpt, tokenizer, image_file):
     assert (a - b).abs().max() < 1e-4
     gen = GenerationConfig(max_new_tokens=10)
     assert chat(model, tokenizer, "Hi", [], image_file, gen=gen)[0] == chat(packed, tokenizer, "Hi", [], image_file, gen=gen)[0]
+
+
+def test_decode_attention_by_row_groups_is_exact(monkeypatch):
+    """On CPU a batch's one-token attention runs in groups of rows (models.cogvlm
+    DECODE_CHUNK_BYTES): the same result as one batched product, with a mask per row or one
+    shared mask, over cache views (strided, as the engine's window is)."""
+    from models import cogvlm
+    g = torch.Generator().manual_seed(0)
+    cache_k, cache_v = (torch.randn(5, 4, 40, 16, generator=g) for _ in range(2))     # B,H,L,D
+    q = torch.randn(5, 4, 1, 16, generator=g)
+    k, v = cache_k[:, :, 3:33], cache_v[:, :, 3:33]                                 # B,H,30,D views
+    row_mask = torch.rand(5, 1, 1, 30, generator=g) > 0.3
+    row_mask[..., -1] = True
+    whole = {m is None: cogvlm.single_query_attention(q, k, v, m) for m in (None, row_mask)}
+    monkeypatch.setattr(cogvlm, "DECODE_CHUNK_BYTES", 2 * k[0].numel() * k.element_size())  # 2 rows
+    for m in (None, row_mask, row_mask[:1]):
+        got = cogvlm.decode_attention(q, k, v, m)
+        want = whole[True] if m is None else cogvlm.single_query_attention(q, k, v, m)
+        assert got.shape == (5, 4, 1, 16) and torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(whole[True], whole[False])          # the mask matters in this test
