@@ -85,8 +85,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    flags = sorted(f for f in open("/proc/cpuinfo").read().split() if f.startswith(("avx512", "amx", "avx2")))
-    res = {"threads": a.threads, "cpu_flags": sorted(set(flags)), "read_gbps": read_bandwidth() / 1e9,
+    from models.loading import cpu_flags
+    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"})
+    res = {"threads": a.threads, "cpu_flags": flags, "read_gbps": read_bandwidth() / 1e9,
            "best_gemv_gbps": best_gemv()["best"] / 1e9, "eager": {}}
     print(f"memory read {res['read_gbps']:.1f} GB/s, best GEMV {res['best_gemv_gbps']:.1f} GB/s")
     for name, shapes in SHAPES.items():

@@ -82,7 +82,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     B = q.shape[0]
     if B == 1 or k.device.type != "cpu" or torch.compiler.is_compiling():
         return single_query_attention(q, k, v, mask)
-    rows = max(1, DECODE_CHUNK_BYTES // (k[0].numel() * k.element_size()))
+    rows = max(1, DECODE_CHUNK_BYTES // max(1, k[0].numel() * k.element_size()))
     if rows >= B:
         return single_query_attention(q, k, v, mask)
     per_row_mask = mask is not None and mask.shape[0] == B

@@ -250,3 +250,32 @@ def test_fault_run(server):
     assert httpx.get(url + "/health").status_code == 200
     growth = _rss_kb(proc.pid) / rss0
     assert growth < 1.10, growth
+
+
+def test_compile_flag_compiles_the_engine_attention(cogvlm_ckpt, client, tmp_path):
+    """openai_api.py --compile: the engine's one-token attention runs compiled (logged), and
+    concurrent streams answer as the eager server does."""
+    port = _free_port()
+    log = tmp_path / "server.log"
+    env = {**os.environ, "LOGLEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "openai_demo" / "openai_api.py"),
+                             "--from_pretrained", str(cogvlm_ckpt), "--port", str(port), "--compile",
+                             "--max-batch", "4", "--max-length", "200"],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd="/")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc, log)
+        compiled = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
+        prompts = [f"Question {i}: what do you see?" for i in range(4)]
+
+        def ask(c, p):
+            return c.chat.completions.create(model="x", messages=[_image_msg(p, png_url(color=(9, 120, 9)))],
+                                             temperature=0, max_tokens=12).choices[0].message.content
+        expected = [ask(client, p) for p in prompts]
+        with ThreadPoolExecutor(4) as ex:
+            got = list(ex.map(lambda p: ask(compiled, p), prompts))
+        assert got == expected
+        assert "decode attention compiled" in log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
