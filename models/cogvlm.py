@@ -77,10 +77,12 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of one new token per row (every decode step); shapes as single_query_attention.
-    On CPU the rows go in groups of about DECODE_CHUNK_BYTES of K each (see there). Compiled
-    (models/compile.py) the whole batch is one kernel: inductor reads the cache views in place."""
+    On CPU the rows of strided K/V views (the caches) go in groups of about DECODE_CHUNK_BYTES of
+    K each (see there); contiguous K/V (CogAgent's cross K/V) are not copied, so they go whole.
+    Compiled (models/compile.py) the whole batch is one kernel: inductor reads the views in place."""
     B = q.shape[0]
-    if B == 1 or k.device.type != "cpu" or torch.compiler.is_compiling():
+    contiguous = k.is_contiguous() and v.is_contiguous()
+    if B == 1 or contiguous or k.device.type != "cpu" or torch.compiler.is_compiling():
         return single_query_attention(q, k, v, mask)
     rows = max(1, DECODE_CHUNK_BYTES // max(1, k[0].numel() * k.element_size()))
     if rows >= B:

@@ -241,3 +241,8 @@ def test_decode_attention_by_row_groups_is_exact(monkeypatch):
         want = whole[True] if m is None else cogvlm.single_query_attention(q, k, v, m)
         assert got.shape == (5, 4, 1, 16) and torch.allclose(got, want, atol=1e-6)
     assert not torch.allclose(whole[True], whole[False])          # the mask matters in this test
+    calls = []
+    monkeypatch.setattr(cogvlm, "single_query_attention", lambda *a: calls.append(a[1].shape[0]) or a[0])
+    cogvlm.decode_attention(q, k, v, row_mask)
+    cogvlm.decode_attention(q, k.contiguous(), v.contiguous(), row_mask)  # no copy to avoid: one product
+    assert calls == [2, 2, 1, 5]
