@@ -24,15 +24,14 @@ def compare_attention(model, a) -> int:
     """Rounds alternating the three decode attentions on one model (the box drifts between
     processes): tokens/s per variant, context and batch, medians over the rounds."""
     from models import cogvlm
+    from models.compile import set_decode_attention
     compiled = model.model.layers[0].self_attn.decode_attention      # set by compile_attention
     chunk = cogvlm.DECODE_CHUNK_BYTES
     runs = {}
     for _ in range(a.repeat):
         for variant in ("one product", "row groups", "compiled"):
             cogvlm.DECODE_CHUNK_BYTES = 1 << 62 if variant == "one product" else chunk
-            for mod in model.modules():
-                if isinstance(mod, (cogvlm.VisionExpertAttention, cogvlm.CrossAttention)):
-                    mod.decode_attention = compiled if variant == "compiled" else cogvlm.decode_attention
+            set_decode_attention(model, compiled if variant == "compiled" else cogvlm.decode_attention)
             for ctx in sorted({a.ctx, 1299}):
                 for b in (1, 4, 16):
                     t = decode_step_time(model, ctx, a.steps, batch=b)

@@ -54,11 +54,9 @@ def eager_rate(chain, group: int, repeat: int) -> dict:
 def compiled_rate(shapes, repeat: int) -> dict:
     """The same chain as nn.Modules, compiled whole with frozen weights (inductor chooses
     between its int4 template and the ATen kernel by timing both)."""
-    import torch._inductor.config as inductor_config
+    from models.compile import freeze_weights
     from models.quantize import GROUP, WeightOnlyLinear
-    inductor_config.freezing = True
-    inductor_config.autotune_num_choices_displayed = 0
-    inductor_config.max_autotune_report_choices_stats = False
+    freeze_weights()
     layers = torch.nn.ModuleList(WeightOnlyLinear(torch.randn(n, k).to(torch.bfloat16) * 0.02, None, 4)
                                  for n, k in shapes).eval()
 

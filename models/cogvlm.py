@@ -95,9 +95,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: Optional[torch.Tensor] = None, causal: bool = False) -> torch.Tensor:
-    """q: B,H,T,D; k, v: B,H,S,D (views into the cache); mask: bool, True = may attend."""
-    if q.shape[2] == 1:
-        return decode_attention(q, k, v, mask)
+    """Several new tokens (prefill): q: B,H,T,D; k, v: B,H,S,D (views into the cache); mask:
+    bool, True = may attend. One-token steps go through decode_attention instead."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
 
 
@@ -178,10 +177,8 @@ class VisionExpertAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, layer)
-        if T == 1:
-            out = self.decode_attention(q, k, v, attn_mask)
-        else:
-            out = attention(q, k, v, attn_mask, causal=True)   # one causal mask over every token
+        # one token: decode_attention; several (prefill): one causal mask over every token
+        out = self.decode_attention(q, k, v, attn_mask) if T == 1 else attention(q, k, v, attn_mask, causal=True)
         out = out.transpose(1, 2).reshape(B, T, -1)                               # B,T,H*D
         return expert_linear(out, vision_mask, self.language_expert_dense, self.vision_expert_dense)
 

@@ -96,6 +96,24 @@ def can_compile(model) -> bool:
     return True
 
 
+def freeze_weights():
+    """inductor's settings for graphs whose weights are constants (packed once, max-autotune
+    silent); returns its config module."""
+    import torch._inductor.config as inductor_config
+    inductor_config.freezing = True
+    inductor_config.autotune_num_choices_displayed = 0  # no timing tables on stderr
+    inductor_config.max_autotune_report_choices_stats = False
+    return inductor_config
+
+
+def set_decode_attention(model, fn) -> None:
+    """The one-token attention every self and cross attention layer of `model` calls."""
+    from .cogvlm import CrossAttention, VisionExpertAttention
+    for mod in model.modules():
+        if isinstance(mod, (VisionExpertAttention, CrossAttention)):
+            mod.decode_attention = fn
+
+
 def compile_decode(model) -> bool:
     """Give `model` a compiled decode step (models.generate.decode_one_token uses it). Returns
     False, with the reason logged, where it does not apply."""
@@ -103,10 +121,7 @@ def compile_decode(model) -> bool:
         raise ValueError("--compile needs plain weights: load with --cpu_weights plain (inductor packs them itself)")
     if not can_compile(model):
         return False
-    import torch._inductor.config as inductor_config
-    inductor_config.freezing = True                    # weights become constants: packed once
-    inductor_config.autotune_num_choices_displayed = 0  # no timing tables on stderr
-    inductor_config.max_autotune_report_choices_stats = False
+    inductor_config = freeze_weights()
     # Left to itself inductor inlines the query's rotary (cos, sin of the position) into the
     # attention's score reduction and recomputes it for every cached token; realizing pointwise
     # results of more than 8 ops keeps it in a buffer (one layer, 283 -> 1299 tokens of context:
@@ -128,9 +143,6 @@ def compile_attention(model) -> bool:
     the reason logged, where it does not apply."""
     if not can_compile(model):
         return False
-    from .cogvlm import CrossAttention, VisionExpertAttention, decode_attention
-    compiled = Compiled(decode_attention, "the decode attention", "a few seconds, once per shape kind")
-    for mod in model.modules():
-        if isinstance(mod, (VisionExpertAttention, CrossAttention)):
-            mod.decode_attention = compiled
+    from .cogvlm import decode_attention
+    set_decode_attention(model, Compiled(decode_attention, "the decode attention", "a few seconds, once per shape kind"))
     return True

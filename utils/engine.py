@@ -265,9 +265,10 @@ class BatchEngine:
                 self._finish(i, "error", error=str(e))
 
     def _step_model(self, n: int, tokens: list, live: list) -> torch.Tensor:
-        """One decode step of rows [0, n) (every rank runs it) -> logits n,V. Always eager: a
-        compiled step (--compile) measured no faster here than the oneDNN-packed weights
-        (bench/RESULTS.md, "--compile")."""
+        """One decode step of rows [0, n) (every rank runs it) -> logits n,V. The linear layers
+        always run eagerly (compiled, the step measured no faster here than the oneDNN-packed
+        weights); openai_api.py --compile compiles only the attention (models.compile
+        .compile_attention; bench/RESULTS.md, "--compile")."""
         if self.S + 1 > self.cap:
             self._move(int(min(self.start[i] for i in live)))
         self.n = n
