@@ -76,6 +76,8 @@ bench: $(VENV)/.core
 bench-full: $(VENV)/.core
 	$(PYTHON) bench/full_size.py --model cogvlm-chat-v1.1 --quant 4 --qlora_step --json bench/results_full_cogvlm_int4.json
 	$(PYTHON) bench/full_size.py --model cogagent-chat --quant 4 --qlora_step --json bench/results_full_cogagent_int4.json
+	$(PYTHON) bench/full_size.py --model cogvlm-chat-v1.1 --quant 4 --quant_group 128 --json bench/results_full_cogvlm_int4_g128.json
+	$(PYTHON) bench/full_size.py --model cogagent-chat --quant 4 --quant_group 128 --json bench/results_full_cogagent_int4_g128.json
 
 # On a CUDA machine: the CUDA tests and GPU benchmarks, one JSON (bench/gpu_check.sh).
 gpu-check:

@@ -30,7 +30,7 @@ from models.config import MODEL_CONFIGS, get_config  # noqa: E402
 from models.generate import ModelInputs, decode_one_token, prefill  # noqa: E402
 from models.layout import can_pack, pack_for_cpu_inference  # noqa: E402
 from models.loading import cpu_flags, memory_returned_to_os, resolve_dtype  # noqa: E402
-from models.quantize import VISION_BITS, default_backend, quant_plan  # noqa: E402
+from models.quantize import GROUP, GROUPS, VISION_BITS, default_backend, quant_plan  # noqa: E402
 
 
 def peak_rss_gb() -> float:
@@ -61,15 +61,16 @@ def random_tensors(model: torch.nn.Module, dtype: torch.dtype, device, seed: int
         yield name, out
 
 
-def build(name: str, dtype: torch.dtype, quant, quant_vision, device="cpu", pack: bool = True) -> CogVLM:
+def build(name: str, dtype: torch.dtype, quant, quant_vision, device="cpu", pack: bool = True,
+          group=None) -> CogVLM:
     cfg = get_config(name)
     with torch.device("meta"):
         model = CogVLM(cfg)
     backend = default_backend(device)
-    plan = quant_plan(model, quant, quant_vision, backend) if quant else None
+    plan = quant_plan(model, quant, quant_vision, backend, group) if quant else None
     total = len(model.state_dict())
     with memory_returned_to_os():
-        materialize(model, random_tensors(model, dtype, device), total, device, plan, backend)
+        materialize(model, random_tensors(model, dtype, device), total, device, plan, backend, quant_group=group)
     if pack and can_pack(dtype, device):
         pack_for_cpu_inference(model)                  # the linear layers left unquantized
     return model.eval()
@@ -215,6 +216,8 @@ def main(argv=None) -> int:
                    help="language model weights: 4 or 8 bits, 0 = unquantized (default 4)")
     p.add_argument("--quant_vision", type=int, choices=[4, 8, 16], default=VISION_BITS,
                    help="image encoders' bits (16 = unquantized; default 8)")
+    p.add_argument("--quant_group", type=int, choices=GROUPS, default=GROUP,
+                   help=f"inputs per int4 scale (default {GROUP})")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--device", default="cpu", help="cpu, or cuda (quantized with bitsandbytes there)")
     p.add_argument("--threads", type=int, default=None, help="default: every core")
@@ -230,7 +233,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     dtype = resolve_dtype(a.dtype, a.device)
     flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"})
-    precision = f"int{a.quant} + vision {'int' + str(a.quant_vision) if a.quant_vision != 16 else 'unquantized'}" \
+    groups = f" (groups of {a.quant_group})" if 4 in (a.quant, a.quant_vision) else ""
+    precision = f"int{a.quant} + vision {'int' + str(a.quant_vision) if a.quant_vision != 16 else 'unquantized'}{groups}" \
         if a.quant else "unquantized"
     print(f"{a.model}: {precision}, compute {dtype}, {torch.get_num_threads()} threads, CPU flags {' '.join(flags)}",
           flush=True)
@@ -238,7 +242,7 @@ def main(argv=None) -> int:
     gemv = best_gemv(n=4096 if tiny else 8192, device=a.device)
     gemm = gemm_flops(n=512 if tiny else 2048, dtype=dtype, device=a.device)
     t = time.perf_counter()
-    model = build(a.model, dtype, a.quant or None, a.quant_vision, a.device, pack=not a.compile)
+    model = build(a.model, dtype, a.quant or None, a.quant_vision, a.device, pack=not a.compile, group=a.quant_group)
     build_s = time.perf_counter() - t
     if a.compile:
         compile_or_exit(model)

@@ -1,7 +1,8 @@
 """Quality and memory per precision and quantization scheme, against bf16: weight bytes, peak
 RSS, decode tokens/s, greedy-token agreement and the error of the first step's logits over
-50 prompts, for fp32 / bf16 / PyTorch int8 / PyTorch int4 / bitsandbytes int8 / nf4 of the same
-random-weight model; then the same agreement and logit error on the bundled trained models.
+50 prompts, for fp32 / bf16 / PyTorch int8 / PyTorch int4 (groups of 64 and 128) / bitsandbytes
+int8 / nf4 of the same random-weight model; then the same agreement and logit error on the
+bundled trained models.
 
 Each scheme runs in its own process (so peak RSS is its own); the model is a SAT checkpoint
 written once (language hidden 1024, 8 layers, vocab 32000; ViT 56 px, 16 image tokens).
@@ -29,21 +30,22 @@ SMALL = ModelConfig(num_layers=8, hidden_size=1024, num_attention_heads=16, inne
                     vocab_size=32000, max_sequence_length=2048,
                     eva=EVAConfig(num_layers=2, hidden_size=256, num_attention_heads=4,
                                   inner_hidden_size=1024, image_size=56))
-# scheme -> (load dtype, bits, back end)
-SCHEMES = {"fp32": (torch.float32, None, None), "bf16": (torch.bfloat16, None, None),
-           "int8": (torch.bfloat16, 8, "torch"), "int4": (torch.bfloat16, 4, "torch"),
-           "bnb-int8": (torch.bfloat16, 8, "bitsandbytes"), "bnb-nf4": (torch.bfloat16, 4, "bitsandbytes")}
+# scheme -> (load dtype, bits, back end, int4 group)
+SCHEMES = {"fp32": (torch.float32, None, None, None), "bf16": (torch.bfloat16, None, None, None),
+           "int8": (torch.bfloat16, 8, "torch", None), "int4": (torch.bfloat16, 4, "torch", None),
+           "int4-g128": (torch.bfloat16, 4, "torch", 128),
+           "bnb-int8": (torch.bfloat16, 8, "bitsandbytes", None), "bnb-nf4": (torch.bfloat16, 4, "bitsandbytes", None)}
 REF = "bf16"
 
 
 def load(ckpt: str, scheme: str):
     from models.quantize import quantize
-    dtype, bits, backend = SCHEMES[scheme]
+    dtype, bits, backend, group = SCHEMES[scheme]
     if backend == "bitsandbytes":                      # bitsandbytes quantizes after loading
         model, cfg = load_model(ckpt, dtype=dtype)
-        quantize(model, bits, vision_bits=8, backend=backend)
+        quantize(model, bits, vision_bits=8, backend=backend, group=group)
     else:
-        model, cfg = load_model(ckpt, dtype=dtype, quant=bits)
+        model, cfg = load_model(ckpt, dtype=dtype, quant=bits, quant_group=group)
     return model, cfg
 
 

@@ -211,7 +211,7 @@ def _shape(sd: dict, key: str) -> tuple:
 
 def load_state_into(model: nn.Module, sat_sd: dict, source: str, dtype: Optional[torch.dtype] = None,
                     device="cpu", rank: int = 0, world: int = 1, quant_plan: Optional[dict] = None,
-                    quant_backend: str = "torch") -> None:
+                    quant_backend: str = "torch", quant_group: Optional[int] = None) -> None:
     """Load a SAT-named state dict into a model built on any device (meta included), one
     tensor at a time (assign, no second copy). Every key must match by name and shape.
     Under tensor parallelism (world > 1, the model already cut by tp.py) a full-size tensor
@@ -250,11 +250,12 @@ def load_state_into(model: nn.Module, sat_sd: dict, source: str, dtype: Optional
             t = t.to(device=device, dtype=dtype or t.dtype)
             check_finite(t, skey, source)
             yield okey, t
-    materialize(model, tensors(), len(names), device, quant_plan, quant_backend, show=rank == 0)
+    materialize(model, tensors(), len(names), device, quant_plan, quant_backend, show=rank == 0,
+                quant_group=quant_group)
 
 
 def materialize(model: nn.Module, tensors, total: int, device="cpu", quant_plan: Optional[dict] = None,
-                quant_backend: str = "torch", show: bool = True) -> None:
+                quant_backend: str = "torch", show: bool = True, quant_group: Optional[int] = None) -> None:
     """Fill a model built on the meta device from (our key, tensor) pairs, one at a time: the
     linear layers named in quant_plan (module name -> bits) are replaced by their quantized
     form as soon as their tensors have arrived, so only one full-precision layer exists at a
@@ -266,7 +267,7 @@ def materialize(model: nn.Module, tensors, total: int, device="cpu", quant_plan:
                         disable=total < 200 or not show, leave=False):
         mod_name, _, attr = okey.rpartition(".")
         if mod_name in quant_plan:
-            stream_quantize(model, mod_name, attr, t, pending, quant_plan[mod_name], quant_backend)
+            stream_quantize(model, mod_name, attr, t, pending, quant_plan[mod_name], quant_backend, quant_group)
         else:
             new_sd[okey] = t
     model.load_state_dict(new_sd, strict=False, assign=True)
@@ -274,7 +275,7 @@ def materialize(model: nn.Module, tensors, total: int, device="cpu", quant_plan:
 
 
 def stream_quantize(model: nn.Module, name: str, attr: str, t: torch.Tensor, pending: dict,
-                    bits: int, backend: str) -> None:
+                    bits: int, backend: str, group: Optional[int] = None) -> None:
     """Collect linear layer `name`'s tensors as they are read; once it has all (weight, and
     bias if it has one) replace it by its quantized form."""
     from .quantize import quantized_module, replace_module
@@ -282,7 +283,7 @@ def stream_quantize(model: nn.Module, name: str, attr: str, t: torch.Tensor, pen
     got[attr] = t
     if "weight" in got and ("bias" in got or model.get_submodule(name).bias is None):
         del pending[name]
-        replace_module(model, name, quantized_module(got["weight"], got.get("bias"), bits, backend))
+        replace_module(model, name, quantized_module(got["weight"], got.get("bias"), bits, backend, group))
 
 
 def check_finite(t: torch.Tensor, key: str, source: str) -> None:

@@ -147,7 +147,8 @@ def init_weights(model: CogVLM, std: float = 0.02) -> None:
 def load_model(from_pretrained: str, device: Union[str, torch.device] = "cpu",
                dtype: Optional[torch.dtype] = None, trust_checkpoint: bool = False,
                cpu_layout: bool = True, rank: int = 0, world: int = 1, quant: Optional[int] = None,
-               quant_vision: Optional[int] = None, quant_backend: Optional[str] = None):
+               quant_vision: Optional[int] = None, quant_backend: Optional[str] = None,
+               quant_group: Optional[int] = None):
     """Build the model from `model_config.json` (or an HF `config.json`) on the meta device, then load the weights
     tensor by tensor from a memory-mapped file: one copy of the weights in memory.
     cpu_layout=False skips the column-major re-layout (callers that pack or quantize the
@@ -155,7 +156,8 @@ def load_model(from_pretrained: str, device: Union[str, torch.device] = "cpu",
     rank `rank`'s piece (read from its own MP shard file, or cut from a single-rank file).
     quant=4|8: each linear layer is quantized as soon as its weights are read (quantize.py),
     so memory peaks near the quantized size, never the full-precision one; quant_vision: the
-    image encoders' bits (default 8; 16 = unquantized). Returns (model, config)."""
+    image encoders' bits (default 8; 16 = unquantized); quant_group: int4 inputs per scale
+    (default 64). Returns (model, config)."""
     ckpt = resolve_pretrained(from_pretrained)
     if (ckpt / "model_config.json").is_file():
         sd = read_sat_state_dict(ckpt, trust=trust_checkpoint, rank=rank, world=world)   # memory-mapped
@@ -181,10 +183,10 @@ def load_model(from_pretrained: str, device: Union[str, torch.device] = "cpu",
     if quant:
         from .quantize import default_backend, quant_plan
         backend = quant_backend or default_backend(device)
-        plan = quant_plan(model, quant, quant_vision, backend)
+        plan = quant_plan(model, quant, quant_vision, backend, quant_group)
     with memory_returned_to_os() if quant else contextlib.nullcontext():
         load_state_into(model, sd, str(ckpt), dtype=dtype, device=device, rank=rank, world=world,
-                        quant_plan=plan, quant_backend=backend)
+                        quant_plan=plan, quant_backend=backend, quant_group=quant_group)
     if quant:
         model.quantized_bits = quant
     return (use_fast_cpu_layout(model) if cpu_layout else model).eval(), cfg

@@ -5,10 +5,11 @@ function either way.
 Two back ends:
 - "torch" (the CPU default): PyTorch's own weight-only kernels. int8 = one symmetric scale per
   output row (`torch._weight_int8pack_mm`); int4 = an asymmetric scale + zero per 64 inputs
-  (4.5 bits per weight, the bytes of llama.cpp's Q4_0), in the blocked layout of
-  `torch._weight_int4pack_mm_for_cpu`. Single-token steps (a few rows) run those kernels;
-  steps of many rows (prefill, image encoders) dequantize the layer into a reused bf16/fp32
-  buffer and run the dense oneDNN/MKL GEMM, which is several times faster there.
+  (4.5 bits per weight, the bytes of llama.cpp's Q4_0; other group sizes by `group`, e.g. 128:
+  4.25 bits), in the blocked layout of `torch._weight_int4pack_mm_for_cpu`. Single-token
+  steps (a few rows) run those kernels; steps of many rows (prefill, image encoders, QLoRA's
+  backward) dequantize the layer 32 MB at a time into a reused bf16/fp32 buffer and run the
+  dense oneDNN/MKL GEMM on each piece, which is several times faster there.
 - "bitsandbytes" (the CUDA default, and what QLoRA on CUDA uses): LLM.int8 / nf4. Its fast CPU
   4-bit path needs the `kernels` hub package, which does not install here, so on CPU it is the
   slow fallback.
@@ -30,11 +31,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-GROUP = 64            # int4 inputs per scale/zero pair
+GROUP = 64            # int4 inputs per scale/zero pair (the default)
+# Other group sizes users may choose (--quant_group): 128 saves 0.25 bit per weight (0.40 GB of
+# CogVLM-17B) for a larger error (bench/RESULTS.md, quality per scheme).
+GROUPS = (32, 64, 128, 256)
 # Up to this many rows a step runs the weight-only kernel; more rows dequantize the layer and
 # run the dense GEMM (break-even measured on 4096 x 4096 and the mid-size shapes: int8 16-24
 # rows, int4 64-96 rows).
 KERNEL_ROWS = {8: 16, 4: 80}
+# Largest dequantized weight chunk of a many-row step (the scratch buffer's size).
+SCRATCH_BYTES = 32 << 20
 BACKENDS = ("torch", "bitsandbytes")
 VISION_BITS = 8       # the image encoders' default under --quant (--quant_vision)
 
@@ -52,11 +58,14 @@ def _skip_patterns(cfg, head: bool) -> list[re.Pattern]:
 
 
 def quant_plan(model: nn.Module, bits: int, vision_bits: Optional[int] = None,
-               backend: str = "torch") -> dict[str, int]:
+               backend: str = "torch", group: Optional[int] = None) -> dict[str, int]:
     """Module name -> bits for every linear layer to quantize. vision_bits: the image encoders'
-    (None: VISION_BITS; 16: keep them in the load dtype)."""
+    (None: VISION_BITS; 16: keep them in the load dtype); group: int4 inputs per scale
+    (None: GROUP)."""
     if bits not in (4, 8) or vision_bits not in (None, 4, 8, 16):
         raise ValueError(f"--quant takes 4 or 8 (vision: 4, 8 or 16), not {bits}/{vision_bits}")
+    if group not in (None,) + GROUPS:
+        raise ValueError(f"--quant_group takes {', '.join(map(str, GROUPS))}, not {group}")
     if backend not in BACKENDS:
         raise ValueError(f"quantization back end {backend!r}: choose one of {', '.join(BACKENDS)}")
     cfg = model.cfg if hasattr(model, "cfg") else model.config
@@ -67,15 +76,15 @@ def quant_plan(model: nn.Module, bits: int, vision_bits: Optional[int] = None,
         if type(mod) is not nn.Linear or any(p.match(name) for p in skip):
             continue
         b = 8 if name == "lm_head" else vision_bits if name.startswith(("model.vision.", "model.cross_vision.")) else bits
-        if b == 4 and backend == "torch" and not int4_fits(mod.out_features, mod.in_features):
+        if b == 4 and backend == "torch" and not int4_fits(mod.out_features, mod.in_features, group):
             b = 8                                     # shapes the int4 kernel's layout cannot hold
         if b != 16:
             plan[name] = b
     return plan
 
 
-def int4_fits(n: int, k: int) -> bool:
-    return n % 64 == 0 and k % GROUP == 0
+def int4_fits(n: int, k: int, group: Optional[int] = None) -> bool:
+    return n % 64 == 0 and k % (group or GROUP) == 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -143,24 +152,29 @@ class _DequantMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         layer = ctx.layer
-        w = layer.dequantize(_buffer((layer.out_features, layer.in_features), layer.dtype, 0, layer.qweight.device))
-        return (grad.to(w.dtype) @ w).to(grad.dtype), None
+        g = grad.to(layer.dtype)
+        dx = None
+        for r0, w in layer.dequantized_chunks():          # dx = sum over chunks of g[:, rows] W[rows]
+            part = g[:, r0:r0 + w.shape[0]] @ w
+            dx = part if dx is None else dx.float().add_(part)   # several chunks: summed in fp32
+        return dx.to(grad.dtype), None
 
 
 class WeightOnlyLinear(nn.Module):
     """int8 (per-row scales) or int4 (per-64 scale + zero) weights, computing in `dtype`."""
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], bits: int):
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], bits: int, group: Optional[int] = None):
         super().__init__()
         self.out_features, self.in_features = N, K = weight.shape
-        self.bits, self.dtype = bits, weight.dtype
-        if bits == 4 and not int4_fits(N, K):
-            raise ValueError(f"int4 needs rows % 64 == 0 and inputs % {GROUP} == 0, not {(N, K)}")
+        group = group or GROUP
+        self.bits, self.dtype, self.group = bits, weight.dtype, group
+        if bits == 4 and not int4_fits(N, K, group):
+            raise ValueError(f"int4 needs rows % 64 == 0 and inputs % {group} == 0, not {(N, K)}")
         if bits == 4 and weight.device.type != "cpu":
             raise ValueError("int4 with the PyTorch back end runs on CPU only; on CUDA use bitsandbytes (the default)")
         w, dev = weight.detach(), weight.device
         q = torch.empty(N, K if bits == 8 else K // 2, dtype=torch.int8 if bits == 8 else torch.uint8, device=dev)
-        scales = torch.empty((N,) if bits == 8 else (K // GROUP, N, 2), dtype=w.dtype, device=dev)
+        scales = torch.empty((N,) if bits == 8 else (K // group, N, 2), dtype=w.dtype, device=dev)
         # A few million weights at a time: the fp32 temporaries stay small (an LM head of
         # 32000 x 4096 would otherwise take 3 x 0.5 GB of them while it is quantized).
         step = max(64, (1 << 22) // K // 64 * 64)
@@ -171,7 +185,7 @@ class WeightOnlyLinear(nn.Module):
                 q[r:r + step] = chunk.div_(scale[:, None]).round_().to(torch.int8)
                 scales[r:r + step] = scale
             else:
-                g = chunk.view(chunk.shape[0], -1, GROUP)                                   # n,K/G,G
+                g = chunk.view(chunk.shape[0], -1, group)                                   # n,K/G,G
                 lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
                 scale = ((hi - lo) / 15).clamp(min=1e-12)
                 qi = g.sub_(lo).div_(scale).round_().clamp_(0, 15).to(torch.int32).view(-1, K)
@@ -183,32 +197,55 @@ class WeightOnlyLinear(nn.Module):
         self.register_buffer("scales", scales)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(w.dtype), requires_grad=False)
 
-    def dequantize(self, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The weight as N,K in the compute dtype (into `out` when given)."""
-        N, K = self.out_features, self.in_features
-        out = out if out is not None else torch.empty(N, K, dtype=self.dtype, device=self.qweight.device)
+    def dequantize(self, out: Optional[torch.Tensor] = None, rows: Optional[slice] = None,
+                   scaled: bool = True) -> torch.Tensor:
+        """Output rows `rows` (default all; int4: multiples of 64) of the weight, N,K in the
+        compute dtype (into `out` when given). scaled=False: int8 codes without their per-row
+        scales (the caller scales its outputs instead, which is cheaper)."""
+        rows = rows or slice(0, self.out_features)
+        q, K = self.qweight[rows], self.in_features
+        N = q.shape[0]
+        out = out if out is not None else torch.empty(N, K, dtype=self.dtype, device=q.device)
         if self.bits == 8:
-            return out.copy_(self.qweight).mul_(self.scales[:, None])
+            return out.copy_(q).mul_(self.scales[rows, None]) if scaled else out.copy_(q)
+        sz = self.scales[:, rows]                                                    # K/G,N,2
         block = int4_row_block()
         if not block:                                # unknown layout: ask the kernel (slow, exact)
             eye = torch.eye(K, dtype=self.dtype)
-            return out.copy_(torch._weight_int4pack_mm_for_cpu(eye, self.qweight, GROUP, self.scales).t())
-        out.copy_(_unpack_int4(self.qweight, block, _buffer((N // block, block // 2, K), torch.uint8, 1),
+            return out.copy_(torch._weight_int4pack_mm_for_cpu(eye, q, self.group, sz.contiguous()).t())
+        out.copy_(_unpack_int4(q, block, _buffer((N // block, block // 2, K), torch.uint8, 1),
                                _buffer((N, K), torch.uint8)))
-        sz = self.scales.transpose(0, 1)                                             # N,K/G,2
+        sz = sz.transpose(0, 1)                                                      # N,K/G,2
         offset = sz[..., 1:] - 8 * sz[..., :1]            # w = q * scale + (zero - 8 * scale)
-        o = out.view(N, K // GROUP, GROUP)                                           # N,K/G,G
+        o = out.view(N, K // self.group, self.group)                                 # N,K/G,G
         return o.mul_(sz[..., :1]).add_(offset).view(N, K)
+
+    def dequantized_chunks(self, scaled: bool = True):
+        """(first row, W[rows]) for consecutive row chunks of at most SCRATCH_BYTES each, all
+        dequantized into the same scratch buffer: a prefill's extra memory is one chunk (plus
+        oneDNN's copy of it), not the whole layer (0.5 GB at CogVLM-17B's MLP)."""
+        N, K = self.out_features, self.in_features
+        step = max(64, SCRATCH_BYTES // (K * self.dtype.itemsize) // 64 * 64)
+        for r0 in range(0, N, step):
+            n = min(step, N - r0)
+            yield r0, self.dequantize(_buffer((n, K), self.dtype, 0, self.qweight.device), slice(r0, r0 + n), scaled)
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if x2.shape[0] <= KERNEL_ROWS[self.bits]:
             if self.bits == 8:
                 return torch._weight_int8pack_mm(x2, self.qweight, self.scales)
-            return torch._weight_int4pack_mm_for_cpu(x2, self.qweight, GROUP, self.scales)
-        buf = _buffer((self.out_features, self.in_features), self.dtype, 0, self.qweight.device)
-        if self.bits == 8:               # per-row scales: scale the outputs, not the weight
-            return F.linear(x2, buf.copy_(self.qweight)) * self.scales
-        return F.linear(x2, self.dequantize(buf))
+            return torch._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group, self.scales)
+        # Many rows: dequantize a chunk of output rows at a time and run the dense GEMM on it.
+        chunks = self.dequantized_chunks(scaled=self.bits != 8)
+        r0, w = next(chunks)
+        if w.shape[0] == self.out_features:                                      # one chunk: no copy
+            y = F.linear(x2, w)
+        else:
+            y = x2.new_empty(x2.shape[0], self.out_features)
+            y[:, :w.shape[0]] = F.linear(x2, w)
+            for r0, w in chunks:
+                y[:, r0:r0 + w.shape[0]] = F.linear(x2, w)
+        return y * self.scales if self.bits == 8 else y   # int8: per-row scales applied to the outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
@@ -230,7 +267,7 @@ def _bnb():
     return bnb
 
 
-def bnb_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], bits: int) -> nn.Module:
+def bnb_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], bits: int, group: Optional[int] = None) -> nn.Module:
     bnb = _bnb()
     dev, dtype = weight.device, weight.dtype
     # 8-bit matmuls run in fp16 on CUDA and in fp32 on CPU; 4-bit computes in the load dtype.
@@ -245,7 +282,7 @@ def bnb_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], bits: int) ->
     else:
         q = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None, compute_dtype=compute,
                               quant_type="nf4", device="meta")
-        q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", blocksize=group or GROUP)
     if bias is not None:
         q.bias = nn.Parameter(bias.detach().to(compute), requires_grad=False)
     q = q.to(dev)                                       # bitsandbytes quantizes on the move
@@ -268,12 +305,14 @@ def default_backend(device) -> str:
     return "bitsandbytes" if torch.device(device).type == "cuda" else "torch"
 
 
-def quantized_module(weight: torch.Tensor, bias: Optional[torch.Tensor], bits: int, backend: str) -> nn.Module:
+def quantized_module(weight: torch.Tensor, bias: Optional[torch.Tensor], bits: int, backend: str,
+                     group: Optional[int] = None) -> nn.Module:
     """The quantized replacement of one linear layer, from its full-precision tensors (the one
-    function both the in-place and the streaming path call)."""
+    function both the in-place and the streaming path call). group: int4 inputs per scale
+    (bitsandbytes: the nf4 block size)."""
     if backend == "torch":
-        return WeightOnlyLinear(weight, bias, bits)
-    return bnb_linear(weight, bias, bits)
+        return WeightOnlyLinear(weight, bias, bits, group)
+    return bnb_linear(weight, bias, bits, group)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -283,12 +322,12 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 @torch.no_grad()
 def quantize(model: nn.Module, bits: int, vision_bits: Optional[int] = None,
-             backend: Optional[str] = None) -> nn.Module:
+             backend: Optional[str] = None, group: Optional[int] = None) -> nn.Module:
     """Quantize a loaded model in place (see the module docstring for what and how)."""
     backend = backend or default_backend(next(model.parameters()).device)
-    for name, b in quant_plan(model, bits, vision_bits, backend).items():
+    for name, b in quant_plan(model, bits, vision_bits, backend, group).items():
         lin = model.get_submodule(name)
-        replace_module(model, name, quantized_module(lin.weight, lin.bias, b, backend))
+        replace_module(model, name, quantized_module(lin.weight, lin.bias, b, backend, group))
     model.quantized_bits = bits
     return model
 

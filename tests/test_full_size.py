@@ -36,10 +36,14 @@ def test_full_size_tiny_run_writes_the_json(tmp_path):
 
 def test_cli_with_quant_answers(tmp_path):
     env = {**os.environ, "LOGLEVEL": "WARNING"}
-    for bits in ("8", "4"):
+    for quant in (["8"], ["4"], ["4", "--quant_group", "128"]):
         p = subprocess.run([sys.executable, str(ROOT / "basic_demo" / "cli_demo_sat.py"), "--from_pretrained",
-                            "tiny-cogvlm", "--quant", bits, "--dtype", "bfloat16", "--image",
+                            "tiny-cogvlm", "--quant", *quant, "--dtype", "bfloat16", "--image",
                             str(ROOT / "assets" / "scene.png"), "--query", "How many shapes are there?",
                             "--output_dir", str(tmp_path)], capture_output=True, text=True, timeout=120,
                            cwd="/", env=env)
-        assert p.returncode == 0 and p.stdout.strip() == "3", p.stderr[-2000:]
+        assert p.returncode == 0 and p.stdout.strip() == "3", (quant, p.stderr[-2000:])
+    p = subprocess.run([sys.executable, str(ROOT / "basic_demo" / "cli_demo_sat.py"), "--from_pretrained",
+                        "tiny-cogvlm", "--quant", "4", "--quant_group", "100"], capture_output=True, text=True,
+                       timeout=120, cwd="/", env=env)
+    assert p.returncode == 2 and "--quant_group" in p.stderr and "Traceback" not in p.stderr

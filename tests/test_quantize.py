@@ -161,3 +161,66 @@ def test_streaming_quantized_load_peak_memory(mid_ckpt, tmp_path, fmt):
     assert streamed < 0.6 * bf16, (streamed, bf16)
     if fmt == "sat":
         assert peak(False) > bf16, "the measure cannot see a whole bf16 model"
+
+
+# ---------------------------------------------------------------------------------------
+# int4 group size (--quant_group) and the chunked dequantization of many-row steps.
+def test_int4_group_128_streams_like_quantize_after_load(tmp_path):
+    """--quant_group 128: one scale + zero per 128 inputs (0.25 bit per weight less than 64),
+    streamed exactly like quantizing after loading, every weight within half a step of its
+    value; a group size the kernel does not take is refused by name."""
+    from models.quantize import WeightOnlyLinear, quant_plan
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(_config("cogvlm"), inner_hidden_size=768)   # every input a multiple of 128
+    ckpt = tmp_path / "m"
+    save_sat_checkpoint(build_model(cfg), cfg, ckpt)
+    streamed, cfg = load_model(str(ckpt), dtype=torch.bfloat16, quant=4, quant_group=128, cpu_layout=False)
+    ref, _ = load_model(str(ckpt), dtype=torch.bfloat16, cpu_layout=False)
+    full = {n: m.weight.detach().float() for n, m in ref.named_modules() if type(m) is torch.nn.Linear}
+    with pytest.raises(ValueError, match="--quant_group"):
+        quant_plan(ref, 4, group=100)
+    quantize(ref, 4, vision_bits=8, backend="torch", group=128)
+    a, b = streamed.state_dict(), ref.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    g64, _ = load_model(str(ckpt), dtype=torch.bfloat16, quant=4, cpu_layout=False)
+    assert weight_bytes(streamed) < weight_bytes(g64)
+    int4 = {n: m for n, m in streamed.named_modules() if isinstance(m, WeightOnlyLinear) and m.bits == 4}
+    assert len(int4) >= 4 * cfg.num_layers
+    for n, m in int4.items():
+        assert m.group == 128 and m.scales.shape == (m.in_features // 128, m.out_features, 2)
+        step = m.scales[..., 0].t().float().repeat_interleave(128, 1)            # N,K
+        err = (m.dequantize().float() - full[n]).abs()
+        assert (err <= 0.5 * step + 0.01 * full[n].abs() + 1e-3).all(), n
+
+
+def test_many_row_steps_dequantize_in_chunks(monkeypatch):
+    """A step of many rows (prefill, backward) dequantizes a chunk of output rows at a time into
+    one scratch buffer of the chunk's size: the chunks are the whole weight's rows, and the
+    outputs and input gradients equal those of the whole layer dequantized at once."""
+    import threading
+    import models.quantize as mq
+    torch.manual_seed(0)
+    w, x = torch.randn(448, 256).bfloat16(), torch.randn(100, 256).bfloat16()
+    for bits in (8, 4):
+        lin = mq.WeightOnlyLinear(w, None, bits)
+
+        def run():
+            xg = x.clone().requires_grad_()
+            y = lin(xg)
+            y.float().pow(2).sum().backward()
+            return y.detach(), xg.grad, dict(mq._buffers.d)
+        monkeypatch.setattr(mq, "SCRATCH_BYTES", 1 << 40)
+        whole = run()
+        monkeypatch.setattr(mq, "SCRATCH_BYTES", 64 * 256 * 2)                     # 64 rows a chunk
+        chunks = [(r0, c.clone()) for r0, c in lin.dequantized_chunks()]
+        assert [r0 for r0, _ in chunks] == list(range(0, 448, 64))
+        assert torch.equal(torch.cat([c for _, c in chunks]), lin.dequantize())
+        out = {}
+        t = threading.Thread(target=lambda: out.setdefault("r", run()))           # fresh scratch buffers
+        t.start()
+        t.join()
+        y, gx, scratch = out["r"]
+        assert torch.equal(y, whole[0])                   # each output column: the same dot products
+        scale = whole[1].float().abs().max()              # partial sums each rounded to bf16 once
+        assert ((gx.float() - whole[1].float()).abs() <= 1e-2 * scale).all()
+        assert scratch[(torch.bfloat16, 0, "cpu")].numel() == 64 * 256              # one chunk, not 448 rows

@@ -11,6 +11,7 @@ import torch
 
 from models import load_model
 from models.config import ALIASES, MODEL_CONFIGS
+from models.quantize import GROUP, GROUPS
 from models.generate import GenerationConfig
 from .tokenizer import DEFAULT_TOKENIZER, Tokenizer, resolve_tokenizer
 
@@ -34,6 +35,9 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str = "cogvlm-chat
                         "weight-only kernels; CUDA: bitsandbytes)")
     g.add_argument("--quant_vision", type=int, choices=[4, 8, 16], default=None,
                    help="bits of the image encoders under --quant (default: 8; 16 = unquantized)")
+    g.add_argument("--quant_group", type=int, choices=GROUPS, default=None,
+                   help=f"inputs per scale of --quant 4 weights (default {GROUP}; 128 takes 0.25 bit per "
+                        "weight less, 0.4 GB of CogVLM-17B, for a larger error: bench/RESULTS.md)")
     g.add_argument("--cpu_weights", default="auto", choices=["auto", "packed", "plain"],
                    help="CPU inference: packed = oneDNN-blocked fp32/bf16 weights (auto; measured "
                         "faster here, bench/RESULTS.md), plain = PyTorch's own layout")
@@ -125,7 +129,8 @@ def load_from_args(args):
     pack = getattr(args, "cpu_weights", "auto") != "plain" and not compile_step and can_pack(dtype, args.device)
     model, cfg = load_model(args.from_pretrained, device=args.device, dtype=dtype,
                             trust_checkpoint=args.trust_checkpoint, cpu_layout=not pack, rank=rank,
-                            world=world, quant=args.quant, quant_vision=getattr(args, "quant_vision", None))
+                            world=world, quant=args.quant, quant_vision=getattr(args, "quant_vision", None),
+                            quant_group=getattr(args, "quant_group", None))
     if pack:                                          # the weights --quant left in fp32/bf16
         pack_for_cpu_inference(model)
     if compile_step:
