@@ -98,6 +98,11 @@ def decode_bytes(model: CogVLM, ctx: int) -> int:
     return n
 
 
+def weights_bytes(model: CogVLM) -> int:
+    """Every weight as held in memory (quantized with its scales; oneDNN-packed as its plain size)."""
+    return sum(packed_or_stored(m) for m in model.modules() if not list(m.children()))
+
+
 def packed_or_stored(mod: torch.nn.Module) -> int:
     """Bytes of a leaf module; a oneDNN-packed linear counts as its plain weight."""
     if hasattr(mod, "packed"):
@@ -253,6 +258,7 @@ def main(argv=None) -> int:
     flops = ttft_flops(model.config, r["prompt_tokens"])
     out = {"model": a.model, "precision": f"{precision} ({str(dtype).split('.')[-1]})",
            "peak_rss_gb": round(peak_rss_gb(), 3), "build_s": round(build_s, 2),
+           "weights_gb": round(weights_bytes(model) / 1e9, 4),
            "image_s": round(r["image_s"], 3), "cross_image_s": round(r["cross_image_s"], 3),
            "ttft_s": round(r["ttft_s"], 3), "decode_tok_s": round(r["decode_tok_s"], 3),
            "decode_frac_bw": round(frac, 3), "gemv_gbps": round(gemv["best"] / 1e9, 2),

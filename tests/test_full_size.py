@@ -31,6 +31,7 @@ def test_full_size_tiny_run_writes_the_json(tmp_path):
     assert r["model"] == "tiny-test-cogagent" and r["precision"].startswith("int4 + vision int8")
     assert r["cross_image_s"] > 0 and r["ttft_s"] >= r["image_s"] + r["cross_image_s"]
     assert r["decode_tok_s"] > 0 and 0 < r["decode_frac_bw"] and r["peak_rss_gb"] > 0
+    assert 0 < r["weights_gb"] < r["peak_rss_gb"]
     assert r["qlora_trainable"] > 0 and r["qlora_loss"] == r["qlora_loss"]       # finite
 
 
@@ -47,3 +48,8 @@ def test_cli_with_quant_answers(tmp_path):
                         "tiny-cogvlm", "--quant", "4", "--quant_group", "100"], capture_output=True, text=True,
                        timeout=120, cwd="/", env=env)
     assert p.returncode == 2 and "--quant_group" in p.stderr and "Traceback" not in p.stderr
+    for flags, says in ((["--quant_group", "128"], "add --quant"), (["--quant", "8", "--quant_group", "128"], "4-bit")):
+        p = subprocess.run([sys.executable, str(ROOT / "basic_demo" / "cli_demo_sat.py"), "--from_pretrained",
+                            "tiny-cogvlm", *flags, "--image", str(ROOT / "assets" / "scene.png"), "--query", "Hi"],
+                           capture_output=True, text=True, timeout=120, cwd="/", env=env)
+        assert p.returncode != 0 and says in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]

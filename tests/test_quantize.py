@@ -224,3 +224,14 @@ def test_many_row_steps_dequantize_in_chunks(monkeypatch):
         scale = whole[1].float().abs().max()              # partial sums each rounded to bf16 once
         assert ((gx.float() - whole[1].float()).abs() <= 1e-2 * scale).all()
         assert scratch[(torch.bfloat16, 0, "cpu")].numel() == 64 * 256              # one chunk, not 448 rows
+
+
+def test_quant_group_is_the_nf4_block_size_with_bitsandbytes():
+    from models.quantize import quantized_module
+    w = torch.randn(128, 256, dtype=torch.bfloat16)
+    for group in (None, 128):
+        q = quantized_module(w, None, 4, "bitsandbytes", group)
+        assert q.weight.quant_state.blocksize == (group or 64)
+        x = torch.randn(3, 256, dtype=torch.bfloat16)
+        cos = torch.nn.functional.cosine_similarity(q(x).float().flatten(), (x @ w.t()).float().flatten(), dim=0)
+        assert cos > 0.95

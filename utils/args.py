@@ -120,6 +120,11 @@ def load_from_args(args):
         args.device = f"cuda:{torch.cuda.current_device()}"
     if world > 1 and args.quant:
         raise ValueError("--quant is not supported with model parallelism yet; run it in one process")
+    qv, qg = getattr(args, "quant_vision", None), getattr(args, "quant_group", None)
+    if (qv or qg) and not args.quant:
+        raise ValueError("--quant_vision and --quant_group apply to quantized weights: add --quant 4 or --quant 8")
+    if qg and 4 not in (args.quant, qv):
+        raise ValueError("--quant_group sets the group size of 4-bit weights: it needs --quant 4 or --quant_vision 4")
     compile_step = getattr(args, "compile", False)
     if world > 1 and compile_step:
         raise ValueError("--compile is not supported with model parallelism yet; run it in one process")
