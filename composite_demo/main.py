@@ -23,7 +23,7 @@ st.set_page_config(page_title="CogVLM & CogAgent", layout="wide")
 
 
 @st.cache_resource(show_spinner="Loading the model (once per server)...")
-def load(path: str, device, quant, bf16, fp16, local_tokenizer, dtype="auto", compile_step=False):
+def load(path: str, device, quant, bf16, fp16, local_tokenizer, dtype="auto", compile_step=False, quant_group=None):
     """(model, tokenizer, image cache) for one checkpoint, shared by every session."""
     import torch
     from utils.args import add_model_args, load_from_args
@@ -33,6 +33,7 @@ def load(path: str, device, quant, bf16, fp16, local_tokenizer, dtype="auto", co
     args = p.parse_args(["--from_pretrained", path])
     args.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.quant, args.bf16, args.fp16, args.dtype, args.compile = quant, bf16, fp16, dtype, compile_step
+    args.quant_group = quant_group
     if local_tokenizer:
         args.local_tokenizer = local_tokenizer
     model, tok = load_from_args(args)
@@ -99,7 +100,7 @@ def main():
         return
     try:
         model, tok, images = load(path, reg.device, reg.quant, reg.bf16, reg.fp16, reg.local_tokenizer, reg.dtype,
-                                   reg.compile)
+                                   reg.compile, reg.quant_group)
     except Exception as e:  # noqa: BLE001 - shown in the page; the server keeps running
         st.error(f"Cannot load {path}: {e}")
         return

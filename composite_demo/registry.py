@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from models.quantize import GROUPS
 from utils.flags import ArgumentParser
 
 MODES = ("CogVLM chat", "CogAgent chat", "CogAgent agent")
@@ -26,6 +27,7 @@ class Registry:
     grounding: Optional[str] = None        # e.g. cogvlm-grounding-generalist; default: cogvlm's
     device: Optional[str] = None
     quant: Optional[int] = None
+    quant_group: Optional[int] = None      # inputs per int4 scale (default 64; 128 saves memory)
     bf16: bool = False
     fp16: bool = False
     local_tokenizer: Optional[str] = None
@@ -48,6 +50,8 @@ def parse(argv: list[str]) -> Registry:
     p.add_argument("--device", default=os.environ.get("COGVLM_DEVICE"))
     p.add_argument("--quant", type=int, choices=[4, 8], default=int(os.environ["COGVLM_QUANT"])
                    if os.environ.get("COGVLM_QUANT") else None)
+    p.add_argument("--quant_group", type=int, choices=GROUPS, default=int(os.environ["COGVLM_QUANT_GROUP"])
+                   if os.environ.get("COGVLM_QUANT_GROUP") else None)
     p.add_argument("--dtype", default=os.environ.get("COGVLM_DTYPE", "auto"),
                    choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--bf16", action="store_true")
@@ -57,5 +61,5 @@ def parse(argv: list[str]) -> Registry:
     a, unknown = p.parse_known_args(argv)
     if unknown:                                 # a typo must not be ignored silently
         raise ValueError(f"unknown argument(s) after `--`: {' '.join(unknown)} "
-                         f"(known: --cogvlm --cogagent --grounding --device --quant --dtype --bf16 --fp16 --local_tokenizer --compile)")
+                         f"(known: --cogvlm --cogagent --grounding --device --quant --quant_group --dtype --bf16 --fp16 --local_tokenizer --compile)")
     return Registry(**vars(a))

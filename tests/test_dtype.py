@@ -50,6 +50,8 @@ def test_every_entry_point_takes_dtype(tmp_path):
     assert web_args(["--dtype", "float16"]).dtype == "float16"
     assert server_args(["--dtype", "bfloat16"]).dtype == "bfloat16"
     assert composite_args(["--dtype", "float32"]).dtype == "float32"
+    for parse in (web_args, server_args, composite_args):       # the int4 group size, everywhere
+        assert parse(["--quant", "4", "--quant_group", "128"]).quant_group == 128
     p = ArgumentParser()
     add_finetune_args(p, "tiny-cogvlm")
     assert p.parse_args(["--dtype", "bfloat16"]).dtype == "bfloat16"
