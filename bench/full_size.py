@@ -99,7 +99,8 @@ def decode_bytes(model: CogVLM, ctx: int) -> int:
 
 
 def weights_bytes(model: CogVLM) -> int:
-    """Every weight as held in memory (quantized with its scales; oneDNN-packed as its plain size)."""
+    """Every weight as held in memory (quantized with its scales; oneDNN-packed as its plain size:
+    models.quantize.weight_bytes sees parameters and buffers only, not the packed tensors)."""
     return sum(packed_or_stored(m) for m in model.modules() if not list(m.children()))
 
 

@@ -134,8 +134,7 @@ def load_from_args(args):
     pack = getattr(args, "cpu_weights", "auto") != "plain" and not compile_step and can_pack(dtype, args.device)
     model, cfg = load_model(args.from_pretrained, device=args.device, dtype=dtype,
                             trust_checkpoint=args.trust_checkpoint, cpu_layout=not pack, rank=rank,
-                            world=world, quant=args.quant, quant_vision=getattr(args, "quant_vision", None),
-                            quant_group=getattr(args, "quant_group", None))
+                            world=world, quant=args.quant, quant_vision=qv, quant_group=qg)
     if pack:                                          # the weights --quant left in fp32/bf16
         pack_for_cpu_inference(model)
     if compile_step:
