@@ -74,7 +74,7 @@ def decode_bytes(model: CogVLM, cfg: ModelConfig, ctx: int) -> float:
     lang = _bytes(t for n, t in list(layers.named_parameters()) + list(layers.named_buffers())
                   if "language" in n or "layernorm" in n and "cross" not in n)
     head = _bytes(list(model.lm_head.parameters()) + list(model.lm_head.buffers()))
-    e = model.model.embed_tokens.weight.element_size()
+    e = model.model.compute_dtype.itemsize
     kv = cfg.num_layers * 2 * ctx * cfg.hidden_size * e
     return lang + head + cfg.hidden_size * 2 * e + kv
 

@@ -91,7 +91,7 @@ def decode_bytes(model: CogVLM, ctx: int) -> int:
             if not list(mod.children()) and "vision" not in mod_name and "key_value" not in mod_name:
                 n += packed_or_stored(mod)
     n += packed_or_stored(model.lm_head)
-    e = model.model.embed_tokens.weight.element_size()
+    e = model.model.compute_dtype.itemsize
     n += cfg.num_layers * 2 * ctx * cfg.hidden_size * e
     if cfg.cross is not None:
         n += cfg.num_layers * 2 * cfg.cross.num_patches * cfg.cross.attn_hidden_size * e
@@ -142,7 +142,7 @@ def _now() -> float:
 @torch.inference_mode()
 def measure(model: CogVLM, text_tokens: int, decode_steps: int) -> dict:
     cfg = model.config
-    dtype, dev = model.model.embed_tokens.weight.dtype, model.model.embed_tokens.weight.device
+    dtype, dev = model.model.compute_dtype, model.model.device
     res = {}
     img = torch.randn(1, 3, cfg.eva.image_size, cfg.eva.image_size, device=dev)
     t = _now()
@@ -188,7 +188,7 @@ def qlora_step(model: CogVLM, text_tokens: int, rank: int = 10) -> dict:
     from models.lora import LoRAConfig, apply_lora
     from utils.finetune import checkpoint_layers
     cfg = model.config
-    dev = model.model.embed_tokens.weight.device
+    dev = model.model.device
     for p in model.parameters():
         p.requires_grad_(False)
     apply_lora(model, LoRAConfig(rank=rank, alpha=rank), dtype=torch.float32)

@@ -278,12 +278,12 @@ def stream_quantize(model: nn.Module, name: str, attr: str, t: torch.Tensor, pen
                     bits: int, backend: str, group: Optional[int] = None) -> None:
     """Collect linear layer `name`'s tensors as they are read; once it has all (weight, and
     bias if it has one) replace it by its quantized form."""
-    from .quantize import quantized_module, replace_module
+    from .quantize import replace_quantized
     got = pending.setdefault(name, {})
     got[attr] = t
-    if "weight" in got and ("bias" in got or model.get_submodule(name).bias is None):
+    if "weight" in got and ("bias" in got or getattr(model.get_submodule(name), "bias", None) is None):
         del pending[name]
-        replace_module(model, name, quantized_module(got["weight"], got.get("bias"), bits, backend, group))
+        replace_quantized(model, name, got["weight"], got.get("bias"), bits, backend, group)
 
 
 def check_finite(t: torch.Tensor, key: str, source: str) -> None:

@@ -253,7 +253,7 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
         image_embeds = None
         pixels = _stack_images(images)
         if pixels is not None and past == 0:
-            image_embeds = self.encode_images(pixels.to(self.model.embed_tokens.weight.device))
+            image_embeds = self.encode_images(pixels.to(self.model.device))
         else:
             image_mask = None
         cross_kv, cross_rows = None, None
@@ -282,7 +282,7 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
 
     def _batched_cross_kv(self, hi: torch.Tensor, cross_images, B: int):
         """Cross K/V for a batch where some rows may have no image (zero K/V, row masked)."""
-        kv = self.cross_kv(hi.to(self.model.embed_tokens.weight.device))
+        kv = self.cross_kv(hi.to(self.model.device))
         rows = [True] * B
         if isinstance(cross_images, (list, tuple)):
             rows = [bool(r) for r in cross_images]

@@ -97,7 +97,7 @@ def test_bf16_greedy_answers_agree_with_fp32_on_the_bundled_models(bf16_answers)
 def test_quantized_greedy_answers_against_bf16_on_the_bundled_models(bf16_answers, bits, min_same):
     """PyTorch weight-only int8 / int4 (image encoders int8), loaded with --quant, against bf16.
     Measured (AMD EPYC, AVX-512 BF16, bench/quant.py): int8 7 of 8 answers identical (logit
-    error 1.0%), int4 6 of 8 (3.2%); bench/RESULTS.md has the random-model figures."""
+    error 0.9%), int4 6 of 8 (3.2%); bench/RESULTS.md has the random-model figures."""
     q = _bundled_answers(torch.bfloat16, quant=bits)
     same = sum(a == b for a, b in zip(q, bf16_answers))
     assert same >= min_same, f"int{bits} agrees with bf16 on only {same} of {len(q)} answers: {q}"

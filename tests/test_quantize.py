@@ -235,3 +235,48 @@ def test_quant_group_is_the_nf4_block_size_with_bitsandbytes():
         x = torch.randn(3, 256, dtype=torch.bfloat16)
         cos = torch.nn.functional.cosine_similarity(q(x).float().flatten(), (x @ w.t()).float().flatten(), dim=0)
         assert cos > 0.95
+
+
+def test_token_embeddings_int8_with_the_torch_back_end(ckpt):
+    """--quant (torch back end) stores the token embedding table in int8, one scale per token:
+    each value within half its row's step (row absmax / 127) of the bf16 value, half the bytes;
+    the model still answers. bitsandbytes keeps the table in the load dtype."""
+    from models.quantize import Int8Embedding, quant_plan
+    ref, cfg = load_model(str(ckpt), dtype=torch.bfloat16, cpu_layout=False)
+    table = ref.model.embed_tokens.weight.detach().float()
+    assert "model.embed_tokens" not in quant_plan(ref, 4, backend="bitsandbytes")
+    model, _ = load_model(str(ckpt), dtype=torch.bfloat16, quant=4, cpu_layout=False)
+    emb = model.model.embed_tokens
+    assert isinstance(emb, Int8Embedding) and emb.qweight.dtype == torch.int8
+    assert emb.qweight.numel() + emb.scales.numel() * 4 < 0.51 * table.numel() * 2
+    ids = torch.arange(cfg.vocab_size)[None]
+    with torch.no_grad():
+        got = emb(ids)[0].float()
+    assert emb(ids).dtype == torch.bfloat16
+    step = table.abs().amax(1, keepdim=True) / 127
+    # half a step, plus the bf16 rounding of the rescaled value
+    assert ((got - table).abs() <= 0.5 * step + 2 ** -8 * got.abs() + 1e-7).all()
+    assert ((got - table).abs() > 0).any()            # it is quantized, not a copy
+    assert model.model.compute_dtype == torch.bfloat16 and model.model.device.type == "cpu"
+
+
+@pytest.mark.parametrize("group", [64, 128])
+def test_int4_many_rows_match_the_kernels_weights(group):
+    """The weights are what PyTorch's int4 kernel multiplies by ((q - 8) * scale + zero, read
+    back through it with an identity matrix); a step of many rows (dequantized, the zeros
+    applied to x summed per group) gives x W^T of those weights within bf16 rounding, also for
+    inputs far from zero mean, where the zeros matter most."""
+    import models.quantize as mq
+    torch.manual_seed(0)
+    K = 512
+    lin = mq.WeightOnlyLinear(torch.randn(448, K).bfloat16() * 0.02 + 0.01, None, 4, group)
+    w = torch._weight_int4pack_mm_for_cpu(torch.eye(K, dtype=torch.bfloat16), lin.qweight, group,
+                                          lin.scales).t().float()                        # N,K
+    step = lin.scales[..., 0].t().float().repeat_interleave(group, 1)               # N,K
+    assert ((lin.dequantize().float() - w).abs() <= step / 8).all()      # bf16 roundings, not steps
+    x = torch.randn(200, K).bfloat16() + 0.5
+    assert x.shape[0] > mq.KERNEL_ROWS[4]
+    exact = x.float() @ w.t()
+    with torch.inference_mode():
+        y = lin(x).float()
+    assert float((y - exact).norm() / exact.norm()) < 3e-3

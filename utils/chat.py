@@ -86,7 +86,7 @@ class ImageContext:
 
     @torch.inference_mode()
     def encode(self, model: CogVLM):
-        dev = model.model.embed_tokens.weight.device
+        dev = model.model.device
         if self.image_embeds is None:
             self.image_embeds = model.encode_images(self.low[None].to(dev))
         if self.high is not None and self.cross_kv is None:
@@ -127,7 +127,7 @@ def prepare(model: CogVLM, tokenizer: Tokenizer, query: str, history=(),
     cfg = model.config
     prompt = build_prompt(query, history, version or cfg.version)
     row = build_row(tokenizer, cfg, prompt, image is not None)
-    inputs = collate([row], device=model.model.embed_tokens.weight.device)
+    inputs = collate([row], device=model.model.device)
     if image is not None:
         inputs.image_embeds, inputs.cross_kv = image.encode(model)
     return inputs

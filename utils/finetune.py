@@ -196,8 +196,8 @@ def freeze_for_training(model, args) -> tuple[int, int]:
     # a 4-bit weight holds two values per byte: count the weights it stands for
     total = sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
                 for p in model.parameters())
-    from models.quantize import WeightOnlyLinear       # weights kept as buffers
-    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, WeightOnlyLinear))
+    from models.quantize import QUANTIZED              # weights kept as buffers
+    total += sum(m.weight_count for m in model.modules() if isinstance(m, QUANTIZED))
     return trainable, total
 
 
@@ -241,7 +241,7 @@ def attach_aux_heads(model, train_set) -> tuple:
     colours = sorted({o["colour"] for o in objs if o.get("colour")})
     if not kinds:
         raise ValueError("--aux_object_loss: the training labels hold no \"objects\"")
-    cfg, ref = model.config, model.model.embed_tokens.weight
+    cfg, ref = model.config, model.model.norm.weight
     heads = {"low": AuxObjectHeads(cfg.eva.hidden_size, len(kinds), len(colours))}
     model.model.vision.transformer.register_forward_hook(
         lambda _m, _i, out: setattr(model, "_vit_out", out[:, 1:]))          # CLS dropped
@@ -259,7 +259,7 @@ def compute_loss(model, batch: dict, device, aux_weight: float = 0.0, encoders_o
     """The language-model loss on the answers (+ aux_weight x the per-patch object loss).
     encoders_only: run only the image encoder(s) and return the per-patch loss alone."""
     b = {k: v.to(device) for k, v in batch.items()}
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = model.model.compute_dtype
     if encoders_only:                              # the hooks keep both encoders' outputs
         model.model.vision.encode_patches(b["images"].to(dtype))
         if "cross_obj_kind" in b:
@@ -291,8 +291,8 @@ def object_loss(model, b: dict) -> torch.Tensor:
 def sat_state_for_saving(model, base_sd: Optional[dict]) -> dict:
     """SAT-named weights; quantized (QLoRA) base weights come from the checkpoint they were
     loaded from (they never change), everything else from the model."""
-    from models.quantize import WeightOnlyLinear
-    quantized = {n for n, m in model.named_modules() if isinstance(m, WeightOnlyLinear)}
+    from models.quantize import QUANTIZED
+    quantized = {n for n, m in model.named_modules() if isinstance(m, QUANTIZED)}
     out = {}
     for name in sorted(quantized):                    # PyTorch int4/int8: qweight + scales buffers
         key = sat_key(name + ".weight")
