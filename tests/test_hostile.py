@@ -415,15 +415,21 @@ def test_cli_fuzzed_images_and_tiny_temperature(cogvlm_ckpt, image_file, tmp_pat
 
 
 def test_ctrl_c_stops_the_answer_and_keeps_the_session(tmp_path, tokenizer_dir):
-    """A model slow enough to interrupt (4096 tokens of context, random weights: it rarely
-    says </s>); Ctrl-C mid-answer prints [answer stopped] and the next question is answered."""
+    """A model slow enough to interrupt (4096 tokens of context, random weights whose LM head
+    row of </s> is zero, so that greedy decoding never picks it: a random model that says </s>
+    early ends its answer before the interrupt); Ctrl-C mid-answer prints [answer stopped] and
+    the next question is answered."""
     import time
     import pexpect
     from models import get_config, save_sat_checkpoint
     from models.loading import build_model
     cfg = get_config("tiny-test-cogvlm")
     cfg.num_layers, cfg.hidden_size, cfg.inner_hidden_size, cfg.max_sequence_length = 6, 256, 512, 4096
-    ckpt = save_sat_checkpoint(build_model(cfg), cfg, tmp_path / "slow")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():
+        model.lm_head.weight[cfg.eos_token_id] = 0      # logit 0, below the largest of the others
+    ckpt = save_sat_checkpoint(model, cfg, tmp_path / "slow")
     shutil.copytree(tokenizer_dir, ckpt / "tokenizer")
     child = pexpect.spawn(sys.executable, [str(ROOT / "basic_demo" / "cli_demo_sat.py"), "--from_pretrained",
                                            str(ckpt), "--max_length", "4096", "--stream_chat", "--output_dir",
