@@ -416,9 +416,11 @@ def test_cli_fuzzed_images_and_tiny_temperature(cogvlm_ckpt, image_file, tmp_pat
 
 def test_ctrl_c_stops_the_answer_and_keeps_the_session(tmp_path, tokenizer_dir):
     """A model slow enough to interrupt (4096 tokens of context, random weights whose LM head
-    row of </s> is zero, so that greedy decoding never picks it: a random model that says </s>
-    early ends its answer before the interrupt); Ctrl-C mid-answer prints [answer stopped] and
-    the next question is answered."""
+    row of </s> is zero, so that greedy decoding never ends the answer early); Ctrl-C mid-answer
+    prints [answer stopped] and the next question is answered. The demo runs as from a terminal,
+    with Ctrl-C's default handling: a test suite started in the background by a shell inherits
+    SIGINT ignored, and so would the demo (its answer then simply runs to the end)."""
+    import signal
     import time
     import pexpect
     from models import get_config, save_sat_checkpoint
@@ -433,7 +435,8 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(tmp_path, tokenizer_dir):
     shutil.copytree(tokenizer_dir, ckpt / "tokenizer")
     child = pexpect.spawn(sys.executable, [str(ROOT / "basic_demo" / "cli_demo_sat.py"), "--from_pretrained",
                                            str(ckpt), "--max_length", "4096", "--stream_chat", "--output_dir",
-                                           str(tmp_path)], env=ENV, cwd="/", timeout=120, encoding="utf-8")
+                                           str(tmp_path)], env=ENV, cwd="/", timeout=120, encoding="utf-8",
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect("image path")
     child.sendline("")
     child.expect("Human: ")
