@@ -118,28 +118,22 @@ def int4_row_block() -> int:
     if _INT4_BLOCK is None:
         q = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        _INT4_BLOCK = next((b for b in (64, 32, 16) if torch.equal(_unpack_int4(packed, b).int(), q)), 0)
+        _INT4_BLOCK = next((b for b in (64, 32, 16) if torch.equal(_unpack_int4(packed, b).int() + 8, q)), 0)
     return _INT4_BLOCK
 
 
 def _unpack_int4(packed: torch.Tensor, block: int, tmp: Optional[torch.Tensor] = None,
-                 out: Optional[torch.Tensor] = None, centered: bool = False) -> torch.Tensor:
-    """Packed N,K/2 uint8 -> N,K nibbles q in row order (uint8), or q - 8 (int8) if centered.
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Packed N,K/2 uint8 -> N,K int8 q - 8 (the kernel's centred nibbles) in row order.
     Byte (n block, k, j) holds row j of the block in its low nibble and row j + block/2 in its
     high nibble: the bytes are transposed first (half the data of transposing the nibbles, 4x
-    faster measured), then split."""
+    faster measured), then split. Each nibble q xor 8, read as a signed 4-bit number, is q - 8:
+    the arithmetic shifts of int8 bytes sign-extend it."""
     N, K = packed.shape[0], packed.shape[1] * 2
     v = packed.view(N // block, K, block // 2)                                   # N/b,K,b/2
     tmp = tmp if tmp is not None else torch.empty(N // block, block // 2, K, dtype=torch.uint8)
     tmp.copy_(v.transpose(1, 2))                                                 # N/b,b/2,K
     out = out if out is not None else torch.empty(N, K, dtype=torch.uint8)
-    if not centered:
-        o = out.view(N // block, 2, block // 2, K)                               # N/b,2,b/2,K
-        torch.bitwise_and(tmp, 15, out=o[:, 0])
-        torch.bitwise_right_shift(tmp, 4, out=o[:, 1])
-        return out
-    # Each nibble q xor 8, read as a signed 4-bit number, is q - 8: the arithmetic shifts of
-    # int8 bytes sign-extend it.
     t8 = tmp.view(torch.int8)
     t8.view(-1).view(torch.int64).bitwise_xor_(_XOR_8)
     o = out.view(torch.int8).view(N // block, 2, block // 2, K)                 # N/b,2,b/2,K
@@ -228,12 +222,12 @@ class WeightOnlyLinear(nn.Module):
         block = int4_row_block()
         if not block:                                # unknown layout: ask the kernel (slow, exact)
             eye = torch.eye(K, dtype=self.dtype)
-            out.copy_(torch._weight_int4pack_mm_for_cpu(eye, q, self.group, sz.transpose(0, 1).contiguous()).t())
+            out.copy_(torch._weight_int4pack_mm_for_cpu(eye, q, self.group, self.scales[:, rows].contiguous()).t())
             if not offset:
                 out.view(N, K // self.group, self.group).sub_(sz[..., 1:])
             return out
         out.copy_(_unpack_int4(q, block, _buffer((N // block, block // 2, K), torch.uint8, 1),
-                               _buffer((N, K), torch.uint8), centered=True))
+                               _buffer((N, K), torch.uint8)))
         o = out.view(N, K // self.group, self.group)                                 # N,K/G,G
         o.mul_(sz[..., :1])                              # the kernel's w = (q - 8) * scale + zero
         return o.add_(sz[..., 1:]).view(N, K) if offset else out

@@ -241,7 +241,7 @@ def attach_aux_heads(model, train_set) -> tuple:
     colours = sorted({o["colour"] for o in objs if o.get("colour")})
     if not kinds:
         raise ValueError("--aux_object_loss: the training labels hold no \"objects\"")
-    cfg, ref = model.config, model.model.norm.weight
+    cfg = model.config
     heads = {"low": AuxObjectHeads(cfg.eva.hidden_size, len(kinds), len(colours))}
     model.model.vision.transformer.register_forward_hook(
         lambda _m, _i, out: setattr(model, "_vit_out", out[:, 1:]))          # CLS dropped
@@ -251,7 +251,7 @@ def attach_aux_heads(model, train_set) -> tuple:
         model.model.cross_vision.register_forward_hook(
             lambda _m, _i, out: setattr(model, "_cross_out", out))
         cross_grid = cfg.cross.image_size // cfg.cross.patch_size
-    model.aux_heads = torch.nn.ModuleDict(heads).to(ref.device, ref.dtype)
+    model.aux_heads = torch.nn.ModuleDict(heads).to(model.model.device, model.model.compute_dtype)
     return cfg.eva.image_size // cfg.eva.patch_size, kinds, colours, cross_grid
 
 
