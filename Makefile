@@ -89,8 +89,8 @@ gpu-check:
 tiny-models: $(VENV)/.core
 	@mkdir -p build/tiny
 	@echo "training tiny-cogvlm and tiny-cogagent in parallel; follow build/tiny/log-cogvlm.txt and log-cogagent.txt"
-	@$(PYTHON) utils/train_tiny_models.py --which cogvlm --threads 1 > build/tiny/log-cogvlm.txt 2>&1 & a=$$!; \
-	 $(PYTHON) utils/train_tiny_models.py --which cogagent --threads 1 > build/tiny/log-cogagent.txt 2>&1 & b=$$!; \
+	@$(PYTHON) utils/tiny/train.py --which cogvlm --threads 1 > build/tiny/log-cogvlm.txt 2>&1 & a=$$!; \
+	 $(PYTHON) utils/tiny/train.py --which cogagent --threads 1 > build/tiny/log-cogagent.txt 2>&1 & b=$$!; \
 	 wait $$a; ra=$$?; wait $$b; rb=$$?; \
 	 for m in cogvlm cogagent; do echo "== tiny-$$m"; tail -n 12 build/tiny/log-$$m.txt; done; \
 	 test $$ra = 0 && test $$rb = 0

@@ -12,17 +12,17 @@ import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
-from utils.flags import ArgumentParser  # noqa: E402
+from utils.apps.flags import ArgumentParser  # noqa: E402
 
 import torch  # noqa: E402
 
 from models import CheckpointError  # noqa: E402
 from models.generate import token_budget  # noqa: E402
-from utils.args import (add_dtype_args, add_generation_args, dtype_from_args, generation_config,  # noqa: E402
+from utils.apps.args import (add_dtype_args, add_generation_args, dtype_from_args, generation_config,  # noqa: E402
                         load_or_report, setup_logging)
 from utils.chat import ImageContext, build_hf_inputs  # noqa: E402
-from utils.cli import print_answer, run  # noqa: E402
-from utils.tokenizer import DEFAULT_TOKENIZER, Tokenizer, resolve_tokenizer  # noqa: E402
+from utils.apps.cli import print_answer, run  # noqa: E402
+from utils.chat.tokenizer import DEFAULT_TOKENIZER, Tokenizer, resolve_tokenizer  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
-from utils.flags import ArgumentParser  # noqa: E402
+from utils.apps.flags import ArgumentParser  # noqa: E402
 
-from utils.args import add_generation_args, add_model_args, generation_config, load_or_report, setup_logging  # noqa: E402
+from utils.apps.args import add_generation_args, add_model_args, generation_config, load_or_report, setup_logging  # noqa: E402
 from utils.chat import ImageContext, stream_chat  # noqa: E402
-from utils.cli import print_answer, run  # noqa: E402
-from utils.lockstep import Lockstep  # noqa: E402
+from utils.apps.cli import print_answer, run  # noqa: E402
+from utils.serving.lockstep import Lockstep  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -15,14 +15,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
-from utils.flags import ArgumentParser  # noqa: E402
+from utils.apps.flags import ArgumentParser  # noqa: E402
 
 from models.generate import GenerationConfig, PromptTooLong  # noqa: E402
-from utils.args import GEN_DEFAULTS, add_generation_args, add_model_args, load_or_report, setup_logging  # noqa: E402
+from utils.apps.args import GEN_DEFAULTS, add_generation_args, add_model_args, load_or_report, setup_logging  # noqa: E402
 from utils.chat import ImageCache, stream_chat  # noqa: E402
-from utils.grounding import draw_groundings, parse_groundings  # noqa: E402
-from utils.image import ImageError, load_image  # noqa: E402
-from utils.lockstep import Lockstep  # noqa: E402
+from utils.chat.grounding import draw_groundings, parse_groundings  # noqa: E402
+from utils.chat.image import ImageError, load_image  # noqa: E402
+from utils.serving.lockstep import Lockstep  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -26,8 +26,8 @@ from evaluation.datasets import Example  # noqa: E402
 from evaluation.evaluate import model_answers, run_task  # noqa: E402
 from models.generate import GenerationConfig  # noqa: E402
 from models.loading import build_model, cpu_flags  # noqa: E402
-from utils.create_test_model import CORPUS  # noqa: E402
-from utils.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
+from utils.tiny.create_test_model import CORPUS  # noqa: E402
+from utils.chat.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
 
 TASKS = {"refcoco:val": 18, "vqav2:val": 3, "pope:random": 2}
 

@@ -1,5 +1,5 @@
 """Finetuning cost: LoRA vs full-parameter training of the same model, and fp32 vs bf16
-autocast (`--dtype bfloat16` on CPU), through the real trainer (utils/finetune.py, DeepSpeed
+autocast (`--dtype bfloat16` on CPU), through the real trainer (utils/training/finetune.py, DeepSpeed
 ZeRO-2, one CPU process): median step time, peak RSS, trainable fraction. Each mode runs in
 its own process, so that peak memory is its own.
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from models import EVAConfig, ModelConfig  # noqa: E402
-from utils.create_test_model import create  # noqa: E402
+from utils.tiny.create_test_model import create  # noqa: E402
 
 # A small CogVLM (about 150M parameters) that trains at a few steps per second on 2 cores.
 SMALL = ModelConfig(num_layers=8, hidden_size=1024, num_attention_heads=16, inner_hidden_size=2816,
@@ -49,7 +49,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--json", type=Path)
     a = p.parse_args()
-    from utils.captcha_data import generate
+    from utils.data.captcha import generate
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ckpt = create(SMALL, tmp / "small", seed=0)

@@ -183,10 +183,10 @@ def measure(model: CogVLM, text_tokens: int, decode_steps: int) -> dict:
 def qlora_step(model: CogVLM, text_tokens: int, rank: int = 10) -> dict:
     """One QLoRA training step, batch 1: the quantized base frozen, LoRA (rank 10, fp32) on the
     attention of every decoder layer (and CogAgent's cross attention), each layer recomputed
-    in backward (utils.finetune.checkpoint_layers), the image encoders frozen, AdamW on the
+    in backward (utils.training.finetune.checkpoint_layers), the image encoders frozen, AdamW on the
     adapters. Returns its wall time and the peak RSS of the process so far."""
     from models.lora import LoRAConfig, apply_lora
-    from utils.finetune import checkpoint_layers
+    from utils.training.finetune import checkpoint_layers
     cfg = model.config
     dev = model.model.device
     for p in model.parameters():

@@ -95,7 +95,7 @@ def bundled(schemes) -> dict:
     from models.generate import GenerationConfig
     from models.loading import BUNDLED_DIR
     from utils.chat import ImageContext, chat, prepare
-    from utils.tokenizer import Tokenizer
+    from utils.chat.tokenizer import Tokenizer
     root = Path(__file__).resolve().parent.parent
     res = {}
     for scheme in schemes:

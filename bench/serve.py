@@ -25,9 +25,9 @@ from models.generate import GenerationConfig  # noqa: E402
 from models.layout import pack_for_cpu_inference  # noqa: E402
 from models.loading import init_weights  # noqa: E402
 from utils.chat import prepare  # noqa: E402
-from utils.create_test_model import CORPUS  # noqa: E402
-from utils.engine import BatchEngine, Request  # noqa: E402
-from utils.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
+from utils.tiny.create_test_model import CORPUS  # noqa: E402
+from utils.serving.engine import BatchEngine, Request  # noqa: E402
+from utils.chat.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
 
 
 def run_level(engine, model, tok, streams: int, new_tokens: int, filler: str = ""):

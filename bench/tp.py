@@ -29,7 +29,7 @@ def worker(ckpt: str, out: str, new_tokens: int, repeat: int) -> None:
     from models.loading import load_model
     from models.tp import exit_process, init_distributed
     from utils.chat import ImageContext, prepare
-    from utils.tokenizer import Tokenizer
+    from utils.chat.tokenizer import Tokenizer
     from PIL import Image
     rank, world = init_distributed("cpu")
     model, cfg = load_model(ckpt, rank=rank, world=world)
@@ -56,7 +56,7 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=3)
     a = p.parse_args()
     from bench.finetune import SMALL
-    from utils.create_test_model import create
+    from utils.tiny.create_test_model import create
     res = {"config": "SMALL (8 layers, hidden 1024, ViT 4x512 at 224 px), fp32, 2 cores in total"}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = create(SMALL, Path(tmp) / "small", seed=0)

@@ -9,15 +9,15 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
-from utils.flags import ArgumentParser  # noqa: E402
+from utils.apps.flags import ArgumentParser  # noqa: E402
 
 import streamlit as st  # noqa: E402
 
 from composite_demo.registry import MODES, parse  # noqa: E402
 from models.generate import GenerationConfig, PromptTooLong  # noqa: E402
-from utils.grounding import draw_groundings, parse_agent_output, parse_groundings  # noqa: E402
-from utils.image import ImageError, load_image  # noqa: E402
-from utils.task_prompts import AGENT_TASK, GROUNDING_TEMPLATES, agent_query, fill  # noqa: E402
+from utils.chat.grounding import draw_groundings, parse_agent_output, parse_groundings  # noqa: E402
+from utils.chat.image import ImageError, load_image  # noqa: E402
+from utils.chat.task_prompts import AGENT_TASK, GROUNDING_TEMPLATES, agent_query, fill  # noqa: E402
 
 st.set_page_config(page_title="CogVLM & CogAgent", layout="wide")
 
@@ -26,7 +26,7 @@ st.set_page_config(page_title="CogVLM & CogAgent", layout="wide")
 def load(path: str, device, quant, bf16, fp16, local_tokenizer, dtype="auto", compile_step=False, quant_group=None):
     """(model, tokenizer, image cache) for one checkpoint, shared by every session."""
     import torch
-    from utils.args import add_model_args, load_from_args
+    from utils.apps.args import add_model_args, load_from_args
     from utils.chat import ImageCache
     p = ArgumentParser()
     add_model_args(p)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from models.quantize import GROUPS
-from utils.flags import ArgumentParser
+from utils.apps.flags import ArgumentParser
 
 MODES = ("CogVLM chat", "CogAgent chat", "CogAgent agent")
 

@@ -11,7 +11,7 @@ and returns Examples; a missing file is named in one line with where it was look
 - POPE: ROOT/coco_pope_<kind>.json (one JSON object a line: question_id, image, text, label);
   images ROOT/val2014/ or ROOT/images/val2014/.
 - COCO captions: ROOT/captions_<split>2014.json (or annotations/); images ROOT/<split>2014/.
-- Our synthetic set as utils/synthetic_data.py writes it (`synthetic_qa:<split>`): ROOT/<split>/
+- Our synthetic set as utils/data/synthetic.py writes it (`synthetic_qa:<split>`): ROOT/<split>/
   labels/<name>.json ({"qa": [{question, answer}, ...]}) + images/<name>.*; every question of a
   known kind (agent tasks included) is an example.
 - Finetuning data (`finetune:<split>`): ROOT/<split>/ in either layout the finetuning scripts
@@ -27,20 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-
-class DataError(FileNotFoundError):
-    """A dataset file that is missing or unreadable; the message says which and where."""
-
-
-@dataclass
-class Example:
-    id: str
-    image: Path
-    question: str                            # the expression, question or POPE question
-    answers: list = field(default_factory=list)     # VQA: human answers; POPE: [label]
-    box: Optional[tuple] = None              # grounding truth, x0 y0 x1 y1 in pixels
-    size: Optional[tuple] = None             # (width, height) of the image
-    history: list = field(default_factory=list)    # earlier (query, answer) turns (finetuning data)
+from utils.scoring.tasks import DataError, Example
 
 
 def _find(root: Path, names: list, what: str) -> Path:
@@ -78,7 +65,7 @@ def read_refs(path: Path) -> list:
         raise DataError(f"{path}: not a refs pickle of plain data ({e})") from None
 
 
-# synthetic: our held-out set exported in this layout (evaluation/synthetic.py)
+# synthetic: our held-out set exported in this layout (utils/data/layouts.py)
 REFER = {"refcoco": "refs(unc).p", "refcoco+": "refs(unc).p", "refcocog": "refs(umd).p", "synthetic": "refs(unc).p"}
 
 
@@ -148,8 +135,8 @@ def read_coco_captions(root: Path, split: str) -> list[Example]:
 
 
 def read_finetune(root: Path, split: str) -> list[Example]:
-    """The finetuning scripts' own data (utils/dataset.py layouts), answers as the truth."""
-    from utils.dataset import scan_captcha, scan_conversations
+    """The finetuning scripts' own data (utils/training/dataset.py layouts), answers as the truth."""
+    from utils.training.dataset import scan_captcha, scan_conversations
     folder = root / split if split else root
     if not folder.is_dir():
         raise DataError(f"finetuning data: no folder {folder} (expected {root}/<split>/ with labels/ + images/, "
@@ -163,28 +150,13 @@ def read_finetune(root: Path, split: str) -> list[Example]:
     return out
 
 
-def read_synthetic_qa(root: Path, split: str) -> list[Example]:
-    from evaluation.metrics import synthetic_category
-    folder = root / split if split else root
-    if not (folder / "labels").is_dir():
-        raise DataError(f"synthetic set: no {folder / 'labels'} (make one with utils/synthetic_data.py)")
-    out = []
-    for lab in sorted((folder / "labels").glob("*.json")):
-        qa = _json(lab)["qa"]
-        img = next((folder / "images").glob(lab.stem + ".*"), None)
-        if img is None:
-            raise DataError(f"synthetic set: no image {folder / 'images' / lab.stem}.* for {lab}")
-        out += [Example(f"{lab.stem}#{j}", img, x["question"], [x["answer"]])
-                for j, x in enumerate(qa) if synthetic_category(x["question"]) != "other"]
-    return out
-
-
 # task name -> (reader, its argument); the split or kind follows the colon: refcoco:val
 def read_task(root: Path, task: str) -> list[Example]:
     name, _, part = task.partition(":")
     if name == "finetune":
         return read_finetune(root, part)
     if name == "synthetic_qa":
+        from utils.data.synthetic import read_synthetic_qa
         return read_synthetic_qa(root, part)
     if name in REFER:
         if part not in ("val", "testA", "testB", "test"):

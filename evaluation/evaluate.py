@@ -9,7 +9,7 @@ data parallel over many (torchrun), resumable.
 Tasks: refcoco:val|testA|testB, refcoco+:val|testA|testB, refcocog:val|test, synthetic:val, vqav2:val,
 textvqa:val, pope:adversarial|popular|random, coco_caption:val, finetune:<split> (the
 finetuning scripts' data: exact-match acc and acc_w/o_case), synthetic_qa:<split> (our synthetic
-set as utils/synthetic_data.py writes it: per question kind, CogAgent actions included). Every answer is streamed to
+set as utils/data/synthetic.py writes it: per question kind, CogAgent actions included). Every answer is streamed to
 OUT/predictions-<task>.jsonl (':' as '_'): a rerun skips what is there. The table is printed
 (markdown) and written to OUT/results.json, metrics in percent.
 """
@@ -24,82 +24,11 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
-from utils.flags import ArgumentParser  # noqa: E402
+from utils.apps.flags import ArgumentParser  # noqa: E402
 
-from evaluation.datasets import DataError, Example, read_task  # noqa: E402
-from evaluation.metrics import cider_d, grounding_hit, pope_scores, synthetic_scores, vqa_accuracy  # noqa: E402
-from utils.task_prompts import EXPRESSION_TO_BOX, fill  # noqa: E402
-
-
-CAPTION_REQUEST = "Describe the image in one sentence."
-
-
-def kind(task: str) -> str:
-    name = task.split(":")[0]
-    return {"vqav2": "vqa", "textvqa": "vqa", "pope": "pope", "coco_caption": "caption",
-            "finetune": "exact", "synthetic_qa": "synthetic"}.get(name, "grounding")
-
-
-def prompt(task: str, ex: Example, version: str, grounding_prompt: str = EXPRESSION_TO_BOX[0]) -> tuple[str, str]:
-    """(query, template) per task: referring expressions in the grounding request; VQA in the
-    `Short answer` template; POPE's question in the model's own template."""
-    k = kind(task)
-    if k == "grounding":
-        return fill(grounding_prompt, expr=ex.question), version
-    if k == "vqa":
-        return ex.question, version if version != "auto" else "vqa"
-    if k == "caption":
-        return CAPTION_REQUEST, version
-    return ex.question, version
-
-
-def exact_scores(answer: str, truth: str) -> dict:
-    """The finetuning scripts' metric: the whole answer equal to the truth (and ignoring case)."""
-    a, t = answer.strip(), truth.strip()
-    return {"exact": float(a == t), "nocase": float(a.lower() == t.lower())}
-
-
-def example_score(task: str, ex: Example, answer: str):
-    k = kind(task)
-    if k == "grounding":
-        w, h = ex.size
-        return {"hit": grounding_hit(answer, ex.box, w, h), "hit_first_box": grounding_hit(answer, ex.box, w, h, False)}
-    if k == "vqa":
-        return {"accuracy": vqa_accuracy(answer, ex.answers)}
-    if k == "caption":
-        return {}                                  # CIDEr is a corpus score (idf over the set)
-    if k == "exact":
-        return exact_scores(answer, ex.answers[0])
-    if k == "synthetic":
-        return synthetic_scores(ex.question, answer, ex.answers[0])
-    return {"label": ex.answers[0]}
-
-
-def task_metrics(task: str, rows: list, examples: list) -> dict:
-    """rows: the prediction lines of every example of the task (in the order of `examples`)
-    -> metrics in percent (CIDEr as the papers print it, x100)."""
-    k = kind(task)
-    if k == "caption":
-        score, _ = cider_d([r["answer"] for r in rows], [ex.answers for ex in examples])
-        return {"cider": 100 * score, "n": len(rows)}
-    if k == "grounding":
-        return {"accuracy": 100 * sum(r["score"]["hit"] for r in rows) / len(rows),
-                "accuracy_first_box": 100 * sum(r["score"]["hit_first_box"] for r in rows) / len(rows),
-                "n": len(rows)}
-    if k == "vqa":
-        return {"accuracy": 100 * sum(r["score"]["accuracy"] for r in rows) / len(rows), "n": len(rows)}
-    if k == "synthetic":                           # per question kind: percent and count
-        out = {}
-        for m in sorted({m for r in rows for m in r["score"]}):
-            got = [r["score"][m] for r in rows if m in r["score"]]
-            out[m], out[m + "_n"] = 100 * sum(got) / len(got), len(got)
-        return {**out, "n": len(rows)}
-    if k == "exact":
-        n = max(1, len(rows))
-        return {"acc": 100 * sum(r["score"]["exact"] for r in rows) / n,
-                "acc_w/o_case": 100 * sum(r["score"]["nocase"] for r in rows) / n, "n": len(rows)}
-    s = pope_scores([(r["answer"], r["score"]["label"]) for r in rows])
-    return {**{m: 100 * v for m, v in s.items()}, "n": len(rows)}
+from evaluation.datasets import DataError, read_task  # noqa: E402
+from utils.chat.task_prompts import EXPRESSION_TO_BOX  # noqa: E402
+from utils.scoring.tasks import answer_rows, model_answers, score_in_memory, task_metrics  # noqa: E402,F401
 
 
 def predictions_file(out: Path, task: str) -> Path:
@@ -128,16 +57,6 @@ def append_line(path: Path, row: dict) -> None:
         os.close(fd)
 
 
-def answer_rows(answer_fn, task: str, chunk: list, version: str, grounding_prompt: str = EXPRESSION_TO_BOX[0]):
-    """One batch of examples -> their prediction rows (id, prompt, answer, parsed boxes, score)."""
-    from utils.grounding import parse_groundings
-    reqs = [(*prompt(task, ex, version, grounding_prompt), ex.image, ex.history) for ex in chunk]
-    return [{"id": ex.id, "prompt": query, "answer": answer,
-             "boxes": [list(b) for g in parse_groundings(answer) for b in g.boxes],
-             "score": example_score(task, ex, answer)}
-            for ex, (query, *_), answer in zip(chunk, reqs, answer_fn(reqs))]
-
-
 def run_task(answer_fn, task: str, examples: list, out: Path, version: str, batch_size: int,
              rank: int = 0, world: int = 1, show: bool = True, grounding_prompt: str = EXPRESSION_TO_BOX[0]) -> int:
     """Answer this process's share (every world-th example) of what is not done yet, streaming
@@ -156,52 +75,8 @@ def run_task(answer_fn, task: str, examples: list, out: Path, version: str, batc
     return len(todo)
 
 
-def score_in_memory(answer_fn, task: str, examples: list, version: str, batch_size: int,
-                    rank: int = 0, world: int = 1, group=None, rows_out: Optional[list] = None,
-                    show: bool = False) -> dict:
-    """What run_task + task_metrics compute, without files: this process answers every
-    world-th example, the rows are gathered over `group` (data parallel) and every rank gets
-    the task's metrics (and, in rows_out, every example's row in order). The finetuning
-    scripts' evaluations and utils/eval_synthetic.py use it."""
-    import torch.distributed as dist
-    from tqdm import tqdm
-    mine = []
-    todo = [(i, ex) for i, ex in enumerate(examples) if i % world == rank]
-    for j in tqdm(range(0, len(todo), batch_size), desc=task, unit="batch", disable=not show):
-        chunk = todo[j:j + batch_size]
-        mine += zip((i for i, _ in chunk), answer_rows(answer_fn, task, [ex for _, ex in chunk], version))
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, mine, group=group)
-        mine = [r for part in parts for r in part]
-    rows = [r for _, r in sorted(mine, key=lambda x: x[0])]
-    if rows_out is not None:
-        rows_out.extend(rows)
-    return task_metrics(task, rows, examples)
-
-
-def model_answers(model, tok, gen):
-    """answer_fn for run_task: batch_chat on the model, each image decoded once per batch."""
-    from utils.chat import ImageContext, batch_chat
-
-    def answer(reqs):
-        images, by_version = {}, {}
-        for i, (query, version, image, history) in enumerate(reqs):
-            if image not in images:
-                images[image] = ImageContext(image, model.config)
-            by_version.setdefault(version, []).append(i)
-        out = [None] * len(reqs)
-        for version, idx in by_version.items():
-            answers = batch_chat(model, tok, [(reqs[i][0], reqs[i][3], images[reqs[i][2]]) for i in idx],
-                                 None if version == "auto" else version, gen)
-            for i, a in zip(idx, answers):
-                out[i] = a
-        return out
-    return answer
-
-
 def main(argv=None) -> int:
-    from utils.args import add_model_args, dtype_from_args, setup_logging
+    from utils.apps.args import add_model_args, dtype_from_args, setup_logging
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, default_model="cogvlm-grounding-generalist-v1.1")
     p.add_argument("--task", required=True, help="comma-separated, e.g. refcoco:val,vqav2:val")
@@ -227,9 +102,9 @@ def main(argv=None) -> int:
     from models import CheckpointError, ModelNotFound, load_model
     from models.generate import GenerationConfig
     from models.loading import resolve_pretrained
-    from utils.tokenizer import Tokenizer, TokenizerError, resolve_tokenizer
+    from utils.chat.tokenizer import Tokenizer, TokenizerError, resolve_tokenizer
     from models.tp import ModelParallelGroups, init_distributed, set_group
-    from utils.lockstep import Lockstep, agree
+    from utils.serving.lockstep import Lockstep, agree
     world, mp = int(os.environ.get("WORLD_SIZE", "1")), args.model_parallel_size
     if mp < 1 or world % mp:
         print(f"error: --model_parallel_size {mp} must divide the {world} process(es) "

@@ -7,7 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
 
 from models.tp import exit_process  # noqa: E402
-from utils.finetune import main  # noqa: E402
+from utils.training.finetune import main  # noqa: E402
 
 if __name__ == "__main__":
     exit_process(main(default_model="cogagent-chat", description=__doc__))

@@ -22,7 +22,7 @@ VISION_TOKEN = 1      # token_type_ids: 0 language, 1 vision (boi, patches, eoi)
 
 # config.json's `template_version` (the original HF code's names) <-> the SAT `--version` of
 # the same prompt. CogVLM-HF's "chat" is `Question: ... Answer:`, SAT's chat_old; CogAgent-HF
-# uses SAT's names (its chat_old/vqa differ in that `<EOI>` is text there: utils/templates.py).
+# uses SAT's names (its chat_old/vqa differ in that `<EOI>` is text there: utils/chat/templates.py).
 COGVLM_HF_TO_SAT = {"base": "base", "chat": "chat_old", "chat_old": "chat_old", "vqa": "vqa"}
 COGVLM_SAT_TO_HF = {"base": "base", "chat_old": "chat", "chat": "chat", "vqa": "vqa"}
 

@@ -88,7 +88,7 @@ def merge_tensors(parts: list[torch.Tensor], dim: int, stride: int) -> torch.Ten
 
 # ----------------------------------------------------------------------------------------
 # The process group the model is split over: every process (None) unless training combines
-# data and model parallelism (utils/finetune.py makes groups of model_parallel_size ranks).
+# data and model parallelism (utils/training/finetune.py makes groups of model_parallel_size ranks).
 _GROUP = None
 
 

@@ -10,7 +10,7 @@ png, jpeg, webp or gif (first frame); http(s) URLs only with --allow-remote-imag
 The model sees ONE image per conversation: the most recent one in the messages. A request with
 more images than --max-images is refused. `system` messages are prepended to the first user
 turn (the prompt templates have no system slot). Requests are decoded together with continuous
-batching (utils/engine.py); when the queue is full the answer is 429 with Retry-After.
+batching (utils/serving/engine.py); when the queue is full the answer is 429 with Retry-After.
 Binds 127.0.0.1 unless --host is given; optional API key; CORS off unless origins are given.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
-from utils.flags import ArgumentParser  # noqa: E402
+from utils.apps.flags import ArgumentParser  # noqa: E402
 # oneDNN caches one compiled kernel per GEMM shape (1024 by default); a server sees endless
 # prompt-length x batch-size shapes, and the cache showed up as steady RSS growth. Set before
 # torch is imported.
@@ -47,8 +47,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa
 
 from models.generate import GenerationConfig  # noqa: E402
 from utils.chat import ImageContext, build_row, prepare  # noqa: E402
-from utils.image import WEB_FORMATS, ImageError  # noqa: E402
-from utils.templates import build_prompt  # noqa: E402
+from utils.chat.image import WEB_FORMATS, ImageError  # noqa: E402
+from utils.chat.templates import build_prompt  # noqa: E402
 
 log = logging.getLogger("openai_api")
 IMAGE_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif"}
@@ -363,7 +363,7 @@ def create_app(model, tokenizer, model_name: str, engine, limits: Limits = Limit
                                 f"context is {engine.max_len}", code="context_length_exceeded")
         max_new = min(req.max_tokens or limits.default_max_tokens, room)
         events: asyncio.Queue = asyncio.Queue()
-        from utils.engine import QueueFull, Request as EngineRequest
+        from utils.serving.engine import QueueFull, Request as EngineRequest
         ereq = EngineRequest(None, req.gen, max_new, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
                              stop=req.stop,
                              prepare=lambda: prepare(model, tokenizer, req.query, req.history, image, version))
@@ -461,7 +461,7 @@ def _prompt_inputs(req: ChatRequest, model, tokenizer, limits: Limits, version, 
 
 
 def parse_args(argv=None):
-    from utils.args import add_model_args
+    from utils.apps.args import add_model_args
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -520,10 +520,10 @@ def main(argv=None) -> int:
     limit_malloc_arenas()
     import uvicorn
     from models.loading import resolve_pretrained
-    from utils.args import load_or_report, setup_logging
+    from utils.apps.args import load_or_report, setup_logging
     from models.tp import tp_rank_world
-    from utils.engine import BatchEngine, MirroredModel, follower_calls
-    from utils.lockstep import Lockstep
+    from utils.serving.engine import BatchEngine, MirroredModel, follower_calls
+    from utils.serving.lockstep import Lockstep
     args = parse_args(argv)
     setup_logging()
     # --compile: the batch engine keeps its oneDNN-packed linear layers (as fast as compiled ones

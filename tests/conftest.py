@@ -16,24 +16,24 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("COGVLM_DTYPE", "float32")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-from utils.create_test_model import CORPUS  # noqa: E402
+from utils.tiny.create_test_model import CORPUS  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    from utils.tokenizer import train_sentencepiece
+    from utils.chat.tokenizer import train_sentencepiece
     return train_sentencepiece(CORPUS * 20, tmp_path_factory.mktemp("tokenizer"), vocab_size=400)
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir):
-    from utils.tokenizer import Tokenizer
+    from utils.chat.tokenizer import Tokenizer
     return Tokenizer(tokenizer_dir)
 
 
 def make_checkpoint(path: Path, name: str, seed: int = 0) -> Path:
     """A random model of a named config in the SAT layout, tokenizer/ folder included."""
-    from utils.create_test_model import create
+    from utils.tiny.create_test_model import create
     return create(name, path, seed)
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from models.loading import BUNDLED_DIR
-from utils.eval_synthetic import GOALS
-from utils.synthetic_data import generate
+from utils.tiny.evaluate import GOALS
+from utils.data.synthetic import generate
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ["tiny-cogvlm", "tiny-cogagent"]
@@ -57,7 +57,7 @@ def test_first_held_out_answers_replay(name, tmp_path):
     data = tmp_path / "held-out"
     generate(data, 12, seed=1, gui=name == "tiny-cogagent")
     out = tmp_path / "eval.json"
-    run(ROOT / "utils" / "eval_synthetic.py", "--from_pretrained", name, "--data", data,
+    run(ROOT / "utils" / "tiny" / "evaluate.py", "--from_pretrained", name, "--data", data,
         "--limit", 48, "--json", out, cwd=tmp_path)
     got, want = json.loads(out.read_text())["answers"], read_eval(name)["answers"][:48]
     assert len(got) == 48 and [g[:3] for g in got] == [w[:3] for w in want]     # same questions

@@ -67,7 +67,7 @@ def test_boxes_in_answer_are_drawn(tmp_path, image_file, capsys):
     """A grounding answer makes the CLI save the image with its boxes and print the path."""
     from PIL import Image
     from utils.chat import ImageContext
-    from utils.cli import save_boxes
+    from utils.apps.cli import save_boxes
     from models import get_config
     ctx = ImageContext(image_file, get_config("tiny-test-cogvlm"))
     save_boxes("a red circle [[010,020,300,400]]", ctx, str(tmp_path / "out"))

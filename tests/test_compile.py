@@ -131,7 +131,7 @@ def test_compiled_attention_in_the_batch_engine(cogagent_ckpt, tokenizer, image_
     from models.compile import compile_attention
     from tests.test_engine import run_requests
     from utils.chat import ImageContext
-    from utils.engine import BatchEngine
+    from utils.serving.engine import BatchEngine
     model, cfg = load_model(str(cogagent_ckpt))
     specs = [("What is in the image?", ImageContext(image_file, cfg), 20, None),
              ("Tell me a story.", None, 16, None),

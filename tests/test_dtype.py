@@ -45,8 +45,8 @@ def test_every_entry_point_takes_dtype(tmp_path):
     from basic_demo.web_demo import parse_args as web_args
     from composite_demo.registry import parse as composite_args
     from openai_api import parse_args as server_args
-    from utils.finetune import add_finetune_args
-    from utils.flags import ArgumentParser
+    from utils.training.finetune import add_finetune_args
+    from utils.apps.flags import ArgumentParser
     assert web_args(["--dtype", "float16"]).dtype == "float16"
     assert server_args(["--dtype", "bfloat16"]).dtype == "bfloat16"
     assert composite_args(["--dtype", "float32"]).dtype == "float32"
@@ -70,7 +70,7 @@ def _bundled_answers(dtype, quant=None) -> list:
     from models import load_model
     from models.generate import GenerationConfig
     from utils.chat import ImageContext, chat
-    from utils.tokenizer import Tokenizer
+    from utils.chat.tokenizer import Tokenizer
     out = []
     for name, image, questions in _BUNDLED_CASES:
         model, cfg = load_model(name, dtype=dtype, quant=quant)
@@ -108,8 +108,8 @@ def test_bf16_autocast_training_step(cogvlm_ckpt, tokenizer, tmp_path):
     index_put with mixed dtypes): finite loss, gradients on the fp32 weights."""
     from PIL import Image
     from models import load_model
-    from utils.dataset import FinetuneDataset, collate_train
-    from utils.finetune import compute_loss
+    from utils.training.dataset import FinetuneDataset, collate_train
+    from utils.training.finetune import compute_loss
     data = tmp_path / "captcha"
     data.mkdir()
     for label in ("ab12", "cd34"):

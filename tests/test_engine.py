@@ -12,7 +12,7 @@ from PIL import Image
 from models import load_model
 from models.generate import GenerationConfig
 from utils.chat import ImageContext, chat, prepare
-from utils.engine import BatchEngine, QueueFull, Request
+from utils.serving.engine import BatchEngine, QueueFull, Request
 
 
 def run_requests(engine, model, tokenizer, specs, delays, timeout: float = 60):

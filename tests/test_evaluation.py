@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from evaluation.datasets import DataError, read_task
-from evaluation.metrics import cider_d, grounding_hit, normalize_vqa, pope_scores, vqa_accuracy
+from utils.scoring.metrics import cider_d, grounding_hit, normalize_vqa, pope_scores, vqa_accuracy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -253,10 +253,10 @@ def test_runner_cli_one_and_two_processes_agree(cogvlm_ckpt, tmp_path):
 def test_bundled_model_scored_by_the_runner_agrees_with_its_eval_json(tmp_path):
     """The held-out synthetic set (seed 1, 300 images) exported in the refer and VQAv2 layouts
     and scored by evaluation/evaluate.py gives tiny-cogvlm's own figures (eval.json, written by
-    utils/eval_synthetic.py): box accuracy as is, VQA accuracy as the weighted mean of the
+    utils/tiny/evaluate.py): box accuracy as is, VQA accuracy as the weighted mean of the
     one-word question kinds."""
-    from evaluation.synthetic import export
-    from utils.synthetic_data import generate
+    from utils.data.layouts import export
+    from utils.data.synthetic import generate
     generate(tmp_path / "heldout", 300, 1, gui=False, text_min_len=4)
     counts = export(tmp_path / "heldout", tmp_path / "layouts")
     m = json.loads((ROOT / "assets" / "checkpoints" / "tiny-cogvlm" / "eval.json").read_text())["metrics"]
@@ -276,12 +276,12 @@ def test_bundled_model_scored_by_the_runner_agrees_with_its_eval_json(tmp_path):
 
 
 def test_synthetic_qa_task_scores_every_kind_by_hand(tmp_path):
-    """The synthetic folder as utils/synthetic_data.py writes it, read by the runner (task
-    synthetic_qa, what utils/eval_synthetic.py now calls): the reference answers score 100 on
+    """The synthetic folder as utils/data/synthetic.py writes it, read by the runner (task
+    synthetic_qa, what utils/tiny/evaluate.py now calls): the reference answers score 100 on
     every kind (CogAgent actions included), empty answers 0; counts per kind as in the labels."""
     from evaluation.evaluate import score_in_memory
-    from evaluation.metrics import synthetic_category
-    from utils.synthetic_data import generate
+    from utils.scoring.metrics import synthetic_category
+    from utils.data.synthetic import generate
     generate(tmp_path / "s", 4, 3, gui=True, text_min_len=4)
     examples = read_task(tmp_path / "s", "synthetic_qa:")
     labels = [q for lab in sorted((tmp_path / "s" / "labels").glob("*.json"))

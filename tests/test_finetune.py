@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.create_test_model import create
+from utils.tiny.create_test_model import create
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "LOGLEVEL": "WARNING", "HF_HUB_OFFLINE": "1",
@@ -51,7 +51,7 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def captchas(tmp_path_factory):
-    from utils.captcha_data import generate
+    from utils.data.captcha import generate
     from utils.split_dataset import split
     root = tmp_path_factory.mktemp("captcha")
     generate(root / "all", 250, seed=0)
@@ -120,7 +120,7 @@ def test_kill_9_then_resume_reaches_the_same_loss(lora_run, base, captchas, tmp_
 def test_merged_lora_model_gives_the_lora_model_logits(lora_run, tmp_path, image_file):
     from models.loading import load_model
     from utils.chat import prepare, ImageContext
-    from utils.tokenizer import Tokenizer
+    from utils.chat.tokenizer import Tokenizer
     from utils.merge_model import reshard
     save, _ = lora_run
     merged = reshard(save, tmp_path / "merged", merge_lora=True)
@@ -211,8 +211,8 @@ def test_packed_questions_equal_separate_rows(cogagent_ckpt, tmp_path):
     """Several questions about one image in one row: every answer token gets exactly the
     logits it gets in its own row (positions restart, no segment sees another)."""
     from models.loading import load_model
-    from utils.dataset import FinetuneDataset, collate_train, packed_attention_mask
-    from utils.tokenizer import Tokenizer
+    from utils.training.dataset import FinetuneDataset, collate_train, packed_attention_mask
+    from utils.chat.tokenizer import Tokenizer
     data = tmp_path / "qa"
     (data / "images").mkdir(parents=True)
     (data / "labels").mkdir()
@@ -244,9 +244,9 @@ def test_aux_object_loss_trains_both_encoders_and_is_not_saved(cogagent_ckpt, tm
     (CogAgent) the high-res encoder; their heads get gradients into both encoders and are
     left out of the saved checkpoint."""
     from models.loading import load_model
-    from utils.dataset import FinetuneDataset, collate_train
-    from utils.finetune import attach_aux_heads, compute_loss, sat_state_for_saving
-    from utils.tokenizer import Tokenizer
+    from utils.training.dataset import FinetuneDataset, collate_train
+    from utils.training.finetune import attach_aux_heads, compute_loss, sat_state_for_saving
+    from utils.chat.tokenizer import Tokenizer
     data = tmp_path / "objs"
     (data / "images").mkdir(parents=True)
     (data / "labels").mkdir()
@@ -278,8 +278,8 @@ def test_packing_keeps_a_random_choice_when_rows_overflow(cogvlm_ckpt, tmp_path)
     """Questions that do not fit in --max_length: the ones kept vary from image to image
     (seeded), so the questions listed last are trained too; every kept one is whole."""
     from models.loading import load_model
-    from utils.dataset import FinetuneDataset
-    from utils.tokenizer import Tokenizer
+    from utils.training.dataset import FinetuneDataset
+    from utils.chat.tokenizer import Tokenizer
     data = tmp_path / "many"
     (data / "images").mkdir(parents=True)
     (data / "labels").mkdir()
@@ -308,7 +308,7 @@ def test_aux_warmup_trains_only_the_encoders_first(cogagent_ckpt, tmp_path):
     """--aux_warmup_iters N: the first N steps change only the image encoders (and the
     training-only heads), the language model keeps its weights; the steps after train all."""
     from models.checkpoint import read_sat_state_dict
-    from utils.synthetic_data import generate
+    from utils.data.synthetic import generate
     generate(tmp_path / "data", 24, seed=3, gui=True)
     out = finetune(1, "--from_pretrained", cogagent_ckpt, "--train_data", tmp_path / "data", "--save", tmp_path / "run",
                    "--full", "--train_iters", 6, "--aux_warmup_iters", 3, "--batch_size", 4, "--lr", 1e-3,

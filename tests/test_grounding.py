@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from PIL import Image, ImageFont
 
-from utils.grounding import draw_groundings, parse_agent_output, parse_groundings
+from utils.chat.grounding import draw_groundings, parse_agent_output, parse_groundings
 
 
 def test_boxes_multi_points_and_phrases():
@@ -61,7 +61,7 @@ def test_agent_output():
 
 
 def test_agent_boxes_are_labelled_by_their_target_in_their_box_colour():
-    from utils.grounding import COLORS
+    from utils.chat.grounding import COLORS
     text = ("Plan: 1. Click the Open button. Next Action: Click the Open button.\n"
             "Grounded Operation:[button] Open -> CLICK at the box [[300,400,600,700]]")
     gs = parse_groundings(text)

@@ -14,7 +14,7 @@ from models.checkpoint import read_sat_state_dict
 from models.generate import GenerationConfig
 from models.hf_io import hf_to_sat, load_hf_model, sat_to_hf
 from utils.chat import ImageContext, build_hf_inputs, build_row, chat, collate, prepare
-from utils.templates import hf_prompt
+from utils.chat.templates import hf_prompt
 
 
 @pytest.fixture(scope="module", params=["cogvlm", "cogagent"])

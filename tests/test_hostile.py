@@ -60,7 +60,7 @@ def test_a_failing_row_ends_only_itself(cogvlm_ckpt, tokenizer):
     from models import load_model
     from models.generate import GenerationConfig
     from utils.chat import prepare
-    from utils.engine import BatchEngine, Request
+    from utils.serving.engine import BatchEngine, Request
     model, _ = load_model(str(cogvlm_ckpt))
     gen = GenerationConfig(max_length=400)
 
@@ -456,7 +456,7 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(tmp_path, tokenizer_dir):
 def test_bad_rows_never_end_a_finetuning_run(tmp_path):
     from PIL import Image
     from tests.test_finetune import finetune, finetune_cmd, losses, ENV as FT_ENV
-    from utils.create_test_model import create
+    from utils.tiny.create_test_model import create
     base = create("tiny-test-cogvlm", tmp_path / "base", seed=0)
     data = tmp_path / "sft"
     (data / "images").mkdir(parents=True)
@@ -501,7 +501,7 @@ def test_bad_rows_never_end_a_finetuning_run(tmp_path):
                        capture_output=True, text=True, timeout=300, cwd="/", env=FT_ENV)
     # Our one line comes first; what follows is torchrun's own report of a rank that exited 1.
     assert p.returncode != 0 and p.stderr.startswith("error: --resume:") and "state of step 3" in p.stderr
-    assert "utils/finetune.py" not in p.stderr                        # no traceback of ours
+    assert "utils/training/finetune.py" not in p.stderr                        # no traceback of ours
 
 
 # ---------------------------------------------------------------- configs and weight files
@@ -594,7 +594,7 @@ def test_slow_remote_fetches_do_not_starve_data_requests(cogvlm_ckpt, tokenizer,
     import openai_api
     from models import load_model
     from tests.test_openai_api import _free_port
-    from utils.engine import BatchEngine
+    from utils.serving.engine import BatchEngine
 
     hosts = []
     slow = slow_image_server(0.2, hosts)
@@ -665,7 +665,7 @@ def test_launchers_check_first_in_one_line(env, extra, expect, cogvlm_ckpt, tmp_
     """Checked in one process, in seconds, before torchrun starts any rank (which used to
     take 74 s and print the error twice plus a torchrun traceback)."""
     import time
-    from utils.captcha_data import generate
+    from utils.data.captcha import generate
     from utils.split_dataset import split
     generate(tmp_path / "all", 20, seed=0)
     split(tmp_path / "all", tmp_path / "data", seed=0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.image import CLIP_MEAN, CLIP_STD, ImageError, image_to_tensor, load_image
+from utils.chat.image import CLIP_MEAN, CLIP_STD, ImageError, image_to_tensor, load_image
 
 
 def _png_header_only(w: int, h: int) -> bytes:

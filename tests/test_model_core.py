@@ -10,7 +10,7 @@ from models.checkpoint import read_sat_state_dict
 from models.generate import GenerationConfig, PromptTooLong, generate_tokens
 from tests import reference
 from utils.chat import ImageContext, build_row, chat, prepare, stream_text
-from utils.templates import build_prompt
+from utils.chat.templates import build_prompt
 
 
 def _inputs(model, tokenizer, image_file, query="What is in the image?", history=()):

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from utils.eval_synthetic import category, iou, score
-from utils.grounding import parse_agent_output, parse_groundings
-from utils.synthetic_data import generate
+from utils.tiny.evaluate import category, iou, score
+from utils.chat.grounding import parse_agent_output, parse_groundings
+from utils.data.synthetic import generate
 
 
 def test_generator_layout_and_answers(tmp_path):
@@ -98,8 +98,8 @@ def test_tokenizer_corpus_makes_the_template_words_tokens(tmp_path, version, pro
     with the bare questions, the template words lost their merges to the random texts of the
     text images (`Question:` took 6 tokens, `[/INST]` 7, in every packed question)."""
     import sentencepiece as spm
-    from utils.tokenizer import train_sentencepiece
-    from utils.train_tiny_models import corpus_text
+    from utils.chat.tokenizer import train_sentencepiece
+    from utils.tiny.train import corpus_text
     generate(tmp_path / "t", 1500, seed=3, text_fraction=1.0, text_min_len=1)
     tok = train_sentencepiece(corpus_text([tmp_path / "t"], version), tmp_path / "tok", vocab_size=1024,
                               split_digits=True, symbols=("[[", "]]"))

@@ -13,7 +13,7 @@ import torch
 
 from models.config import get_config
 from models.tp import merge_tensors, shard_tensor
-from utils.create_test_model import create
+from utils.tiny.create_test_model import create
 
 ROOT = Path(__file__).resolve().parent.parent
 # PYTHONFAULTHANDLER: a rank that aborts (SIGABRT) prints where each of its threads was.

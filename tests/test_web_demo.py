@@ -116,7 +116,7 @@ def test_grounding_answer_is_drawn_beside_the_chat(image_file):
     """The page's box path, with a scripted model call whose answer holds boxes (the tiny
     random model never writes one)."""
     from basic_demo.web_demo import build_app
-    from utils.lockstep import Lockstep
+    from utils.serving.lockstep import Lockstep
 
     def generate(query, history, pixels, *sampling):
         assert pixels is not None and pixels.size == (160, 120)
@@ -142,7 +142,7 @@ def test_bad_image_keeps_the_chat_and_old_boxes_are_cleared(image_file, tmp_path
     """A bad upload shows our one-line message and keeps the conversation; an answer without
     boxes clears the previous answer's boxes; an empty question gets a visible warning."""
     from basic_demo.web_demo import build_app
-    from utils.lockstep import Lockstep
+    from utils.serving.lockstep import Lockstep
     answers = iter(["A red circle [[062,083,375,500]].", "No boxes this time."])
 
     def generate(query, history, pixels, *sampling):

@@ -11,7 +11,7 @@ from models.generate import GenerationConfig  # noqa: E402
 from models.loading import load_model  # noqa: E402
 from models.tp import exit_process, init_distributed  # noqa: E402
 from utils.chat import ImageContext, chat, prepare  # noqa: E402
-from utils.tokenizer import Tokenizer  # noqa: E402
+from utils.chat.tokenizer import Tokenizer  # noqa: E402
 
 
 def run(ckpt: str, image: str, rank: int = 0, world: int = 1) -> dict:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from utils.flags import ArgumentParser  # noqa: E402
+from utils.apps.flags import ArgumentParser  # noqa: E402
 
 import torch  # noqa: E402
 

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
-from utils.flags import ArgumentParser  # noqa: E402
+from utils.apps.flags import ArgumentParser  # noqa: E402
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402

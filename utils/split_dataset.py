@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
-from utils.flags import ArgumentParser  # noqa: E402
+from utils.apps.flags import ArgumentParser  # noqa: E402
 
 
 def split(src: Path, dst: Path, ratios=(0.8, 0.05, 0.15), seed: int = 0, move: bool = False) -> dict:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from utils.grounding import parse_agent_output, parse_groundings
+from utils.chat.grounding import parse_agent_output, parse_groundings
 
 
 def iou(a, b) -> float:

@@ -1,14 +1,14 @@
 """Train the bundled demo models from scratch on synthetic data, with the project's own
 finetuning script in full-parameter mode (`make tiny-models`):
 
-  1. synthetic data (utils/synthetic_data.py): training set (seed 0) and a held-out test set (seed 1)
+  1. synthetic data (utils/data/synthetic.py): training set (seed 0) and a held-out test set (seed 1)
   2. a BPE SentencePiece tokenizer on that corpus (LLaMA layout, digits split, byte fallback)
   3. a random model of the named config (models/config.py: tiny-cogvlm / tiny-cogagent)
   4. finetune_demo/finetune_<model>_demo.py --full under torchrun (resumes if interrupted)
   5. export to assets/checkpoints/tiny-<model>/ in bf16 (SAT layout + tokenizer/), then score it on
-     the test set (utils/eval_synthetic.py) and write eval.json beside it
+     the test set (utils/tiny/evaluate.py) and write eval.json beside it
 
-  python utils/train_tiny_models.py --which cogvlm [--steps N] [--threads 1] --work build/tiny
+  python utils/tiny/train.py --which cogvlm [--steps N] [--threads 1] --work build/tiny
 
 `make tiny-models` trains both at once, one thread each (about 2 hours on 2 cores).
 """
@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
@@ -30,8 +30,8 @@ def corpus_text(folders, version: str) -> str:
     """The tokenizer's training text: every question inside the model's prompt template, then
     its answer. (With the bare questions, the template words were too rare for a merge of
     their own: `Question:` took 6 tokens, `[/INST]` 7, about 80 tokens of every packed row.)"""
-    from utils.task_prompts import AGENT_TASK, CAPTION_WITH_BOXES, EXPRESSION_TO_BOX, BOX_TO_CAPTION
-    from utils.templates import IMAGE_MARK, build_prompt
+    from utils.chat.task_prompts import AGENT_TASK, CAPTION_WITH_BOXES, EXPRESSION_TO_BOX, BOX_TO_CAPTION
+    from utils.chat.templates import IMAGE_MARK, build_prompt
     lines = [*AGENT_TASK, *CAPTION_WITH_BOXES, *EXPRESSION_TO_BOX, *BOX_TO_CAPTION]
     for f in folders:
         for lab in sorted((f / "labels").glob("*.json")):
@@ -47,7 +47,7 @@ def corpus_text(folders, version: str) -> str:
 # a full step), and training images; chosen so that both models train together in under 2 hours
 # on 2 cores.
 # extra_presence: how many balanced presence questions the training set adds per scene
-# (utils/synthetic_data.py).
+# (utils/data/synthetic.py).
 RECIPES = {"cogvlm": {"steps": 1450, "encoder_steps": 1500, "n_train": 26000, "extra_presence": 0},
            "cogagent": {"steps": 950, "encoder_steps": 800, "n_train": 21000, "extra_presence": 4}}
 
@@ -84,8 +84,8 @@ def main(argv=None) -> int:
     from models.checkpoint import read_sat_state_dict, save_sat_checkpoint
     from models.config import ModelConfig, get_config
     from models.loading import BUNDLED_DIR, build_model
-    from utils.synthetic_data import generate
-    from utils.tokenizer import train_sentencepiece
+    from utils.data.synthetic import generate
+    from utils.chat.tokenizer import train_sentencepiece
 
     name = f"tiny-{a.which}"
     gui = a.which == "cogagent"
@@ -145,14 +145,14 @@ def main(argv=None) -> int:
     shutil.copytree(tok_dir, out / "tokenizer")
     (out / "latest").write_text("1")
     images = a.batch_size * a.procs
-    (out / "TRAINING.md").write_text(f"Trained by utils/train_tiny_models.py: {a.encoder_steps} encoder-only steps "
+    (out / "TRAINING.md").write_text(f"Trained by utils/tiny/train.py: {a.encoder_steps} encoder-only steps "
                                      f"({a.encoder_steps * images} images) then {a.steps} full steps "
                                      f"({a.steps * images} images), checkpoint {it}, "
                                      f"batch {a.batch_size} x {a.procs}, lr {a.lr}, "
                                      f"from {a.n_train} synthetic training images"
                                      f"{f', {a.extra_presence} extra presence questions per scene' if a.extra_presence else ''}.\n")
     step(f"evaluate on {test}")
-    from utils.eval_synthetic import main as eval_main
+    from utils.tiny.evaluate import main as eval_main
     return eval_main(["--from_pretrained", str(out), "--data", str(test), "--json", str(out / "eval.json")])
 
 

@@ -1,8 +1,8 @@
-"""Score a model on a held-out synthetic set (utils/synthetic_data.py, another seed), greedy:
+"""Score a model on a held-out synthetic set (utils/data/synthetic.py, another seed), greedy:
 colour / shape / count / presence accuracy, referring expression -> box (IoU >= 0.5), text
 reading (exact; text_chars: characters right in place, no goal), CogAgent actions (operation + target correct; box IoU >= 0.5).
 
-  python utils/eval_synthetic.py --from_pretrained tiny-cogvlm --data data/synthetic-test [--json out.json]
+  python utils/tiny/evaluate.py --from_pretrained tiny-cogvlm --data data/synthetic-test [--json out.json]
 """
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
-from utils.flags import ArgumentParser  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from any directory
+from utils.apps.flags import ArgumentParser  # noqa: E402
 
-from evaluation.metrics import first_box, iou, synthetic_category as category  # noqa: E402,F401
-from evaluation.metrics import synthetic_scores as score  # noqa: E402,F401
+from utils.scoring.metrics import first_box, iou, synthetic_category as category  # noqa: E402,F401
+from utils.scoring.metrics import synthetic_scores as score  # noqa: E402,F401
 
 GOALS = {"colour": 0.9, "shape": 0.9, "count": 0.9, "presence": 0.9, "box_iou50": 0.7, "text": 0.8,
          "agent_op_target": 0.8, "agent_box_iou50": 0.6}
@@ -26,8 +26,8 @@ def evaluate(model, tok, data: Path, limit: int = None, batch: int = 16, version
     """-> {metric: {accuracy, n, goal}} by the benchmark runner (task synthetic_qa: the same
     reader, batching and metrics as `evaluation/evaluate.py --task synthetic_qa:`); each
     question's [image, question, reference, answer] is appended to `records` when given."""
-    from evaluation.datasets import read_synthetic_qa
-    from evaluation.evaluate import model_answers, score_in_memory
+    from utils.data.synthetic import read_synthetic_qa
+    from utils.scoring.tasks import model_answers, score_in_memory
     from models.generate import GenerationConfig
     examples = read_synthetic_qa(data, "")[:limit] if limit else read_synthetic_qa(data, "")
     rows = []
@@ -40,7 +40,7 @@ def evaluate(model, tok, data: Path, limit: int = None, batch: int = 16, version
 
 
 def main(argv=None) -> int:
-    from utils.args import add_model_args, load_or_report, setup_logging
+    from utils.apps.args import add_model_args, load_or_report, setup_logging
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, default_model="tiny-cogvlm")
     p.add_argument("--data", required=True, type=Path)
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if not (a.data / "labels").is_dir():
         print(f"error: {a.data} is not a synthetic data folder (no labels/); make one with "
-              f"utils/synthetic_data.py", file=sys.stderr)
+              f"utils/data/synthetic.py", file=sys.stderr)
         return 1
     setup_logging()
     loaded = load_or_report(a)

@@ -1,7 +1,7 @@
 """Finetuning datasets, in the two layouts the original used.
 
 - captcha layout: a folder of `<label>.png|jpg|jpeg` files (the Kaggle captcha set; ours is
-  made by utils/captcha_data.py); the question is "CAPTCHA:" and the answer the file's label.
+  made by utils/data/captcha.py); the question is "CAPTCHA:" and the answer the file's label.
 - conversation layout (CogVLM-SFT-311K): `images/<id>.jpg` + `labels/<id>.json`, the JSON
   holding `captions` ([{"role": "caption", "content": ...}]) or `conversations`
   ([{"role": "user"|"assistant", "content": ...}, ...]). Every assistant turn is one sample,
@@ -25,10 +25,10 @@ import torch
 from PIL import Image
 
 from models.config import ModelConfig
-from .chat import build_row
-from .image import ImageError, image_to_tensor, load_image
-from .templates import build_prompt
-from .tokenizer import Tokenizer
+from utils.chat import build_row
+from utils.chat.image import ImageError, image_to_tensor, load_image
+from utils.chat.templates import build_prompt
+from utils.chat.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
@@ -99,7 +99,7 @@ def _samples(label: dict) -> list:
     if label.get("captions"):
         return [[(CAPTION_QUERY, _text(c["content"], "content"))] for c in label["captions"][:1]]
     conv, turns, query = label.get("conversations") or [], [], None
-    if label.get("qa"):                                # independent pairs (utils/synthetic_data.py)
+    if label.get("qa"):                                # independent pairs (utils/data/synthetic.py)
         return [[(_text(x["question"], "question"), _text(x["answer"], "answer"))] for x in label["qa"]]
     if not isinstance(conv, list):
         raise TypeError("conversations must be a list")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from models.generate import PromptTooLong
-from .image import ImageError
+from utils.chat.image import ImageError
 
 PROMPTS = {
     False: {"image": "Please enter the image path (press Enter for plain text chat): ",
@@ -92,7 +92,7 @@ def save_boxes(response: str, image, out_dir: str = "grounding_output") -> None:
         return
     from pathlib import Path
     import time
-    from .grounding import draw_groundings, parse_groundings
+    from utils.chat.grounding import draw_groundings, parse_groundings
     groundings = parse_groundings(response)
     if groundings:
         path = Path(out_dir) / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}.png"

@@ -1,4 +1,4 @@
-"""Our synthetic held-out set (utils/synthetic_data.py) exported in the released layouts, so
+"""Our synthetic held-out set (utils/data/synthetic.py) exported in the released layouts, so
 that the bundled models are scored by the code that scores real data:
 
 - `Where is the <object>?` questions -> the refer layout as task `synthetic:val`
@@ -8,7 +8,7 @@ that the bundled models are scored by the code that scores real data:
 - the one-word questions (colour, shape, count, presence, text) -> the VQAv2 layout
   (questions + annotations with ten identical answers, DST/val2014/COCO_val2014_<id>.jpg).
 
-  python evaluation/synthetic.py --src build/tiny/data-cogvlm-test --dst build/tiny/eval-layouts
+  python utils/data/layouts.py --src build/tiny/data-cogvlm-test --dst build/tiny/eval-layouts
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
-from utils.flags import ArgumentParser  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from any directory
+from utils.apps.flags import ArgumentParser  # noqa: E402
 
 from PIL import Image  # noqa: E402
 
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--dst", required=True, type=Path)
     a = p.parse_args(argv)
     if not (a.src / "labels").is_dir():
-        print(f"error: {a.src} has no labels/ (make one with utils/synthetic_data.py)", file=sys.stderr)
+        print(f"error: {a.src} has no labels/ (make one with utils/data/synthetic.py)", file=sys.stderr)
         return 1
     print(f"wrote {export(a.src, a.dst)} to {a.dst}")
     return 0

@@ -7,13 +7,13 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
 from models import build_model, get_config, save_sat_checkpoint  # noqa: E402
 from models.config import MODEL_CONFIGS  # noqa: E402
-from utils.tokenizer import train_sentencepiece  # noqa: E402
+from utils.chat.tokenizer import train_sentencepiece  # noqa: E402
 
 CORPUS = """Question: What is in the image? Answer: A red circle and a blue square.
 [INST] Describe the picture. [/INST] There is a cat on a mat near the window.

@@ -33,10 +33,10 @@ from tqdm import tqdm
 from models.checkpoint import atomic_write, read_sat_state_dict, remove_stale_temporaries, sat_key
 from models.loading import load_model, resolve_pretrained
 from models.lora import LoRAConfig, apply_lora
-from . import args as common
-from .flags import ArgumentParser
-from .dataset import FinetuneDataset, collate_train, packed_attention_mask
-from .tokenizer import Tokenizer, resolve_tokenizer
+import utils.apps.args as common
+from utils.apps.flags import ArgumentParser
+from utils.training.dataset import FinetuneDataset, collate_train, packed_attention_mask
+from utils.chat.tokenizer import Tokenizer, resolve_tokenizer
 
 log = logging.getLogger("finetune")
 
@@ -49,7 +49,7 @@ def add_finetune_args(p: argparse.ArgumentParser, default_model: str) -> None:
     g.add_argument("--test_data", default=None, help="evaluated once at the end")
     g.add_argument("--max_length", type=int, default=400, help="training row length cap (tokens)")
     g.add_argument("--aux_object_loss", type=float, default=0.0, metavar="WEIGHT",
-                   help="with object labels (utils/synthetic_data.py): also train small heads on the "
+                   help="with object labels (utils/data/synthetic.py): also train small heads on the "
                         "low-res ViT's patches to predict the kind, colour and box of the object under "
                         "each patch (training only; the heads are not saved in the model)")
     g.add_argument("--aux_warmup_iters", type=int, default=0, metavar="N",
@@ -313,7 +313,7 @@ def evaluate(model, tok, examples, args, dp_rank: int, dp: int, dp_group=None) -
     """Greedy answers for the first --eval_samples examples (spread over the data-parallel
     ranks), scored by the benchmark runner (evaluation/evaluate.py, task finetune): acc
     (exact match) and acc_w/o_case, in percent."""
-    from evaluation.evaluate import model_answers, score_in_memory
+    from utils.scoring.tasks import model_answers, score_in_memory
     from models.generate import GenerationConfig
     model.eval()
     gen = GenerationConfig(max_new_tokens=args.eval_max_new_tokens, top_k=1)
@@ -325,7 +325,7 @@ def evaluate(model, tok, examples, args, dp_rank: int, dp: int, dp_group=None) -
 
 def eval_examples(dataset) -> list:
     """A finetuning dataset's samples (the ones that fit) as the runner's examples."""
-    from evaluation.datasets import Example
+    from utils.scoring.tasks import Example
     return [Example(f"{s.image.name}#{i}", s.image, s.turns[-1][0], [s.turns[-1][1]], history=list(s.turns[:-1]))
             for i, s in enumerate(dataset.samples)]
 
@@ -537,7 +537,7 @@ def main(argv=None, default_model: str = "cogvlm-base-490", description: str = _
     import warnings
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     from models import CheckpointError, ModelNotFound
-    from .tokenizer import TokenizerError
+    from utils.chat.tokenizer import TokenizerError
     try:
         preflight(args)
         if args.preflight:

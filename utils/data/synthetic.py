@@ -12,7 +12,7 @@ Output: the conversation layout the finetuning reads (`images/<id>.png`, `labels
 with the questions of an image under "qa" (independent single-turn pairs).
 Boxes are in thousandths of the image size, three digits each, as the released models write them.
 
-  python utils/synthetic_data.py --out data/synthetic --n 5000 --seed 0 [--gui]
+  python utils/data/synthetic.py --out data/synthetic --n 5000 --seed 0 [--gui]
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
-from utils.flags import ArgumentParser  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from any directory
+from utils.apps.flags import ArgumentParser  # noqa: E402
 
 SIZE = 224
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 40),
@@ -170,7 +170,7 @@ def scene_questions(rng: random.Random, shapes: list[Shape], extra_presence: int
 def make_text_image(rng: random.Random, min_len: int = 4) -> tuple[Image.Image, str, list[dict]]:
     """min_len-6 characters in large glyphs (the bundled font scaled up), with line and dot
     noise. Returns the image, the text and each character's box (pixels)."""
-    from utils.grounding import load_font
+    from utils.chat.grounding import load_font
     text = "".join(rng.choice(string.ascii_lowercase + string.digits) for _ in range(rng.randint(min_len, 6)))
     bg = tuple(rng.randint(180, 255) for _ in range(3))
     img = Image.new("RGB", (SIZE, SIZE), bg)
@@ -209,7 +209,7 @@ WORDS = ["hello", "cat", "blue", "paris", "tom", "report", "apple", "music", "lo
 def make_gui(rng: random.Random, size: int) -> tuple[Image.Image, list[dict]]:
     """A window: title bar, a row of links, labelled text fields, checkboxes, buttons.
     Returns the image and its elements: {kind, label, box (pixels)}."""
-    from utils.grounding import load_font
+    from utils.chat.grounding import load_font
     img = Image.new("RGB", (size, size), tuple(rng.randint(200, 245) for _ in range(3)))
     d = ImageDraw.Draw(img)
     font = load_font(max(10, size // 28))
@@ -268,7 +268,7 @@ def agent_answer(el: dict, size: int, typed: str = None) -> tuple[str, str]:
 
 
 def gui_questions(rng: random.Random, elements: list[dict], size: int) -> list[tuple[str, str]]:
-    from utils.task_prompts import agent_query
+    from utils.chat.task_prompts import agent_query
     qa = []
     for el in rng.sample(elements, min(4, len(elements))):
         task, answer = agent_answer(el, size, rng.choice(WORDS))
@@ -307,7 +307,7 @@ def generate(out: Path, n: int, seed: int = 0, gui: bool = False, text_fraction:
         name = f"{seed:03d}{i:06d}"
         img.save(out / "images" / f"{name}.png")
         # "objects" (kind, colour, box as fractions of the image) feed the optional auxiliary
-        # per-patch loss of the training (utils/finetune.py --aux_object_loss)
+        # per-patch loss of the training (utils/training/finetune.py --aux_object_loss)
         (out / "labels" / f"{name}.json").write_text(json.dumps({"kind": kind, "objects": objects, "qa": [
             {"question": q, "answer": a} for q, a in qa]}))
     return counts
@@ -326,6 +326,24 @@ def main(argv=None) -> int:
     counts = generate(a.out, a.n, a.seed, a.gui)
     print(f"wrote {a.n} images to {a.out}: {counts}")
     return 0
+
+
+def read_synthetic_qa(root: Path, split: str) -> list:
+    """The set as `generate` writes it -> an Example per question of a known kind."""
+    from utils.scoring.metrics import synthetic_category
+    from utils.scoring.tasks import DataError, Example
+    folder = root / split if split else root
+    if not (folder / "labels").is_dir():
+        raise DataError(f"synthetic set: no {folder / 'labels'} (make one with utils/data/synthetic.py)")
+    out = []
+    for lab in sorted((folder / "labels").glob("*.json")):
+        qa = json.loads(lab.read_text(encoding="utf-8"))["qa"]
+        img = next((folder / "images").glob(lab.stem + ".*"), None)
+        if img is None:
+            raise DataError(f"synthetic set: no image {folder / 'images' / lab.stem}.* for {lab}")
+        out += [Example(f"{lab.stem}#{j}", img, x["question"], [x["answer"]])
+                for j, x in enumerate(qa) if synthetic_category(x["question"]) != "other"]
+    return out
 
 
 if __name__ == "__main__":

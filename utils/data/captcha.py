@@ -2,7 +2,7 @@
 (a folder of `<label>.png` images), with the `captcha` package (the Kaggle set cannot be
 downloaded here). Labels are unique, 4-6 characters by default, seeded.
 
-  python utils/captcha_data.py --out data/captcha_all --n 1000 --seed 0
+  python utils/data/captcha.py --out data/captcha_all --n 1000 --seed 0
   python utils/split_dataset.py --src data/captcha_all --dst data/captcha --seed 0
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
-from utils.flags import ArgumentParser  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from any directory
+from utils.apps.flags import ArgumentParser  # noqa: E402
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 

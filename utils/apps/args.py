@@ -13,7 +13,7 @@ from models import load_model
 from models.config import ALIASES, MODEL_CONFIGS
 from models.quantize import GROUP, GROUPS
 from models.generate import GenerationConfig
-from .tokenizer import DEFAULT_TOKENIZER, Tokenizer, resolve_tokenizer
+from utils.chat.tokenizer import DEFAULT_TOKENIZER, Tokenizer, resolve_tokenizer
 
 GEN_DEFAULTS = GenerationConfig()
 
@@ -151,8 +151,8 @@ def load_or_report(args, loader=None):
     """(model, tokenizer), or None after printing the reason as one line (no traceback).
     Under torchrun every rank learns whether any rank failed, and all stop together."""
     from models import CheckpointError, ModelNotFound
-    from .lockstep import agree
-    from .tokenizer import TokenizerError
+    from utils.serving.lockstep import agree
+    from utils.chat.tokenizer import TokenizerError
     from models.tp import init_distributed
     init_distributed(args.device)                    # first: every rank must reach the rendezvous
     loaded, error = None, None

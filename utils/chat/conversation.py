@@ -16,9 +16,9 @@ import torch
 from models.cogvlm import CogVLM
 from models.config import ModelConfig
 from models.generate import GenerationConfig, ModelInputs, generate_tokens, token_budget
-from .image import MAX_PIXELS, image_to_tensor, load_image
-from .templates import IMAGE_MARK, build_prompt, hf_prompt
-from .tokenizer import Tokenizer
+from utils.chat.image import MAX_PIXELS, image_to_tensor, load_image
+from utils.chat.templates import IMAGE_MARK, build_prompt, hf_prompt
+from utils.chat.tokenizer import Tokenizer
 
 
 @dataclass

@@ -7,7 +7,7 @@ that it ends at slot S (its earlier slots are masked out for it). When S reaches
 the buffer, every row is shifted left at once. A finished or cancelled row is simply freed.
 
 Under torchrun with tensor parallelism (the server split across devices) rank 0 runs this
-engine and every other rank follows it (`follower_calls` under utils.lockstep.Lockstep): rank 0
+engine and every other rank follows it (`follower_calls` under utils.serving.lockstep.Lockstep): rank 0
 sends each model-touching decision (admit a prompt into row r, decode a step with these tokens,
 free row r, encode an image) before making it, and the followers make the same one on their
 own share of the weights and of the K/V buffers, meeting rank 0 in the same collectives. Sampling, text, stop
@@ -27,7 +27,7 @@ from models.cogvlm import Cache, CogVLM
 from models.generate import (GenerationConfig, ModelInputs, apply_repetition_penalty, forward_one_token, prefill,
                              sample)
 from models.loading import release_free_memory
-from .tokenizer import Tokenizer
+from utils.chat.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class _BatchCache:
 class BatchEngine:
     def __init__(self, model: CogVLM, tokenizer: Tokenizer, max_batch: int = 16, max_queue: int = 64,
                  max_len: Optional[int] = None, step=None, worker: bool = True):
-        """step: under tensor parallelism on rank 0, the utils.lockstep.Lockstep that sends each
+        """step: under tensor parallelism on rank 0, the utils.serving.lockstep.Lockstep that sends each
         decision to the followers (see the module doc); worker=False: a follower's engine."""
         self.model, self.tok = model, tokenizer
         self.step = step
@@ -371,7 +371,7 @@ class MirroredModel:
 
 
 def follower_calls(engine: BatchEngine) -> dict:
-    """A follower rank's side of the decisions rank 0 sends (utils.lockstep.Lockstep.follow):
+    """A follower rank's side of the decisions rank 0 sends (utils.serving.lockstep.Lockstep.follow):
     the same model work on this rank's share of the weights and of the K/V buffers."""
     from dataclasses import replace
     model, dev = engine.model, engine.device

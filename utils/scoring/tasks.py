@@ -1,0 +1,151 @@
+"""Scoring answers in memory, shared by the benchmark runner (evaluation/), the finetuning
+scripts' evaluations and the bundled models' scoring: the prompt each task asks, the score of one
+answer, a task's metrics over its rows, and `score_in_memory` (answer and score without files,
+data parallel over a process group)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from utils.chat.task_prompts import EXPRESSION_TO_BOX, fill
+from .metrics import cider_d, grounding_hit, pope_scores, synthetic_scores, vqa_accuracy
+
+
+class DataError(FileNotFoundError):
+    """A dataset file that is missing or unreadable; the message says which and where."""
+
+
+@dataclass
+class Example:
+    id: str
+    image: Path
+    question: str                            # the expression, question or POPE question
+    answers: list = field(default_factory=list)     # VQA: human answers; POPE: [label]
+    box: Optional[tuple] = None              # grounding truth, x0 y0 x1 y1 in pixels
+    size: Optional[tuple] = None             # (width, height) of the image
+    history: list = field(default_factory=list)    # earlier (query, answer) turns (finetuning data)
+
+CAPTION_REQUEST = "Describe the image in one sentence."
+
+
+def kind(task: str) -> str:
+    name = task.split(":")[0]
+    return {"vqav2": "vqa", "textvqa": "vqa", "pope": "pope", "coco_caption": "caption",
+            "finetune": "exact", "synthetic_qa": "synthetic"}.get(name, "grounding")
+
+
+def prompt(task: str, ex: Example, version: str, grounding_prompt: str = EXPRESSION_TO_BOX[0]) -> tuple[str, str]:
+    """(query, template) per task: referring expressions in the grounding request; VQA in the
+    `Short answer` template; POPE's question in the model's own template."""
+    k = kind(task)
+    if k == "grounding":
+        return fill(grounding_prompt, expr=ex.question), version
+    if k == "vqa":
+        return ex.question, version if version != "auto" else "vqa"
+    if k == "caption":
+        return CAPTION_REQUEST, version
+    return ex.question, version
+
+
+def exact_scores(answer: str, truth: str) -> dict:
+    """The finetuning scripts' metric: the whole answer equal to the truth (and ignoring case)."""
+    a, t = answer.strip(), truth.strip()
+    return {"exact": float(a == t), "nocase": float(a.lower() == t.lower())}
+
+
+def example_score(task: str, ex: Example, answer: str):
+    k = kind(task)
+    if k == "grounding":
+        w, h = ex.size
+        return {"hit": grounding_hit(answer, ex.box, w, h), "hit_first_box": grounding_hit(answer, ex.box, w, h, False)}
+    if k == "vqa":
+        return {"accuracy": vqa_accuracy(answer, ex.answers)}
+    if k == "caption":
+        return {}                                  # CIDEr is a corpus score (idf over the set)
+    if k == "exact":
+        return exact_scores(answer, ex.answers[0])
+    if k == "synthetic":
+        return synthetic_scores(ex.question, answer, ex.answers[0])
+    return {"label": ex.answers[0]}
+
+
+def task_metrics(task: str, rows: list, examples: list) -> dict:
+    """rows: the prediction lines of every example of the task (in the order of `examples`)
+    -> metrics in percent (CIDEr as the papers print it, x100)."""
+    k = kind(task)
+    if k == "caption":
+        score, _ = cider_d([r["answer"] for r in rows], [ex.answers for ex in examples])
+        return {"cider": 100 * score, "n": len(rows)}
+    if k == "grounding":
+        return {"accuracy": 100 * sum(r["score"]["hit"] for r in rows) / len(rows),
+                "accuracy_first_box": 100 * sum(r["score"]["hit_first_box"] for r in rows) / len(rows),
+                "n": len(rows)}
+    if k == "vqa":
+        return {"accuracy": 100 * sum(r["score"]["accuracy"] for r in rows) / len(rows), "n": len(rows)}
+    if k == "synthetic":                           # per question kind: percent and count
+        out = {}
+        for m in sorted({m for r in rows for m in r["score"]}):
+            got = [r["score"][m] for r in rows if m in r["score"]]
+            out[m], out[m + "_n"] = 100 * sum(got) / len(got), len(got)
+        return {**out, "n": len(rows)}
+    if k == "exact":
+        n = max(1, len(rows))
+        return {"acc": 100 * sum(r["score"]["exact"] for r in rows) / n,
+                "acc_w/o_case": 100 * sum(r["score"]["nocase"] for r in rows) / n, "n": len(rows)}
+    s = pope_scores([(r["answer"], r["score"]["label"]) for r in rows])
+    return {**{m: 100 * v for m, v in s.items()}, "n": len(rows)}
+
+
+def answer_rows(answer_fn, task: str, chunk: list, version: str, grounding_prompt: str = EXPRESSION_TO_BOX[0]):
+    """One batch of examples -> their prediction rows (id, prompt, answer, parsed boxes, score)."""
+    from utils.chat.grounding import parse_groundings
+    reqs = [(*prompt(task, ex, version, grounding_prompt), ex.image, ex.history) for ex in chunk]
+    return [{"id": ex.id, "prompt": query, "answer": answer,
+             "boxes": [list(b) for g in parse_groundings(answer) for b in g.boxes],
+             "score": example_score(task, ex, answer)}
+            for ex, (query, *_), answer in zip(chunk, reqs, answer_fn(reqs))]
+
+
+def score_in_memory(answer_fn, task: str, examples: list, version: str, batch_size: int,
+                    rank: int = 0, world: int = 1, group=None, rows_out: Optional[list] = None,
+                    show: bool = False) -> dict:
+    """What run_task + task_metrics compute, without files: this process answers every
+    world-th example, the rows are gathered over `group` (data parallel) and every rank gets
+    the task's metrics (and, in rows_out, every example's row in order). The finetuning
+    scripts' evaluations and utils/tiny/evaluate.py use it."""
+    import torch.distributed as dist
+    from tqdm import tqdm
+    mine = []
+    todo = [(i, ex) for i, ex in enumerate(examples) if i % world == rank]
+    for j in tqdm(range(0, len(todo), batch_size), desc=task, unit="batch", disable=not show):
+        chunk = todo[j:j + batch_size]
+        mine += zip((i for i, _ in chunk), answer_rows(answer_fn, task, [ex for _, ex in chunk], version))
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, mine, group=group)
+        mine = [r for part in parts for r in part]
+    rows = [r for _, r in sorted(mine, key=lambda x: x[0])]
+    if rows_out is not None:
+        rows_out.extend(rows)
+    return task_metrics(task, rows, examples)
+
+
+def model_answers(model, tok, gen):
+    """answer_fn for run_task: batch_chat on the model, each image decoded once per batch."""
+    from utils.chat import ImageContext, batch_chat
+
+    def answer(reqs):
+        images, by_version = {}, {}
+        for i, (query, version, image, history) in enumerate(reqs):
+            if image not in images:
+                images[image] = ImageContext(image, model.config)
+            by_version.setdefault(version, []).append(i)
+        out = [None] * len(reqs)
+        for version, idx in by_version.items():
+            answers = batch_chat(model, tok, [(reqs[i][0], reqs[i][3], images[reqs[i][2]]) for i in idx],
+                                 None if version == "auto" else version, gen)
+            for i, a in zip(idx, answers):
+                out[i] = a
+        return out
+    return answer

@@ -1,0 +1,1 @@
+"""The small models: random test checkpoints, and the bundled models' training and scoring."""

@@ -1,0 +1,1 @@
+"""Finetuning: the data sets the scripts read and the training loop."""
