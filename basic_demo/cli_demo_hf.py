@@ -13,34 +13,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
 from utils.apps.flags import ArgumentParser  # noqa: E402
+from utils.apps.tool import run_tool  # noqa: E402
 
 import torch  # noqa: E402
 
 from models import CheckpointError  # noqa: E402
+from models.hf_io import hf_architecture  # noqa: E402
 from models.generate import token_budget  # noqa: E402
-from utils.apps.args import (add_dtype_args, add_generation_args, dtype_from_args, generation_config,  # noqa: E402
-                        load_or_report, setup_logging)
+from utils.apps.args import (add_generation_args, add_model_args, generation_config,  # noqa: E402
+                             load_or_report, load_with_tokenizer, options_from_args, setup_logging)
 from utils.chat import ImageContext, build_hf_inputs  # noqa: E402
-from utils.apps.cli import print_answer, run  # noqa: E402
-from utils.chat.tokenizer import DEFAULT_TOKENIZER, Tokenizer, resolve_tokenizer  # noqa: E402
+from utils.apps.cli import add_cli_args, print_answer, run  # noqa: E402
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--from_pretrained", default="THUDM/cogagent-chat-hf",
-                   help="HF checkpoint directory, or a hub name found in the local HF cache")
-    p.add_argument("--local_tokenizer", default=DEFAULT_TOKENIZER)
-    p.add_argument("--version", default=None, choices=["base", "chat", "chat_old", "vqa"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    add_dtype_args(p)
-    p.add_argument("--quant", type=int, choices=[4, 8], default=None)
+    add_model_args(p, default_model="THUDM/cogagent-chat-hf",
+                   pretrained_help="HF checkpoint directory, or a hub name found in the local HF cache")
     add_generation_args(p)
-    p.add_argument("--stream_chat", action="store_true")
-    p.add_argument("--chinese", action="store_true")
-    p.add_argument("--image", default=None)
-    p.add_argument("--output_dir", default="grounding_output",
-                   help="where images with the answer's boxes drawn are saved")
-    p.add_argument("--query", default=None)
+    add_cli_args(p)
     return p.parse_args(argv)
 
 
@@ -63,14 +54,13 @@ def resolve_hf_dir(name: str) -> Path:
 
 
 def load(args):
-    from models.hf_io import load_hf_model
+    """The one loader of every demo (models.load_model: quantized while streaming, SAT or HF
+    files), building the transformers class. One process: generate() runs no lockstep."""
+    if args.compile:
+        raise ValueError("--compile compiles our decode loop (cli_demo_sat.py); transformers' generate() "
+                         "runs eagerly: drop --compile")
     path = resolve_hf_dir(args.from_pretrained)
-    model = load_hf_model(path, dtype_from_args(args), args.device)
-    if args.quant:
-        from models.quantize import quantize
-        quantize(model, args.quant)
-    tok = Tokenizer(resolve_tokenizer(args.local_tokenizer, path))
-    return model, tok
+    return load_with_tokenizer(str(path), options_from_args(args), args.local_tokenizer, hf_architecture)
 
 
 def generate_stream(model, tok, query, history, image, args):
@@ -127,4 +117,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

@@ -14,10 +14,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
 from utils.apps.flags import ArgumentParser  # noqa: E402
+from utils.apps.tool import run_tool  # noqa: E402
 
 from utils.apps.args import add_generation_args, add_model_args, generation_config, load_or_report, setup_logging  # noqa: E402
 from utils.chat import ImageContext, stream_chat  # noqa: E402
-from utils.apps.cli import print_answer, run  # noqa: E402
+from utils.apps.cli import add_cli_args, print_answer, run  # noqa: E402
 from utils.serving.lockstep import Lockstep  # noqa: E402
 
 
@@ -25,12 +26,7 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     add_generation_args(p)
-    p.add_argument("--stream_chat", action="store_true", help="print the answer as it is generated")
-    p.add_argument("--chinese", action="store_true", help="Chinese prompts in the terminal")
-    p.add_argument("--image", default=None, help="one-shot mode: image path ('' for text only)")
-    p.add_argument("--output_dir", default="grounding_output",
-                   help="where images with the answer's boxes drawn are saved")
-    p.add_argument("--query", default=None, help="one-shot mode: the question")
+    add_cli_args(p)
     return p.parse_args(argv)
 
 
@@ -70,5 +66,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from models.tp import exit_process
-    exit_process(main())                        # under torchrun: every rank leaves together
+    run_tool(main)                              # under torchrun: every rank leaves together

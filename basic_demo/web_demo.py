@@ -16,9 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
 from utils.apps.flags import ArgumentParser  # noqa: E402
+from utils.apps.tool import run_tool  # noqa: E402
 
 from models.generate import GenerationConfig, PromptTooLong  # noqa: E402
-from utils.apps.args import GEN_DEFAULTS, add_generation_args, add_model_args, load_or_report, setup_logging  # noqa: E402
+from utils.apps.args import (GEN_DEFAULTS, UI_MAX_NEW_TOKENS, add_generation_args, add_model_args,  # noqa: E402
+                             load_or_report, setup_logging)
 from utils.chat import ImageCache, stream_chat  # noqa: E402
 from utils.chat.grounding import draw_groundings, parse_groundings  # noqa: E402
 from utils.chat.image import ImageError, load_image  # noqa: E402
@@ -47,7 +49,8 @@ def make_generate(model, tok, args):
     return generate
 
 
-def build_app(step: Lockstep, title: str = "CogVLM / CogAgent"):
+def make_respond(step: Lockstep):
+    """The Send handler: every rank runs the answer (Lockstep); rank 0 streams it to the page."""
     import gradio as gr
 
     def respond(query, picture, chat, history, temperature, top_p, top_k, max_new_tokens):
@@ -82,23 +85,32 @@ def build_app(step: Lockstep, title: str = "CogVLM / CogAgent"):
         boxes = parse_groundings(answer)
         # The panel shows this answer's boxes, or nothing: never an earlier answer's.
         yield chat, history, draw_groundings(pixels, boxes) if boxes and pixels is not None else None, ""
+    return respond
 
-    def new_image(path, chat, history, picture):
-        """(upload box, chat, history, boxes, preview, picture, error): a good image starts a
-        new chat; a bad one is reported in our own words and changes nothing else. The upload
-        box is emptied either way, ready for the next file (the preview shows the image)."""
-        if not path:
-            return None, chat, history, gr.update(), gr.update(), picture, ""
-        try:
-            load_image(path)
-        except ImageError as e:
-            return (None, chat, history, gr.update(), gr.update(), picture,
-                    f"⚠️ **Error:** {e}. The chat goes on with the previous image (or none).")
-        return None, [], [], None, path, path, ""
 
-    def clear():
-        return [], [], None, None, None, None, ""
+def new_image(path, chat, history, picture):
+    """(upload box, chat, history, boxes, preview, picture, error): a good image starts a
+    new chat; a bad one is reported in our own words and changes nothing else. The upload
+    box is emptied either way, ready for the next file (the preview shows the image)."""
+    import gradio as gr
+    if not path:
+        return None, chat, history, gr.update(), gr.update(), picture, ""
+    try:
+        load_image(path)
+    except ImageError as e:
+        return (None, chat, history, gr.update(), gr.update(), picture,
+                f"⚠️ **Error:** {e}. The chat goes on with the previous image (or none).")
+    return None, [], [], None, path, path, ""
 
+
+def clear_chat():
+    """(chat, history, boxes, upload box, preview, picture, error), all empty."""
+    return [], [], None, None, None, None, ""
+
+
+def build_app(step: Lockstep, title: str = "CogVLM / CogAgent"):
+    import gradio as gr
+    respond = make_respond(step)
     with gr.Blocks(title=title) as app:
         gr.Markdown(f"## {title}\nUpload an image (or none for text-only chat), then ask. "
                     "Answers with `[[x0,y0,x1,y1]]` boxes are drawn on the right.")
@@ -115,7 +127,7 @@ def build_app(step: Lockstep, title: str = "CogVLM / CogAgent"):
                 top_p = gr.Slider(0.0, 1.0, value=GEN_DEFAULTS.top_p, step=0.05, label="top_p", elem_id="top_p")
                 top_k = gr.Slider(1, 100, value=GEN_DEFAULTS.top_k, step=1, label="top_k (1 = greedy)",
                                   elem_id="top_k")
-                max_new = gr.Slider(1, 2048, value=512, step=1, label="max new tokens", elem_id="max_new")
+                max_new = gr.Slider(1, 2048, value=UI_MAX_NEW_TOKENS, step=1, label="max new tokens", elem_id="max_new")
             with gr.Column(scale=2):
                 chat = gr.Chatbot(label="Chat", elem_id="chatbot", height=420)
                 error = gr.Markdown("", elem_id="error")
@@ -130,7 +142,7 @@ def build_app(step: Lockstep, title: str = "CogVLM / CogAgent"):
         outputs = [chat, history, boxes, error]
         for ev in (send.click, query.submit):
             ev(respond, inputs, outputs).then(lambda: "", None, query)
-        clear_btn.click(clear, None, [chat, history, boxes, image, preview, picture, error])
+        clear_btn.click(clear_chat, None, [chat, history, boxes, image, preview, picture, error])
         image.upload(new_image, [image, chat, history, picture],
                      [image, chat, history, boxes, preview, picture, error])
     return app
@@ -159,5 +171,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from models.tp import exit_process
-    exit_process(main())                        # under torchrun: every rank leaves together
+    run_tool(main)                              # under torchrun: every rank leaves together

@@ -1,15 +1,68 @@
-"""Helpers shared by the benchmarks: medians, machine roofline figures measured in-process."""
+"""What the benchmarks share: their common flags (declared once), the machine description, the
+JSON ending, timing and medians, the machine's roofline figures measured in-process, and the
+model calls (building, loading, one forward, packing or compiling) kept in one place."""
 from __future__ import annotations
 
+import argparse
+import json
+import resource
 import statistics
+import sys
 import time
+from pathlib import Path
+from typing import Optional
 
 import torch
 
+# The flags several benchmarks share: name -> argparse keywords. A script names the ones it
+# takes in bench_parser, each with its default (or a dict of keywords replacing these).
+FLAGS = {
+    "threads": dict(type=int, help="torch threads (default %(default)s)"),
+    "dtype": dict(choices=["auto", "float32", "bfloat16"], help="compute dtype (default %(default)s)"),
+    "quant": dict(type=int, choices=[4, 8], help="weight-only int8/int4 (default: unquantized)"),
+    "device": dict(help="cpu or cuda (default %(default)s)"),
+    "repeat": dict(type=int, help="measurements (or rounds); medians are reported (default %(default)s)"),
+    "steps": dict(type=int, help="decode steps per measurement (default %(default)s)"),
+    "compile": dict(action="store_true", help="inductor-compiled decode step (models/compile.py)"),
+}
+# The CPU features that pick the kernels (bf16, int8, AMX), reported next to the figures.
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
 
-def _sync() -> None:
+
+def bench_parser(description: str, raw: bool = False, **flags) -> argparse.ArgumentParser:
+    """An ArgumentParser with --json and the common FLAGS named in `flags` (name=default, or
+    name=dict of argparse keywords); raw: print the description as written."""
+    fmt = argparse.RawDescriptionHelpFormatter if raw else argparse.HelpFormatter
+    p = argparse.ArgumentParser(description=description, formatter_class=fmt)
+    p.add_argument("--json", type=Path, default=None, help="write the results to this file")
+    for name, value in flags.items():
+        own = value if isinstance(value, dict) else {"default": value}
+        p.add_argument(f"--{name}", **{**FLAGS[name], **own})
+    return p
+
+
+def cpu_features(wanted=SPEED_FLAGS) -> list[str]:
+    """The machine's description: which of the `wanted` CPU flags it has, sorted."""
+    from models.loading import cpu_flags
+    return sorted(cpu_flags() & set(wanted))
+
+
+def write_json(path: Optional[Path], results: dict) -> None:
+    """The JSON ending: `results` written to --json's file, if one was given."""
+    if path:
+        path.write_text(json.dumps(results, indent=1))
+
+
+def peak_rss() -> int:
+    """Bytes: the process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def now() -> float:
+    """perf_counter once queued CUDA work is done (else a GPU timing measures the launch only)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def median_time(fn, repeat: int = 5, warmup: int = 1) -> float:
@@ -18,12 +71,15 @@ def median_time(fn, repeat: int = 5, warmup: int = 1) -> float:
         fn()
     times = []
     for _ in range(repeat):
-        _sync()
-        t = time.perf_counter()
+        t = now()
         fn()
-        _sync()
-        times.append(time.perf_counter() - t)
+        times.append(now() - t)
     return statistics.median(times)
+
+
+def medians(runs: dict) -> dict:
+    """name -> list of measurements  =>  name -> their median."""
+    return {k: statistics.median(v) for k, v in runs.items()}
 
 
 def best_gemv(n: int = 8192, repeat: int = 15, device="cpu") -> dict:
@@ -76,10 +132,40 @@ def image_prompt(cfg, n_text: int, generator=None, device="cpu"):
     return tuple(t.to(device) for t in (ids, pos, vision, slots))
 
 
-def compile_or_exit(model) -> None:
-    """A benchmark's --compile: the model's compiled decode step, or the run ends (measuring
-    the eager step under a "compiled" label would mislead)."""
-    import sys
+def random_model(cfg, dtype: torch.dtype, bits: Optional[int] = None, device="cpu", backend=None):
+    """A random-weight model as the demos hold it (fp32 column-major on CPU), weight-only
+    int8/int4 with the image encoder int8 where `bits` (backend: the device's default)."""
+    from models.loading import build_model
+    from models.quantize import quantize
+    model = build_model(cfg, device, dtype)
+    if bits:
+        quantize(model, bits, vision_bits=8, backend=backend)
+    return model
+
+
+def pack_or_compile(model, packed: bool, compiled: bool):
+    """--packed: oneDNN-packed linear weights, as the demos run on CPU; --compile: the compiled
+    decode step, or the run ends (measuring the eager step under a "compiled" label would
+    mislead)."""
     from models.compile import compile_decode
-    if not compile_decode(model):
+    from models.layout import pack_for_cpu_inference
+    if packed:
+        pack_for_cpu_inference(model)
+    if compiled and not compile_decode(model):
         sys.exit("--compile: the decode step cannot be compiled here (see the warning above)")
+    return model
+
+
+def load(path, dtype: Optional[torch.dtype] = None, bits: Optional[int] = None, group: Optional[int] = None,
+         rank: int = 0, world: int = 1):
+    """The benchmarks' one load_model call: (model, config) of a checkpoint, quantized to `bits`
+    (int4 in groups of `group`) while loading, rank `rank`'s piece of `world`."""
+    from models.loading import LoadOptions, QuantConfig, load_model
+    return load_model(str(path), LoadOptions(dtype=dtype, quant=QuantConfig(bits=bits, group=group),
+                                             rank=rank, world=world))
+
+
+def logits(model, inputs, last_only: bool = False) -> torch.Tensor:
+    """The benchmarks' one direct forward: logits B,T,V of a ModelInputs without a cache
+    (B,1,V with last_only)."""
+    return model(inputs, last_only=last_only)

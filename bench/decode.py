@@ -10,21 +10,22 @@ GEMM of the compute dtype.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import (best_gemv, compile_or_exit, gemm_flops, image_prompt, median_time,  # noqa: E402
-                          read_bandwidth)
+from bench.common import (best_gemv, bench_parser, cpu_features, gemm_flops, image_prompt,  # noqa: E402
+                          median_time, medians, pack_or_compile, random_model, read_bandwidth, write_json)
 from models import Cache, CogVLM, CrossConfig, EVAConfig, ModelConfig  # noqa: E402
 from models.generate import ModelInputs, decode_one_token, prefill  # noqa: E402
-from models.layout import pack_for_cpu_inference, use_fast_cpu_layout  # noqa: E402
-from models.loading import init_weights  # noqa: E402
+from models.layout import use_fast_cpu_layout  # noqa: E402
+from models.loading import resolve_dtype  # noqa: E402
+from models.quantize import default_backend, quantize  # noqa: E402
 
 MID = ModelConfig(num_layers=16, hidden_size=2048, num_attention_heads=16, inner_hidden_size=5632,
                   vocab_size=32000, max_sequence_length=4096,
@@ -111,126 +112,150 @@ def with_cross_branch(model: CogVLM, cfg: ModelConfig) -> CogVLM:
     return agent.eval()
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--json", type=Path, default=None)
+@dataclass
+class Measured:
+    """The mid-size CogVLM and a CogAgent sharing its language model, as the rounds measure them."""
+    model: CogVLM
+    agent: CogVLM
+    prompt: ModelInputs                               # the short prompt (24 text tokens)
+    run_prefill: Callable[[], None]                   # image encoder + that prompt, once
+    step_bytes: dict                                  # context -> bytes a CogVLM decode step reads
+    agent_extra: int                                  # bytes of the cross branch's weights
+    cross_kv: list                                    # the agent's high-res K/V
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = bench_parser(__doc__, threads=2, repeat=5, steps=12, dtype="float32", device="cpu",
+                     quant=dict(help="weight-only int8/int4, image encoder int8"),
+                     compile=dict(help="inductor-compiled decode step with frozen weights "
+                                       "(models/compile.py; plain weights)"))
     p.add_argument("--packed", action="store_true",
                    help="oneDNN-packed fp32/bf16 linear weights, as the demos and the server use on CPU")
-    p.add_argument("--compile", action="store_true",
-                   help="inductor-compiled decode step with frozen weights (models/compile.py; plain weights)")
-    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--quant", type=int, choices=[4, 8], default=None,
-                   help="weight-only int8/int4, image encoder int8")
     p.add_argument("--backend", default=None, choices=["torch", "bitsandbytes"],
                    help="quantization kernels (default: torch on CPU, bitsandbytes on CUDA)")
-    p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
     if a.compile and a.packed:
         p.error("--compile packs the weights itself: leave out --packed")
-    dev = torch.device(a.device)
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    from models.loading import cpu_flags, resolve_dtype
-    from models.quantize import default_backend, quantize
-    dtype = resolve_dtype(a.dtype, dev)
-    backend = a.backend or default_backend(dev)
-    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"})
-    print(f"CPU flags: {' '.join(flags)}; dtype {dtype}, quant {a.quant}, packed {a.packed}, compile {a.compile}")
+    return a
 
-    gemv = best_gemv(device=dev)
-    bw, flops = gemv["best"], gemm_flops(dtype=dtype, device=dev)
-    with torch.device(dev):
-        model = CogVLM(MID)
-    init_weights(model)
-    model = model.to(dtype).eval()
-    if dtype == torch.float32 and dev.type == "cpu":
-        use_fast_cpu_layout(model)
-    res = {"device": str(dev), "backend": backend if a.quant else None, "packed": a.packed, "dtype": str(dtype).split(".")[-1], "quant": a.quant, "cpu_flags": flags,
-           "gemv_GBps_by_kernel": {k: v / 1e9 for k, v in gemv.items()}}
-    with torch.device("meta"):                         # parameter counts, whatever the layout
-        counted = CogVLM(MID)
 
-    short = make_inputs(MID, 24, model, False)
-    T = short.input_ids.shape[1]
-    n_vis = int(short.vision_mask.sum())
-    img = torch.randn(1, 3, 224, 224, device=dev)
-
-    def run_prefill():                                 # image encoder + prompt, as in real use
-        cache = Cache.allocate(MID, 1, T + 1, dtype, dev)
-        with torch.inference_mode():
-            short.image_embeds = model.encode_images(img)
-            prefill(model, short, cache)
-
-    # CogAgent: the same language model (shared tensors) plus the cross branch.
+def build(dev: torch.device, dtype: torch.dtype, bits, backend: str, packed: bool, compiled: bool) -> Measured:
+    """The CogVLM, its short prompt, and the CogAgent (the same language model, shared tensors,
+    plus the cross branch), each quantized, packed or compiled on its own copy as asked."""
+    model = random_model(MID, dtype, device=dev)
+    prompt = make_inputs(MID, 24, model, False)
+    run_prefill = prefill_run(model, prompt, dev)
     agent_cfg = ModelConfig(**{**MID.__dict__, "model_class": "CogAgentModel", "cross": MID_CROSS,
                                "adapter_has_pos_embed": True})
     agent = with_cross_branch(model, agent_cfg)
     if dtype == torch.float32 and dev.type == "cpu":
         use_fast_cpu_layout(agent)
-    if a.quant:                                        # each quantizes its own copy
-        quantize(agent, a.quant, vision_bits=8, backend=backend)
-        quantize(model, a.quant, vision_bits=8, backend=backend)
+    if bits:                                           # each quantizes its own copy
+        quantize(agent, bits, vision_bits=8, backend=backend)
+        quantize(model, bits, vision_bits=8, backend=backend)
+    T = prompt.input_ids.shape[1]
     step_bytes = {c: decode_bytes(model, MID, c) for c in (T, T + 1016)}
     agent_extra = _bytes(t for n, t in list(agent.model.layers.named_parameters()) +
                          list(agent.model.layers.named_buffers()) if "cross" in n)
-    if a.packed:                                       # after sharing: the agent packs its own
-        pack_for_cpu_inference(agent)
-        pack_for_cpu_inference(model)
-    if a.compile:
-        compile_or_exit(model)
-        compile_or_exit(agent)
-        res["compiled"] = True
+    for m in (model, agent):                           # after sharing: the agent packs its own
+        pack_or_compile(m, packed, compiled)
     with torch.inference_mode():
         ckv = agent.cross_kv(torch.randn(1, 3, MID_CROSS.image_size, MID_CROSS.image_size, device=dev))
-    ctx_short, ctx_long = T, T + 1016                   # ~280 and ~1300 tokens of context
-    runs = {"short": [], "long": [], "agent": [], "vlm": []}
-    bws, gemms, prefills, reads = [bw], [flops], [], []
-    run_prefill()                                      # warm-up
-    for _ in range(a.repeat):                          # interleaved, so drift hits all alike
-        bws.append(best_gemv(repeat=7, device=dev)["best"])
-        reads.append(read_bandwidth(repeat=5, device=dev))
-        gemms.append(gemm_flops(repeat=3, dtype=dtype, device=dev))
-        prefills.append(median_time(run_prefill, 1, 0))
-        runs["short"].append(decode_step_time(model, ctx_short, a.steps))
-        runs["long"].append(decode_step_time(model, ctx_long, a.steps))
-        runs["vlm"].append(decode_step_time(model, ctx_short, a.steps))
-        runs["agent"].append(decode_step_time(agent, ctx_short, a.steps, ckv))
-    med = {k: statistics.median(v) for k, v in runs.items()}
-    bw, flops, t_prefill = statistics.median(bws), statistics.median(gemms), statistics.median(prefills)
-    read = statistics.median(reads)
+    return Measured(model, agent, prompt, run_prefill, step_bytes, agent_extra, ckv)
+
+
+def prefill_run(model: CogVLM, inputs: ModelInputs, device):
+    """A function running the image encoder + the prompt's prefill, as in real use."""
+    img = torch.randn(1, 3, MID.eva.image_size, MID.eva.image_size, device=device)
+    T = inputs.input_ids.shape[1]
+
+    def run():
+        cache = Cache.allocate(MID, 1, T + 1, model.model.compute_dtype, device)
+        with torch.inference_mode():
+            inputs.image_embeds = model.encode_images(img)
+            prefill(model, inputs, cache)
+    return run
+
+
+def measure_rounds(m: Measured, repeat: int, steps: int, dev, dtype, start: dict) -> dict:
+    """Medians over --repeat rounds that interleave every measurement, so drift hits all alike:
+    decode steps (short and long context, CogVLM and CogAgent), prefill, and the machine's
+    GEMV, memory read and GEMM figures (`start`: those measured before the model was built)."""
+    ctx = m.prompt.input_ids.shape[1]
+    runs = {"short": [], "long": [], "agent": [], "vlm": [], "prefill": [], "read": [], **start}
+    m.run_prefill()                                    # warm-up
+    for _ in range(repeat):
+        runs["gemv"].append(best_gemv(repeat=7, device=dev)["best"])
+        runs["read"].append(read_bandwidth(repeat=5, device=dev))
+        runs["gemm"].append(gemm_flops(repeat=3, dtype=dtype, device=dev))
+        runs["prefill"].append(median_time(m.run_prefill, 1, 0))
+        runs["short"].append(decode_step_time(m.model, ctx, steps))
+        runs["long"].append(decode_step_time(m.model, ctx + 1016, steps))   # ~1300 tokens of context
+        runs["vlm"].append(decode_step_time(m.model, ctx, steps))
+        runs["agent"].append(decode_step_time(m.agent, ctx, steps, m.cross_kv))
+    return {**medians(runs), "rounds": len(runs["gemv"])}
+
+
+def report_prefill(res: dict, med: dict, gemv: dict, dtype, T: int, n_vis: int) -> None:
+    bw, flops, read, t_prefill = med["gemv"], med["gemm"], med["read"], med["prefill"]
     res.update(gemv_GBps=bw / 1e9, gemm_GFLOPs=flops / 1e9, read_GBps=read / 1e9)
-    print(f"medians of {len(bws)} measurements taken between the runs: best GEMV {bw / 1e9:.1f} GB/s "
+    print(f"medians of {med['rounds']} measurements taken between the runs: best GEMV {bw / 1e9:.1f} GB/s "
           f"({', '.join(f'{k} {v / 1e9:.1f}' for k, v in gemv.items())} at start), memory read "
           f"{read / 1e9:.1f} GB/s, GEMM ({dtype}) {flops / 1e9:.0f} GFLOP/s")
+    with torch.device("meta"):                         # parameter counts, whatever the layout
+        counted = CogVLM(MID)
     f = prefill_flops(counted, MID, T, n_vis)
     res.update(prefill_tokens=T, prefill_s=t_prefill, prefill_gemm_fraction=f / t_prefill / flops)
     print(f"prefill: {T} tokens ({n_vis} vision) + image encoder: {t_prefill:.3f} s, "
           f"{f / t_prefill / 1e9:.0f} GFLOP/s = {res['prefill_gemm_fraction']:.0%} of GEMM")
+
+
+def report_decode(res: dict, med: dict, m: Measured) -> None:
+    ctx_short = m.prompt.input_ids.shape[1]
+    ctx_long = ctx_short + 1016
     for label, ctx in (("short", ctx_short), ("long", ctx_long)):
-        step = med[label]
-        frac = step_bytes[ctx] / step / bw
+        step, nbytes = med[label], m.step_bytes[ctx]
+        frac = nbytes / step / med["gemv"]
         res[f"decode_{label}_ctx"] = ctx
         res[f"decode_{label}_tok_s"] = 1 / step
         res[f"decode_{label}_bw_fraction"] = frac
-        res[f"decode_{label}_read_fraction"] = step_bytes[ctx] / step / read
+        res[f"decode_{label}_read_fraction"] = nbytes / step / med["read"]
         print(f"decode at {ctx} tokens of context: {1 / step:.2f} tok/s, {step * 1e3:.1f} ms/step, "
-              f"{step_bytes[ctx] / 1e9:.2f} GB/token = {frac:.0%} of the best GEMV bandwidth, "
+              f"{nbytes / 1e9:.2f} GB/token = {frac:.0%} of the best GEMV bandwidth, "
               f"{res[f'decode_{label}_read_fraction']:.0%} of memory read")
     res["long_over_short"] = med["long"] / med["short"]
-    ideal = step_bytes[ctx_long] / step_bytes[ctx_short]
+    ideal = m.step_bytes[ctx_long] / m.step_bytes[ctx_short]
     print(f"slowdown {ctx_short} -> {ctx_long} context: {res['long_over_short']:.3f}x "
           f"(bytes read grow {ideal:.3f}x)")
-    extra = agent_extra + _bytes(t for kv in ckv for t in kv)
+    extra = m.agent_extra + _bytes(t for kv in m.cross_kv for t in kv)
     res["cogagent_step_ratio"] = med["agent"] / med["vlm"]
-    res["cogagent_bytes_ratio"] = 1 + extra / step_bytes[ctx_short]
+    res["cogagent_bytes_ratio"] = 1 + extra / m.step_bytes[ctx_short]
     print(f"CogAgent decode step / CogVLM decode step: {res['cogagent_step_ratio']:.3f}x "
           f"(bytes read grow {res['cogagent_bytes_ratio']:.3f}x: {MID_CROSS.num_patches} high-res "
           f"tokens, cross width {MID_CROSS.attn_hidden_size})")
-    if a.json:
-        a.json.write_text(json.dumps(res, indent=1))
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    dev = torch.device(a.device)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    dtype = resolve_dtype(a.dtype, dev)
+    backend = a.backend or default_backend(dev)
+    flags = cpu_features()
+    print(f"CPU flags: {' '.join(flags)}; dtype {dtype}, quant {a.quant}, packed {a.packed}, compile {a.compile}")
+    gemv = best_gemv(device=dev)
+    start = {"gemv": [gemv["best"]], "gemm": [gemm_flops(dtype=dtype, device=dev)]}
+    m = build(dev, dtype, a.quant, backend, a.packed, a.compile)
+    res = {"device": str(dev), "backend": backend if a.quant else None, "packed": a.packed,
+           "dtype": str(dtype).split(".")[-1], "quant": a.quant, "cpu_flags": flags,
+           "gemv_GBps_by_kernel": {k: v / 1e9 for k, v in gemv.items()}}
+    if a.compile:
+        res["compiled"] = True
+    med = measure_rounds(m, a.repeat, a.steps, dev, dtype, start)
+    report_prefill(res, med, gemv, dtype, m.prompt.input_ids.shape[1], int(m.prompt.vision_mask.sum()))
+    report_decode(res, med, m)
+    write_json(a.json, res)
     return 0
 
 

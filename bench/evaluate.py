@@ -8,8 +8,6 @@ tokens), a VQA short answer (3), a POPE yes/no (2).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tempfile
 import time
@@ -21,27 +19,43 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench.common import bench_parser, cpu_features, random_model, write_json  # noqa: E402
 from bench.decode import MID  # noqa: E402
-from evaluation.datasets import Example  # noqa: E402
-from evaluation.evaluate import model_answers, run_task  # noqa: E402
+from evaluation.evaluate import run_task  # noqa: E402
 from models.generate import GenerationConfig  # noqa: E402
-from models.loading import build_model, cpu_flags  # noqa: E402
+from utils.scoring.tasks import Example, model_answers  # noqa: E402
 from utils.tiny.create_test_model import CORPUS  # noqa: E402
 from utils.chat.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
 
 TASKS = {"refcoco:val": 18, "vqav2:val": 3, "pope:random": 2}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def time_task(model, tok, task: str, new_tokens: int, n: int, batch_size: int, tmp: Path, img: Path) -> dict:
+    """Seconds per example of `n` examples of one task through run_task (after a warm-up batch)."""
+    q = "the man on the left" if task.startswith("refcoco") else "Is there a dog in the image?"
+    examples = [Example(str(i), img, q, ["yes"] * 10, box=(0, 0, 100, 100), size=(640, 480)) for i in range(n)]
+    answer = model_answers(model, tok, GenerationConfig(max_new_tokens=new_tokens, top_k=1,
+                                                        max_length=MID.max_sequence_length))
+    out = tmp / task.replace(":", "_")
+    out.mkdir()
+    run_task(answer, task, examples[:batch_size], out, "auto", batch_size, show=False)   # warm-up
+    out2 = tmp / (task.replace(":", "_") + "-timed")
+    out2.mkdir()
+    t = time.perf_counter()
+    run_task(answer, task, examples, out2, "auto", batch_size, show=False)
+    per = (time.perf_counter() - t) / n
+    return {"s_per_example": per, "min_per_1000": per * 1000 / 60, "new_tokens": new_tokens}
+
+
+def main(argv=None) -> int:
+    p = bench_parser(__doc__, raw=True)
     p.add_argument("--n", type=int, default=16, help="examples per task")
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--json", type=Path)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     torch.manual_seed(0)
-    model = build_model(MID)
+    model = random_model(MID, torch.float32)
     res = {"config": "MID (16 layers of 2048, ViT 4x512 at 224 px), fp32, random weights",
-           "cpu_flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}),
+           "cpu_flags": cpu_features({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}),
            "threads": torch.get_num_threads(), "batch_size": a.batch_size}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -49,23 +63,10 @@ def main() -> int:
         img = tmp / "photo.jpg"
         Image.effect_noise((640, 480), 60).convert("RGB").save(img)
         for task, new_tokens in TASKS.items():
-            q = "the man on the left" if task.startswith("refcoco") else "Is there a dog in the image?"
-            examples = [Example(str(i), img, q, ["yes"] * 10, box=(0, 0, 100, 100), size=(640, 480))
-                        for i in range(a.n)]
-            answer = model_answers(model, tok, GenerationConfig(max_new_tokens=new_tokens, top_k=1,
-                                                                max_length=MID.max_sequence_length))
-            out = tmp / task.replace(":", "_")
-            out.mkdir()
-            run_task(answer, task, examples[: a.batch_size], out, "auto", a.batch_size, show=False)   # warm-up
-            out2 = tmp / (task.replace(":", "_") + "-timed")
-            out2.mkdir()
-            t = time.perf_counter()
-            run_task(answer, task, examples, out2, "auto", a.batch_size, show=False)
-            per = (time.perf_counter() - t) / a.n
-            res[task] = {"s_per_example": per, "min_per_1000": per * 1000 / 60, "new_tokens": new_tokens}
+            res[task] = time_task(model, tok, task, new_tokens, a.n, a.batch_size, tmp, img)
+            per = res[task]["s_per_example"]
             print(f"{task:12s} {per:.2f} s/example = {per * 1000 / 60:.0f} min per 1,000 examples", flush=True)
-    if a.json:
-        a.json.write_text(json.dumps(res, indent=1))
+    write_json(a.json, res)
     return 0
 
 

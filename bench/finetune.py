@@ -7,8 +7,6 @@ its own process, so that peak memory is its own.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 import subprocess
@@ -19,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import bench_parser, cpu_features, write_json  # noqa: E402
 from models import EVAConfig, ModelConfig  # noqa: E402
 from utils.tiny.create_test_model import create  # noqa: E402
 
@@ -44,38 +43,42 @@ def run(mode_args, ckpt, data, save, steps):
             "step_s": float(t.group(1)), "peak_rss_mb": float(t.group(2))}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--json", type=Path)
-    a = p.parse_args()
+# mode -> the trainer's flags
+MODES = {"lora": ["--lora_rank", "10", "--dtype", "float32"],
+         "lora_vit": ["--lora_rank", "10", "--lora_vit", "--dtype", "float32"],
+         "full": ["--full", "--dtype", "float32"],
+         "lora_bf16_autocast": ["--lora_rank", "10", "--dtype", "bfloat16"],
+         "full_bf16_autocast": ["--full", "--dtype", "bfloat16"]}
+
+
+def compare(res: dict) -> None:
+    """The ratios between the modes, added to `res` and printed."""
+    res["full_over_lora_step"] = res["full"]["step_s"] / res["lora"]["step_s"]
+    res["full_over_lora_rss"] = res["full"]["peak_rss_mb"] / res["lora"]["peak_rss_mb"]
+    print(f"full / LoRA: step time {res['full_over_lora_step']:.2f}x, peak RSS {res['full_over_lora_rss']:.2f}x")
+    for name in ("lora", "full"):
+        res[f"{name}_fp32_over_bf16_autocast_step"] = res[name]["step_s"] / res[f"{name}_bf16_autocast"]["step_s"]
+        print(f"{name}: fp32 step / bf16 autocast step = {res[f'{name}_fp32_over_bf16_autocast_step']:.2f}x")
+
+
+def main(argv=None) -> int:
+    p = bench_parser(__doc__, steps=dict(default=12, help="training steps per mode"))
+    a = p.parse_args(argv)
     from utils.data.captcha import generate
+    res = {"config": "SMALL (8 layers, hidden 1024, ViT 4x512 at 224 px), batch 4, 1 process",
+           "cpu_bf16_flags": cpu_features({"avx512_bf16", "amx_bf16"})}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ckpt = create(SMALL, tmp / "small", seed=0)
         generate(tmp / "data", 64, seed=0)
-        from models.loading import cpu_flags
-        res = {"config": "SMALL (8 layers, hidden 1024, ViT 4x512 at 224 px), batch 4, 1 process",
-               "cpu_bf16_flags": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"})}
-        fp32 = ["--dtype", "float32"]
-        for name, mode in [("lora", ["--lora_rank", "10", *fp32]),
-                           ("lora_vit", ["--lora_rank", "10", "--lora_vit", *fp32]),
-                           ("full", ["--full", *fp32]),
-                           ("lora_bf16_autocast", ["--lora_rank", "10", "--dtype", "bfloat16"]),
-                           ("full_bf16_autocast", ["--full", "--dtype", "bfloat16"])]:
+        for name, mode in MODES.items():
             r = run(mode, ckpt, tmp / "data", tmp / f"save-{name}", a.steps)
             r["trainable_fraction"] = r["trainable"] / r["total"]
             res[name] = r
             print(f"{name:9s} trainable {r['trainable']:>11,} / {r['total']:,} ({100 * r['trainable_fraction']:.2f}%)"
                   f"  step {r['step_s']:.3f} s  peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
-        res["full_over_lora_step"] = res["full"]["step_s"] / res["lora"]["step_s"]
-        res["full_over_lora_rss"] = res["full"]["peak_rss_mb"] / res["lora"]["peak_rss_mb"]
-        print(f"full / LoRA: step time {res['full_over_lora_step']:.2f}x, peak RSS {res['full_over_lora_rss']:.2f}x")
-        for name in ("lora", "full"):
-            res[f"{name}_fp32_over_bf16_autocast_step"] = res[name]["step_s"] / res[f"{name}_bf16_autocast"]["step_s"]
-            print(f"{name}: fp32 step / bf16 autocast step = {res[f'{name}_fp32_over_bf16_autocast_step']:.2f}x")
-    if a.json:
-        a.json.write_text(json.dumps(res, indent=1))
+    compare(res)
+    write_json(a.json, res)
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -23,18 +22,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import best_gemv, compile_or_exit, gemm_flops, image_prompt  # noqa: E402
+from bench.common import (bench_parser, best_gemv, cpu_features, gemm_flops, image_prompt, logits,  # noqa: E402
+                          now, pack_or_compile, peak_rss, write_json)
 from models import Cache, CogVLM  # noqa: E402
 from models.checkpoint import is_derived, materialize  # noqa: E402
 from models.config import MODEL_CONFIGS, get_config  # noqa: E402
 from models.generate import ModelInputs, decode_one_token, prefill  # noqa: E402
 from models.layout import can_pack, pack_for_cpu_inference  # noqa: E402
-from models.loading import cpu_flags, memory_returned_to_os, resolve_dtype  # noqa: E402
-from models.quantize import GROUP, GROUPS, VISION_BITS, default_backend, quant_plan  # noqa: E402
+from models.loading import memory_returned_to_os, resolve_dtype  # noqa: E402
+from models.quantize import GROUP, GROUPS, VISION_BITS, QuantConfig, plan_quantization  # noqa: E402
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9   # Linux: KiB
+    return peak_rss() / 1e9
 
 
 def rss_gb() -> float:
@@ -66,11 +66,10 @@ def build(name: str, dtype: torch.dtype, quant, quant_vision, device="cpu", pack
     cfg = get_config(name)
     with torch.device("meta"):
         model = CogVLM(cfg)
-    backend = default_backend(device)
-    plan = quant_plan(model, quant, quant_vision, backend, group) if quant else None
+    plan = plan_quantization(model, QuantConfig(quant, quant_vision, group), device) if quant else None
     total = len(model.state_dict())
     with memory_returned_to_os():
-        materialize(model, random_tensors(model, dtype, device), total, device, plan, backend, quant_group=group)
+        materialize(model, random_tensors(model, dtype, device), total, device, plan)
     if pack and can_pack(dtype, device):
         pack_for_cpu_inference(model)                  # the linear layers left unquantized
     return model.eval()
@@ -133,47 +132,41 @@ def ttft_flops(cfg, T: int) -> float:
     return f
 
 
-def _now() -> float:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
 @torch.inference_mode()
 def measure(model: CogVLM, text_tokens: int, decode_steps: int) -> dict:
     cfg = model.config
     dtype, dev = model.model.compute_dtype, model.model.device
     res = {}
     img = torch.randn(1, 3, cfg.eva.image_size, cfg.eva.image_size, device=dev)
-    t = _now()
+    t = now()
     embeds = model.encode_images(img)
-    res["image_s"] = _now() - t
+    res["image_s"] = now() - t
     res["peak_rss_image_gb"] = round(peak_rss_gb(), 3)
     cross_kv = None
     res["cross_image_s"] = 0.0
     if cfg.cross is not None:
-        t = _now()
+        t = now()
         cross_kv = model.cross_kv(torch.randn(1, 3, cfg.cross.image_size, cfg.cross.image_size, device=dev))
-        res["cross_image_s"] = _now() - t
+        res["cross_image_s"] = now() - t
     ids, pos, vision, slots = image_prompt(cfg, text_tokens, device=dev)
     T = ids.shape[1]
     inputs = ModelInputs(ids, pos, vision, slots, image_embeds=embeds, cross_kv=cross_kv)
     cache = Cache.allocate(cfg, 1, T + decode_steps + 2, dtype, dev)
-    t = _now()
-    logits = prefill(model, inputs, cache)
-    res["prefill_s"] = _now() - t
+    t = now()
+    first = prefill(model, inputs, cache)
+    res["prefill_s"] = now() - t
     res["peak_rss_prefill_gb"] = round(peak_rss_gb(), 3)
     res["prompt_tokens"] = T
     res["ttft_s"] = res["image_s"] + res["cross_image_s"] + res["prefill_s"]
-    tok = logits.argmax(-1)
-    t = _now()
+    tok = first.argmax(-1)
+    t = now()
     decode_one_token(model, tok, cache)                # warm-up (first call allocates, or compiles)
-    res["first_step_s"] = _now() - t
+    res["first_step_s"] = now() - t
     steps = []
     for _ in range(decode_steps):
-        t = _now()
+        t = now()
         tok = decode_one_token(model, tok, cache).argmax(-1)
-        steps.append(_now() - t)
+        steps.append(now() - t)
     step = sorted(steps)[len(steps) // 2]
     res["decode_tok_s"] = 1 / step
     res["decode_bytes_per_token"] = decode_bytes(model, T + decode_steps // 2)
@@ -199,89 +192,101 @@ def qlora_step(model: CogVLM, text_tokens: int, rank: int = 10) -> dict:
     model.train()
     opt = torch.optim.AdamW(params, lr=1e-4)
     ids, pos, vision, slots = image_prompt(cfg, text_tokens, device=dev)
-    t = _now()
+    t = now()
     with torch.no_grad():                              # frozen encoders: no graph, no activations kept
         embeds = model.encode_images(torch.randn(1, 3, cfg.eva.image_size, cfg.eva.image_size, device=dev))
         cross_kv = model.cross_kv(torch.randn(1, 3, cfg.cross.image_size, cfg.cross.image_size, device=dev)) \
             if cfg.cross is not None else None
-    logits = model(ids, pos, vision, image_embeds=embeds, image_mask=slots, cross_kv=cross_kv)
+    out = logits(model, ModelInputs(ids, pos, vision, slots, image_embeds=embeds, cross_kv=cross_kv))
     answer = ~slots[0, 1:]                             # the loss on the text tokens
-    loss = torch.nn.functional.cross_entropy(logits[0, :-1][answer].float(), ids[0, 1:][answer])
+    loss = torch.nn.functional.cross_entropy(out[0, :-1][answer].float(), ids[0, 1:][answer])
     loss.backward()
     opt.step()
-    return {"qlora_step_s": round(_now() - t, 2), "qlora_loss": round(float(loss.detach()), 4),
+    return {"qlora_step_s": round(now() - t, 2), "qlora_loss": round(float(loss.detach()), 4),
             "qlora_trainable": sum(p.numel() for p in params),
             "qlora_peak_rss_gb": round(peak_rss_gb(), 3)}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None) -> argparse.Namespace:
+    p = bench_parser(__doc__, raw=True, dtype="auto",
+                     quant=dict(choices=[0, 4, 8], default=4,
+                                help="language model weights: 4 or 8 bits, 0 = unquantized (default 4)"),
+                     device=dict(default="cpu", help="cpu, or cuda (quantized with bitsandbytes there)"),
+                     threads=dict(default=None, help="default: every core"),
+                     compile=dict(help="inductor-compiled decode step (models/compile.py; first_step_s is "
+                                       "its compile time)"))
     p.add_argument("--model", default="cogvlm-chat-v1.1", choices=sorted(MODEL_CONFIGS),
                    help="a released config (cogvlm-chat-v1.1, cogagent-chat, ...) or a tiny one")
-    p.add_argument("--quant", type=int, choices=[0, 4, 8], default=4,
-                   help="language model weights: 4 or 8 bits, 0 = unquantized (default 4)")
     p.add_argument("--quant_vision", type=int, choices=[4, 8, 16], default=VISION_BITS,
                    help="image encoders' bits (16 = unquantized; default 8)")
     p.add_argument("--quant_group", type=int, choices=GROUPS, default=GROUP,
                    help=f"inputs per int4 scale (default {GROUP})")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--device", default="cpu", help="cpu, or cuda (quantized with bitsandbytes there)")
-    p.add_argument("--threads", type=int, default=None, help="default: every core")
     p.add_argument("--text_tokens", type=int, default=30)
     p.add_argument("--decode_steps", type=int, default=8)
-    p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--compile", action="store_true",
-                   help="inductor-compiled decode step (models/compile.py; first_step_s is its compile time)")
     p.add_argument("--qlora_step", action="store_true",
                    help="after the inference figures, one QLoRA training step (batch 1): its time and peak RSS")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def precision_name(a) -> str:
+    """The weights' precision as the report names it, e.g. "int4 + vision int8 (groups of 64)"."""
+    if not a.quant:
+        return "unquantized"
+    groups = f" (groups of {a.quant_group})" if 4 in (a.quant, a.quant_vision) else ""
+    vision = "int" + str(a.quant_vision) if a.quant_vision != 16 else "unquantized"
+    return f"int{a.quant} + vision {vision}{groups}"
+
+
+def summary(model: CogVLM, r: dict, gemv: float, gemm: float, build_s: float) -> dict:
+    """The reported figures of one run, from measure()'s and the roofline's."""
+    frac = r["decode_bytes_per_token"] * r["decode_tok_s"] / gemv
+    flops = ttft_flops(model.config, r["prompt_tokens"])
+    return {"peak_rss_gb": round(peak_rss_gb(), 3), "build_s": round(build_s, 2),
+            "weights_gb": round(weights_bytes(model) / 1e9, 4),
+            "image_s": round(r["image_s"], 3), "cross_image_s": round(r["cross_image_s"], 3),
+            "ttft_s": round(r["ttft_s"], 3), "decode_tok_s": round(r["decode_tok_s"], 3),
+            "decode_frac_bw": float(f"{frac:.4g}"), "gemv_gbps": round(gemv / 1e9, 2),
+            "ttft_tflop": round(flops / 1e12, 2), "gemm_tflops": round(gemm / 1e12, 3),
+            "ttft_frac_gemm": round(flops / r["ttft_s"] / gemm, 3),
+            "prefill_s": round(r["prefill_s"], 3), "prompt_tokens": r["prompt_tokens"],
+            "decode_gb_per_token": round(r["decode_bytes_per_token"] / 1e9, 3)}
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     dtype = resolve_dtype(a.dtype, a.device)
-    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"})
-    groups = f" (groups of {a.quant_group})" if 4 in (a.quant, a.quant_vision) else ""
-    precision = f"int{a.quant} + vision {'int' + str(a.quant_vision) if a.quant_vision != 16 else 'unquantized'}{groups}" \
-        if a.quant else "unquantized"
+    flags, precision = cpu_features(), precision_name(a)
     print(f"{a.model}: {precision}, compute {dtype}, {torch.get_num_threads()} threads, CPU flags {' '.join(flags)}",
           flush=True)
     tiny = a.model.startswith("tiny")                  # a check of the script: small references
-    gemv = best_gemv(n=4096 if tiny else 8192, device=a.device)
+    gemv = best_gemv(n=4096 if tiny else 8192, device=a.device)["best"]
     gemm = gemm_flops(n=512 if tiny else 2048, dtype=dtype, device=a.device)
     t = time.perf_counter()
     model = build(a.model, dtype, a.quant or None, a.quant_vision, a.device, pack=not a.compile, group=a.quant_group)
     build_s = time.perf_counter() - t
-    if a.compile:
-        compile_or_exit(model)
+    pack_or_compile(model, False, a.compile)
     build_rss = round(peak_rss_gb(), 3)
     print(f"built in {build_s:.1f} s, peak RSS {build_rss:.2f} GB (now {rss_gb():.2f} GB)", flush=True)
     r = measure(model, a.text_tokens, a.decode_steps)
-    frac = r["decode_bytes_per_token"] * r["decode_tok_s"] / gemv["best"]
-    flops = ttft_flops(model.config, r["prompt_tokens"])
     out = {"model": a.model, "precision": f"{precision} ({str(dtype).split('.')[-1]})",
-           "peak_rss_gb": round(peak_rss_gb(), 3), "build_s": round(build_s, 2),
-           "weights_gb": round(weights_bytes(model) / 1e9, 4),
-           "image_s": round(r["image_s"], 3), "cross_image_s": round(r["cross_image_s"], 3),
-           "ttft_s": round(r["ttft_s"], 3), "decode_tok_s": round(r["decode_tok_s"], 3),
-           "decode_frac_bw": round(frac, 3), "gemv_gbps": round(gemv["best"] / 1e9, 2),
-           "ttft_tflop": round(flops / 1e12, 2), "gemm_tflops": round(gemm / 1e12, 3),
-           "ttft_frac_gemm": round(flops / r["ttft_s"] / gemm, 3),
-           "prefill_s": round(r["prefill_s"], 3), "prompt_tokens": r["prompt_tokens"],
-           "decode_gb_per_token": round(r["decode_bytes_per_token"] / 1e9, 3),
+           **summary(model, r, gemv, gemm, build_s),
            "threads": torch.get_num_threads(), "cpu_flags": flags, "device": a.device,
            "compiled": a.compile, "first_step_s": round(r["first_step_s"], 2),
            # where the peak happens: ru_maxrss after each phase
            "peak_rss_build_gb": build_rss, "peak_rss_image_gb": r["peak_rss_image_gb"],
            "peak_rss_prefill_gb": r["peak_rss_prefill_gb"]}
-    if torch.device(a.device).type == "cuda":
+    cuda = torch.device(a.device).type == "cuda"
+    if cuda:
         out["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
         out["gpu"] = torch.cuda.get_device_name()
     if a.qlora_step:
         out.update(qlora_step(model, a.text_tokens))
-        if torch.device(a.device).type == "cuda":
+        if cuda:
             out["qlora_peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
     print(json.dumps(out, indent=1))
-    if a.json:
-        a.json.write_text(json.dumps(out, indent=1))
+    write_json(a.json, out)
     return 0
 
 

@@ -13,8 +13,6 @@ count, not by the layout.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import best_gemv, median_time, read_bandwidth  # noqa: E402
+from bench.common import (bench_parser, best_gemv, cpu_features, median_time, read_bandwidth,  # noqa: E402
+                          write_json)
 
 # One decoder layer's language-expert shapes (out, in): QKV, dense, gate, up, down.
 SHAPES = {"mid": [(6144, 2048), (2048, 2048), (5632, 2048), (5632, 2048), (2048, 5632)],
@@ -75,17 +74,12 @@ def compiled_rate(shapes, repeat: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=15)
+    p = bench_parser(__doc__, raw=True, threads=2, repeat=15)
     p.add_argument("--groups", default="32,64,128,256")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip inductor's template")
-    p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from models.loading import cpu_flags
-    flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"})
-    res = {"threads": a.threads, "cpu_flags": flags, "read_gbps": read_bandwidth() / 1e9,
+    res = {"threads": a.threads, "cpu_flags": cpu_features(), "read_gbps": read_bandwidth() / 1e9,
            "best_gemv_gbps": best_gemv()["best"] / 1e9, "eager": {}}
     print(f"memory read {res['read_gbps']:.1f} GB/s, best GEMV {res['best_gemv_gbps']:.1f} GB/s")
     for name, shapes in SHAPES.items():
@@ -98,8 +92,7 @@ def main(argv=None) -> int:
         r = res["compiled_mid"] = compiled_rate(SHAPES["mid"], a.repeat)
         print(f"mid, inductor max-autotune (group {r['group']}): {r['compiled_gbytes_s']:.1f} GB/s vs eager "
               f"{r['eager_gbytes_s']:.1f} GB/s")
-    if a.json:
-        a.json.write_text(json.dumps(res, indent=1))
+    write_json(a.json, res)
     return 0
 
 

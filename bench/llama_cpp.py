@@ -23,13 +23,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from bench.common import best_gemv, compile_or_exit, read_bandwidth  # noqa: E402
+from bench.common import (bench_parser, best_gemv, median_time, medians, pack_or_compile,  # noqa: E402
+                          random_model, read_bandwidth, write_json)
 from bench.decode import MID  # noqa: E402
 
 
@@ -108,42 +110,21 @@ def our_model(bits, ctx: int, compiled: bool = False):
     compiled: plain weights and the inductor-compiled decode step (--compile)."""
     import torch
     from bench.decode import decode_bytes as step_bytes
-    from models import CogVLM
-    from models.layout import pack_for_cpu_inference
-    from models.loading import init_weights
-    from models.quantize import quantize
     torch.manual_seed(0)
-    model = CogVLM(MID)
-    init_weights(model)
-    model = model.to(torch.bfloat16).eval()
-    if bits:
-        quantize(model, bits)
+    model = random_model(MID, torch.bfloat16, bits)
     nbytes = step_bytes(model, MID, ctx)                # before packing: packed tensors hide their size
-    if compiled:
-        compile_or_exit(model)
-        return model, nbytes
-    return pack_for_cpu_inference(model), nbytes
+    return pack_or_compile(model, not compiled, compiled), nbytes
 
 
 def our_prefill_s(model) -> float:
     """Image encoder + the 283-token prompt (257 image tokens through the vision expert)."""
-    import torch
-    from bench.common import median_time
-    from bench.decode import make_inputs
-    from models import Cache
-    from models.generate import prefill
-    inputs = make_inputs(MID, 24, model, False)
-    img = torch.randn(1, 3, MID.eva.image_size, MID.eva.image_size)
-
-    def run():
-        with torch.inference_mode():
-            inputs.image_embeds = model.encode_images(img)
-            prefill(model, inputs, Cache.allocate(MID, 1, inputs.input_ids.shape[1] + 1, torch.bfloat16, "cpu"))
-    return median_time(run, 3)
+    from bench.decode import make_inputs, prefill_run
+    return median_time(prefill_run(model, make_inputs(MID, 24, model, False), "cpu"), 3)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None) -> argparse.Namespace:
+    p = bench_parser(__doc__, raw=True, threads=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())),
+                     compile=dict(help="ours with the inductor-compiled decode step"))
     p.add_argument("--llama_cpp", type=Path, required=True,
                    help="llama.cpp source folder with build/bin/llama-bench and llama-quantize built")
     p.add_argument("--types", default="bf16,f16,q8_0,q4_0", help="llama.cpp weight types, comma-separated")
@@ -152,80 +133,112 @@ def main() -> None:
                    help="interleaved rounds (llama.cpp, then ours, per type); medians are reported")
     p.add_argument("--prompt", type=int, default=283, help="prefill tokens and decode context")
     p.add_argument("--decode", type=int, default=32, help="tokens per decode measurement")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
     p.add_argument("--workdir", type=Path, default=None, help="where the GGUF files go (default: a temp dir)")
-    p.add_argument("--compile", action="store_true", help="ours with the inductor-compiled decode step")
-    p.add_argument("--json", type=Path, default=None)
-    args = p.parse_args()
+    return p.parse_args(argv)
 
-    bin_dir = args.llama_cpp / "build" / "bin"
+
+def import_gguf(llama_cpp: Path):
+    """llama.cpp's own gguf-py, else the installed one; a missing build or package ends the run."""
+    bin_dir = llama_cpp / "build" / "bin"
     for tool in ("llama-bench", "llama-quantize"):
         if not (bin_dir / tool).exists():
             sys.exit(f"{bin_dir / tool} not found: build llama.cpp first (see --help)")
-    sys.path.insert(0, str(args.llama_cpp / "gguf-py"))   # llama.cpp's own gguf-py, else the installed one
+    sys.path.insert(0, str(llama_cpp / "gguf-py"))
     try:
         import gguf
     except ImportError:
         sys.exit("the gguf package is missing: pip install gguf (or use a llama.cpp tree with gguf-py/)")
-    import torch
-    from bench.decode import decode_step_time
-    torch.set_num_threads(args.threads)
-    bench_bin = bin_dir / "llama-bench"
+    return gguf
 
+
+@dataclass
+class Contenders:
+    """Per llama.cpp type: its GGUF file and the bytes its decode step reads; where the project
+    has the same type, our model and its bytes per step."""
+    files: dict = field(default_factory=dict)
+    theirs_bytes: dict = field(default_factory=dict)
+    ours: dict = field(default_factory=dict)
+    ours_bytes: dict = field(default_factory=dict)
+
+
+def prepare_contenders(args, gguf, bin_dir: Path) -> Contenders:
+    """The bf16 GGUF written once, each type quantized from it by llama-quantize, ours built."""
     work = args.workdir or Path(tempfile.mkdtemp(prefix="llama_cpp_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     base = work / "mid-bf16.gguf"
     if not base.exists():
         print(f"writing {base}")
         write_gguf(base, gguf)
-    files, theirs_bytes, ours, ours_bytes = {}, {}, {}, {}
+    c = Contenders()
     for typ in args.types.split(","):
-        files[typ] = base if typ == "bf16" else work / f"mid-{typ}.gguf"
-        if not files[typ].exists():
+        c.files[typ] = base if typ == "bf16" else work / f"mid-{typ}.gguf"
+        if not c.files[typ].exists():
             print(f"llama-quantize {typ}")
-            run_tool([str(bin_dir / "llama-quantize"), str(base), str(files[typ]), typ.upper()])
-        theirs_bytes[typ] = decode_bytes(files[typ], gguf, args.prompt)
+            run_tool([str(bin_dir / "llama-quantize"), str(base), str(c.files[typ]), typ.upper()])
+        c.theirs_bytes[typ] = decode_bytes(c.files[typ], gguf, args.prompt)
         if typ in OURS:
             print(f"building ours for {typ}")
-            ours[typ], ours_bytes[typ] = our_model(OURS[typ], args.prompt, args.compile)
+            c.ours[typ], c.ours_bytes[typ] = our_model(OURS[typ], args.prompt, args.compile)
+    return c
 
+
+def decode_rounds(args, c: Contenders, bench_bin: Path) -> tuple[dict, list, list]:
+    """(who, type, repack) -> decode tok/s per round, and the memory read and best GEMV figures
+    measured between them (interleaved, so the box's drift hits all alike)."""
+    from bench.decode import decode_step_time
     who_ours = "ours compiled" if args.compile else "ours"
-    runs = {}                                           # (who, type, repack) -> list of tok/s
-    reads, gemvs = [], []
-    for r in range(args.rounds):                       # interleaved, so the box's drift hits all alike
+    runs, reads, gemvs = {}, [], []
+    for r in range(args.rounds):
         reads.append(read_bandwidth())
         gemvs.append(best_gemv()["best"])
-        for typ in files:
+        for typ in c.files:
             for repack in args.repack.split(","):
                 runs.setdefault(("llama.cpp", typ, repack), []).append(llama_bench(
-                    bench_bin, files[typ], args.threads, 3,
+                    bench_bin, c.files[typ], args.threads, 3,
                     ["-p", "0", "-n", str(args.decode), "-d", str(args.prompt), "--repack", repack]))
-            if typ in ours:
-                runs.setdefault((who_ours, typ, ""), []).append(1 / decode_step_time(ours[typ], args.prompt, 12))
+            if typ in c.ours:
+                runs.setdefault((who_ours, typ, ""), []).append(1 / decode_step_time(c.ours[typ], args.prompt, 12))
         print(f"round {r + 1}/{args.rounds}: memory read {reads[-1] / 1e9:.1f} GB/s, "
               + ", ".join(f"{w} {t}{'/' + rp if rp else ''} {v[-1]:.1f}" for (w, t, rp), v in runs.items()))
-    read, gemv = statistics.median(reads), statistics.median(gemvs)
+    return runs, reads, gemvs
+
+
+def table_rows(args, c: Contenders, bench_bin: Path, runs: dict, read: float, gemv: float) -> list[dict]:
+    """One row per (who, type, repack): prefill seconds, decode tok/s, bytes per token and the
+    fractions of memory read and best GEMV bandwidth that decode reaches."""
     rows = []
-    for (who, typ, repack), v in runs.items():
-        nbytes = (theirs_bytes if who == "llama.cpp" else ours_bytes)[typ]
+    for (who, typ, repack), tok_s in medians(runs).items():
+        nbytes = (c.theirs_bytes if who == "llama.cpp" else c.ours_bytes)[typ]
         if who == "llama.cpp":
-            pre = args.prompt / llama_bench(bench_bin, files[typ], args.threads, 3,
+            pre = args.prompt / llama_bench(bench_bin, c.files[typ], args.threads, 3,
                                             ["-p", str(args.prompt), "-n", "0", "--repack", repack])
         else:
-            pre = our_prefill_s(ours[typ])
-        tok_s = statistics.median(v)
+            pre = our_prefill_s(c.ours[typ])
         rows.append({"who": who, "type": typ, "repack": repack, "prefill_s": pre, "decode_tok_s": tok_s,
                      "gb_per_token": nbytes / 1e9, "frac_read": tok_s * nbytes / read,
                      "frac_best_gemv": tok_s * nbytes / gemv})
-    print(f"medians of {args.rounds} rounds: memory read {read / 1e9:.1f} GB/s, best PyTorch GEMV {gemv / 1e9:.1f} GB/s")
+    return rows
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    gguf = import_gguf(args.llama_cpp)
+    import torch
+    torch.set_num_threads(args.threads)
+    bin_dir = args.llama_cpp / "build" / "bin"
+    c = prepare_contenders(args, gguf, bin_dir)
+    runs, reads, gemvs = decode_rounds(args, c, bin_dir / "llama-bench")
+    read, gemv = statistics.median(reads), statistics.median(gemvs)
+    rows = table_rows(args, c, bin_dir / "llama-bench", runs, read, gemv)
+    print(f"medians of {args.rounds} rounds: memory read {read / 1e9:.1f} GB/s, "
+          f"best PyTorch GEMV {gemv / 1e9:.1f} GB/s")
     print("| who | type | prefill s | decode tok/s | GB/token | % memory read | % best GEMV |")
     for row in sorted(rows, key=lambda x: (x["type"], x["who"])):
         print(f"| {row['who']}{' repack ' + row['repack'] if row['repack'] else ''} | {row['type']} | "
               f"{row['prefill_s']:.2f} | {row['decode_tok_s']:.2f} | {row['gb_per_token']:.2f} | "
               f"{row['frac_read']:.0%} | {row['frac_best_gemv']:.0%} |")
-    if args.json:
-        args.json.write_text(json.dumps({"threads": args.threads, "prompt": args.prompt, "read_gbps": read / 1e9,
-                                         "best_gemv_gbps": gemv / 1e9, "rows": rows}, indent=1))
+    write_json(args.json, {"threads": args.threads, "prompt": args.prompt, "read_gbps": read / 1e9,
+                           "best_gemv_gbps": gemv / 1e9, "rows": rows})
 
 
 if __name__ == "__main__":

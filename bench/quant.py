@@ -11,9 +11,7 @@ logits have tiny margins, so every rounding flips tokens); the bundled models ar
 """
 from __future__ import annotations
 
-import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -24,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from models import EVAConfig, ModelConfig, build_model, load_model, save_sat_checkpoint  # noqa: E402
+from bench.common import bench_parser, image_prompt, load, logits, peak_rss, random_model, write_json  # noqa: E402
+from models import EVAConfig, ModelConfig, save_sat_checkpoint  # noqa: E402
 
 SMALL = ModelConfig(num_layers=8, hidden_size=1024, num_attention_heads=16, inner_hidden_size=2816,
                     vocab_size=32000, max_sequence_length=2048,
@@ -38,14 +37,15 @@ SCHEMES = {"fp32": (torch.float32, None, None, None), "bf16": (torch.bfloat16, N
 REF = "bf16"
 
 
-def load(ckpt: str, scheme: str):
+def load_scheme(ckpt: str, scheme: str):
+    """(model, config) of `ckpt` in one of SCHEMES."""
     from models.quantize import quantize
     dtype, bits, backend, group = SCHEMES[scheme]
     if backend == "bitsandbytes":                      # bitsandbytes quantizes after loading
-        model, cfg = load_model(ckpt, dtype=dtype)
+        model, cfg = load(ckpt, dtype)
         quantize(model, bits, vision_bits=8, backend=backend, group=group)
     else:
-        model, cfg = load_model(ckpt, dtype=dtype, quant=bits, quant_group=group)
+        model, cfg = load(ckpt, dtype, bits, group)
     return model, cfg
 
 
@@ -53,8 +53,7 @@ def worker(ckpt: str, scheme: str, prompts: int, new_tokens: int, out: str) -> N
     from models.generate import GenerationConfig, ModelInputs, generate_tokens
     from models.quantize import weight_bytes
     torch.set_num_threads(2)
-    model, cfg = load(ckpt, scheme)
-    from bench.common import image_prompt
+    model, cfg = load_scheme(ckpt, scheme)
     g = torch.Generator().manual_seed(0)
     outputs, first_logits, decode_time, decoded = [], [], 0.0, 0
     for i in range(prompts):
@@ -62,8 +61,7 @@ def worker(ckpt: str, scheme: str, prompts: int, new_tokens: int, out: str) -> N
         img = torch.randn(1, 3, 56, 56, generator=g)
         with torch.inference_mode():
             inputs = ModelInputs(ids, pos, vision, slots, image_embeds=model.encode_images(img))
-            first_logits.append(model(ids, pos, vision, image_embeds=inputs.image_embeds, image_mask=slots,
-                                      last_only=True)[0, -1].float())
+            first_logits.append(logits(model, inputs, last_only=True)[0, -1].float())
             toks, t0 = [], None
             for step, tok in enumerate(generate_tokens(model, inputs, GenerationConfig(), -1, new_tokens)):
                 if step == 0:
@@ -74,7 +72,7 @@ def worker(ckpt: str, scheme: str, prompts: int, new_tokens: int, out: str) -> N
         outputs.append(toks)
     torch.save(torch.stack(first_logits), out + ".pt")
     Path(out).write_text(json.dumps({
-        "weight_bytes": weight_bytes(model), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "weight_bytes": weight_bytes(model), "peak_rss": peak_rss(),
         "tok_s": decoded / decode_time, "outputs": outputs}))
 
 
@@ -99,70 +97,87 @@ def bundled(schemes) -> dict:
     root = Path(__file__).resolve().parent.parent
     res = {}
     for scheme in schemes:
-        answers, logits = [], []
+        answers, first = [], []
         for name, image, questions in BUNDLED:
-            model, cfg = load(str(BUNDLED_DIR / name), scheme)
+            model, cfg = load_scheme(str(BUNDLED_DIR / name), scheme)
             tok = Tokenizer(BUNDLED_DIR / name / "tokenizer")
             for q in questions:
                 img = ImageContext(root / "assets" / image, cfg)
                 x = prepare(model, tok, q, [], img)
                 with torch.inference_mode():
-                    logits.append(model(x.input_ids, x.position_ids, x.vision_mask, image_embeds=x.image_embeds,
-                                        image_mask=x.image_mask, cross_kv=x.cross_kv, last_only=True)[0, -1].float())
+                    first.append(logits(model, x, last_only=True)[0, -1].float())
                 answers.append(chat(model, tok, q, [], img, gen=GenerationConfig(max_new_tokens=64))[0])
-        res[scheme] = (answers, logits)
+        res[scheme] = (answers, first)
     return res
 
 
+def run_schemes(schemes, prompts: int, new_tokens: int) -> tuple[dict, dict]:
+    """Each scheme's worker in its own process on one random-weight checkpoint written here:
+    scheme -> its figures and outputs, scheme -> its first-step logits."""
+    with tempfile.TemporaryDirectory() as d:
+        torch.manual_seed(0)
+        save_sat_checkpoint(random_model(SMALL, torch.float32), SMALL, Path(d) / "m")
+        res, first = {}, {}
+        for scheme in schemes:
+            out = Path(d) / f"{scheme}.json"
+            subprocess.run([sys.executable, __file__, "--prompts", str(prompts), "--new_tokens",
+                            str(new_tokens), "--worker", str(Path(d) / "m"), scheme, str(out)], check=True)
+            res[scheme] = json.loads(out.read_text())
+            first[scheme] = torch.load(str(out) + ".pt")
+    return res, first
+
+
+def random_table(schemes, res: dict, first_logits: dict) -> dict:
+    """The random-weight model's figures per scheme, against REF (printed as a table)."""
+    ref = res[REF]["outputs"]
+    print(f"random-weight model, against {REF}:")
+    print(f"{'':9} {'weights MB':>10} {'peak RSS MB':>11} {'decode tok/s':>12} {'logit error':>11} "
+          f"{'first token = bf16':>18} {'greedy tokens = bf16':>21}")
+    table = {}
+    for scheme in schemes:
+        r = res[scheme]
+        same = sum(x == y for o, q in zip(ref, r["outputs"]) for x, y in zip(o, q))
+        total = sum(len(o) for o in ref)
+        exact = sum(o == q for o, q in zip(ref, r["outputs"]))
+        lg, ref_lg = first_logits[scheme], first_logits[REF]
+        first = float((lg.argmax(-1) == ref_lg.argmax(-1)).float().mean())
+        err = logit_error(lg, ref_lg)
+        table[scheme] = dict(weight_MB=r["weight_bytes"] / 1e6, peak_rss_MB=r["peak_rss"] / 1e6,
+                             tok_s=r["tok_s"], logit_rel_error=err, first_token_agreement=first,
+                             token_agreement=same / total, prompt_agreement=exact / len(ref))
+        print(f"{scheme:9} {r['weight_bytes'] / 1e6:10.0f} {r['peak_rss'] / 1e6:11.0f} {r['tok_s']:12.2f} "
+              f"{err:11.4f} {first:18.1%} {same / total:10.1%} ({exact}/{len(ref)} prompts)")
+    return table
+
+
+def bundled_table(schemes) -> dict:
+    """The bundled models' agreement with REF per scheme (printed)."""
+    b = bundled(schemes)
+    print(f"\nbundled models (tiny-cogvlm, tiny-cogagent; {len(b[REF][0])} questions), against {REF}:")
+    table = {}
+    for scheme in schemes:
+        answers, lg = b[scheme]
+        same = sum(x == y for x, y in zip(answers, b[REF][0]))
+        err = sum(logit_error(x[None], y[None]) for x, y in zip(lg, b[REF][1])) / len(lg)
+        table[scheme] = dict(same_answers=same, of=len(answers), logit_rel_error=err)
+        print(f"{scheme:9} same greedy answer {same}/{len(answers)}, logit error {err:.4f}")
+    return table
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = bench_parser(__doc__)
     p.add_argument("--prompts", type=int, default=50)
     p.add_argument("--new_tokens", type=int, default=10)
     p.add_argument("--schemes", default=",".join(SCHEMES))
-    p.add_argument("--json", type=Path)
     p.add_argument("--worker", nargs=3, metavar=("CKPT", "SCHEME", "OUT"))
     a = p.parse_args(argv)
     if a.worker:
         worker(a.worker[0], a.worker[1], a.prompts, a.new_tokens, a.worker[2])
         return 0
     schemes = a.schemes.split(",")
-    with tempfile.TemporaryDirectory() as d:
-        torch.manual_seed(0)
-        save_sat_checkpoint(build_model(SMALL), SMALL, Path(d) / "m")
-        res, logits = {}, {}
-        for scheme in schemes:
-            out = Path(d) / f"{scheme}.json"
-            subprocess.run([sys.executable, __file__, "--prompts", str(a.prompts), "--new_tokens",
-                            str(a.new_tokens), "--worker", str(Path(d) / "m"), scheme, str(out)], check=True)
-            res[scheme] = json.loads(out.read_text())
-            logits[scheme] = torch.load(str(out) + ".pt")
-    ref = res[REF]["outputs"]
-    print(f"random-weight model, against {REF}:")
-    print(f"{'':9} {'weights MB':>10} {'peak RSS MB':>11} {'decode tok/s':>12} {'logit error':>11} "
-          f"{'first token = bf16':>18} {'greedy tokens = bf16':>21}")
-    table = {"random": {}, "bundled": {}}
-    for scheme in schemes:
-        r = res[scheme]
-        same = sum(x == y for o, q in zip(ref, r["outputs"]) for x, y in zip(o, q))
-        total = sum(len(o) for o in ref)
-        exact = sum(o == q for o, q in zip(ref, r["outputs"]))
-        first = float((logits[scheme].argmax(-1) == logits[REF].argmax(-1)).float().mean())
-        err = logit_error(logits[scheme], logits[REF])
-        table["random"][scheme] = dict(weight_MB=r["weight_bytes"] / 1e6, peak_rss_MB=r["peak_rss"] / 1e6,
-                                       tok_s=r["tok_s"], logit_rel_error=err, first_token_agreement=first,
-                                       token_agreement=same / total, prompt_agreement=exact / len(ref))
-        print(f"{scheme:9} {r['weight_bytes'] / 1e6:10.0f} {r['peak_rss'] / 1e6:11.0f} {r['tok_s']:12.2f} "
-              f"{err:11.4f} {first:18.1%} {same / total:10.1%} ({exact}/{len(ref)} prompts)")
-    b = bundled(schemes)
-    print(f"\nbundled models (tiny-cogvlm, tiny-cogagent; {len(b[REF][0])} questions), against {REF}:")
-    for scheme in schemes:
-        answers, lg = b[scheme]
-        same = sum(x == y for x, y in zip(answers, b[REF][0]))
-        err = sum(logit_error(x[None], y[None]) for x, y in zip(lg, b[REF][1])) / len(lg)
-        table["bundled"][scheme] = dict(same_answers=same, of=len(answers), logit_rel_error=err)
-        print(f"{scheme:9} same greedy answer {same}/{len(answers)}, logit error {err:.4f}")
-    if a.json:
-        a.json.write_text(json.dumps(table, indent=1))
+    res, first_logits = run_schemes(schemes, a.prompts, a.new_tokens)
+    table = {"random": random_table(schemes, res, first_logits), "bundled": bundled_table(schemes)}
+    write_json(a.json, table)
     return 0
 
 

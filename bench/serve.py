@@ -4,8 +4,6 @@ tiny test model and on the mid-size config of bench/decode.py (random weights, t
 about 20 tokens, a fixed number of new tokens per stream, greedy)."""
 from __future__ import annotations
 
-import argparse
-import json
 import queue
 import statistics
 import sys
@@ -18,12 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from bench.common import bench_parser, pack_or_compile, random_model, write_json  # noqa: E402
 from bench.decode import MID  # noqa: E402
-from models import CogVLM, build_model, get_config  # noqa: E402
+from models import get_config  # noqa: E402
 from models.compile import compile_attention  # noqa: E402
 from models.generate import GenerationConfig  # noqa: E402
-from models.layout import pack_for_cpu_inference  # noqa: E402
-from models.loading import init_weights  # noqa: E402
+from models.loading import resolve_dtype  # noqa: E402
 from utils.chat import prepare  # noqa: E402
 from utils.tiny.create_test_model import CORPUS  # noqa: E402
 from utils.serving.engine import BatchEngine, Request  # noqa: E402
@@ -64,21 +62,37 @@ def run_level(engine, model, tok, streams: int, new_tokens: int, filler: str = "
             "ttft_p95": ttft[min(len(ttft) - 1, int(round(0.95 * (len(ttft) - 1))))], "wall_s": wall}
 
 
+def serve_levels(model, tok, name: str, new_tokens: int, context: int) -> dict:
+    """Tokens/s and TTFT at 1, 4 and 16 streams through one BatchEngine (printed)."""
+    model.config.eos_token_id = -1                     # EOS never ends a stream: each makes new_tokens
+    unit = "the fox runs. "
+    filler = unit * (context // len(tok.encode(unit)))
+    question = f"{filler}Question 0: what is the quick brown fox doing today?"
+    engine = BatchEngine(model, tok, max_batch=16, max_queue=64, max_len=256 + context)
+    run_level(engine, model, tok, 1, 4, filler)               # warm-up (and compilation)
+    run_level(engine, model, tok, 4, 4, filler)
+    res = {}
+    for streams in (1, 4, 16):
+        r = run_level(engine, model, tok, streams, new_tokens, filler)
+        r["prompt_tokens"] = prepare(model, tok, question).input_ids.shape[1]
+        res[f"{name}_{streams}"] = r
+        base = res[f"{name}_1"]["tok_s"]
+        print(f"{name:4} {streams:2d} streams: {r['tok_s']:7.1f} tok/s "
+              f"({r['tok_s'] / max(base, 1e-9):4.1f}x 1 stream), "
+              f"TTFT p50 {r['ttft_p50'] * 1e3:6.0f} ms, p95 {r['ttft_p95'] * 1e3:6.0f} ms, "
+              f"prompts of {r['prompt_tokens']} tokens")
+    engine.close()
+    return res
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--threads", type=int, default=2)
+    p = bench_parser(__doc__, threads=2, dtype="float32", quant=None,
+                     compile=dict(help="the decode attention compiled, as openai_api.py --compile runs it"))
     p.add_argument("--configs", nargs="+", default=["tiny", "mid"])
-    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--quant", type=int, choices=[4, 8], default=None)
     p.add_argument("--context", type=int, default=0,
                    help="about this many tokens of filler text before each question: long prompts as "
                         "an image makes them (1258 tokens at CogVLM-17B's 490 px)")
-    p.add_argument("--compile", action="store_true",
-                   help="the decode attention compiled, as openai_api.py --compile runs it")
-    p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
-    from models.loading import resolve_dtype
-    from models.quantize import quantize
     dtype = resolve_dtype(a.dtype, "cpu")
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -86,38 +100,13 @@ def main(argv=None) -> int:
         tok = Tokenizer(train_sentencepiece(CORPUS * 20, Path(d) / "tok"))
     res = {}
     for name in a.configs:
-        if name == "tiny":
-            model, new_tokens = build_model(get_config("tiny-test-cogvlm"), dtype=dtype), 48
-        else:
-            model = CogVLM(MID)
-            init_weights(model)
-            model, new_tokens = model.to(dtype).eval(), 24
-        if a.quant:
-            quantize(model, a.quant)
-        pack_for_cpu_inference(model)                   # as openai_api.py serves on CPU
+        cfg, new_tokens = (get_config("tiny-test-cogvlm"), 48) if name == "tiny" else (MID, 24)
+        model = pack_or_compile(random_model(cfg, dtype, a.quant), True, False)   # as openai_api.py serves on CPU
         if a.compile and not compile_attention(model):
             print("--compile: compiling is not possible here (see the message above)")
             return 1
-        # EOS never ends a stream early: every stream generates exactly new_tokens.
-        model.config.eos_token_id = -1
-        unit = "the fox runs. "
-        filler = unit * (a.context // len(tok.encode(unit)))
-        max_len = 256 + a.context
-        engine = BatchEngine(model, tok, max_batch=16, max_queue=64, max_len=max_len)
-        run_level(engine, model, tok, 1, 4, filler)               # warm-up (and compilation)
-        run_level(engine, model, tok, 4, 4, filler)
-        for streams in (1, 4, 16):
-            r = run_level(engine, model, tok, streams, new_tokens, filler)
-            r["prompt_tokens"] = prepare(model, tok, f"{filler}Question 0: what is the quick brown fox "
-                                                     f"doing today?").input_ids.shape[1]
-            res[f"{name}_{streams}"] = r
-            base = res[f"{name}_1"]["tok_s"]
-            print(f"{name:4} {streams:2d} streams: {r['tok_s']:7.1f} tok/s ({r['tok_s'] / max(base, 1e-9):4.1f}x 1 stream), "
-                  f"TTFT p50 {r['ttft_p50'] * 1e3:6.0f} ms, p95 {r['ttft_p95'] * 1e3:6.0f} ms, "
-                  f"prompts of {r['prompt_tokens']} tokens")
-        engine.close()
-    if a.json:
-        a.json.write_text(json.dumps(res, indent=1))
+        res.update(serve_levels(model, tok, name, new_tokens, a.context))
+    write_json(a.json, res)
     return 0
 
 

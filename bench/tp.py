@@ -8,7 +8,6 @@ bandwidth. Reported, not tuned for.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -23,16 +22,17 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.common import bench_parser, load, write_json  # noqa: E402
+
 
 def worker(ckpt: str, out: str, new_tokens: int, repeat: int) -> None:
     from models.generate import GenerationConfig, generate_tokens
-    from models.loading import load_model
     from models.tp import exit_process, init_distributed
     from utils.chat import ImageContext, prepare
     from utils.chat.tokenizer import Tokenizer
     from PIL import Image
     rank, world = init_distributed("cpu")
-    model, cfg = load_model(ckpt, rank=rank, world=world)
+    model, cfg = load(ckpt, rank=rank, world=world)
     tok = Tokenizer(Path(ckpt) / "tokenizer")
     ctx = ImageContext(Image.new("RGB", (224, 224), (120, 30, 60)), cfg)
     rates = []
@@ -45,16 +45,14 @@ def worker(ckpt: str, out: str, new_tokens: int, repeat: int) -> None:
             pass
         rates.append(new_tokens / (time.perf_counter() - t))
     if rank == 0:
-        Path(out).write_text(json.dumps({"world": world, "tok_s": statistics.median(rates[1:])}))
+        write_json(Path(out), {"world": world, "tok_s": statistics.median(rates[1:])})
     exit_process(0)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--json", type=Path)
+def main(argv=None) -> int:
+    p = bench_parser(__doc__, repeat=3)
     p.add_argument("--new_tokens", type=int, default=32)
-    p.add_argument("--repeat", type=int, default=3)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     from bench.finetune import SMALL
     from utils.tiny.create_test_model import create
     res = {"config": "SMALL (8 layers, hidden 1024, ViT 4x512 at 224 px), fp32, 2 cores in total"}
@@ -70,8 +68,7 @@ def main() -> int:
             print(f"TP={n}: {res[f'tp{n}_tok_s']:.2f} tok/s", flush=True)
     res["tp2_over_tp1"] = res["tp2_tok_s"] / res["tp1_tok_s"]
     print(f"TP=2 / TP=1: {res['tp2_over_tp1']:.2f}x")
-    if a.json:
-        a.json.write_text(json.dumps(res, indent=1))
+    write_json(a.json, res)
     return 0
 
 

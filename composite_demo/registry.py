@@ -11,28 +11,22 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
 from typing import Optional
 
-from models.quantize import GROUPS
+from utils.apps.args import add_loading_args
 from utils.apps.flags import ArgumentParser
 
 MODES = ("CogVLM chat", "CogAgent chat", "CogAgent agent")
+# Loading flags whose default an environment variable may set (composite_demo/README.md;
+# COGVLM_DTYPE is read by --dtype itself).
+ENV_DEFAULTS = {"device": "COGVLM_DEVICE", "quant": "COGVLM_QUANT", "quant_group": "COGVLM_QUANT_GROUP",
+                "local_tokenizer": "COGVLM_TOKENIZER"}
 
 
-@dataclass
-class Registry:
-    cogvlm: Optional[str] = None
-    cogagent: Optional[str] = None
-    grounding: Optional[str] = None        # e.g. cogvlm-grounding-generalist; default: cogvlm's
-    device: Optional[str] = None
-    quant: Optional[int] = None
-    quant_group: Optional[int] = None      # inputs per int4 scale (default 64; 128 saves memory)
-    bf16: bool = False
-    fp16: bool = False
-    local_tokenizer: Optional[str] = None
-    dtype: str = "auto"
-    compile: bool = False
+class Registry(argparse.Namespace):
+    """The parsed flags: the checkpoint of each mode (cogvlm, cogagent, grounding: e.g.
+    cogvlm-grounding-generalist, default cogvlm's) and the loading flags every app takes
+    (utils/apps/args.py add_loading_args), which options_from_args turns into LoadOptions."""
 
     def model_for(self, mode: str, grounding: bool = False) -> Optional[str]:
         any_model = self.cogvlm or self.cogagent or self.grounding
@@ -43,23 +37,14 @@ class Registry:
 
 def parse(argv: list[str]) -> Registry:
     p = ArgumentParser(prog="composite_demo/main.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cogvlm", default=os.environ.get("COGVLM_MODEL"))
     p.add_argument("--cogagent", default=os.environ.get("COGAGENT_MODEL"))
     p.add_argument("--grounding", default=os.environ.get("COGVLM_GROUNDING_MODEL"))
-    p.add_argument("--device", default=os.environ.get("COGVLM_DEVICE"))
-    p.add_argument("--quant", type=int, choices=[4, 8], default=int(os.environ["COGVLM_QUANT"])
-                   if os.environ.get("COGVLM_QUANT") else None)
-    p.add_argument("--quant_group", type=int, choices=GROUPS, default=int(os.environ["COGVLM_QUANT_GROUP"])
-                   if os.environ.get("COGVLM_QUANT_GROUP") else None)
-    p.add_argument("--dtype", default=os.environ.get("COGVLM_DTYPE", "auto"),
-                   choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--fp16", action="store_true")
-    p.add_argument("--local_tokenizer", default=os.environ.get("COGVLM_TOKENIZER"))
-    p.add_argument("--compile", action="store_true", help="CPU: inductor-compiled decode step (see the README)")
-    a, unknown = p.parse_known_args(argv)
+    add_loading_args(p)
+    p.set_defaults(**{dest: os.environ[var] for dest, var in ENV_DEFAULTS.items() if os.environ.get(var)})
+    a, unknown = p.parse_known_args(argv, namespace=Registry())
     if unknown:                                 # a typo must not be ignored silently
-        raise ValueError(f"unknown argument(s) after `--`: {' '.join(unknown)} "
-                         f"(known: --cogvlm --cogagent --grounding --device --quant --quant_group --dtype --bf16 --fp16 --local_tokenizer --compile)")
-    return Registry(**vars(a))
+        raise ValueError(f"unknown argument(s) after `--`: {' '.join(unknown)} (the flags: "
+                         f"`streamlit run composite_demo/main.py -- --help`)")
+    return a

@@ -23,9 +23,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from utils.scoring.tasks import DataError, Example
 

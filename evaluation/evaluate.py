@@ -20,11 +20,12 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
 from utils.apps.flags import ArgumentParser  # noqa: E402
+from utils.apps.tool import run_tool  # noqa: E402
 
 from evaluation.datasets import DataError, read_task  # noqa: E402
 from utils.chat.task_prompts import EXPRESSION_TO_BOX  # noqa: E402
@@ -75,8 +76,8 @@ def run_task(answer_fn, task: str, examples: list, out: Path, version: str, batc
     return len(todo)
 
 
-def main(argv=None) -> int:
-    from utils.apps.args import add_model_args, dtype_from_args, setup_logging
+def parse_args(argv=None):
+    from utils.apps.args import add_model_args
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, default_model="cogvlm-grounding-generalist-v1.1")
     p.add_argument("--task", required=True, help="comma-separated, e.g. refcoco:val,vqav2:val")
@@ -89,7 +90,46 @@ def main(argv=None) -> int:
                    help="under torchrun: processes per model (tensor parallel); the models split the examples")
     p.add_argument("--grounding_prompt", default=EXPRESSION_TO_BOX[0],
                    help="the request for a referring expression, {expr} filled in (default: %(default)s)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def load_group_model(args, rank: int, mp_rank: int, world: int):
+    """(model, tokenizer): this process's piece of its model-parallel group's model, or None
+    after rank 0 printed every rank's reason (all ranks stop together)."""
+    from models import CheckpointError, ModelNotFound
+    from utils.apps.args import load_with_tokenizer, options_from_args
+    from utils.chat.tokenizer import TokenizerError
+    from utils.serving.lockstep import agree
+    loaded, error = None, None
+    try:
+        loaded = load_with_tokenizer(args.from_pretrained, options_from_args(args, mp_rank, args.model_parallel_size),
+                                     args.local_tokenizer)
+    except (ModelNotFound, CheckpointError, TokenizerError, ValueError, OSError) as e:
+        error = str(e)
+    failed = agree(error)                          # every rank stops if any failed to load
+    if failed and rank == 0:
+        print("\n".join(f"error{f' (rank {r})' if world > 1 else ''}: {e}" for r, e in failed), file=sys.stderr)
+    return None if failed else loaded
+
+
+def write_results(out: Path, tasks: list, data: dict, seconds: float) -> None:
+    """results.json and a markdown table of every task's metrics."""
+    results = {}
+    for task in tasks:
+        rows = done_ids(predictions_file(out, task))
+        results[task] = task_metrics(task, [rows[ex.id] for ex in data[task]], data[task])
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print("\n| task | metric | value |\n|---|---|---|")
+    for task, m in results.items():
+        for k, v in m.items():
+            print(f"| {task} | {k} | {v if k == 'n' or k.endswith('_n') else f'{v:.2f}'} |")
+    print(f"\n{sum(len(v) for v in data.values())} examples in {seconds:.1f} s; "
+          f"predictions and results.json in {out}")
+
+
+def main(argv=None) -> int:
+    from utils.apps.args import GEN_DEFAULTS, setup_logging
+    args = parse_args(argv)
     setup_logging()
     tasks = [t.strip() for t in args.task.split(",") if t.strip()]
     try:
@@ -99,12 +139,8 @@ def main(argv=None) -> int:
         return 1
     import torch
     import torch.distributed as dist
-    from models import CheckpointError, ModelNotFound, load_model
-    from models.generate import GenerationConfig
-    from models.loading import resolve_pretrained
-    from utils.chat.tokenizer import Tokenizer, TokenizerError, resolve_tokenizer
     from models.tp import ModelParallelGroups, init_distributed, set_group
-    from utils.serving.lockstep import Lockstep, agree
+    from utils.serving.lockstep import Lockstep
     world, mp = int(os.environ.get("WORLD_SIZE", "1")), args.model_parallel_size
     if mp < 1 or world % mp:
         print(f"error: --model_parallel_size {mp} must divide the {world} process(es) "
@@ -116,21 +152,12 @@ def main(argv=None) -> int:
         set_group(groups.mp_group)
     mp_rank = groups.get_model_parallel_rank() if groups else 0
     dp_rank, dp = (groups.get_data_parallel_rank(), groups.dp) if groups else (0, 1)
-    error = None
-    try:
-        model, cfg = load_model(args.from_pretrained, device=args.device, dtype=dtype_from_args(args),
-                                trust_checkpoint=args.trust_checkpoint, rank=mp_rank, world=mp)
-        tok = Tokenizer(resolve_tokenizer(args.local_tokenizer, resolve_pretrained(args.from_pretrained)))
-    except (ModelNotFound, CheckpointError, TokenizerError, ValueError, OSError) as e:
-        error = str(e)
-    failed = agree(error)                          # every rank stops if any failed to load
-    if failed:
-        if rank == 0:
-            print("\n".join(f"error{f' (rank {r})' if world > 1 else ''}: {e}" for r, e in failed), file=sys.stderr)
+    loaded = load_group_model(args, rank, mp_rank, world)
+    if loaded is None:
         return 1
     torch.set_grad_enabled(False)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    answer = model_answers(model, tok, GenerationConfig(max_new_tokens=args.max_new_tokens, top_k=1))
+    answer = model_answers(*loaded, replace(GEN_DEFAULTS, max_new_tokens=args.max_new_tokens, top_k=1))
     # In each model-parallel group the first rank writes the answers; the others make the same
     # batch_chat calls (and so meet it in the same collectives).
     step = Lockstep({"answer": answer}, groups.mp_group if groups else None, leader=rank - mp_rank)
@@ -146,20 +173,9 @@ def main(argv=None) -> int:
     if world > 1:
         dist.barrier()
     if rank == 0:
-        results = {}
-        for task in tasks:
-            rows = done_ids(predictions_file(args.output_dir, task))
-            results[task] = task_metrics(task, [rows[ex.id] for ex in data[task]], data[task])
-        (args.output_dir / "results.json").write_text(json.dumps(results, indent=1))
-        print("\n| task | metric | value |\n|---|---|---|")
-        for task, m in results.items():
-            for k, v in m.items():
-                print(f"| {task} | {k} | {v if k == 'n' or k.endswith('_n') else f'{v:.2f}'} |")
-        print(f"\n{sum(len(v) for v in data.values())} examples in {time.perf_counter() - t0:.1f} s; "
-              f"predictions and results.json in {args.output_dir}")
+        write_results(args.output_dir, tasks, data, time.perf_counter() - t0)
     return 0
 
 
 if __name__ == "__main__":
-    from models.tp import exit_process
-    exit_process(main())
+    run_tool(main)                              # under torchrun: every rank leaves together

@@ -1,4 +1,4 @@
-"""SAT checkpoint format: read and write it exactly (REFERENCE.md section 7).
+"""SAT checkpoint format: read and write it exactly as the released SAT code does.
 
 A SAT checkpoint is a directory: `model_config.json`, `latest` (the iteration as text) and
 `<iter>/mp_rank_XX_model_states.pt` holding `{'module': state_dict}` with SAT's key names.
@@ -19,7 +19,6 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .config import ModelConfig
-
 
 
 class CheckpointError(RuntimeError):
@@ -209,37 +208,56 @@ def _shape(sd: dict, key: str) -> tuple:
     return sd.shapes[key] if isinstance(sd, LazyStateDict) else tuple(sd[key].shape)
 
 
+def _listed(keys: list) -> str:
+    return ", ".join(keys[:5]) + (" ..." if len(keys) > 5 else "")
+
+
+def check_key_sets(expected: dict, got: dict, where: str, origin: str = "the checkpoint's config",
+                   optional=is_derived) -> None:
+    """The one key check of every loader and converter: nothing unknown, every key present
+    (except those `optional` accepts: derived rotary tables), every shape as expected.
+    expected, got: key -> shape (None: not checked, e.g. one rank's piece); origin: where the
+    expected shapes come from, for the message."""
+    extra = [k for k in got if k not in expected]
+    if extra:
+        raise CheckpointError(f"{where}: unexpected key(s) not in this architecture: {_listed(extra)}")
+    missing = [k for k in expected if k not in got and not optional(k)]
+    if missing:
+        raise CheckpointError(f"{where}: missing key(s): {_listed(missing)}")
+    for k, shape in got.items():
+        want = expected[k]
+        if shape is not None and want is not None and tuple(shape) != tuple(want):
+            raise CheckpointError(f"{where}: key {k} has shape {tuple(shape)}, expected {tuple(want)} "
+                                  f"(from {origin})")
+
+
+def cut_for_rank(sat_sd: dict, names: dict, own: dict, rank: int, world: int) -> None:
+    """Under tensor parallelism, replace each full-size tensor of `sat_sd` (SAT key -> tensor)
+    that this rank holds a piece of by that piece (names: SAT key -> our key; own: our state
+    dict, already cut by tp.py)."""
+    from .tp import shard_spec, shard_tensor
+    for skey, okey in names.items():
+        spec = shard_spec(okey)
+        if spec and skey in sat_sd and _shape(sat_sd, skey) != tuple(own[okey].shape) \
+                and _shape(sat_sd, skey)[spec[0]] == own[okey].shape[spec[0]] * world:
+            sat_sd[skey] = shard_tensor(sat_sd[skey], *spec, rank, world, skey)
+
+
 def load_state_into(model: nn.Module, sat_sd: dict, source: str, dtype: Optional[torch.dtype] = None,
-                    device="cpu", rank: int = 0, world: int = 1, quant_plan: Optional[dict] = None,
-                    quant_backend: str = "torch", quant_group: Optional[int] = None) -> None:
+                    device="cpu", rank: int = 0, world: int = 1, quant=None) -> None:
     """Load a SAT-named state dict into a model built on any device (meta included), one
     tensor at a time (assign, no second copy). Every key must match by name and shape.
     Under tensor parallelism (world > 1, the model already cut by tp.py) a full-size tensor
-    is cut to this rank's piece as it is read. quant_plan (module name -> bits, quantize.py):
+    is cut to this rank's piece as it is read. quant (a quantize.QuantPlan):
     those linear layers are replaced by their quantized form as soon as their tensors are read,
     and the full-precision copy is dropped."""
     own = model.state_dict(keep_vars=True)
     names = sat_key_map(model, own.keys())
-    extra = [k for k in sat_sd if k not in names]
-    if extra:
-        raise CheckpointError(f"{source}: unexpected key(s) not in this architecture: "
-                              f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
-    missing = [s for s, o in names.items() if s not in sat_sd and not is_derived(o)]
-    if missing:
-        raise CheckpointError(f"{source}: missing key(s): {', '.join(missing[:5])}"
-                              f"{' ...' if len(missing) > 5 else ''}")
     if world > 1:
-        from .tp import shard_spec, shard_tensor
-        for skey, okey in names.items():
-            spec = shard_spec(okey)
-            if spec and skey in sat_sd and _shape(sat_sd, skey) != tuple(own[okey].shape) \
-                    and _shape(sat_sd, skey)[spec[0]] == own[okey].shape[spec[0]] * world:
-                sat_sd[skey] = shard_tensor(sat_sd[skey], *spec, rank, world, skey)
-    for skey, okey in names.items():
-        if skey in sat_sd and _shape(sat_sd, skey) != tuple(own[okey].shape):
-            raise CheckpointError(f"{source}: key {skey} has shape {_shape(sat_sd, skey)} "
-                                  f"in the checkpoint but {tuple(own[okey].shape)} in the model "
-                                  f"built from model_config.json")
+        cut_for_rank(sat_sd, {s: o for s, o in names.items() if s in sat_sd}, own, rank, world)
+    check_key_sets({s: tuple(own[o].shape) for s, o in names.items()},
+                   {k: _shape(sat_sd, k) for k in sat_sd}, source)
+
     def tensors():
         for skey, okey in names.items():
             if is_derived(okey):
@@ -250,24 +268,22 @@ def load_state_into(model: nn.Module, sat_sd: dict, source: str, dtype: Optional
             t = t.to(device=device, dtype=dtype or t.dtype)
             check_finite(t, skey, source)
             yield okey, t
-    materialize(model, tensors(), len(names), device, quant_plan, quant_backend, show=rank == 0,
-                quant_group=quant_group)
+    materialize(model, tensors(), len(names), device, quant, show=rank == 0)
 
 
-def materialize(model: nn.Module, tensors, total: int, device="cpu", quant_plan: Optional[dict] = None,
-                quant_backend: str = "torch", show: bool = True, quant_group: Optional[int] = None) -> None:
+def materialize(model: nn.Module, tensors, total: int, device="cpu", quant=None, show: bool = True) -> None:
     """Fill a model built on the meta device from (our key, tensor) pairs, one at a time: the
-    linear layers named in quant_plan (module name -> bits) are replaced by their quantized
+    linear layers named in the quant plan (quantize.QuantPlan) are replaced by their quantized
     form as soon as their tensors have arrived, so only one full-precision layer exists at a
     time; everything else is assigned as is. Used by checkpoint loading and by the full-size
     benchmark's random-weight source alike."""
     new_sd, pending = {}, {}
-    quant_plan = quant_plan or {}
+    layers = quant.layers if quant is not None else {}
     for okey, t in tqdm(tensors, total=total, desc="loading weights", unit="tensor",
                         disable=total < 200 or not show, leave=False):
         mod_name, _, attr = okey.rpartition(".")
-        if mod_name in quant_plan:
-            stream_quantize(model, mod_name, attr, t, pending, quant_plan[mod_name], quant_backend, quant_group)
+        if mod_name in layers:
+            stream_quantize(model, mod_name, attr, t, pending, layers[mod_name], quant)
         else:
             new_sd[okey] = t
     model.load_state_dict(new_sd, strict=False, assign=True)
@@ -275,7 +291,7 @@ def materialize(model: nn.Module, tensors, total: int, device="cpu", quant_plan:
 
 
 def stream_quantize(model: nn.Module, name: str, attr: str, t: torch.Tensor, pending: dict,
-                    bits: int, backend: str, group: Optional[int] = None) -> None:
+                    bits: int, quant) -> None:
     """Collect linear layer `name`'s tensors as they are read; once it has all (weight, and
     bias if it has one) replace it by its quantized form."""
     from .quantize import replace_quantized
@@ -283,7 +299,7 @@ def stream_quantize(model: nn.Module, name: str, attr: str, t: torch.Tensor, pen
     got[attr] = t
     if "weight" in got and ("bias" in got or getattr(model.get_submodule(name), "bias", None) is None):
         del pending[name]
-        replace_quantized(model, name, got["weight"], got.get("bias"), bits, backend, group)
+        replace_quantized(model, name, got["weight"], got.get("bias"), bits, quant.backend, quant.group)
 
 
 def check_finite(t: torch.Tensor, key: str, source: str) -> None:
@@ -389,7 +405,7 @@ def write_checkpoint_dir(out, write, sources=(), overwrite: bool = False) -> Pat
         raise CheckpointError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise CheckpointError(f"{out} exists and is not empty; refusing to overwrite (pass --overwrite)")
+            raise CheckpointError(f"{out} exists and is not empty; refusing to overwrite (pass overwrite=True)")
         foreign = sorted(p.name for p in out.iterdir() if not _CHECKPOINT_ENTRY.match(p.name))
         if foreign or not ((out / "config.json").is_file() or (out / "model_config.json").is_file()):
             raise CheckpointError(f"refusing to replace {out}: it does not look like a checkpoint"

@@ -7,8 +7,8 @@ Parameter names follow the HF release (`model.` prefix dropped); checkpoint.py m
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -57,8 +57,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 # Decode attention on CPU takes this many bytes of one layer's K (or V) per batched product:
 # oneDNN copies a strided cache view to contiguous memory first, and copies larger than the CPU's
-# caches thrash (mid-size bf16, 16 rows at 1299 tokens of context: 14.2 tok/s in one product,
-# 46.4 in groups; `bench/batch.py --compare_attention`).
+# caches thrash (`bench/batch.py --compare_attention`; figures in bench/RESULTS.md, "Batching").
 DECODE_CHUNK_BYTES = 6 << 20
 
 
@@ -66,8 +65,8 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """q: B,H,1,D; k, v: B,H,S,D; mask: B|1,1,1,S bool, True = may attend -> B,H,1,D.
     Two batched matrix-vector products that read K and V in their own layout: K (S,D per head,
-    rows contiguous) times q is 2.5x faster in bf16 than q @ K^T, and both beat the fused
-    kernel for one query (bench/RESULTS.md)."""
+    rows contiguous) times q is faster in bf16 than q @ K^T, and both beat the fused kernel for
+    one query (bench/RESULTS.md, "Decode")."""
     s = torch.matmul(k, q.transpose(-1, -2)).transpose(-1, -2).mul_(q.shape[-1] ** -0.5)  # B,H,1,S
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
@@ -116,10 +115,49 @@ def expert_linear(x: torch.Tensor, vision_mask: Optional[torch.Tensor],
 
 
 @dataclass
+class ModelInputs:
+    """A batch ready for the model (rows left-padded to one length). Images may come as pixels
+    (`images`, `cross_images`: CogVLM.forward encodes them) or already encoded (`image_embeds`,
+    `cross_kv`: encoded once per image by the caller, e.g. a chat that keeps its image)."""
+    input_ids: torch.Tensor                         # B,T
+    position_ids: torch.Tensor                      # B,T
+    vision_mask: Optional[torch.Tensor] = None      # B,T bool: vision expert (boi + patches)
+    image_mask: Optional[torch.Tensor] = None       # B,T bool: image slots (boi + patches + eoi)
+    image_embeds: Optional[torch.Tensor] = None     # n_img, L+2, hidden (rows with slots, in order)
+    cross_kv: Optional[list] = None                 # CogAgent: per layer (k, v), B rows
+    cross_rows: Optional[torch.Tensor] = None       # B bool: rows with an image (CogAgent)
+    pad_mask: Optional[torch.Tensor] = None         # B,T bool, False = left padding
+    images: Optional[torch.Tensor] = None           # n_img,3,S,S low-res pixels
+    cross_images: Optional[torch.Tensor] = None     # B,3,S',S' CogAgent high-res pixels
+
+
+@dataclass
+class RuntimeState:
+    """What was done to a built model that later steps must know (one declared place, no
+    attributes set on the module from outside). Each field has one writer:
+    quant_bits: the decoder's weight bits after quantize.quantize / load_model(quant=...);
+        None = the load dtype. compile.compile_decode reads it (int8 runs wide steps eagerly).
+    tp_world: ranks the weights are split over (tp.apply_tensor_parallel); 1 = whole model.
+    packed: linear weights packed into oneDNN's layout (layout.pack_for_cpu_inference);
+        compile.compile_decode refuses such a model.
+    lora: the LoRAConfig of the adapters added by lora.apply_lora; None = no adapters.
+    decode_step: the compiled decode step (compile.compile_decode); None = the eager
+        generate.forward_one_token. generate.decode_one_token calls whichever is set."""
+    quant_bits: Optional[int] = None
+    tp_world: int = 1
+    packed: bool = False
+    lora: Optional[object] = None
+    decode_step: Optional[Callable] = None
+
+
+@dataclass
 class Cache:
-    """Preallocated per-layer K/V, written by slot index. Slots are token indices; rotary
+    """Preallocated per-layer K/V, written by slot index, and the state of the sequences it
+    holds (the only place that state lives while generating). Slots are token indices; rotary
     positions are separate (an image occupies many slots but only 3 positions).
-    For CogAgent, each layer's cross K/V are computed once per image and kept here."""
+    For CogAgent, each layer's cross K/V are computed once per image and kept here.
+    Any object with update(k, v, layer), get_seq_length() and the fields pad_mask, cross_kv and
+    cross_rows can stand in for it (a transformers cache in models/hf.py, the server's batch)."""
     k: list
     v: list
     length: int = 0                                  # filled slots
@@ -143,6 +181,16 @@ class Cache:
     def get_seq_length(self) -> int:
         return self.length
 
+    def begin(self, inputs: ModelInputs) -> None:
+        """Take the prompt's sequence state: its padding (slots after the prompt are real
+        tokens) and CogAgent's cross K/V."""
+        self.pad_mask = None
+        if inputs.pad_mask is not None:
+            self.pad_mask = torch.ones(self.k[0].shape[0], self.max_len, dtype=torch.bool,
+                                       device=inputs.pad_mask.device)
+            self.pad_mask[:, : inputs.pad_mask.shape[1]] = inputs.pad_mask
+        self.cross_kv, self.cross_rows = inputs.cross_kv, inputs.cross_rows
+
     def update(self, k: torch.Tensor, v: torch.Tensor, layer: int):
         """Write T new K/V at slots [length, length + T); return views of every filled slot.
         (Same call as transformers' Cache.update, so either cache can be passed.)"""
@@ -155,9 +203,10 @@ class Cache:
 
 
 class VisionExpertAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         h = cfg.hidden_size
+        self.layer_idx = layer_idx                    # this layer's K/V in the cache
         self.head_dim = cfg.head_dim
         self.num_heads = cfg.num_attention_heads      # this rank's share under tensor parallelism
         self.language_expert_query_key_value = nn.Linear(h, 3 * h, bias=False)
@@ -167,7 +216,7 @@ class VisionExpertAttention(nn.Module):
         # One-token steps call this (models/compile.compile_attention swaps in a compiled one).
         self.decode_attention = decode_attention
 
-    def forward(self, x, vision_mask, cos, sin, cache, layer: int, attn_mask):
+    def forward(self, x, vision_mask, cos, sin, cache, attn_mask):
         B, T, _ = x.shape
         qkv = expert_linear(x, vision_mask, self.language_expert_query_key_value,
                             self.vision_expert_query_key_value)
@@ -176,7 +225,7 @@ class VisionExpertAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                            # B,H,T,D
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(k, v, layer)
+            k, v = cache.update(k, v, self.layer_idx)
         # one token: decode_attention; several (prefill): one causal mask over every token
         out = self.decode_attention(q, k, v, attn_mask) if T == 1 else attention(q, k, v, attn_mask, causal=True)
         out = out.transpose(1, 2).reshape(B, T, -1)                               # B,T,H*D
@@ -193,8 +242,8 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        # Inference: one T x inner intermediate fewer alive at once (27 MB at CogVLM-17B's
-        # 1,227 image tokens, part of its peak memory).
+        # Inference: one T x inner intermediate fewer alive at once (part of the peak memory
+        # of a full-size prefill).
         return self.down_proj(F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x)))
 
 
@@ -234,11 +283,12 @@ class CrossAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         eps = cfg.layernorm_epsilon
+        self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
-        self.self_attn = VisionExpertAttention(cfg)
+        self.self_attn = VisionExpertAttention(cfg, layer_idx)
         if cfg.cross is not None:
             # Named "post" in both releases, but it normalises the cross attention's input.
             self.post_cross_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
@@ -246,10 +296,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
         self.mlp = VisionExpertMLP(cfg)
 
-    def forward(self, h, vision_mask, cos, sin, cache, layer, attn_mask, cross_kv, cross_rows):
-        h = h + self.self_attn(self.input_layernorm(h), vision_mask, cos, sin, cache, layer, attn_mask)
+    def forward(self, h, vision_mask, cos, sin, cache, attn_mask, cross_kv=None, cross_rows=None):
+        """cross_kv: every layer's (k, v) (CogAgent with an image), this layer reads its own;
+        cross_rows: B bool, rows of a batch that have an image (None: every row)."""
+        h = h + self.self_attn(self.input_layernorm(h), vision_mask, cos, sin, cache, attn_mask)
         if cross_kv is not None:
-            c = self.cross_attn(self.post_cross_attention_layernorm(h), cross_kv)
+            c = self.cross_attn(self.post_cross_attention_layernorm(h), cross_kv[self.layer_idx])
             if cross_rows is not None:                 # rows of a batch without an image
                 c = c * cross_rows[:, None, None].to(c.dtype)
             h = h + c
@@ -263,7 +315,7 @@ class CogVLMModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
         self.vision = ImageEncoder(cfg)
@@ -289,27 +341,28 @@ class CogVLMModel(nn.Module):
             h[image_mask] = image_embeds.to(h.dtype).reshape(-1, image_embeds.shape[-1])
         return h
 
-    def forward(self, input_ids, position_ids, vision_mask=None, image_embeds=None, image_mask=None,
-                cache=None, cross_kv=None, cross_rows=None, pad_mask=None, attn_mask=None,
+    def forward(self, inputs: ModelInputs, cache=None, attn_mask: Optional[torch.Tensor] = None,
                 hidden_states: Optional[list] = None) -> torch.Tensor:
-        """-> hidden states B,T,hidden. `cache`: ours or a transformers Cache (anything with
-        update(k, v, layer) and get_seq_length()); pad_mask: B,past+T bool, False = padding;
-        attn_mask: an explicit B,1,T,S bool mask matching what cache.update returns.
-        hidden_states: a list that receives every layer's input and the normed output
-        (num_layers + 1 tensors, as transformers' output_hidden_states)."""
-        h = self.embed(input_ids, image_embeds, image_mask)
-        T = input_ids.shape[1]
+        """-> hidden states B,T,hidden, images already encoded (`inputs.image_embeds`).
+        cache: ours or any stand-in (see Cache); with one, the sequence state (padding, cross
+        K/V) is the cache's, without one (training) the inputs'. attn_mask: an explicit
+        B,1,T,S bool mask matching what cache.update returns (packed training rows, the
+        server's batch). hidden_states: a list that receives every layer's input and the normed
+        output (num_layers + 1 tensors, as transformers' output_hidden_states)."""
+        state = cache if cache is not None else inputs
+        h = self.embed(inputs.input_ids, inputs.image_embeds, inputs.image_mask)
+        T = inputs.input_ids.shape[1]
         past = cache.get_seq_length() if cache is not None else 0
-        if attn_mask is None and (pad_mask is not None or (past > 0 and T > 1)):
-            attn_mask = causal_mask(past, T, pad_mask, h.device)
+        if attn_mask is None and (state.pad_mask is not None or (past > 0 and T > 1)):
+            attn_mask = causal_mask(past, T, state.pad_mask, h.device)
+        vision_mask = inputs.vision_mask
         if vision_mask is not None and not bool(vision_mask.any()):
             vision_mask = None                 # no vision token: read only language weights
-        cos, sin = self.rotary(position_ids, h.dtype)
-        for i, layer in enumerate(self.layers):
+        cos, sin = self.rotary(inputs.position_ids, h.dtype)
+        for layer in self.layers:
             if hidden_states is not None:
                 hidden_states.append(h)
-            h = layer(h, vision_mask, cos, sin, cache, i, attn_mask,
-                      cross_kv[i] if cross_kv is not None else None, cross_rows)
+            h = layer(h, vision_mask, cos, sin, cache, attn_mask, state.cross_kv, state.cross_rows)
         h = self.norm(h)
         if hidden_states is not None:
             hidden_states.append(h)
@@ -335,6 +388,7 @@ class CogVLM(nn.Module):
         self.config = cfg
         self.model = CogVLMModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.runtime = RuntimeState()
 
     @property
     def num_kv_heads(self) -> int:
@@ -350,28 +404,28 @@ class CogVLM(nn.Module):
         enc = self.model.cross_vision(cross_images.to(self.model.compute_dtype))
         return [layer.cross_attn.compute_kv(enc) for layer in self.model.layers]
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                vision_mask: Optional[torch.Tensor] = None, images: Optional[torch.Tensor] = None,
-                image_embeds: Optional[torch.Tensor] = None, image_mask: Optional[torch.Tensor] = None,
-                cache: Optional[Cache] = None, cross_kv: Optional[list] = None,
-                cross_rows: Optional[torch.Tensor] = None, last_only: bool = False,
-                pad_mask: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """input_ids, position_ids, vision_mask, image_mask: B,T. Returns logits B,T,V
-        (B,1,V with last_only). With our Cache, tokens are written from slot cache.length on,
-        and cross K/V and the padding mask, when the cache holds them, are read from it.
-        pad_mask (B,T bool, False = padding) without a cache: training on padded batches;
-        attn_mask (B,1,T,T bool): an explicit mask instead (training on packed rows)."""
-        if images is not None:
-            image_embeds = self.encode_images(images)
-        T = input_ids.shape[1]
+    def encode_inputs(self, inputs: ModelInputs) -> ModelInputs:
+        """`inputs` with its pixels encoded: images -> image_embeds, cross_images -> cross_kv."""
+        if inputs.images is not None:
+            inputs = replace(inputs, images=None, image_embeds=self.encode_images(inputs.images))
+        if inputs.cross_images is not None:
+            inputs = replace(inputs, cross_images=None, cross_kv=self.cross_kv(inputs.cross_images))
+        return inputs
+
+    def forward(self, inputs: ModelInputs, cache: Optional[Cache] = None, last_only: bool = False,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """-> logits B,T,V (B,1,V with last_only). With a cache, tokens are written from slot
+        cache.length on; the first call on an empty cache (the prompt) hands it the
+        sequence state (padding, cross K/V), and every call records the next position.
+        Without a cache (training) inputs.pad_mask hides padding, or attn_mask (B,1,T,T
+        bool) is the whole mask (packed rows)."""
+        inputs = self.encode_inputs(inputs)
+        if cache is not None and cache.length == 0:
+            cache.begin(inputs)
+        h = self.model(inputs, cache, attn_mask)
         if cache is not None:
-            cross_kv = cross_kv if cross_kv is not None else cache.cross_kv
-            cross_rows = cross_rows if cross_rows is not None else cache.cross_rows
-            pad_mask = cache.pad_mask
-        h = self.model(input_ids, position_ids, vision_mask, image_embeds, image_mask, cache,
-                       cross_kv, cross_rows, pad_mask, attn_mask)
-        if cache is not None:
-            cache.length += T
+            cache.length += inputs.input_ids.shape[1]
+            cache.next_position = inputs.position_ids[:, -1] + 1
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)

@@ -1,14 +1,14 @@
 """`--compile`: the single-token decode step compiled by inductor with frozen weights, applied
 after the model is loaded (quantized or not), on CPU.
 
-Why: a decode step reads every weight once, and PyTorch's eager single-row kernels read them at
-16-27 GB/s where the machine reads 33-49 GB/s. Inductor with `freezing` treats the weights as
+Why: a decode step reads every weight once, and PyTorch's eager single-row kernels read them
+well below the machine's memory bandwidth. Inductor with `freezing` treats the weights as
 constants, packs them once and picks, per layer shape, its own C++ GEMV template or oneDNN
-(max-autotune): measured on the mid-size model (bench/RESULTS.md) int8 decode 2.1x, bf16 1.5x,
-int4 1.2x the eager step. Costs, also measured there: the first decode step compiles for about
-a minute on 2 cores (once per process; `dynamic=True` so every context length shares it), the
-compiled step holds its own packed copy of the language weights in bf16 and int8 (the eager
-model keeps its own for prefill; int4 shares them), and it needs a C++ compiler. Without one, or when compilation fails, decoding
+(max-autotune); the speed-up per dtype is in bench/RESULTS.md ("`--compile`"). Costs, also
+measured there: the first decode step compiles for about a minute on 2 cores (once per process;
+`dynamic=True` so every context length shares it), the compiled step holds its own packed copy
+of the language weights in bf16 and int8 (the eager model keeps its own for prefill; int4
+shares them), and it needs a C++ compiler. Without one, or when compilation fails, decoding
 goes on eagerly with one warning.
 
 Prefill (many rows, vision-expert routing with data-dependent shapes) stays eager: it already
@@ -29,7 +29,7 @@ import time
 import torch
 
 from .generate import forward_one_token
-from .loading import release_free_memory
+from .machine import release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,9 @@ def cxx_compiler():
     return None
 
 
-# inductor's weight-only int8 kernel is slower than PyTorch's eager one from 8 rows on (mid-size
-# int8, same process: 6 rows 48-53 vs 35-41 tok/s, 8 rows 34-37 vs 43): int8 models run steps
-# of more rows eagerly. bf16 and int4 measured equal or faster compiled up to 16 rows.
+# inductor's weight-only int8 kernel is slower than PyTorch's eager one from 8 rows on
+# (bench/RESULTS.md, "`--compile`"): int8 models run steps of more rows eagerly. bf16 and int4
+# measured equal or faster compiled up to 16 rows.
 INT8_MAX_ROWS = 6
 
 
@@ -117,28 +117,27 @@ def set_decode_attention(model, fn) -> None:
 def compile_decode(model) -> bool:
     """Give `model` a compiled decode step (models.generate.decode_one_token uses it). Returns
     False, with the reason logged, where it does not apply."""
-    if getattr(model, "packed_for_inference", False):
-        raise ValueError("--compile needs plain weights: load with --cpu_weights plain (inductor packs them itself)")
+    if model.runtime.packed:
+        raise ValueError("compile_decode needs plain weights, not packed ones (load with pack=False: "
+                         "inductor packs them itself)")
     if not can_compile(model):
         return False
     inductor_config = freeze_weights()
     # Left to itself inductor inlines the query's rotary (cos, sin of the position) into the
     # attention's score reduction and recomputes it for every cached token; realizing pointwise
-    # results of more than 8 ops keeps it in a buffer (one layer, 283 -> 1299 tokens of context:
-    # +0.4 ms instead of +0.9 ms per step).
+    # results of more than 8 ops keeps it in a buffer (measured: half the cost per cached token).
     inductor_config.realize_cpu_opcount_threshold = 8
-    model.decode_step = Compiled(forward_one_token, "the decode step", "the first step takes about a minute",
-                                 INT8_MAX_ROWS if getattr(model, "quantized_bits", None) == 8 else None,
-                                 mode="max-autotune")
+    model.runtime.decode_step = Compiled(forward_one_token, "the decode step", "the first step takes about a minute",
+                                         INT8_MAX_ROWS if model.runtime.quant_bits == 8 else None,
+                                         mode="max-autotune")
     return True
 
 
 def compile_attention(model) -> bool:
     """Compile the attention of one-token steps only (every layer's self and cross attention),
     for the server's batch engine, whose linear layers stay eager with oneDNN-packed weights:
-    inductor reads the K/V cache views in place where eager oneDNN copies them first (mid-size
-    bf16, 16 rows, eager -> compiled: 283 tokens of context 93.7 -> 122.7 tok/s, 1299 tokens
-    46.4 -> 67.8; `bench/batch.py --compare_attention`).
+    inductor reads the K/V cache views in place where eager oneDNN copies them first
+    (`bench/batch.py --compare_attention`; bench/RESULTS.md, "Batching").
     No weights are involved, so nothing is copied; it compiles in seconds. Returns False, with
     the reason logged, where it does not apply."""
     if not can_compile(model):

@@ -13,6 +13,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
+# Weight dtypes by name: the long names (`--dtype`) and the short ones (convert_checkpoint's).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 @dataclass
 class EVAConfig:
@@ -87,45 +93,13 @@ class ModelConfig:
 
     # ----- SAT model_config.json ------------------------------------------------------
     def to_sat_json(self) -> dict:
-        e = self.eva
         d = dict(self.extra)
-        d.update({
-            "model_class": self.model_class, "num_layers": self.num_layers,
-            "hidden_size": self.hidden_size, "num_attention_heads": self.num_attention_heads,
-            "vocab_size": self.vocab_size, "inner_hidden_size": self.inner_hidden_size,
-            "layernorm_order": "pre", "use_bias": False, "layernorm_epsilon": self.layernorm_epsilon,
-            "max_sequence_length": self.max_sequence_length,
-            "model_parallel_size": self.model_parallel_size,
-            "image_length": self.image_length, "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
-            "text_processor_version": self.version,
-            "eva_args": {
-                "model_class": "EVA2CLIPModel", "num_layers": e.num_layers,
-                "hidden_size": e.hidden_size, "num_attention_heads": e.num_attention_heads,
-                "vocab_size": 1, "layernorm_order": "post", "model_parallel_size": 1,
-                "max_sequence_length": e.num_patches + 1, "inner_hidden_size": e.inner_hidden_size,
-                "use_final_layernorm": False, "layernorm_epsilon": e.layernorm_epsilon,
-                "image_size": [e.image_size, e.image_size], "pre_len": 1, "post_len": 0,
-                "in_channels": e.in_channels, "num_classes": 0, "patch_size": e.patch_size,
-            },
-        })
+        d.update({f: getattr(self, f) for f in SAT_FIELDS})
+        d.update(SAT_CONSTANTS)
+        d.update({"model_class": self.model_class, "image_length": self.image_length,
+                  "text_processor_version": self.version, "eva_args": eva_to_sat(self.eva)})
         if self.cross is not None:
-            c = self.cross
-            d.update({
-                "is_decoder": [True] * self.num_layers,
-                "cross_attn_hidden_size": c.hidden_size,
-                "cross_hidden_size_per_attention_head": c.attn_head_dim,
-                "cross_image_pix": c.image_size,
-                # Fields SAT does not have: the high-res encoder's size, so that small
-                # CogAgent models can be described (released configs lack them: defaults apply).
-                "cross_encoder_args": {
-                    "num_layers": c.num_layers, "hidden_size": c.hidden_size,
-                    "num_attention_heads": c.num_attention_heads,
-                    "inner_hidden_size": c.inner_hidden_size, "head_out_dim": c.head_out_dim,
-                    "patch_size": c.patch_size, "rope_pretrain_grid": c.rope_pretrain_grid,
-                    "attn_hidden_size": c.attn_hidden_size,
-                },
-            })
+            d.update(cross_to_sat(self.cross, self.num_layers))
         return d
 
     @classmethod
@@ -133,67 +107,22 @@ class ModelConfig:
                       default_version: Optional[str] = None) -> "ModelConfig":
         """shapes: SAT key -> shape of the checkpoint's tensors; CogAgent's high-res encoder
         sizes that the file does not state are read from them (released configs state none).
-        default_version: the template when the file has no `text_processor_version`."""
-        d = dict(d)
-        known = {"model_class", "num_layers", "hidden_size", "num_attention_heads", "vocab_size",
-                 "inner_hidden_size", "layernorm_order", "use_bias", "layernorm_epsilon",
-                 "max_sequence_length", "model_parallel_size", "image_length", "bos_token_id",
-                 "eos_token_id", "pad_token_id", "text_processor_version", "eva_args", "is_decoder",
-                 "cross_attn_hidden_size", "cross_hidden_size_per_attention_head",
-                 "cross_image_pix", "cross_encoder_args"}
-        missing = [k for k in ("model_class", "num_layers", "hidden_size", "num_attention_heads",
-                               "vocab_size", "eva_args") if k not in d]
-        if missing:
-            raise ValueError(f"model_config.json lacks required field(s): {', '.join(missing)}")
-        if d["model_class"] not in ("CogVLMModel", "CogAgentModel", "FineTuneTrainCogVLMModel",
-                                    "FineTuneTestCogVLMModel", "FineTuneTrainCogAgentModel",
-                                    "FineTuneTestCogAgentModel"):
-            raise ValueError(f"model_config.json: unsupported model_class {d['model_class']!r}")
-        ea = d["eva_args"]
-        if not isinstance(ea, dict):
-            raise ValueError(f"model_config.json: eva_args must be an object, not {type(ea).__name__}")
-        if shapes:
-            layers = {int(m.group(1)) for k in shapes if (m := re.match(r"transformer\.layers\.(\d+)\.", k))}
-            if layers and len(layers) != d["num_layers"]:
-                raise ValueError(f"model_config.json: num_layers is {d['num_layers']!r} but the weights "
-                                 f"hold {len(layers)} layers")
-        size = ea.get("image_size", [490, 490])
-        eva = EVAConfig(
-            num_layers=ea["num_layers"], hidden_size=ea["hidden_size"],
-            num_attention_heads=ea["num_attention_heads"],
-            inner_hidden_size=ea.get("inner_hidden_size") or 4 * ea["hidden_size"],
-            image_size=size[0] if isinstance(size, (list, tuple)) else int(size),
-            patch_size=ea.get("patch_size", 14),
-            layernorm_epsilon=ea.get("layernorm_epsilon", 1e-6),
-            in_channels=ea.get("in_channels", 3))
+        default_version: the template when the file has no `text_processor_version`.
+        A field the file lacks takes the dataclass default."""
+        check_sat_json(d, shapes)
         is_agent = "CogAgent" in d["model_class"] or "cross_image_pix" in d
-        cross = None
-        if is_agent:
-            cross = cross_config(d.get("cross_encoder_args") or {}, d["num_attention_heads"],
-                                 cross_sizes_from_shapes(shapes or {}, "mixins.encoder."),
-                                 width=d.get("cross_attn_hidden_size"), image_size=d.get("cross_image_pix"),
-                                 attn_head_dim=d.get("cross_hidden_size_per_attention_head", 32))
-            dec = d.get("is_decoder", True)
-            if isinstance(dec, list) and not all(dec):
-                raise ValueError("model_config.json: is_decoder must be true for every layer "
-                                 "(cross attention in a subset of layers is not supported)")
+        lm = {f: d.get(f, _default(cls, f)) for f in SAT_FIELDS}
+        lm["inner_hidden_size"] = d.get("inner_hidden_size") or 4 * d["hidden_size"]
+        lm["model_parallel_size"] = int(lm["model_parallel_size"])
         cfg = cls(
-            model_class="CogAgentModel" if is_agent else "CogVLMModel",
-            num_layers=d["num_layers"], hidden_size=d["hidden_size"],
-            num_attention_heads=d["num_attention_heads"],
-            inner_hidden_size=d.get("inner_hidden_size") or 4 * d["hidden_size"],
-            vocab_size=d["vocab_size"], max_sequence_length=d.get("max_sequence_length", 4096),
-            layernorm_epsilon=d.get("layernorm_epsilon", 1e-5),
-            bos_token_id=d.get("bos_token_id", 1), eos_token_id=d.get("eos_token_id", 2),
-            pad_token_id=d.get("pad_token_id", 0),
+            model_class="CogAgentModel" if is_agent else "CogVLMModel", **lm,
             version=d.get("text_processor_version") or default_version or ("chat" if is_agent else "chat_old"),
-            eva=eva, cross=cross, adapter_has_pos_embed=is_agent,
-            model_parallel_size=int(d.get("model_parallel_size", 1)),
-            extra={k: v for k, v in d.items() if k not in known})
+            eva=eva_from_sat(d["eva_args"]), cross=cross_from_sat(d, shapes) if is_agent else None,
+            adapter_has_pos_embed=is_agent, extra={k: v for k, v in d.items() if k not in SAT_KNOWN})
         cfg.check("model_config.json")
         if "image_length" in d and d["image_length"] != cfg.image_length:
             raise ValueError(f"model_config.json: image_length {d['image_length']} does not match "
-                             f"eva_args ({eva.image_size}px / patch {eva.patch_size} = "
+                             f"eva_args ({cfg.eva.image_size}px / patch {cfg.eva.patch_size} = "
                              f"{cfg.image_length} patches)")
         return cfg
 
@@ -244,8 +173,121 @@ class ModelConfig:
         return cls.from_sat_json(d, shapes, default_version)
 
 
+def _default(cls, name: str):
+    """The dataclass default of field `name`: every architecture default is declared there once."""
+    f = cls.__dataclass_fields__[name]
+    return f.default_factory() if callable(f.default_factory) else f.default
+
+
+# ----- model_config.json <-> the dataclasses --------------------------------------------------
+# Fields of model_config.json (and of its `eva_args`) that are dataclass fields of the same name.
+SAT_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "inner_hidden_size",
+              "layernorm_epsilon", "max_sequence_length", "model_parallel_size", "bos_token_id",
+              "eos_token_id", "pad_token_id")
+SAT_EVA_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "inner_hidden_size",
+                  "layernorm_epsilon", "patch_size", "in_channels")
+# What SAT writes for every model of this architecture (read back and ignored).
+SAT_CONSTANTS = {"layernorm_order": "pre", "use_bias": False}
+SAT_EVA_CONSTANTS = {"model_class": "EVA2CLIPModel", "vocab_size": 1, "layernorm_order": "post",
+                     "model_parallel_size": 1, "use_final_layernorm": False, "pre_len": 1, "post_len": 0,
+                     "num_classes": 0}
+# Every field this code reads; others are kept in ModelConfig.extra and written back.
+SAT_KNOWN = {*SAT_FIELDS, *SAT_CONSTANTS, "model_class", "image_length", "text_processor_version",
+             "eva_args", "is_decoder", "cross_attn_hidden_size", "cross_hidden_size_per_attention_head",
+             "cross_image_pix", "cross_encoder_args"}
+SAT_MODEL_CLASSES = ("CogVLMModel", "CogAgentModel", "FineTuneTrainCogVLMModel", "FineTuneTestCogVLMModel",
+                     "FineTuneTrainCogAgentModel", "FineTuneTestCogAgentModel")
+
+
+def check_sat_json(d: dict, shapes: Optional[dict]) -> None:
+    """The fields model_config.json must have, before any is read."""
+    missing = [k for k in ("model_class", "num_layers", "hidden_size", "num_attention_heads",
+                           "vocab_size", "eva_args") if k not in d]
+    if missing:
+        raise ValueError(f"model_config.json lacks required field(s): {', '.join(missing)}")
+    if d["model_class"] not in SAT_MODEL_CLASSES:
+        raise ValueError(f"model_config.json: unsupported model_class {d['model_class']!r}")
+    if not isinstance(d["eva_args"], dict):
+        raise ValueError(f"model_config.json: eva_args must be an object, not {type(d['eva_args']).__name__}")
+    if shapes:
+        layers = {int(m.group(1)) for k in shapes if (m := re.match(r"transformer\.layers\.(\d+)\.", k))}
+        if layers and len(layers) != d["num_layers"]:
+            raise ValueError(f"model_config.json: num_layers is {d['num_layers']!r} but the weights "
+                             f"hold {len(layers)} layers")
+    dec = d.get("is_decoder", True)
+    if isinstance(dec, list) and not all(dec):
+        raise ValueError("model_config.json: is_decoder must be true for every layer "
+                         "(cross attention in a subset of layers is not supported)")
+
+
+def eva_from_sat(ea: dict) -> EVAConfig:
+    e = {f: ea.get(f, _default(EVAConfig, f)) for f in SAT_EVA_FIELDS}
+    e["inner_hidden_size"] = ea.get("inner_hidden_size") or 4 * ea["hidden_size"]
+    size = ea.get("image_size", _default(EVAConfig, "image_size"))          # [h, w] in SAT files
+    return EVAConfig(image_size=size[0] if isinstance(size, (list, tuple)) else int(size), **e)
+
+
+def eva_to_sat(e: EVAConfig) -> dict:
+    return {**SAT_EVA_CONSTANTS, **{f: getattr(e, f) for f in SAT_EVA_FIELDS},
+            "max_sequence_length": e.num_patches + 1, "image_size": [e.image_size, e.image_size]}
+
+
+# CrossConfig fields written under `cross_encoder_args` (SAT has no such entry: released
+# CogAgent configs lack it and get the released sizes; it lets small CogAgents be described).
+CROSS_ENCODER_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "inner_hidden_size",
+                        "head_out_dim", "patch_size", "rope_pretrain_grid", "attn_hidden_size")
+
+
+def cross_to_sat(c: CrossConfig, num_layers: int) -> dict:
+    return {"is_decoder": [True] * num_layers, "cross_attn_hidden_size": c.hidden_size,
+            "cross_hidden_size_per_attention_head": c.attn_head_dim, "cross_image_pix": c.image_size,
+            "cross_encoder_args": {f: getattr(c, f) for f in CROSS_ENCODER_FIELDS}}
+
+
+def cross_from_sat(d: dict, shapes: Optional[dict]) -> CrossConfig:
+    return cross_config(d.get("cross_encoder_args") or {}, d["num_attention_heads"],
+                        cross_sizes_from_shapes(shapes or {}, "mixins.encoder."),
+                        width=d.get("cross_attn_hidden_size"), image_size=d.get("cross_image_pix"),
+                        attn_head_dim=d.get("cross_hidden_size_per_attention_head",
+                                            _default(CrossConfig, "attn_head_dim")))
+
+
+# ----- HF config.json <-> the dataclasses (models/hf.py) ---------------------------------------
+# config.json name -> ModelConfig field, and vision_config name -> EVAConfig field.
+HF_FIELDS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "intermediate_size": "inner_hidden_size",
+             "num_hidden_layers": "num_layers", "num_attention_heads": "num_attention_heads",
+             "max_position_embeddings": "max_sequence_length", "rms_norm_eps": "layernorm_epsilon",
+             "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "pad_token_id": "pad_token_id"}
+HF_VISION_FIELDS = {"hidden_size": "hidden_size", "image_size": "image_size", "in_channels": "in_channels",
+                    "intermediate_size": "inner_hidden_size", "layer_norm_eps": "layernorm_epsilon",
+                    "num_heads": "num_attention_heads", "num_hidden_layers": "num_layers",
+                    "patch_size": "patch_size"}
+# The HF release's context length (its config.json states 2048; SAT's 4096).
+HF_MAX_POSITIONS = 2048
+
+
+def hf_vision_config(e: EVAConfig) -> dict:
+    """An HF `vision_config` describing the low-res encoder `e`."""
+    return {"dropout_prob": 0.0, "hidden_act": "gelu", "num_positions": e.num_patches + 1,
+            **{k: getattr(e, f) for k, f in HF_VISION_FIELDS.items()}}
+
+
+def eva_from_hf(v: dict) -> EVAConfig:
+    """An HF `vision_config` -> EVAConfig; the optional fields (eps, channels) default to the
+    dataclass's, a missing other one is a KeyError."""
+    optional = ("layer_norm_eps", "in_channels")
+    return EVAConfig(**{f: v[k] if k in v or k not in optional else _default(EVAConfig, f)
+                        for k, f in HF_VISION_FIELDS.items()})
+
+
+def hf_fields(cfg: "ModelConfig") -> dict:
+    """config.json's language-model fields of `cfg`."""
+    return {k: getattr(cfg, f) for k, f in HF_FIELDS.items()}
+
+
 # ----- CogAgent's high-resolution branch: sizes stated, else read from the weights' shapes -----
-RELEASED_CROSS_HEAD_DIM = 64      # EVA2-CLIP-L: 1024 wide, 16 heads
+RELEASED = CrossConfig()           # the released EVA2-CLIP-L's sizes: the defaults below
+RELEASED_CROSS_HEAD_DIM = RELEASED.hidden_size // RELEASED.num_attention_heads      # 64
 
 
 def cross_sizes_from_shapes(shapes: dict, prefix: str) -> dict:
@@ -270,13 +312,13 @@ def cross_sizes_from_shapes(shapes: dict, prefix: str) -> dict:
 
 
 def cross_config(stated: dict, lm_heads: int, seen: dict, width: Optional[int] = None,
-                 image_size: Optional[int] = None, attn_head_dim: int = 32) -> CrossConfig:
+                 image_size: Optional[int] = None, attn_head_dim: int = RELEASED.attn_head_dim) -> CrossConfig:
     """CogAgent's CrossConfig: what the config states wins, then what the weights show, then
     the released sizes. The encoder's head size cannot be seen in the weights: it is stated
     (`head_dim` or `num_attention_heads`) or the released 64. The cross attention's inner
     size is the language model's heads x `cross_hidden_size_per_attention_head`."""
-    width = int(width or stated.get("hidden_size") or seen.get("hidden_size") or 1024)
-    patch = int(stated.get("patch_size") or seen.get("patch_size") or 14)
+    width = int(width or stated.get("hidden_size") or seen.get("hidden_size") or RELEASED.hidden_size)
+    patch = int(stated.get("patch_size") or seen.get("patch_size") or RELEASED.patch_size)
     if not image_size and seen.get("num_patches"):
         image_size = math.isqrt(seen["num_patches"]) * patch
     if stated.get("num_attention_heads"):
@@ -299,11 +341,11 @@ def cross_config(stated: dict, lm_heads: int, seen: dict, width: Optional[int] =
                          f"({lm_heads} x {attn_head_dim} = {attn_hidden})")
     pick = lambda name, default: int(stated.get(name) or seen.get(name) or default)  # noqa: E731
     return CrossConfig(
-        image_size=int(image_size or 1120), patch_size=patch, hidden_size=width,
-        num_layers=pick("num_layers", 24), num_attention_heads=heads,
-        inner_hidden_size=pick("inner_hidden_size", int(width * 2.6667)),
-        head_out_dim=pick("head_out_dim", 768),
-        rope_pretrain_grid=int(stated.get("rope_pretrain_grid") or 16),
+        image_size=int(image_size or RELEASED.image_size), patch_size=patch, hidden_size=width,
+        num_layers=pick("num_layers", RELEASED.num_layers), num_attention_heads=heads,
+        inner_hidden_size=pick("inner_hidden_size", int(width * 2.6667)),     # EVA2-CLIP-L's MLP ratio
+        head_out_dim=pick("head_out_dim", RELEASED.head_out_dim),
+        rope_pretrain_grid=int(stated.get("rope_pretrain_grid") or RELEASED.rope_pretrain_grid),
         attn_hidden_size=attn_hidden, attn_head_dim=int(attn_head_dim))
 
 
@@ -317,7 +359,7 @@ def _cogagent(version: str) -> ModelConfig:
                        adapter_has_pos_embed=True)
 
 
-# The released checkpoints (REFERENCE.md section 1), looked up by exact name.
+# The released checkpoints, looked up by exact name.
 MODEL_CONFIGS: dict[str, ModelConfig] = {
     "cogvlm-chat-v1.1": _cogvlm(490, "chat_old"),
     "cogvlm-base-224": _cogvlm(224, "base"),

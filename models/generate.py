@@ -7,8 +7,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from .cogvlm import Cache, CogVLM
-
+from .cogvlm import Cache, CogVLM, ModelInputs  # noqa: F401 - ModelInputs is importable from here too
 
 @dataclass
 class GenerationConfig:
@@ -32,19 +31,6 @@ MIN_TEMPERATURE = 1e-5
 
 class PromptTooLong(ValueError):
     pass
-
-
-@dataclass
-class ModelInputs:
-    """A batch ready for the model (rows left-padded to one length)."""
-    input_ids: torch.Tensor                      # B,T
-    position_ids: torch.Tensor                   # B,T
-    vision_mask: torch.Tensor                    # B,T bool: vision expert (boi + patches)
-    image_mask: torch.Tensor                     # B,T bool: image slots (boi + patches + eoi)
-    image_embeds: Optional[torch.Tensor] = None  # n_img, L+2, hidden (rows with slots, in order)
-    cross_kv: Optional[list] = None              # CogAgent: per layer (k, v), B rows
-    cross_rows: Optional[torch.Tensor] = None    # B bool: rows with an image (CogAgent)
-    pad_mask: Optional[torch.Tensor] = None      # B,T bool, False = left padding
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -77,27 +63,45 @@ def sample(logits: torch.Tensor, gen: GenerationConfig, generator=None) -> torch
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
+@dataclass
+class SamplingState:
+    """A batch's sampling state: its seeded generator (None: torch's global RNG) and the
+    tokens the repetition penalty looks at (the prompt; image slots never count as seen tokens)."""
+    gen: GenerationConfig
+    seen: torch.Tensor                              # B,N token ids
+    generator: Optional[torch.Generator] = None
+
+    @classmethod
+    def start(cls, inputs: ModelInputs, gen: GenerationConfig) -> "SamplingState":
+        ids = inputs.input_ids
+        generator = None
+        if gen.seed is not None:
+            generator = torch.Generator(device=ids.device).manual_seed(gen.seed)
+        seen = ids if inputs.image_mask is None else ids.masked_fill(inputs.image_mask, ids[0, 0].item())
+        return cls(gen, seen, generator)
+
+    def next_token(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits B,V -> B token ids, remembered for the repetition penalty."""
+        logits = apply_repetition_penalty(logits, self.seen, self.gen.repetition_penalty)
+        tok = sample(logits, self.gen, self.generator)
+        if self.gen.repetition_penalty != 1.0:
+            self.seen = torch.cat([self.seen, tok[:, None]], dim=1)
+        return tok
+
+
 def prefill(model: CogVLM, inputs: ModelInputs, cache: Cache) -> torch.Tensor:
-    """Run the prompt, fill the cache; returns the last position's logits, B,V."""
-    if inputs.pad_mask is not None:
-        cache.pad_mask = torch.ones(cache.k[0].shape[0], cache.max_len, dtype=torch.bool,
-                                    device=inputs.pad_mask.device)
-        cache.pad_mask[:, : inputs.pad_mask.shape[1]] = inputs.pad_mask
-    cache.cross_kv, cache.cross_rows = inputs.cross_kv, inputs.cross_rows
-    logits = model(inputs.input_ids, inputs.position_ids, vision_mask=inputs.vision_mask,
-                   image_embeds=inputs.image_embeds, image_mask=inputs.image_mask, cache=cache,
-                   last_only=True)
-    cache.next_position = inputs.position_ids[:, -1] + 1
-    return logits[:, -1]
+    """Run the prompt into an empty cache, which takes the prompt's sequence state (padding,
+    cross K/V, next position); returns the last position's logits, B,V."""
+    return model(inputs, cache, last_only=True)[:, -1]
 
 
 def forward_one_token(model: CogVLM, tokens: torch.Tensor, positions: torch.Tensor, cache,
-                      cross_kv=None, cross_rows=None, pad_mask=None, attn_mask=None) -> torch.Tensor:
+                      attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The model's forward for one new text token per row (what `--compile` compiles, see
     models/compile.py): tokens B, positions B,1 -> logits B,V. Writes K/V at slot
-    cache.get_seq_length(); the caller advances the cache."""
-    h = model.model(tokens[:, None], positions, cache=cache, cross_kv=cross_kv, cross_rows=cross_rows,
-                    pad_mask=pad_mask, attn_mask=attn_mask)
+    cache.get_seq_length() and reads the sequence state from the cache; the caller advances
+    the cache."""
+    h = model.model(ModelInputs(tokens[:, None], positions), cache, attn_mask)
     return model.lm_head(h[:, -1])
 
 
@@ -107,9 +111,8 @@ def decode_one_token(model: CogVLM, tokens: torch.Tensor, cache: Cache) -> torch
     model's compiled step when models.compile.compile_decode gave it one."""
     if cache.length >= cache.max_len:              # checked here: a compiled step cannot raise it
         raise ValueError(f"KV cache holds {cache.max_len} tokens; cannot add one more")
-    step = getattr(model, "decode_step", None) or forward_one_token
-    logits = step(model, tokens, cache.next_position[:, None], cache, cache.cross_kv, cache.cross_rows,
-                  cache.pad_mask)
+    step = model.runtime.decode_step or forward_one_token
+    logits = step(model, tokens, cache.next_position[:, None], cache)
     cache.length += 1
     cache.next_position = cache.next_position + 1
     return logits
@@ -144,20 +147,14 @@ def generate_tokens(model: CogVLM, inputs: ModelInputs, gen: GenerationConfig, e
     dtype = next(model.parameters()).dtype
     cache = Cache.allocate(model.config, B, T + max_new_tokens, dtype, inputs.input_ids.device,
                            heads=model.num_kv_heads)
-    generator = None
-    if gen.seed is not None:
-        generator = torch.Generator(device=inputs.input_ids.device).manual_seed(gen.seed)
-    seen = inputs.input_ids.masked_fill(inputs.image_mask, inputs.input_ids[0, 0].item())
+    sampling = SamplingState.start(inputs, gen)
     done = torch.zeros(B, dtype=torch.bool, device=inputs.input_ids.device)
     logits = prefill(model, inputs, cache)
     for step in range(max_new_tokens):
-        logits = apply_repetition_penalty(logits, seen, gen.repetition_penalty)
-        tok = sample(logits, gen, generator)
+        tok = sampling.next_token(logits)
         tok = torch.where(done, torch.full_like(tok, eos_token_id), tok)
         done |= tok == eos_token_id
         yield tok
         if bool(done.all()) or step == max_new_tokens - 1:
             return
-        if gen.repetition_penalty != 1.0:
-            seen = torch.cat([seen, tok[:, None]], dim=1)
         logits = decode_one_token(model, tok, cache)

@@ -9,13 +9,14 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from transformers import (AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig,
-                          PreTrainedModel)
+from transformers import (AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationMixin,
+                          PretrainedConfig, PreTrainedModel)
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .cogvlm import CogVLM, CogVLMModel, Rotary
-from .config import EVAConfig, ModelConfig, cross_config
+from .cogvlm import CogVLM, CogVLMModel, ModelInputs, Rotary, RuntimeState
+from .config import (CROSS_ENCODER_FIELDS, HF_FIELDS, HF_MAX_POSITIONS, ModelConfig, cross_config,
+                     eva_from_hf, get_config, hf_fields, hf_vision_config)
 from .eva import RopeTables, rope_2d_tables
 
 VISION_TOKEN = 1      # token_type_ids: 0 language, 1 vision (boi, patches, eoi)
@@ -27,39 +28,34 @@ COGVLM_HF_TO_SAT = {"base": "base", "chat": "chat_old", "chat_old": "chat_old", 
 COGVLM_SAT_TO_HF = {"base": "base", "chat_old": "chat", "chat": "chat", "vqa": "vqa"}
 
 
+_LM = ModelConfig()                       # the dataclass defaults: CogVLM-17B's language model
+_AGENT = get_config("cogagent-chat")       # CogAgent's (224-px low-res encoder, EVA2-CLIP-L cross branch)
+
+
 class CogVLMConfig(PretrainedConfig):
     model_type = "cogvlm"
 
-    def __init__(self, vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                 num_hidden_layers=32, num_attention_heads=32, hidden_act="silu",
-                 max_position_embeddings=2048, initializer_range=0.02, rms_norm_eps=1e-5,
-                 template_version="chat", pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                 tie_word_embeddings=False, use_cache=True, vision_config=None, **kwargs):
+    def __init__(self, vocab_size=_LM.vocab_size, hidden_size=_LM.hidden_size,
+                 intermediate_size=_LM.inner_hidden_size, num_hidden_layers=_LM.num_layers,
+                 num_attention_heads=_LM.num_attention_heads, hidden_act="silu",
+                 max_position_embeddings=HF_MAX_POSITIONS, initializer_range=0.02,
+                 rms_norm_eps=_LM.layernorm_epsilon, template_version="chat",
+                 pad_token_id=_LM.pad_token_id, bos_token_id=_LM.bos_token_id,
+                 eos_token_id=_LM.eos_token_id, tie_word_embeddings=False, use_cache=True,
+                 vision_config=None, **kwargs):
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.intermediate_size, self.num_hidden_layers = intermediate_size, num_hidden_layers
         self.num_attention_heads, self.hidden_act = num_attention_heads, hidden_act
         self.max_position_embeddings, self.initializer_range = max_position_embeddings, initializer_range
         self.rms_norm_eps, self.template_version, self.use_cache = rms_norm_eps, template_version, use_cache
-        self.vision_config = vision_config or {
-            "dropout_prob": 0.0, "hidden_act": "gelu", "hidden_size": 1792, "image_size": 490,
-            "in_channels": 3, "intermediate_size": 15360, "layer_norm_eps": 1e-6, "num_heads": 16,
-            "num_hidden_layers": 63, "num_positions": 1226, "patch_size": 14}
+        self.vision_config = vision_config or hf_vision_config(_LM.eva)
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id,
                          eos_token_id=eos_token_id, tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     def to_model_config(self) -> ModelConfig:
-        v = self.vision_config
-        eva = EVAConfig(num_layers=v["num_hidden_layers"], hidden_size=v["hidden_size"],
-                        num_attention_heads=v["num_heads"], inner_hidden_size=v["intermediate_size"],
-                        image_size=v["image_size"], patch_size=v["patch_size"],
-                        layernorm_epsilon=v.get("layer_norm_eps", 1e-6), in_channels=v.get("in_channels", 3))
-        return ModelConfig(
-            num_layers=self.num_hidden_layers, hidden_size=self.hidden_size,
-            num_attention_heads=self.num_attention_heads, inner_hidden_size=self.intermediate_size,
-            vocab_size=self.vocab_size, max_sequence_length=self.max_position_embeddings,
-            layernorm_epsilon=self.rms_norm_eps, bos_token_id=self.bos_token_id,
-            eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id or 0,
-            version=self.sat_version(), eva=eva)
+        lm = {f: getattr(self, k) for k, f in HF_FIELDS.items()}
+        lm["pad_token_id"] = lm["pad_token_id"] or 0
+        return ModelConfig(**lm, version=self.sat_version(), eva=eva_from_hf(self.vision_config))
 
     def sat_version(self) -> str:
         """The SAT template that writes the same prompt as `template_version` here."""
@@ -75,18 +71,16 @@ class CogVLMConfig(PretrainedConfig):
 class CogAgentConfig(CogVLMConfig):
     model_type = "cogagent"
 
-    def __init__(self, cross_hidden_size=1024, cross_compute_hidden_size=1024, cross_image_size=1120,
-                 cross_vision_config=None, **kwargs):
+    def __init__(self, cross_hidden_size=_AGENT.cross.hidden_size,
+                 cross_compute_hidden_size=_AGENT.cross.attn_hidden_size,
+                 cross_image_size=_AGENT.cross.image_size, cross_vision_config=None, **kwargs):
         self.cross_hidden_size = cross_hidden_size
         self.cross_compute_hidden_size = cross_compute_hidden_size
         self.cross_image_size = cross_image_size
         # Not in the released configs (their high-res encoder is fixed EVA2-CLIP-L): the size
         # of the encoder, so that smaller CogAgents can be described. Absent = released size.
         self.cross_vision_config = cross_vision_config or {}
-        kwargs.setdefault("vision_config", {
-            "dropout_prob": 0.0, "hidden_act": "gelu", "hidden_size": 1792, "image_size": 224,
-            "in_channels": 3, "intermediate_size": 15360, "layer_norm_eps": 1e-6, "num_heads": 16,
-            "num_hidden_layers": 63, "num_positions": 257, "patch_size": 14})
+        kwargs.setdefault("vision_config", hf_vision_config(_AGENT.eva))
         super().__init__(**kwargs)
 
     def sat_version(self) -> str:
@@ -107,34 +101,17 @@ class CogAgentConfig(CogVLMConfig):
     @classmethod
     def from_model_config(cls, cfg: ModelConfig) -> "CogAgentConfig":
         c = cfg.cross
+        encoder = {f: getattr(c, f) for f in CROSS_ENCODER_FIELDS if f != "attn_hidden_size"}
         return cls(cross_hidden_size=c.hidden_size, cross_compute_hidden_size=c.attn_hidden_size,
-                   cross_image_size=c.image_size,
-                   cross_vision_config={"hidden_size": c.hidden_size, "num_layers": c.num_layers,
-                                        "num_attention_heads": c.num_attention_heads,
-                                        "inner_hidden_size": c.inner_hidden_size,
-                                        "head_out_dim": c.head_out_dim, "patch_size": c.patch_size,
-                                        "rope_pretrain_grid": c.rope_pretrain_grid},
-                   **_common_fields(cfg))
+                   cross_image_size=c.image_size, cross_vision_config=encoder, **_common_fields(cfg))
 
 
 def _common_fields(cfg: ModelConfig) -> dict:
-    e = cfg.eva
     if cfg.cross is not None and cfg.cross.attn_head_dim * cfg.num_attention_heads != cfg.cross.attn_hidden_size:
         raise ValueError("the HF format derives the cross-attention head size from the number of "
                          "heads; this config does not fit it")
-    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                intermediate_size=cfg.inner_hidden_size, num_hidden_layers=cfg.num_layers,
-                num_attention_heads=cfg.num_attention_heads,
-                max_position_embeddings=cfg.max_sequence_length, rms_norm_eps=cfg.layernorm_epsilon,
-                bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
-                pad_token_id=cfg.pad_token_id,
-                template_version=cfg.version if cfg.cross is not None else COGVLM_SAT_TO_HF[cfg.version],
-                vision_config={"dropout_prob": 0.0, "hidden_act": "gelu", "hidden_size": e.hidden_size,
-                               "image_size": e.image_size, "in_channels": e.in_channels,
-                               "intermediate_size": e.inner_hidden_size,
-                               "layer_norm_eps": e.layernorm_epsilon, "num_heads": e.num_attention_heads,
-                               "num_hidden_layers": e.num_layers, "num_positions": e.num_patches + 1,
-                               "patch_size": e.patch_size})
+    return dict(**hf_fields(cfg), vision_config=hf_vision_config(cfg.eva),
+                template_version=cfg.version if cfg.cross is not None else COGVLM_SAT_TO_HF[cfg.version])
 
 
 # ----------------------------------------------------------------------------------------
@@ -167,6 +144,19 @@ def _stack_images(images) -> Optional[torch.Tensor]:
         return images
     flat = [img for row in images for img in (row if isinstance(row, (list, tuple)) else [row])]
     return torch.stack(flat) if flat else None
+
+
+class CogVLMCache(DynamicCache):
+    """transformers' DynamicCache plus the sequence state our model reads from a cache (as
+    models.cogvlm.Cache): the next rotary position of each row, CogAgent's cross K/V
+    (computed at the first step, kept), and this step's padding mask."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.next_position: Optional[torch.Tensor] = None   # B
+        self.cross_kv: Optional[list] = None                # per layer (k, v): B,H,N,D
+        self.cross_rows: Optional[torch.Tensor] = None      # B bool: rows with an image
+        self.pad_mask: Optional[torch.Tensor] = None        # B,past+T bool, False = padding
 
 
 class CogVLMPreTrainedModel(PreTrainedModel):
@@ -211,6 +201,7 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
         self.cfg = config.to_model_config()
         self.model = CogVLMModel(self.cfg)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.runtime = RuntimeState()
         self.post_init()
 
     # The same parameters as models.cogvlm.CogVLM, so its helpers apply unchanged.
@@ -232,12 +223,39 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
                 position_ids: Optional[torch.LongTensor] = None, past_key_values=None,
                 use_cache: Optional[bool] = None, labels: Optional[torch.LongTensor] = None,
                 logits_to_keep: int = 0, output_hidden_states: Optional[bool] = None,
-                **kwargs) -> CausalLMOutputWithPast:
-        B, T = input_ids.shape
-        cache = past_key_values
-        if cache is None and (use_cache if use_cache is not None else False):
-            from transformers import DynamicCache
-            cache = DynamicCache(config=self.config)
+                cache=None, **kwargs) -> CausalLMOutputWithPast:
+        """`cache` (`past_key_values` before transformers 5): a CogVLMCache, created here with
+        use_cache=True; it keeps the positions and CogAgent's cross K/V between steps."""
+        cache = cache if cache is not None else past_key_values
+        if cache is None and use_cache:
+            cache = CogVLMCache(config=self.config)
+        if cache is not None and not isinstance(cache, CogVLMCache):
+            raise TypeError(f"the cache must be a models.hf.CogVLMCache, not {type(cache).__name__} "
+                            f"(it keeps the image positions and cross K/V between steps)")
+        inputs = self._model_inputs(input_ids, images, cross_images, token_type_ids, attention_mask,
+                                    position_ids, cache)
+        if cache is not None:
+            cache.pad_mask = inputs.pad_mask           # this step's mask covers every slot
+            if cache.cross_kv is None:
+                cache.cross_kv, cache.cross_rows = inputs.cross_kv, inputs.cross_rows
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        hidden = [] if output_hidden_states else None
+        h = self.model(inputs, cache, hidden_states=hidden)
+        if cache is not None:
+            cache.next_position = inputs.position_ids[:, -1] + 1
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                               labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache,
+                                      hidden_states=tuple(hidden) if hidden is not None else None)
+
+    def _model_inputs(self, input_ids, images, cross_images, token_type_ids, attention_mask,
+                      position_ids, cache: Optional["CogVLMCache"]) -> ModelInputs:
+        """HF inputs -> ModelInputs with images encoded (first step only; cross K/V once)."""
+        T = input_ids.shape[1]
         past = cache.get_seq_length() if cache is not None else 0
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
@@ -246,10 +264,8 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
         if past > 0:
             # Continue from the positions stored at the previous step (an image takes many
             # token slots but only 3 positions, so slot indices cannot be used).
-            start = getattr(cache, "cogvlm_next_position", None)
+            start = cache.next_position
             pos = start[:, None] + (pos - pos[:, :1]) if start is not None else pos + past
-        if position_ids is None:
-            position_ids = pos
         image_embeds = None
         pixels = _stack_images(images)
         if pixels is not None and past == 0:
@@ -257,28 +273,13 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
         else:
             image_mask = None
         cross_kv, cross_rows = None, None
-        if self.cfg.cross is not None:
-            cross_kv = getattr(cache, "cogvlm_cross_kv", None) if past > 0 else None
-            cross_rows = getattr(cache, "cogvlm_cross_rows", None) if past > 0 else None
-            hi = _stack_images(cross_images)
-            if cross_kv is None and hi is not None:
-                cross_kv, cross_rows = self._batched_cross_kv(hi, cross_images, B)
+        hi = _stack_images(cross_images) if self.cfg.cross is not None else None
+        if hi is not None and (cache is None or cache.cross_kv is None):
+            cross_kv, cross_rows = self._batched_cross_kv(hi, cross_images, input_ids.shape[0])
         pad = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        hidden = [] if output_hidden_states else None
-        h = self.model(input_ids, position_ids, vision_mask, image_embeds, image_mask, cache,
-                       cross_kv, cross_rows, pad, hidden_states=hidden)
-        if cache is not None:
-            cache.cogvlm_next_position = position_ids[:, -1] + 1
-            cache.cogvlm_cross_kv, cache.cogvlm_cross_rows = cross_kv, cross_rows
-        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
-        loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                               labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache,
-                                      hidden_states=tuple(hidden) if hidden is not None else None)
+        return ModelInputs(input_ids, position_ids if position_ids is not None else pos, vision_mask,
+                           image_mask, image_embeds=image_embeds, cross_kv=cross_kv,
+                           cross_rows=cross_rows, pad_mask=pad)
 
     def _batched_cross_kv(self, hi: torch.Tensor, cross_images, B: int):
         """Cross K/V for a batch where some rows may have no image (zero K/V, row masked)."""
@@ -297,17 +298,23 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
             full.append((fk, fv))
         return full, torch.tensor(rows, device=hi.device)
 
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        """generate() must not make a plain DynamicCache: forward makes a CogVLMCache."""
+        return False
+
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
                                       images=None, cross_images=None, token_type_ids=None, **kwargs):
         """First step: the whole prompt with its images. Later steps: the last token only;
         positions and cross K/V come from the cache (see forward)."""
-        first = past_key_values is None or past_key_values.get_seq_length() == 0
+        cache = kwargs.get("cache", past_key_values)
+        first = cache is None or cache.get_seq_length() == 0
         if first:
             return {"input_ids": input_ids, "images": images, "cross_images": cross_images,
                     "token_type_ids": token_type_ids, "attention_mask": attention_mask,
-                    "past_key_values": past_key_values, "use_cache": kwargs.get("use_cache", True)}
-        return {"input_ids": input_ids[:, -1:], "attention_mask": attention_mask,
-                "past_key_values": past_key_values, "use_cache": True}
+                    "cache": cache, "use_cache": kwargs.get("use_cache", True)}
+        return {"input_ids": input_ids[:, -1:], "attention_mask": attention_mask, "cache": cache,
+                "use_cache": True}
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         tt = model_kwargs.get("token_type_ids")

@@ -15,8 +15,9 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from .checkpoint import (CheckpointError, check_finite, is_derived, load_sat_config, read_sat_state_dict, regenerate_derived,
-                         sat_key_map, save_sat_checkpoint, write_checkpoint_dir)
+from .checkpoint import (CheckpointError, check_finite, check_key_sets, is_derived, load_sat_config,
+                         read_sat_state_dict, regenerate_derived, sat_key_map, save_sat_checkpoint,
+                         write_checkpoint_dir)
 from .cogvlm import CogVLM
 from .config import ModelConfig, cross_sizes_from_shapes
 
@@ -145,7 +146,7 @@ def load_hf_model(path, dtype: Optional[torch.dtype] = None, device="cpu"):
     code. Files are validated first so that a broken download gives a clear error."""
     from .hf import CogAgentConfig, CogAgentForCausalLM, CogVLMForCausalLM
     from .layout import use_fast_cpu_layout
-    from .loading import default_dtype
+    from .machine import default_dtype
     path = Path(path).expanduser()
     if not path.is_dir():
         raise CheckpointError(f"no such HF checkpoint directory: {path}")
@@ -160,18 +161,23 @@ def load_hf_model(path, dtype: Optional[torch.dtype] = None, device="cpu"):
     return use_fast_cpu_layout(model.to(device)).eval()
 
 
+def hf_architecture(cfg: ModelConfig):
+    """The transformers model class of `cfg` built from its derived config.json (load_model's
+    `arch` for the HF front end)."""
+    from .hf import CogAgentForCausalLM, CogVLMConfig, CogVLMForCausalLM
+    return (CogAgentForCausalLM if cfg.cross else CogVLMForCausalLM)(CogVLMConfig.from_model_config(cfg))
+
+
 def _hf_model_from_sat(path: Path, dtype, device):
     """A SAT checkpoint as the transformers model (same parameter names as ours), so that
     the HF front end takes both formats. Its config.json is derived as sat2hf writes it."""
     from .checkpoint import load_state_into
-    from .hf import CogAgentForCausalLM, CogVLMConfig, CogVLMForCausalLM
     from .layout import use_fast_cpu_layout
-    from .loading import default_dtype
+    from .machine import default_dtype
     sd = read_sat_state_dict(path)
     cfg = load_sat_config(path, sd)
-    config = CogVLMConfig.from_model_config(cfg)
     with torch.device("meta"):
-        model = (CogAgentForCausalLM if cfg.cross else CogVLMForCausalLM)(config)
+        model = hf_architecture(cfg)
     load_state_into(model, sd, str(path), dtype=dtype or default_dtype(device), device=device)
     return use_fast_cpu_layout(model).eval()
 
@@ -238,26 +244,18 @@ def hf_derived_tensors(cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 def check_keys(model: CogVLM, index: dict, source: str) -> None:
     """Every weight of the architecture present with its shape, nothing unknown; derived
-    buffers (rotary tables, any of the layouts in DERIVED) optional but shape-checked."""
+    buffers (rotary tables, in any of the layouts DERIVED matches) optional but shape-checked."""
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     derived_shape = {"inv_freq": (model.config.head_dim // 2,)}
     if model.config.cross is not None:
         derived_shape["rope"] = own["model.cross_vision.vit.model.rope.freqs_cos"]
-    missing = sorted(k for k in own if k not in index and not is_derived(k))
-    extra = sorted(k for k in index if k not in own and not is_derived(k))
-    if missing:
-        raise CheckpointError(f"{source}: missing key(s): {', '.join(missing[:5])}"
-                              f"{' ...' if len(missing) > 5 else ''}")
-    if extra:
-        raise CheckpointError(f"{source}: unexpected key(s) not in this architecture: "
-                              f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
-    for k, (f, shape) in index.items():
-        want = own.get(k) if not is_derived(k) else derived_shape.get("inv_freq" if k.endswith("inv_freq") else "rope")
-        if want is None:
-            raise CheckpointError(f"{f}: {k} is a rotary table this architecture does not have")
-        if tuple(shape) != tuple(want):
-            raise CheckpointError(f"{f}: key {k} has shape {tuple(shape)}, expected {tuple(want)} "
-                                  f"(from config.json)")
+    # The file's own layout of the derived tables (e.g. one inv_freq per layer) is expected too.
+    expected = dict(own)
+    for k in index:
+        kind = "inv_freq" if k.endswith("inv_freq") else "rope"
+        if k not in own and is_derived(k) and kind in derived_shape:
+            expected[k] = derived_shape[kind]
+    check_key_sets(expected, {k: shape for k, (_, shape) in index.items()}, source, "config.json")
 
 
 def sat_to_hf(sat_dir, out_dir, shard_bytes: int = 2 << 30, dtype: Optional[torch.dtype] = None,
@@ -269,20 +267,14 @@ def sat_to_hf(sat_dir, out_dir, shard_bytes: int = 2 << 30, dtype: Optional[torc
         meta = CogVLM(cfg)
     names = sat_key_map(meta)                          # SAT key -> HF key
     shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
-    unknown = [k for k in sd if k not in names]
-    if unknown:
-        raise CheckpointError(f"{sat_dir}: unexpected key(s) {', '.join(unknown[:5])}")
+    check_key_sets({s: shapes[h] for s, h in names.items()}, {k: tuple(v.shape) for k, v in sd.items()},
+                   str(sat_dir), "model_config.json")
     # The original's key set: every weight, plus its own layout of the derived tables
     # (per-layer rotary_emb.inv_freq; never our single model.rotary.inv_freq).
     sources = {}
     for skey, hkey in names.items():
         if is_derived(hkey):
             continue
-        if skey not in sd:
-            raise CheckpointError(f"{sat_dir}: missing key {skey}")
-        if tuple(sd[skey].shape) != shapes[hkey]:
-            raise CheckpointError(f"{sat_dir}: key {skey} has shape {tuple(sd[skey].shape)}, "
-                                  f"expected {shapes[hkey]}")
         if not sd[skey].is_floating_point():
             raise CheckpointError(f"{sat_dir}: key {skey} has dtype {sd[skey].dtype}, expected floating point")
         sources[hkey] = sd[skey]

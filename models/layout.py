@@ -1,9 +1,8 @@
 """Weight memory layout for fast CPU inference, applied after the model is built or loaded.
 
 On CPU, a matrix-vector product with a weight of more outputs than inputs (QKV, gate/up,
-LM head) reads memory faster when the weight is stored column-major: measured on the
-2-core machine, 24-25 GB/s row-major vs 28-31 GB/s column-major for the mid-size shapes,
-and equal or better for prefill GEMMs. The tensor keeps its shape [out, in]; only its
+LM head) reads memory faster when the weight is stored column-major (measured on the 2-core
+machine for the mid-size shapes, bench/RESULTS.md), and equal or better for prefill GEMMs. The tensor keeps its shape [out, in]; only its
 strides change, so every caller (F.linear, state_dict, quantization) is unaffected.
 """
 from __future__ import annotations
@@ -13,8 +12,8 @@ import torch.nn as nn
 
 
 def use_fast_cpu_layout(model: nn.Module) -> nn.Module:
-    """fp32 only: in bf16 the column-major GEMV measured 1.4-1.6x slower than row-major
-    (14-19 vs 21-31 GB/s for the mid-size shapes, AMD EPYC with AVX-512 BF16)."""
+    """fp32 only: in bf16 the column-major GEMV measured slower than row-major (mid-size
+    shapes, AMD EPYC with AVX-512 BF16)."""
     for mod in model.modules():
         if isinstance(mod, nn.Linear) and mod.weight.device.type == "cpu" and mod.weight.dtype == torch.float32 \
                 and mod.out_features > mod.in_features and mod.weight.is_contiguous():
@@ -25,15 +24,15 @@ def use_fast_cpu_layout(model: nn.Module) -> nn.Module:
 class PackedLinear(nn.Module):
     """A linear layer whose fp32 or bf16 weight is packed once into oneDNN's blocked layout, for
     CPU inference only (no training, no state_dict). Measured on the 2-core machine for the
-    mid-size shapes: fp32, against column-major F.linear, equal at 1 row, 1.7-2.5x faster at
-    4-16 rows, equal or faster for prefill; bf16, against row-major F.linear, single-row GEMV
-    34 vs 16 GB/s over 16 layers' weights, 4-row steps 1.9x, prefill GEMMs equal."""
+    mid-size shapes (bench/RESULTS.md): fp32, against column-major F.linear, equal at 1 row,
+    faster at 4-16 rows, equal or faster for prefill; bf16, against row-major F.linear, faster
+    for single-row and few-row steps, prefill GEMMs equal."""
 
     def __init__(self, lin: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = lin.in_features, lin.out_features
         # The row count oneDNN lays the weight out for: fp32 16 (batched decoding), bf16 1
-        # (measured 34 vs 27 GB/s single-row, equal at 4-283 rows).
+        # (measured faster single-row, equal at 4-283 rows).
         hint = 16 if lin.weight.dtype == torch.float32 else 1
         self.packed = torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach().contiguous(), hint)
         self.bias = lin.bias
@@ -61,5 +60,5 @@ def pack_for_cpu_inference(model: nn.Module) -> nn.Module:
     for name, lin in targets:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, PackedLinear(lin))
-    model.packed_for_inference = True
+    model.runtime.packed = True
     return model

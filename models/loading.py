@@ -1,20 +1,23 @@
 """`load_model`: the one loader every demo, test and script uses."""
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
+import torch.nn as nn
 
 from .checkpoint import (CheckpointError, load_sat_config, load_state_into, read_sat_state_dict,
                          regenerate_derived)
 from .cogvlm import CogVLM
 from .config import ALIASES, MODEL_CONFIGS, ModelConfig
 from .layout import use_fast_cpu_layout
+from .quantize import QuantConfig, plan_quantization
+from .machine import (cpu_flags, default_dtype, memory_returned_to_os, release_free_memory,  # noqa: F401
+                      resolve_dtype)
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -56,74 +59,6 @@ def resolve_pretrained(name_or_path: str) -> Path:
     raise ModelNotFound(f"no such checkpoint directory: {p}")
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cpu_flags() -> set:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def resolve_dtype(name: str, device: Union[str, torch.device]) -> torch.dtype:
-    """`--dtype`: float32 / bfloat16 / float16, or auto: bf16 on CUDA; on a CPU bf16 when it
-    has AMX or AVX-512 BF16 (bf16 matrix products several times fp32's there, half the bytes
-    per token), else fp32 (without them bf16 is slower than fp32). The choice is logged."""
-    if name != "auto":
-        return DTYPES[name]
-    if torch.device(device).type == "cuda":
-        return torch.bfloat16
-    fast = sorted(cpu_flags() & {"amx_bf16", "avx512_bf16"})
-    log.info("--dtype auto: %s", f"bfloat16 (this CPU has {', '.join(fast)})" if fast
-             else "float32 (this CPU has neither AMX nor AVX-512 BF16)")
-    return torch.bfloat16 if fast else torch.float32
-
-
-def default_dtype(device: Union[str, torch.device], fp16: bool = False, bf16: bool = False) -> torch.dtype:
-    """fp32 on CPU (no fast bf16 there), bf16 on CUDA; --fp16/--bf16 override."""
-    if fp16:
-        return torch.float16
-    if bf16:
-        return torch.bfloat16
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def release_free_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them after transient buffers: a
-    burst of prefills, a compilation), so RSS tracks live memory. No-op without glibc."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-@contextlib.contextmanager
-def memory_returned_to_os():
-    """While loading: glibc serves allocations above 1 MB with mmap, so the full-precision
-    temporaries of each quantized layer go back to the OS when freed. Glibc's default (a
-    threshold that grows with use) kept up to 210 MB of them in its heap and doubled the
-    measured peak in half the runs of tests/test_quantize.py. After loading the threshold is
-    set to 32 MB (glibc's own ceiling, so prefill activations reuse heap memory) and the heap
-    is trimmed. No-op where glibc is absent."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        yield
-        return
-    libc.mallopt(-3, 1 << 20)                           # M_MMAP_THRESHOLD
-    try:
-        yield
-    finally:
-        libc.mallopt(-3, 32 << 20)
-        release_free_memory()
-
-
 def build_model(cfg: ModelConfig, device="cpu", dtype: torch.dtype = torch.float32) -> CogVLM:
     """A randomly initialised model (tests, benchmarks, training from scratch)."""
     with torch.device(device):
@@ -144,49 +79,91 @@ def init_weights(model: CogVLM, std: float = 0.02) -> None:
     regenerate_derived(model, next(model.parameters()).device)
 
 
-def load_model(from_pretrained: str, device: Union[str, torch.device] = "cpu",
-               dtype: Optional[torch.dtype] = None, trust_checkpoint: bool = False,
-               cpu_layout: bool = True, rank: int = 0, world: int = 1, quant: Optional[int] = None,
-               quant_vision: Optional[int] = None, quant_backend: Optional[str] = None,
-               quant_group: Optional[int] = None):
-    """Build the model from `model_config.json` (or an HF `config.json`) on the meta device, then load the weights
-    tensor by tensor from a memory-mapped file: one copy of the weights in memory.
-    cpu_layout=False skips the column-major re-layout (callers that pack or quantize the
-    weights next would only copy them twice). world > 1: tensor parallel, this process holds
-    rank `rank`'s piece (read from its own MP shard file, or cut from a single-rank file).
-    quant=4|8: each linear layer is quantized as soon as its weights are read (quantize.py),
-    so memory peaks near the quantized size, never the full-precision one; quant_vision: the
-    image encoders' bits (default 8; 16 = unquantized); quant_group: int4 inputs per scale
-    (default 64). Returns (model, config)."""
+@dataclass
+class LoadOptions:
+    """How load_model builds a model. dtype None: default_dtype(device). rank/world: this
+    process's piece under tensor parallelism. cpu_layout: the column-major fp32 re-layout
+    (off when the weights are packed or quantized next). pack: oneDNN-packed CPU weights where
+    layout.can_pack allows. compile: an inductor-compiled decode step (compile.py)."""
+    device: Union[str, torch.device] = "cpu"
+    dtype: Optional[torch.dtype] = None
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    trust_checkpoint: bool = False
+    rank: int = 0
+    world: int = 1
+    cpu_layout: bool = True
+    pack: bool = False
+    compile: bool = False
+
+
+def load_model(from_pretrained: str, opts: LoadOptions = LoadOptions(),
+               arch: Optional[Callable[[ModelConfig], nn.Module]] = None):
+    """Build the model from `model_config.json` (or an HF `config.json`) on the meta device, then
+    load the weights tensor by tensor from a memory-mapped file: one copy of the weights in
+    memory. world > 1: tensor parallel, this process holds rank `rank`'s piece (read from its
+    own MP shard file, or cut from a single-rank file). quant.bits 4|8: each linear layer is
+    quantized as soon as its weights are read (quantize.py), so memory peaks near the quantized
+    size, never the full-precision one. arch(cfg): the module to build (default CogVLM; the
+    transformers front end passes its own class, same parameter names). Returns (model, config)."""
     ckpt = resolve_pretrained(from_pretrained)
-    if (ckpt / "model_config.json").is_file():
-        sd = read_sat_state_dict(ckpt, trust=trust_checkpoint, rank=rank, world=world)   # memory-mapped
-        cfg = load_sat_config(ckpt, sd)
-    elif (ckpt / "config.json").is_file():             # HF format (e.g. THUDM/cogvlm-chat-hf)
-        from .hf_io import read_hf_as_sat
-        cfg, sd = read_hf_as_sat(ckpt)
-    else:
-        raise CheckpointError(f"{ckpt}: neither model_config.json (SAT format) nor config.json "
-                              f"(Hugging Face format): not a checkpoint directory")
-    dtype = dtype or default_dtype(device)
+    cfg, sd = read_checkpoint(ckpt, opts)
+    dtype = opts.dtype or default_dtype(opts.device)
     log.info("loading %s (%s, %d layers, hidden %d) on %s as %s", ckpt, cfg.model_class,
-             cfg.num_layers, cfg.hidden_size, device, dtype)
+             cfg.num_layers, cfg.hidden_size, opts.device, dtype)
+    model = build_on_meta(cfg, opts, arch or CogVLM)
+    load_weights(model, sd, str(ckpt), dtype, opts)
+    return prepare_for_inference(model, dtype, opts), cfg
+
+
+def read_checkpoint(ckpt: Path, opts: LoadOptions) -> tuple[ModelConfig, dict]:
+    """(config, lazily read state dict in SAT names) of a SAT or Hugging Face directory."""
+    if (ckpt / "model_config.json").is_file():
+        sd = read_sat_state_dict(ckpt, trust=opts.trust_checkpoint, rank=opts.rank, world=opts.world)
+        return load_sat_config(ckpt, sd), sd
+    if (ckpt / "config.json").is_file():               # HF format (e.g. THUDM/cogvlm-chat-hf)
+        from .hf_io import read_hf_as_sat
+        return read_hf_as_sat(ckpt)
+    raise CheckpointError(f"{ckpt}: neither model_config.json (SAT format) nor config.json "
+                          f"(Hugging Face format): not a checkpoint directory")
+
+
+def build_on_meta(cfg: ModelConfig, opts: LoadOptions, arch: Callable[[ModelConfig], nn.Module]) -> nn.Module:
+    """The architecture without memory: cut for tensor parallelism, LoRA adapters added when
+    the checkpoint has them."""
     with torch.device("meta"):
-        model = CogVLM(cfg)
-    if world > 1:
+        model = arch(cfg)
+    if opts.world > 1:
         from .tp import apply_tensor_parallel
-        apply_tensor_parallel(model, rank, world)      # on meta: shapes and forwards only
+        apply_tensor_parallel(model, opts.rank, opts.world)    # on meta: shapes and forwards only
     if "lora" in cfg.extra:                            # a LoRA finetuning checkpoint
         from .lora import LoRAConfig, apply_lora
         apply_lora(model, LoRAConfig.from_json(cfg.extra["lora"]))
-    plan, backend = None, None
-    if quant:
-        from .quantize import default_backend, quant_plan
-        backend = quant_backend or default_backend(device)
-        plan = quant_plan(model, quant, quant_vision, backend, quant_group)
-    with memory_returned_to_os() if quant else contextlib.nullcontext():
-        load_state_into(model, sd, str(ckpt), dtype=dtype, device=device, rank=rank, world=world,
-                        quant_plan=plan, quant_backend=backend, quant_group=quant_group)
-    if quant:
-        model.quantized_bits = quant
-    return (use_fast_cpu_layout(model) if cpu_layout else model).eval(), cfg
+    return model
+
+
+def load_weights(model: nn.Module, sd: dict, source: str, dtype: torch.dtype, opts: LoadOptions) -> None:
+    """Fill the meta model from `sd`, quantizing each planned layer as it arrives."""
+    q = opts.quant
+    if not q.bits:
+        load_state_into(model, sd, source, dtype=dtype, device=opts.device, rank=opts.rank, world=opts.world)
+        return
+    plan = plan_quantization(model, q, opts.device)
+    with memory_returned_to_os():
+        load_state_into(model, sd, source, dtype=dtype, device=opts.device, rank=opts.rank, world=opts.world,
+                        quant=plan)
+    model.runtime.quant_bits = q.bits
+
+
+def prepare_for_inference(model: nn.Module, dtype: torch.dtype, opts: LoadOptions) -> nn.Module:
+    """The CPU weight layout (column-major fp32, or oneDNN-packed), then the compiled decode step."""
+    from .layout import can_pack, pack_for_cpu_inference
+    # compile: inductor packs the weights itself, so they stay plain here.
+    pack = opts.pack and not opts.compile and can_pack(dtype, opts.device)
+    if opts.cpu_layout and not pack:
+        use_fast_cpu_layout(model)
+    if pack:                                           # the weights quantization left in fp32/bf16
+        pack_for_cpu_inference(model)
+    if opts.compile:
+        from .compile import compile_decode
+        compile_decode(model)
+    return model.eval()

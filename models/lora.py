@@ -48,8 +48,8 @@ def target_names(model: nn.Module, lcfg: LoRAConfig) -> list[str]:
     cfg = model.config
     layers = lcfg.layer_range if lcfg.layer_range is not None else range(cfg.num_layers)
     if any(not 0 <= i < cfg.num_layers for i in layers):
-        raise ValueError(f"--layer_range {min(layers)} {max(layers) + 1} is outside the model's "
-                         f"{cfg.num_layers} layers")
+        raise ValueError(f"LoRA layer_range {min(layers)}..{max(layers)} is outside the model's "
+                         f"{cfg.num_layers} layers (0..{cfg.num_layers - 1})")
     names = []
     for i in layers:
         p = f"model.layers.{i}."
@@ -103,7 +103,7 @@ def apply_lora(model: nn.Module, lcfg: LoRAConfig, dtype: Optional[torch.dtype] 
         mod.lora_scaling = lcfg.scaling
         mod.register_forward_hook(_lora_hook)
     lcfg.targets = names
-    model.lora_config = lcfg
+    model.runtime.lora = lcfg
     return names
 
 

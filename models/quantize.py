@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 import threading
 import warnings
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -42,6 +43,33 @@ KERNEL_ROWS = {8: 16, 4: 80}
 SCRATCH_BYTES = 32 << 20
 BACKENDS = ("torch", "bitsandbytes")
 VISION_BITS = 8       # the image encoders' default under --quant (--quant_vision)
+BITS = (4, 8)                       # the language model's choices
+VISION_BIT_CHOICES = (4, 8, 16)     # the image encoders' (16 = unquantized)
+
+
+@dataclass
+class QuantConfig:
+    """Weight quantization while loading (this module). None = not quantized (bits) or
+    this module's default (VISION_BITS, GROUP, the device's back end)."""
+    bits: Optional[int] = None              # 4 or 8: the language model's linear layers
+    vision_bits: Optional[int] = None       # the image encoders: 4, 8 or 16 (= unquantized)
+    group: Optional[int] = None             # int4 inputs per scale (GROUPS)
+    backend: Optional[str] = None           # "torch" or "bitsandbytes"
+
+
+@dataclass
+class QuantPlan:
+    """What one load quantizes: module name -> bits (quant_plan), and the back end and int4
+    group every quantized layer of it uses."""
+    layers: dict
+    backend: str
+    group: Optional[int] = None
+
+
+def plan_quantization(model: nn.Module, q: QuantConfig, device) -> QuantPlan:
+    """The plan for `model` under `q`, the back end defaulting to the device's."""
+    backend = q.backend or default_backend(device)
+    return QuantPlan(quant_plan(model, q.bits, q.vision_bits, backend, q.group), backend, q.group)
 
 
 def _skip_patterns(head: bool) -> list[re.Pattern]:
@@ -56,8 +84,9 @@ def quant_plan(model: nn.Module, bits: int, vision_bits: Optional[int] = None,
     """Module name -> bits for every linear layer to quantize. vision_bits: the image encoders'
     (None: VISION_BITS; 16: keep them in the load dtype); group: int4 inputs per scale
     (None: GROUP)."""
-    if bits not in (4, 8) or vision_bits not in (None, 4, 8, 16):
-        raise ValueError(f"--quant takes 4 or 8 (vision: 4, 8 or 16), not {bits}/{vision_bits}")
+    if bits not in BITS or vision_bits not in (None,) + VISION_BIT_CHOICES:
+        raise ValueError(f"quant bits must be {' or '.join(map(str, BITS))} and vision bits "
+                         f"{', '.join(map(str, VISION_BIT_CHOICES))}, not {bits}/{vision_bits}")
     if group not in (None,) + GROUPS:
         raise ValueError(f"--quant_group takes {', '.join(map(str, GROUPS))}, not {group}")
     if backend not in BACKENDS:
@@ -400,7 +429,7 @@ def quantize(model: nn.Module, bits: int, vision_bits: Optional[int] = None,
     for name, b in quant_plan(model, bits, vision_bits, backend, group).items():
         mod = model.get_submodule(name)
         replace_quantized(model, name, mod.weight, getattr(mod, "bias", None), b, backend, group)
-    model.quantized_bits = bits
+    model.runtime.quant_bits = bits
     return model
 
 

@@ -1,7 +1,7 @@
 """Tensor (model) parallelism, applied to a built model by parameter name (never inside the
 model classes), with torch.distributed: gloo on CPU, NCCL on CUDA.
 
-The split is SAT's (REFERENCE.md section 7): column-parallel weights are cut along their
+The split is SAT's (the layout of its MP=N checkpoint files): column-parallel weights are cut along their
 output dimension (QKV with stride 3, cross key_value with stride 2: each of the q/k/v blocks is
 cut, so every rank holds whole heads of each), row-parallel weights along their input
 dimension with the output summed across ranks. The token embedding and the LM head are cut
@@ -104,7 +104,7 @@ class ModelParallelGroups:
     def __init__(self, mp: int):
         rank, world = dist.get_rank(), dist.get_world_size()
         if world % mp:
-            raise ValueError(f"--model_parallel_size {mp} does not divide the {world} processes")
+            raise ValueError(f"model-parallel size {mp} does not divide the {world} processes")
         self.mp, self.dp = mp, world // mp
         self.mp_group = self.dp_group = None
         for k in range(self.dp):                          # every rank creates every group
@@ -335,5 +335,5 @@ def apply_tensor_parallel(model: nn.Module, rank: int, world: int, sliced: bool 
             if mod.num_heads % world:
                 raise ValueError(f"{mod.num_heads} attention heads do not split across {world} ranks")
             mod.num_heads //= world
-    model.tp_world = world
+    model.runtime.tp_world = world
     return model

@@ -25,7 +25,7 @@ def data_url(path: Path) -> str:
 
 
 def main(argv=None) -> int:
-    from openai import OpenAI, OpenAIError
+    from openai import APIConnectionError, OpenAI, OpenAIError
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base_url", default="http://127.0.0.1:8000/v1")
     p.add_argument("--api_key", default=os.environ.get("COGVLM_API_KEY", "none"))
@@ -56,6 +56,11 @@ def main(argv=None) -> int:
             if chunk.choices and chunk.choices[0].delta.content:
                 print(chunk.choices[0].delta.content, end="", flush=True)
         print()
+    except APIConnectionError as e:        # nothing listening (or not an HTTP server): say where and how
+        print(f"error: no server answered at {a.base_url} ({e.__cause__ or e}).\n"
+              f"Start one first, e.g. `python openai_demo/openai_api.py --from_pretrained tiny-cogvlm` "
+              f"(http://127.0.0.1:8000/v1), or pass --base_url URL of a running one.", file=sys.stderr)
+        return 1
     except OpenAIError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""An independent, deliberately naive forward pass written straight from REFERENCE.md, reading
+"""An independent, deliberately naive forward pass written from the released code's documented behaviour, reading
 the SAT checkpoint's own key names. Tests compare the model against it, which checks both the
 math and the SAT rename table. Everything here is explicit loops and full-size masks."""
 from __future__ import annotations

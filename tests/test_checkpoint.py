@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import CheckpointError, ModelNotFound, get_config, load_model, save_sat_checkpoint
+from models import CheckpointError, LoadOptions, ModelNotFound, get_config, load_model, save_sat_checkpoint
 from models.checkpoint import checkpoint_files, read_sat_state_dict
 from models.config import MODEL_CONFIGS
 
@@ -98,7 +98,7 @@ def test_pickle_needing_code_is_refused_then_trusted(cogvlm_ckpt, tmp_path):
     torch.save(state, f)
     with pytest.raises(CheckpointError, match="--trust-checkpoint"):
         load_model(str(ck))
-    model, _ = load_model(str(ck), trust_checkpoint=True)
+    model, _ = load_model(str(ck), LoadOptions(trust_checkpoint=True))
     assert model is not None
 
 
@@ -146,7 +146,7 @@ def test_unknown_config_fields_tolerated(cogvlm_ckpt, tmp_path):
 
 
 def test_loaded_dtype(cogvlm_ckpt):
-    model, _ = load_model(str(cogvlm_ckpt), dtype=torch.bfloat16)
+    model, _ = load_model(str(cogvlm_ckpt), LoadOptions(dtype=torch.bfloat16))
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert model.model.rotary.inv_freq.dtype == torch.float32      # derived tables stay fp32
 

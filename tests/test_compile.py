@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import Cache, load_model
+from models import Cache, LoadOptions, QuantConfig, load_model
 from models.compile import compile_decode
 from models.generate import decode_one_token, prefill
 from models.loading import resolve_dtype
@@ -43,13 +43,13 @@ def _decode_logits(model, cfg, steps: int = 6) -> torch.Tensor:
 @pytest.mark.parametrize("name,quant", [("tiny-cogvlm", None), ("tiny-cogagent", 8)])
 def test_compiled_decode_matches_eager(name, quant, caplog):
     dtype = resolve_dtype("auto", "cpu")           # bf16 where the CPU has it, else fp32
-    model, cfg = load_model(name, dtype=dtype, quant=quant)
+    model, cfg = load_model(name, LoadOptions(dtype=dtype, quant=QuantConfig(bits=quant)))
     eager = _decode_logits(model, cfg)
     with caplog.at_level(logging.INFO, logger="models.compile"):
         assert compile_decode(model)
         compiled = _decode_logits(model, cfg)
     assert "decode step compiled" in caplog.text and "running it eagerly" not in caplog.text
-    assert model.decode_step.calls > 0 and not model.decode_step.failed
+    assert model.runtime.decode_step.calls > 0 and not model.runtime.decode_step.failed
     # Same greedy tokens; logits within the rounding of the compute dtype.
     assert torch.equal(eager.argmax(-1), compiled.argmax(-1))
     err = (eager - compiled).abs().max() / eager.abs().max()
@@ -58,12 +58,12 @@ def test_compiled_decode_matches_eager(name, quant, caplog):
 
 def test_without_a_compiler_decoding_stays_eager(monkeypatch, caplog):
     from models import compile as comp
-    model, cfg = load_model("tiny-cogvlm", dtype=torch.float32)
+    model, cfg = load_model("tiny-cogvlm", LoadOptions(dtype=torch.float32))
     monkeypatch.setattr(comp.shutil, "which", lambda name: None)
     monkeypatch.delenv("CXX", raising=False)
     with caplog.at_level(logging.WARNING, logger="models.compile"):
         assert not compile_decode(model)
-    assert "needs a C++ compiler" in caplog.text and not hasattr(model, "decode_step")
+    assert "needs a C++ compiler" in caplog.text and model.runtime.decode_step is None
 
 
 def test_a_failing_compilation_falls_back_to_eager(monkeypatch, caplog):
@@ -75,14 +75,14 @@ def test_a_failing_compilation_falls_back_to_eager(monkeypatch, caplog):
         def run(*args):
             raise RuntimeError("C++ compile error: cc1plus killed\nmore lines")
         return run
-    model, cfg = load_model("tiny-cogvlm", dtype=torch.float32)
+    model, cfg = load_model("tiny-cogvlm", LoadOptions(dtype=torch.float32))
     eager = _decode_logits(model, cfg, steps=3)
     monkeypatch.setattr(comp.torch, "compile", broken)
     with caplog.at_level(logging.WARNING, logger="models.compile"):
         assert compile_decode(model)
         fallback = _decode_logits(model, cfg, steps=3)
     assert torch.equal(eager, fallback)
-    assert model.decode_step.failed
+    assert model.runtime.decode_step.failed
     assert caplog.text.count("compiling the decode step failed (C++ compile error: cc1plus killed); "
                              "running it eagerly") == 1
 
@@ -109,10 +109,10 @@ def test_int8_models_run_large_batches_eagerly():
     """inductor's int8 kernel loses from 8 rows on (bench/RESULTS.md): an int8 model's compiled
     step hands steps of more than INT8_MAX_ROWS rows to the eager forward; bf16 keeps them."""
     from models import compile as comp
-    model, cfg = load_model("tiny-cogvlm", dtype=torch.float32, quant=8)
-    assert compile_decode(model) and model.decode_step.max_rows == comp.INT8_MAX_ROWS
+    model, cfg = load_model("tiny-cogvlm", LoadOptions(dtype=torch.float32, quant=QuantConfig(bits=8)))
+    assert compile_decode(model) and model.runtime.decode_step.max_rows == comp.INT8_MAX_ROWS
     seen = []
-    model.decode_step.compiled = lambda *args: seen.append(args[1].shape[0]) or "compiled"
+    model.runtime.decode_step.compiled = lambda *args: seen.append(args[1].shape[0]) or "compiled"
     for rows in (1, comp.INT8_MAX_ROWS, comp.INT8_MAX_ROWS + 1):
         with torch.inference_mode():
             cache = Cache.allocate(cfg, rows, 4, torch.float32, "cpu")
@@ -120,8 +120,8 @@ def test_int8_models_run_large_batches_eagerly():
             out = decode_one_token(model, torch.zeros(rows, dtype=torch.long), cache)
         assert (out == "compiled") == (rows <= comp.INT8_MAX_ROWS)
     assert seen == [1, comp.INT8_MAX_ROWS]
-    plain, _ = load_model("tiny-cogvlm", dtype=torch.float32)
-    assert compile_decode(plain) and plain.decode_step.max_rows is None
+    plain, _ = load_model("tiny-cogvlm", LoadOptions(dtype=torch.float32))
+    assert compile_decode(plain) and plain.runtime.decode_step.max_rows is None
 
 
 def test_compiled_attention_in_the_batch_engine(cogagent_ckpt, tokenizer, image_file, caplog):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import load_model
-from models.generate import GenerationConfig
+from models import LoadOptions, QuantConfig, load_model
+from models.generate import GenerationConfig, ModelInputs
 from utils.chat import ImageContext, batch_chat, chat, prepare
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -16,9 +16,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def _logits(model, tokenizer, image_file, cfg, device):
     inp = prepare(model, tokenizer, "What is in the image?", [], ImageContext(image_file, cfg))
     with torch.no_grad():
-        out = model(*(t.to(device) for t in (inp.input_ids, inp.position_ids, inp.vision_mask)),
-                    image_embeds=inp.image_embeds.to(device), image_mask=inp.image_mask.to(device),
-                    cross_kv=None if inp.cross_kv is None else [tuple(t.to(device) for t in kv) for kv in inp.cross_kv])
+        out = model(ModelInputs(*(t.to(device) for t in (inp.input_ids, inp.position_ids, inp.vision_mask,
+                                                         inp.image_mask)),
+                                image_embeds=inp.image_embeds.to(device),
+                                cross_kv=None if inp.cross_kv is None else
+                                [tuple(t.to(device) for t in kv) for kv in inp.cross_kv]))
     return out[0, -1].float().cpu()
 
 
@@ -26,7 +28,7 @@ def _logits(model, tokenizer, image_file, cfg, device):
 def test_bf16_on_cuda_matches_fp32_on_cpu(which, cogvlm_ckpt, cogagent_ckpt, tokenizer, image_file):
     ckpt = cogvlm_ckpt if which == "cogvlm" else cogagent_ckpt
     cpu, cfg = load_model(str(ckpt))
-    gpu, _ = load_model(str(ckpt), device="cuda", dtype=torch.bfloat16)
+    gpu, _ = load_model(str(ckpt), LoadOptions(device="cuda", dtype=torch.bfloat16))
     a, b = _logits(cpu, tokenizer, image_file, cfg, "cpu"), _logits(gpu, tokenizer, image_file, cfg, "cuda")
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
     gen = GenerationConfig(max_new_tokens=8)
@@ -38,8 +40,8 @@ def test_bf16_on_cuda_matches_fp32_on_cpu(which, cogvlm_ckpt, cogagent_ckpt, tok
 def test_bitsandbytes_quantized_while_loading_on_cuda(bits, cogagent_ckpt, tokenizer, image_file):
     pytest.importorskip("bitsandbytes")
     torch.cuda.reset_peak_memory_stats()
-    model, cfg = load_model(str(cogagent_ckpt), device="cuda", dtype=torch.bfloat16, quant=bits)
-    ref, _ = load_model(str(cogagent_ckpt), device="cuda", dtype=torch.bfloat16)
+    model, cfg = load_model(str(cogagent_ckpt), LoadOptions(device="cuda", dtype=torch.bfloat16, quant=QuantConfig(bits=bits)))
+    ref, _ = load_model(str(cogagent_ckpt), LoadOptions(device="cuda", dtype=torch.bfloat16))
     a = _logits(ref, tokenizer, image_file, cfg, "cuda")
     b = _logits(model, tokenizer, image_file, cfg, "cuda")
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > (0.98 if bits == 8 else 0.9)
@@ -47,7 +49,7 @@ def test_bitsandbytes_quantized_while_loading_on_cuda(bits, cogagent_ckpt, token
 
 
 def test_batch_on_cuda_equals_rows_alone(cogvlm_ckpt, tokenizer, image_file):
-    model, _ = load_model(str(cogvlm_ckpt), device="cuda", dtype=torch.float32)
+    model, _ = load_model(str(cogvlm_ckpt), LoadOptions(device="cuda", dtype=torch.float32))
     gen = GenerationConfig(max_new_tokens=6)
     rows = [("Describe it.", [], image_file), ("hello", [], None)]
     together = batch_chat(model, tokenizer, rows, gen=gen)

@@ -67,13 +67,13 @@ _BUNDLED_CASES = [
 
 
 def _bundled_answers(dtype, quant=None) -> list:
-    from models import load_model
+    from models import LoadOptions, QuantConfig, load_model
     from models.generate import GenerationConfig
     from utils.chat import ImageContext, chat
     from utils.chat.tokenizer import Tokenizer
     out = []
     for name, image, questions in _BUNDLED_CASES:
-        model, cfg = load_model(name, dtype=dtype, quant=quant)
+        model, cfg = load_model(name, LoadOptions(dtype=dtype, quant=QuantConfig(bits=quant)))
         tok = Tokenizer(ROOT / "assets" / "checkpoints" / name / "tokenizer")
         out += [chat(model, tok, q, [], ImageContext(ROOT / "assets" / image, cfg),
                      gen=GenerationConfig(max_new_tokens=64))[0] for q in questions]
@@ -107,14 +107,14 @@ def test_bf16_autocast_training_step(cogvlm_ckpt, tokenizer, tmp_path):
     """A training step under torch.autocast('cpu', bfloat16) (it failed in expert_linear's
     index_put with mixed dtypes): finite loss, gradients on the fp32 weights."""
     from PIL import Image
-    from models import load_model
+    from models import LoadOptions, load_model
     from utils.training.dataset import FinetuneDataset, collate_train
     from utils.training.finetune import compute_loss
     data = tmp_path / "captcha"
     data.mkdir()
     for label in ("ab12", "cd34"):
         Image.new("RGB", (80, 40), (200, 100, 50)).save(data / f"{label}.png")
-    model, cfg = load_model(str(cogvlm_ckpt), cpu_layout=False)
+    model, cfg = load_model(str(cogvlm_ckpt), LoadOptions(cpu_layout=False))
     model.train()
     ds = FinetuneDataset(data, cfg, tokenizer)
     batch = collate_train([ds[0], ds[1]])

@@ -131,9 +131,9 @@ def test_merged_lora_model_gives_the_lora_model_logits(lora_run, tmp_path, image
     tok = Tokenizer(save / "tokenizer")
     with torch.inference_mode():
         x = prepare(lora_model, tok, "CAPTCHA:", [], ImageContext(image_file, cfg))
-        a = lora_model(x.input_ids, x.position_ids, x.vision_mask, image_embeds=x.image_embeds, image_mask=x.image_mask)
+        a = lora_model(x)
         x = prepare(plain, tok, "CAPTCHA:", [], ImageContext(image_file, cfg))
-        b = plain(x.input_ids, x.position_ids, x.vision_mask, image_embeds=x.image_embeds, image_mask=x.image_mask)
+        b = plain(x)
     assert (a - b).abs().max() < 1e-4
 
 
@@ -226,13 +226,15 @@ def test_packed_questions_equal_separate_rows(cogagent_ckpt, tmp_path):
     single = FinetuneDataset(data, cfg, tok, pack=False)
     assert len(packed) == 1 and len(single) == 3
 
+    from models.generate import ModelInputs
+
     def logits(batch):
         cross = model.cross_kv(batch["cross_images"])
         mask = packed_attention_mask(batch["segments"], batch["pad_mask"]) if "segments" in batch else None
         with torch.no_grad():
-            return model(batch["input_ids"], batch["position_ids"], batch["vision_mask"], images=batch["images"],
-                         image_mask=batch["image_mask"], cross_kv=cross, attn_mask=mask,
-                         pad_mask=None if mask is not None else batch["pad_mask"])
+            return model(ModelInputs(batch["input_ids"], batch["position_ids"], batch["vision_mask"],
+                                     batch["image_mask"], images=batch["images"], cross_kv=cross,
+                                     pad_mask=None if mask is not None else batch["pad_mask"]), attn_mask=mask)
     p = collate_train([packed[0]])
     lp = logits(p)[0][p["loss_mask"][0]]                              # answer tokens, in order
     ls = torch.cat([logits(b)[0][b["loss_mask"][0]] for b in (collate_train([single[i]]) for i in range(3))])

@@ -77,8 +77,7 @@ def test_logits_agree_with_sat(pair, tokenizer, image_file, version, with_image)
         assert torch.equal(prepare(ours, tokenizer, "And the colour?", history, img, sat_version).input_ids,
                            inp.input_ids)
     with torch.no_grad():
-        a = ours(inp.input_ids, inp.position_ids, inp.vision_mask, image_embeds=inp.image_embeds,
-                 image_mask=inp.image_mask, cross_kv=inp.cross_kv)
+        a = ours(inp)
         b = theirs(**hf_in).logits
     assert (a - b).abs().max() < 1e-4
 

@@ -361,18 +361,19 @@ def test_remote_fetch_has_one_deadline_and_refuses_shared_addresses(monkeypatch)
     import time
     sys.path.insert(0, str(ROOT / "openai_demo"))
     import openai_api
+    from openai_demo import images
     srv = slow_image_server(0.1)                                         # 1 byte every 0.1 s
-    monkeypatch.setattr(openai_api, "_checked_address", lambda host: "127.0.0.1")   # the test host only
+    monkeypatch.setattr(images, "checked_address", lambda host: "127.0.0.1")   # the test host only
     t = time.monotonic()
     with pytest.raises(openai_api.ApiError, match="longer than 1 s"):
-        openai_api.fetch_remote_image(f"http://img.test:{srv.server_address[1]}/a.png",
-                                      openai_api.Limits(remote_timeout_s=1.0))
+        images.fetch_remote_image(f"http://img.test:{srv.server_address[1]}/a.png",
+                                  openai_api.Limits(remote_timeout_s=1.0))
     assert time.monotonic() - t < 3
     srv.shutdown()
     monkeypatch.undo()
     for host in ("100.64.1.2", "10.0.0.1", "127.0.0.1", "169.254.1.1", "::ffff:10.0.0.1", "0.0.0.0"):
         with pytest.raises(openai_api.ApiError, match="not a public address"):
-            openai_api._checked_address(host)
+            images.checked_address(host)
 
 
 # ---------------------------------------------------------------- the command line
@@ -501,7 +502,7 @@ def test_bad_rows_never_end_a_finetuning_run(tmp_path):
                        capture_output=True, text=True, timeout=300, cwd="/", env=FT_ENV)
     # Our one line comes first; what follows is torchrun's own report of a rank that exited 1.
     assert p.returncode != 0 and p.stderr.startswith("error: --resume:") and "state of step 3" in p.stderr
-    assert "utils/training/finetune.py" not in p.stderr                        # no traceback of ours
+    assert "utils/training/" not in p.stderr                        # no traceback of ours
 
 
 # ---------------------------------------------------------------- configs and weight files
@@ -598,7 +599,8 @@ def test_slow_remote_fetches_do_not_starve_data_requests(cogvlm_ckpt, tokenizer,
 
     hosts = []
     slow = slow_image_server(0.2, hosts)
-    monkeypatch.setattr(openai_api, "_checked_address", lambda host: "127.0.0.1")
+    from openai_demo import images
+    monkeypatch.setattr(images, "checked_address", lambda host: "127.0.0.1")
     model, _ = load_model(str(cogvlm_ckpt))
     engine = BatchEngine(model, tokenizer, max_batch=4)
     app = openai_api.create_app(model, tokenizer, "tiny", engine, openai_api.Limits(remote_timeout_s=8.0),

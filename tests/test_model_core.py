@@ -7,7 +7,7 @@ import torch
 
 from models import load_model
 from models.checkpoint import read_sat_state_dict
-from models.generate import GenerationConfig, PromptTooLong, generate_tokens
+from models.generate import GenerationConfig, ModelInputs, PromptTooLong, generate_tokens
 from tests import reference
 from utils.chat import ImageContext, build_row, chat, prepare, stream_text
 from utils.chat.templates import build_prompt
@@ -25,16 +25,13 @@ def test_matches_naive_reference(which, cogvlm_ckpt, cogagent_ckpt, tokenizer, i
     sd = read_sat_state_dict(ckpt)
     inputs, img = _inputs(model, tokenizer, image_file)
     with torch.no_grad():
-        ours = model(inputs.input_ids, inputs.position_ids, inputs.vision_mask,
-                     image_embeds=inputs.image_embeds, image_mask=inputs.image_mask,
-                     cross_kv=inputs.cross_kv)[0]
+        ours = model(inputs)[0]
         emb = reference.eva_e(sd, cfg, img.low)
         cross = reference.eva_l(sd, cfg, img.high) if cfg.cross else None
         text_ids = inputs.input_ids[0, cfg.image_length + 3:].tolist()
         ref = reference.lm(sd, cfg, text_ids, emb, cross)
         # text only
-        ours_t = model(*(lambda i: (i.input_ids, i.position_ids, i.vision_mask))(
-            prepare(model, tokenizer, "Describe it.")))[0]
+        ours_t = model(prepare(model, tokenizer, "Describe it."))[0]
         ref_t = reference.lm(sd, cfg, prepare(model, tokenizer, "Describe it.").input_ids[0, 1:].tolist())
     assert (ours - ref).abs().max() < 1e-4
     assert (ours_t - ref_t).abs().max() < 1e-4
@@ -62,8 +59,8 @@ def test_cached_decoding_equals_full_forward(which, cogvlm_ckpt, cogagent_ckpt, 
     full = []
     with torch.no_grad():
         for _ in range(12):
-            logits = model(ids, pos, vis, image_embeds=inputs.image_embeds, image_mask=slots,
-                           cross_kv=inputs.cross_kv)[:, -1]
+            logits = model(ModelInputs(ids, pos, vis, slots, image_embeds=inputs.image_embeds,
+                                       cross_kv=inputs.cross_kv))[:, -1]
             steps[1].append(logits)
             nxt = logits.argmax(-1)
             full.append(int(nxt))
@@ -117,15 +114,13 @@ def test_routing_vision_weights(cogvlm_ckpt, tokenizer, image_file):
     inputs, _ = _inputs(model, tokenizer, image_file)
     text = prepare(model, tokenizer, "Describe it.")
     with torch.no_grad():
-        before = model(inputs.input_ids, inputs.position_ids, inputs.vision_mask,
-                       image_embeds=inputs.image_embeds, image_mask=inputs.image_mask)[0]
-        before_t = model(text.input_ids, text.position_ids, text.vision_mask)[0]
+        before = model(inputs)[0]
+        before_t = model(text)[0]
         for name, p in model.named_parameters():
             if "vision_expert" in name or "vision_mlp" in name:
                 p.add_(torch.randn_like(p))
-        after = model(inputs.input_ids, inputs.position_ids, inputs.vision_mask,
-                      image_embeds=inputs.image_embeds, image_mask=inputs.image_mask)[0]
-        after_t = model(text.input_ids, text.position_ids, text.vision_mask)[0]
+        after = model(inputs)[0]
+        after_t = model(text)[0]
     # <s> comes before every vision token (causal): unchanged. Everything after depends on them.
     assert torch.equal(before[0], after[0])
     assert (before[1:] - after[1:]).abs().amax(-1).min() > 1e-6
@@ -142,7 +137,7 @@ def test_no_image_is_plain_llama(cogagent_ckpt, tokenizer):
             if name.startswith(("model.vision.", "model.cross_vision.")) or "vision_" in name or "cross" in name:
                 p.fill_(float("nan"))
         inp = prepare(model, tokenizer, "Tell me a story.")
-        out = model(inp.input_ids, inp.position_ids, inp.vision_mask)[0]
+        out = model(inp)[0]
         ref = reference.lm(sd, cfg, inp.input_ids[0, 1:].tolist())
     assert torch.isfinite(out).all()
     assert (out - ref).abs().max() < 1e-4
@@ -214,10 +209,8 @@ def test_packed_cpu_inference_matches(cogagent_ckpt, tokenizer, image_file):
     a_in = prepare(model, tokenizer, "What is this?", [], img)
     b_in = prepare(packed, tokenizer, "What is this?", [], ImageContext(image_file, cfg))
     with torch.no_grad():
-        a = model(a_in.input_ids, a_in.position_ids, a_in.vision_mask, image_embeds=a_in.image_embeds,
-                  image_mask=a_in.image_mask, cross_kv=a_in.cross_kv)
-        b = packed(b_in.input_ids, b_in.position_ids, b_in.vision_mask, image_embeds=b_in.image_embeds,
-                   image_mask=b_in.image_mask, cross_kv=b_in.cross_kv)
+        a = model(a_in)
+        b = packed(b_in)
     assert (a - b).abs().max() < 1e-4
     gen = GenerationConfig(max_new_tokens=10)
     assert chat(model, tokenizer, "Hi", [], image_file, gen=gen)[0] == chat(packed, tokenizer, "Hi", [], image_file, gen=gen)[0]

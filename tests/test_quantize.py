@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from models import build_model, get_config, load_model, save_sat_checkpoint
+from models import LoadOptions, QuantConfig, build_model, get_config, load_model, save_sat_checkpoint
 from models.generate import GenerationConfig
 from models.quantize import quantize, weight_bytes
 from utils.chat import ImageContext, chat, prepare
@@ -33,8 +33,8 @@ def ckpt(request, tmp_path_factory):
 @pytest.mark.parametrize("backend", ["torch", "bitsandbytes"])
 @pytest.mark.parametrize("bits,limit,min_cos", [(8, 0.55, 0.99), (4, 0.35, 0.9)])
 def test_quantized_sat_model(ckpt, tokenizer, image_file, bits, limit, min_cos, backend):
-    ref, cfg = load_model(str(ckpt), dtype=torch.bfloat16)
-    model, _ = load_model(str(ckpt), dtype=torch.bfloat16)
+    ref, cfg = load_model(str(ckpt), LoadOptions(dtype=torch.bfloat16))
+    model, _ = load_model(str(ckpt), LoadOptions(dtype=torch.bfloat16))
     bf16_bytes = weight_bytes(model)
     quantize(model, bits, backend=backend)
     ratio = weight_bytes(model) / bf16_bytes
@@ -42,11 +42,9 @@ def test_quantized_sat_model(ckpt, tokenizer, image_file, bits, limit, min_cos, 
     img = ImageContext(image_file, cfg)
     inp = prepare(ref, tokenizer, "What is in the image?", [], img)
     with torch.no_grad():
-        a = ref(inp.input_ids, inp.position_ids, inp.vision_mask, image_embeds=inp.image_embeds,
-                image_mask=inp.image_mask, cross_kv=inp.cross_kv)[0, -1].float()
+        a = ref(inp)[0, -1].float()
         qi = prepare(model, tokenizer, "What is in the image?", [], ImageContext(image_file, cfg))
-        b = model(qi.input_ids, qi.position_ids, qi.vision_mask, image_embeds=qi.image_embeds,
-                  image_mask=qi.image_mask, cross_kv=qi.cross_kv)[0, -1].float()
+        b = model(qi)[0, -1].float()
     cos = torch.nn.functional.cosine_similarity(a, b, dim=0)
     assert cos > min_cos, float(cos)
     answer, _, _ = chat(model, tokenizer, "Describe it.", [], image_file, gen=GenerationConfig(max_new_tokens=6))
@@ -82,8 +80,8 @@ def test_streaming_quantized_load_equals_load_then_quantize(ckpt, tmp_path, fmt,
     from models.hf_io import sat_to_hf
     from models.quantize import WeightOnlyLinear
     src = str(ckpt) if fmt == "sat" else str(sat_to_hf(ckpt, tmp_path / "hf"))
-    streamed, cfg = load_model(src, dtype=torch.bfloat16, quant=bits, cpu_layout=False)
-    ref, _ = load_model(src, dtype=torch.bfloat16, cpu_layout=False)
+    streamed, cfg = load_model(src, LoadOptions(dtype=torch.bfloat16, quant=QuantConfig(bits=bits), cpu_layout=False))
+    ref, _ = load_model(src, LoadOptions(dtype=torch.bfloat16, cpu_layout=False))
     quantize(ref, bits, vision_bits=8, backend="torch")
     a, b = streamed.state_dict(), ref.state_dict()
     assert a.keys() == b.keys()
@@ -99,7 +97,7 @@ def test_streaming_quantized_load_equals_load_then_quantize(ckpt, tmp_path, fmt,
 _PEAK_SCRIPT = r"""
 import sys, threading, time, torch
 sys.path.insert(0, {root!r})
-from models import CogVLM, get_config, load_model
+from models import CogVLM, LoadOptions, QuantConfig, get_config, load_model
 from models.quantize import quantize
 with torch.device("meta"):          # first meta build loads torch's meta kernels (~70 MB): before the baseline
     CogVLM(get_config("tiny-test-cogvlm"))
@@ -113,9 +111,9 @@ def watch():
         peak[0] = max(peak[0], anon()); time.sleep(0.002)
 threading.Thread(target=watch, daemon=True).start()
 if {stream}:
-    model, _ = load_model({src!r}, dtype=torch.bfloat16, quant=4, cpu_layout=False)
+    model, _ = load_model({src!r}, LoadOptions(dtype=torch.bfloat16, quant=QuantConfig(bits=4), cpu_layout=False))
 else:
-    model, _ = load_model({src!r}, dtype=torch.bfloat16, cpu_layout=False)
+    model, _ = load_model({src!r}, LoadOptions(dtype=torch.bfloat16, cpu_layout=False))
     quantize(model, 4, vision_bits=8, backend="torch")
 time.sleep(0.05); stop[0] = True
 print(max(peak[0], anon()) - base)
@@ -174,15 +172,15 @@ def test_int4_group_128_streams_like_quantize_after_load(tmp_path):
     cfg = dataclasses.replace(_config("cogvlm"), inner_hidden_size=768)   # every input a multiple of 128
     ckpt = tmp_path / "m"
     save_sat_checkpoint(build_model(cfg), cfg, ckpt)
-    streamed, cfg = load_model(str(ckpt), dtype=torch.bfloat16, quant=4, quant_group=128, cpu_layout=False)
-    ref, _ = load_model(str(ckpt), dtype=torch.bfloat16, cpu_layout=False)
+    streamed, cfg = load_model(str(ckpt), LoadOptions(dtype=torch.bfloat16, quant=QuantConfig(bits=4, group=128), cpu_layout=False))
+    ref, _ = load_model(str(ckpt), LoadOptions(dtype=torch.bfloat16, cpu_layout=False))
     full = {n: m.weight.detach().float() for n, m in ref.named_modules() if type(m) is torch.nn.Linear}
     with pytest.raises(ValueError, match="--quant_group"):
         quant_plan(ref, 4, group=100)
     quantize(ref, 4, vision_bits=8, backend="torch", group=128)
     a, b = streamed.state_dict(), ref.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    g64, _ = load_model(str(ckpt), dtype=torch.bfloat16, quant=4, cpu_layout=False)
+    g64, _ = load_model(str(ckpt), LoadOptions(dtype=torch.bfloat16, quant=QuantConfig(bits=4), cpu_layout=False))
     assert weight_bytes(streamed) < weight_bytes(g64)
     int4 = {n: m for n, m in streamed.named_modules() if isinstance(m, WeightOnlyLinear) and m.bits == 4}
     assert len(int4) >= 4 * cfg.num_layers
@@ -242,10 +240,10 @@ def test_token_embeddings_int8_with_the_torch_back_end(ckpt):
     each value within half its row's step (row absmax / 127) of the bf16 value, half the bytes;
     the model still answers. bitsandbytes keeps the table in the load dtype."""
     from models.quantize import Int8Embedding, quant_plan
-    ref, cfg = load_model(str(ckpt), dtype=torch.bfloat16, cpu_layout=False)
+    ref, cfg = load_model(str(ckpt), LoadOptions(dtype=torch.bfloat16, cpu_layout=False))
     table = ref.model.embed_tokens.weight.detach().float()
     assert "model.embed_tokens" not in quant_plan(ref, 4, backend="bitsandbytes")
-    model, _ = load_model(str(ckpt), dtype=torch.bfloat16, quant=4, cpu_layout=False)
+    model, _ = load_model(str(ckpt), LoadOptions(dtype=torch.bfloat16, quant=QuantConfig(bits=4), cpu_layout=False))
     emb = model.model.embed_tokens
     assert isinstance(emb, Int8Embedding) and emb.qweight.dtype == torch.int8
     assert emb.qweight.numel() + emb.scales.numel() * 4 < 0.51 * table.numel() * 2

@@ -2,7 +2,7 @@
 each front end's prompt template taken from the checkpoint, CogAgent sizes taken from the
 checkpoint, and the HF API (hidden states, positions of padded rows).
 
-Every file here is laid out by this test from REFERENCE.md sections 7, 8 and 10 (key names,
+Every file here is laid out by this test from the released formats' documented layout (key names,
 shapes, config fields), never by our converter, and read through the real loaders and scripts.
 """
 from __future__ import annotations
@@ -18,12 +18,13 @@ import torch
 from safetensors.torch import save_file
 
 from models import CheckpointError, load_model
+from models.generate import ModelInputs
 from models.hf_io import hf_to_sat, load_hf_model, sat_to_hf
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # Tiny sizes. The CogAgent one has a non-released high-res branch: width 24, 3 blocks, head
-# size 12, cross attention 4 heads of 8 (REFERENCE: inner = LM heads x per-head size).
+# size 12, cross attention 4 heads of 8 (the released code: inner = LM heads x per-head size).
 LM = dict(V=400, H=64, heads=4, layers=2, I=128)
 EVA = dict(E=32, eheads=2, elayers=2, EI=64)
 COGVLM = dict(LM, **EVA, px=56)                                   # 16 image tokens
@@ -39,7 +40,7 @@ def patches(px):
 # ---------------------------------------------------------------- the original's layouts
 def hf_layout(d: dict, rope_copies: str = "once") -> dict:
     """key -> shape of a file written by the original remote code's save_pretrained
-    (REFERENCE sections 8 and 10): weights, `rotary_emb.inv_freq` in every layer, and for
+    (as the original wrote it): weights, `rotary_emb.inv_freq` in every layer, and for
     CogAgent the rope tables (once, per block too, or not at all)."""
     H, I, E, EI = d["H"], d["I"], d["E"], d["EI"]
     k = {"model.embed_tokens.weight": (d["V"], H), "model.norm.weight": (H,), "lm_head.weight": (d["V"], H)}
@@ -77,7 +78,7 @@ def hf_layout(d: dict, rope_copies: str = "once") -> dict:
 
 
 def cross_layout(d: dict, prefix: str, rope_copies: str) -> dict:
-    """CogAgent's EVA2-CLIP-L (timm names, REFERENCE sections 3 and 7)."""
+    """CogAgent's EVA2-CLIP-L (timm names, as released)."""
     W, MI, m = d["W"], d["MI"], patches(d["hpx"])
     vit = prefix + "vit.model."
     k = {prefix + "pos_embed": (m, W), vit + "cls_token": (1, 1, W), vit + "pos_embed": (1, m + 1, W),
@@ -102,7 +103,7 @@ def cross_layout(d: dict, prefix: str, rope_copies: str) -> dict:
 
 
 def sat_layout(d: dict) -> dict:
-    """key -> shape of a released SAT checkpoint (REFERENCE section 7), without the derived
+    """key -> shape of a released SAT checkpoint (as released), without the derived
     rotary buffer of the language model (optional) and with CogAgent's rope tables per block
     and once more, as SAT saves them."""
     H, I, E, EI = d["H"], d["I"], d["E"], d["EI"]
@@ -175,7 +176,7 @@ def hf_config(d: dict, template: str) -> dict:
 
 
 def sat_config(d: dict, **extra) -> dict:
-    """model_config.json with the fields SAT writes (REFERENCE section 7)."""
+    """model_config.json with the fields SAT writes."""
     cfg = {"model_class": "CogAgentModel" if "W" in d else "CogVLMModel", "num_layers": d["layers"],
            "hidden_size": d["H"], "num_attention_heads": d["heads"], "vocab_size": d["V"],
            "inner_hidden_size": d["I"], "layernorm_order": "pre", "use_bias": False,
@@ -267,7 +268,7 @@ def test_sat2hf_writes_the_original_key_set_and_hf2sat_reads_it(kind, tmp_path):
     ours, _ = load_model(str(back))
     theirs = load_hf_model(orig, dtype=torch.float32)
     ids = [1, 9, 8, 7, 6]
-    a = ours(torch.tensor([ids]), torch.arange(5)[None])
+    a = ours(ModelInputs(torch.tensor([ids]), torch.arange(5)[None]))
     assert (a - text_row(theirs, ids).logits).abs().max() < 1e-5
 
 
@@ -283,7 +284,7 @@ def test_cli_demo_hf_on_the_original_files(tmp_path, tokenizer_dir, image_file):
 
 # ---------------------------------------------------------------- 2. templates
 # The original HF code: `<s>`, every image slot (pad id, token type 1), then the template text
-# tokenized whole without special tokens. Texts from REFERENCE section 10 / the issue.
+# tokenized whole without special tokens. Texts from the original's behaviour / the issue.
 HF_TEXT = {
     "cogvlm": {"base": "{q}", "chat": "Question: {q} Answer:", "vqa": "Question: {q} Short answer:"},
     "cogagent": {"base": "{q}", "chat": " [INST] {q} [/INST] ", "chat_old": "<EOI>Question: {q} Answer:",

@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from models.generate import GenerationConfig  # noqa: E402
-from models.loading import load_model  # noqa: E402
+from models.loading import LoadOptions, load_model  # noqa: E402
 from models.tp import exit_process, init_distributed  # noqa: E402
 from utils.chat import ImageContext, chat, prepare  # noqa: E402
 from utils.chat.tokenizer import Tokenizer  # noqa: E402
@@ -16,14 +16,12 @@ from utils.chat.tokenizer import Tokenizer  # noqa: E402
 
 def run(ckpt: str, image: str, rank: int = 0, world: int = 1) -> dict:
     torch.manual_seed(0)
-    model, cfg = load_model(ckpt, rank=rank, world=world)
+    model, cfg = load_model(ckpt, LoadOptions(rank=rank, world=world))
     tok = Tokenizer(Path(ckpt) / "tokenizer")
     ctx = ImageContext(image, cfg)
     with torch.inference_mode():
         inputs = prepare(model, tok, "Describe the picture.", [], ctx)
-        logits = model(inputs.input_ids, inputs.position_ids, vision_mask=inputs.vision_mask,
-                       image_embeds=inputs.image_embeds, image_mask=inputs.image_mask,
-                       cross_kv=inputs.cross_kv)
+        logits = model(inputs)
     gen = GenerationConfig(max_new_tokens=24)
     answer, _, _ = chat(model, tok, "Describe the picture.", [], ctx, gen=gen)
     text_only, _, _ = chat(model, tok, "Hello there", [], None, gen=gen)

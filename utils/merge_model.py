@@ -19,12 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
 from utils.apps.flags import ArgumentParser  # noqa: E402
+from utils.apps.tool import reports_errors, run_tool  # noqa: E402
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from models.checkpoint import (CheckpointError, atomic_write, checkpoint_files, load_sat_config, read_shard,  # noqa: E402
-                               sat_key_map, write_checkpoint_dir)
+from models.checkpoint import (CheckpointError, atomic_write, check_key_sets, checkpoint_files,  # noqa: E402
+                               load_sat_config, read_shard, sat_key_map, write_checkpoint_dir)
 from models.config import ModelConfig  # noqa: E402
 from models.loading import resolve_pretrained  # noqa: E402
 from models.lora import merge_lora_state  # noqa: E402
@@ -47,6 +48,17 @@ def _our_names(cfg: ModelConfig) -> tuple[dict[str, str], dict[str, tuple]]:
     return names, {k: tuple(sd[o].shape) for k, o in names.items()}
 
 
+def check_shards(files: list, shards: list, names: dict, shapes: dict) -> None:
+    """Every key known to the architecture, and every rank file a piece of its own."""
+    for i, sd in enumerate(shards):                   # pieces of tensors: names only, shapes not compared
+        check_key_sets(dict.fromkeys(names), dict.fromkeys(sd), str(files[i]))
+    split = next((k for k in shards[0] if shard_spec(names[k]) and tuple(shards[0][k].shape) != shapes[k]), None)
+    for i in range(1, len(shards)):
+        if split is not None and torch.equal(shards[0][split], shards[i][split]):
+            raise CheckpointError(f"{files[i]} holds the same piece of {split} as {files[0].name}: "
+                                  f"a rank file was duplicated, not saved by its own rank")
+
+
 def reshard(src: Path, dst: Path, mp: int = None, merge_lora: bool = False, trust: bool = False) -> Path:
     """Write `dst` from `src` with `mp` model-parallel files (default: as many as `src`),
     LoRA folded in when merge_lora. Returns dst."""
@@ -59,15 +71,7 @@ def reshard(src: Path, dst: Path, mp: int = None, merge_lora: bool = False, trus
     if merge_lora and "lora" not in cfg.extra:
         raise CheckpointError(f"{src}: model_config.json has no 'lora' entry: not a LoRA checkpoint")
     names, shapes = _our_names(cfg)
-    for i, sd in enumerate(shards):
-        unknown = [k for k in sd if k not in names]
-        if unknown:
-            raise CheckpointError(f"{files[i]}: key(s) not in this architecture: {', '.join(unknown[:5])}")
-    split = next((k for k in shards[0] if shard_spec(names[k]) and tuple(shards[0][k].shape) != shapes[k]), None)
-    for i in range(1, m):
-        if split is not None and torch.equal(shards[0][split], shards[i][split]):
-            raise CheckpointError(f"{files[i]} holds the same piece of {split} as {files[0].name}: "
-                                  f"a rank file was duplicated, not saved by its own rank")
+    check_shards(files, shards, names, shapes)
     scaling = cfg.extra["lora"]["alpha"] / cfg.extra["lora"]["rank"] if merge_lora else None
     log.info("%s: %d shard(s) -> %s: %d shard(s)%s", src, m, dst, n, ", LoRA folded in" if merge_lora else "")
 
@@ -107,6 +111,7 @@ def reshard(src: Path, dst: Path, mp: int = None, merge_lora: bool = False, trus
     return write_checkpoint_dir(dst, write, [src])
 
 
+@reports_errors(CheckpointError)
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from_pretrained", required=True, help="SAT checkpoint directory or model name")
@@ -122,15 +127,10 @@ def main(argv=None) -> int:
         p.error("nothing to do: give --mp N and/or --merge-lora")
     if args.mp is not None and not 1 <= args.mp <= 64:
         p.error("--mp must be between 1 and 64")
-    from models import ModelNotFound
-    try:
-        out = reshard(Path(args.from_pretrained), Path(args.save), args.mp, args.merge_lora, args.trust_checkpoint)
-    except (CheckpointError, ModelNotFound, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    out = reshard(Path(args.from_pretrained), Path(args.save), args.mp, args.merge_lora, args.trust_checkpoint)
     print(f"wrote {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from any directory
 from utils.apps.flags import ArgumentParser  # noqa: E402
+from utils.apps.tool import reports_errors, run_tool  # noqa: E402
 
 
 def split(src: Path, dst: Path, ratios=(0.8, 0.05, 0.15), seed: int = 0, move: bool = False) -> dict:
@@ -55,6 +56,7 @@ def split(src: Path, dst: Path, ratios=(0.8, 0.05, 0.15), seed: int = 0, move: b
     return {k: len(v) for k, v in parts.items()}
 
 
+@reports_errors()
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", required=True, type=Path)
@@ -63,14 +65,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--move", action="store_true", help="move files instead of copying")
     a = p.parse_args(argv)
-    try:
-        counts = split(a.src, a.dst, tuple(a.ratios), a.seed, a.move)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    counts = split(a.src, a.dst, tuple(a.ratios), a.seed, a.move)
     print(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" -> {a.dst}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

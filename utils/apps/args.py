@@ -6,38 +6,44 @@ import argparse
 import logging
 import os
 import sys
+from typing import Optional
 
 import torch
 
-from models import load_model
+from models import LoadOptions, QuantConfig, load_model
 from models.config import ALIASES, MODEL_CONFIGS
-from models.quantize import GROUP, GROUPS
+from models.quantize import BITS, GROUP, GROUPS, VISION_BIT_CHOICES, VISION_BITS
 from models.generate import GenerationConfig
 from utils.chat.tokenizer import DEFAULT_TOKENIZER, Tokenizer, resolve_tokenizer
 
+
+# The generation defaults of every UI (CLI demos, web and composite demos, evaluation): the
+# GenerationConfig dataclass's own, declared once in models/generate.py.
 GEN_DEFAULTS = GenerationConfig()
+UI_MAX_NEW_TOKENS = 512      # where the UIs' "max new tokens" slider starts (GEN_DEFAULTS sets no cap)
 
 
-def add_model_args(p: argparse.ArgumentParser, default_model: str = "cogvlm-chat-v1.1") -> None:
+def add_model_args(p: argparse.ArgumentParser, default_model: str = "cogvlm-chat-v1.1",
+                   pretrained_help: Optional[str] = None) -> None:
+    """--from_pretrained, --version and every loading flag (add_loading_args)."""
     g = p.add_argument_group("model")
-    g.add_argument("--from_pretrained", default=default_model,
-                   help=f"SAT checkpoint directory, or a model name looked up under $SAT_HOME "
-                        f"(default ~/.sat_models): {', '.join(list(MODEL_CONFIGS)[:7] + list(ALIASES))}")
+    g.add_argument("--from_pretrained", default=default_model, help=pretrained_help or
+                   f"SAT checkpoint directory, or a model name looked up under $SAT_HOME "
+                   f"(default ~/.sat_models): {', '.join(list(MODEL_CONFIGS)[:7] + list(ALIASES))}")
+    g.add_argument("--version", default=None, choices=["base", "chat", "chat_old", "vqa"],
+                   help="prompt template (default: the checkpoint's own)")
+    add_loading_args(g)
+
+
+def add_loading_args(g) -> None:
+    """The flags options_from_args reads, and --local_tokenizer: every app that loads a model
+    takes them (the composite demo names its checkpoints by other flags)."""
     g.add_argument("--local_tokenizer", default=DEFAULT_TOKENIZER,
                    help="tokenizer directory (tokenizer.model or tokenizer.json); default: the "
                         "checkpoint's own tokenizer/ folder, else lmsys/vicuna-7b-v1.5 from the HF cache")
-    g.add_argument("--version", default=None, choices=["base", "chat", "chat_old", "vqa"],
-                   help="prompt template (default: the checkpoint's own)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_dtype_args(g)
-    g.add_argument("--quant", type=int, choices=[4, 8], default=None,
-                   help="quantize the weights to 4 or 8 bits while loading (CPU: PyTorch's "
-                        "weight-only kernels; CUDA: bitsandbytes)")
-    g.add_argument("--quant_vision", type=int, choices=[4, 8, 16], default=None,
-                   help="bits of the image encoders under --quant (default: 8; 16 = unquantized)")
-    g.add_argument("--quant_group", type=int, choices=GROUPS, default=None,
-                   help=f"inputs per scale of --quant 4 weights (default {GROUP}; 128 takes 0.25 bit per "
-                        "weight less, 0.4 GB of CogVLM-17B, for a larger error: bench/RESULTS.md)")
+    add_quant_args(g)
     g.add_argument("--cpu_weights", default="auto", choices=["auto", "packed", "plain"],
                    help="CPU inference: packed = oneDNN-blocked fp32/bf16 weights (auto; measured "
                         "faster here, bench/RESULTS.md), plain = PyTorch's own layout")
@@ -50,6 +56,17 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str = "cogvlm-chat
     g.add_argument("--trust-checkpoint", "--trust_checkpoint", dest="trust_checkpoint",
                    action="store_true", help="allow checkpoint files that need full unpickling "
                                              "(training checkpoints); only for files you trust")
+
+
+def add_quant_args(g) -> None:
+    g.add_argument("--quant", type=int, choices=BITS, default=None,
+                   help="quantize the weights to 4 or 8 bits while loading (CPU: PyTorch's "
+                        "weight-only kernels; CUDA: bitsandbytes)")
+    g.add_argument("--quant_vision", type=int, choices=VISION_BIT_CHOICES, default=None,
+                   help=f"bits of the image encoders under --quant (default: {VISION_BITS}; 16 = unquantized)")
+    g.add_argument("--quant_group", type=int, choices=GROUPS, default=None,
+                   help=f"inputs per scale of --quant 4 weights (default {GROUP}; 128 takes 0.25 bit per "
+                        "weight less, 0.4 GB of CogVLM-17B, for a larger error: bench/RESULTS.md)")
 
 
 def add_dtype_args(g) -> None:
@@ -110,41 +127,55 @@ def setup_logging() -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def load_from_args(args):
-    """(model, tokenizer). Every demo calls this. Under torchrun (WORLD_SIZE > 1) the model is
-    tensor parallel over the ranks: each process loads its own piece."""
-    from models.loading import resolve_pretrained
-    from models.tp import init_distributed
-    rank, world = init_distributed(args.device)
-    if world > 1 and torch.device(args.device).type == "cuda":
-        args.device = f"cuda:{torch.cuda.current_device()}"
+def check_load_flags(args, world: int = 1) -> None:
+    """Flag combinations the loader cannot honour, refused by flag name (models/ speaks of
+    QuantConfig fields). Values from the environment (the composite demo) are checked too."""
+    if args.quant not in (None,) + BITS:
+        raise ValueError(f"--quant takes {' or '.join(map(str, BITS))}, not {args.quant}")
+    if args.quant_group not in (None,) + GROUPS:
+        raise ValueError(f"--quant_group takes {', '.join(map(str, GROUPS))}, not {args.quant_group}")
     if world > 1 and args.quant:
         raise ValueError("--quant is not supported with model parallelism yet; run it in one process")
-    qv, qg = getattr(args, "quant_vision", None), getattr(args, "quant_group", None)
-    if (qv or qg) and not args.quant:
+    if (args.quant_vision or args.quant_group) and not args.quant:
         raise ValueError("--quant_vision and --quant_group apply to quantized weights: add --quant 4 or --quant 8")
-    if qg and 4 not in (args.quant, qv):
+    if args.quant_group and 4 not in (args.quant, args.quant_vision):
         raise ValueError("--quant_group sets the group size of 4-bit weights: it needs --quant 4 or --quant_vision 4")
-    compile_step = getattr(args, "compile", False)
-    if world > 1 and compile_step:
+    if world > 1 and args.compile:
         raise ValueError("--compile is not supported with model parallelism yet; run it in one process")
-    dtype = dtype_from_args(args)
-    from models.layout import can_pack, pack_for_cpu_inference
-    # --compile: inductor packs the weights itself, so they stay plain here.
-    pack = getattr(args, "cpu_weights", "auto") != "plain" and not compile_step and can_pack(dtype, args.device)
-    model, cfg = load_model(args.from_pretrained, device=args.device, dtype=dtype,
-                            trust_checkpoint=args.trust_checkpoint, cpu_layout=not pack, rank=rank,
-                            world=world, quant=args.quant, quant_vision=qv, quant_group=qg)
-    if pack:                                          # the weights --quant left in fp32/bf16
-        pack_for_cpu_inference(model)
-    if compile_step:
-        from models.compile import compile_decode
-        compile_decode(model)
-    tok = Tokenizer(resolve_tokenizer(args.local_tokenizer, resolve_pretrained(args.from_pretrained)))
+
+
+def options_from_args(args, rank: int = 0, world: int = 1) -> LoadOptions:
+    """The one bridge from the loading flags (add_loading_args) to LoadOptions. rank/world:
+    this process's piece of a tensor-parallel model (under torchrun, on its own GPU)."""
+    check_load_flags(args, world)
+    device = args.device
+    if world > 1 and torch.device(device).type == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
+    return LoadOptions(device=device, dtype=dtype_from_args(args),
+                       quant=QuantConfig(bits=args.quant, vision_bits=args.quant_vision, group=args.quant_group),
+                       trust_checkpoint=args.trust_checkpoint, rank=rank, world=world,
+                       pack=args.cpu_weights != "plain", compile=args.compile)
+
+
+def load_with_tokenizer(from_pretrained: str, opts: LoadOptions, local_tokenizer: str, arch=None):
+    """(model, tokenizer): the checkpoint and its tokenizer, whose vocabulary must fit the model's."""
+    from models.loading import resolve_pretrained
+    model, cfg = load_model(from_pretrained, opts, arch)
+    tok = Tokenizer(resolve_tokenizer(local_tokenizer, resolve_pretrained(from_pretrained)))
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model's "
                          f"vocabulary is {cfg.vocab_size}: wrong --local_tokenizer?")
     return model, tok
+
+
+def load_from_args(args):
+    """(model, tokenizer). Every demo calls this. Under torchrun (WORLD_SIZE > 1) the model is
+    tensor parallel over the ranks: each process loads its own piece."""
+    from models.tp import init_distributed
+    rank, world = init_distributed(args.device)
+    opts = options_from_args(args, rank, world)
+    args.device = str(opts.device)                   # the apps put their inputs where the model is
+    return load_with_tokenizer(args.from_pretrained, opts, args.local_tokenizer)
 
 
 def load_or_report(args, loader=None):

@@ -18,6 +18,16 @@ PROMPTS = {
 }
 
 
+def add_cli_args(p) -> None:
+    """The terminal demos' own flags (cli_demo_sat.py, cli_demo_hf.py)."""
+    p.add_argument("--stream_chat", action="store_true", help="print the answer as it is generated")
+    p.add_argument("--chinese", action="store_true", help="Chinese prompts in the terminal")
+    p.add_argument("--image", default=None, help="one-shot mode: image path ('' for text only)")
+    p.add_argument("--output_dir", default="grounding_output",
+                   help="where images with the answer's boxes drawn are saved")
+    p.add_argument("--query", default=None, help="one-shot mode: the question")
+
+
 def print_answer(deltas: Iterable[str], stream: bool, prefix: str = "", out=sys.stdout) -> str:
     """Print an answer streamed delta by delta, or whole at the end; return it."""
     out.write(prefix)

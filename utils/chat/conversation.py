@@ -1,6 +1,6 @@
 """Conversation inputs and `chat()` / `stream_chat()` on top of models.generate.
 
-Token layout of one row with an image (REFERENCE.md sections 2 and 10):
+Token layout of one row with an image (models/README.md explains it):
     ids        <s>  boi  patch x L  eoi  text...
     position    0    1    2 ... 2     3   4, 5, ...
     vision      0    1    1 ... 1     0   0 ...     (eoi uses the language expert)
@@ -18,6 +18,7 @@ from models.config import ModelConfig
 from models.generate import GenerationConfig, ModelInputs, generate_tokens, token_budget
 from utils.chat.image import MAX_PIXELS, image_to_tensor, load_image
 from utils.chat.templates import IMAGE_MARK, build_prompt, hf_prompt
+from utils.chat.text_stream import TextStream
 from utils.chat.tokenizer import Tokenizer
 
 
@@ -53,19 +54,19 @@ def build_row(tokenizer: Tokenizer, cfg: ModelConfig, prompt: str, has_image: bo
     return Row(ids, positions, vision, slots)
 
 
+def left_pad(tensors: Sequence[torch.Tensor], fill) -> torch.Tensor:
+    """Tensors B_i,T_i -> one (sum B_i),max T_i tensor, each padded on the left with `fill`."""
+    T = max(t.shape[1] for t in tensors)
+    return torch.cat([torch.cat([t.new_full((t.shape[0], T - t.shape[1]), fill), t], 1) for t in tensors])
+
+
 def collate(rows: Sequence[Row], device="cpu") -> ModelInputs:
     """Left-pad rows to one length (padding slots are masked out of attention)."""
-    T = max(len(r) for r in rows)
-    def pad(values, fill):
-        return [[fill] * (T - len(v)) + list(v) for v in values]
-    ids = torch.tensor(pad([r.ids for r in rows], 0), device=device)
-    pos = torch.tensor(pad([r.positions for r in rows], 0), device=device)
-    vision = torch.tensor(pad([r.vision for r in rows], False), device=device)
-    slots = torch.tensor(pad([r.image_slots for r in rows], False), device=device)
-    pad_mask = None
-    if any(len(r) != T for r in rows):
-        pad_mask = torch.tensor(pad([[True] * len(r) for r in rows], False), device=device)
-    return ModelInputs(ids, pos, vision, slots, pad_mask=pad_mask)
+    return merge_inputs([_row_tensors(r, device) for r in rows])
+
+
+def _row_tensors(r: Row, device) -> ModelInputs:
+    return ModelInputs(*(torch.tensor([v], device=device) for v in (r.ids, r.positions, r.vision, r.image_slots)))
 
 
 class ImageContext:
@@ -126,7 +127,12 @@ def prepare(model: CogVLM, tokenizer: Tokenizer, query: str, history=(),
             image: Optional[ImageContext] = None, version: Optional[str] = None) -> ModelInputs:
     cfg = model.config
     prompt = build_prompt(query, history, version or cfg.version)
-    row = build_row(tokenizer, cfg, prompt, image is not None)
+    return row_inputs(model, build_row(tokenizer, cfg, prompt, image is not None), image)
+
+
+def row_inputs(model: CogVLM, row: Row, image: Optional[ImageContext] = None) -> ModelInputs:
+    """One tokenized row -> the model's inputs on its device, the image encoded (once per
+    ImageContext)."""
     inputs = collate([row], device=model.model.device)
     if image is not None:
         inputs.image_embeds, inputs.cross_kv = image.encode(model)
@@ -136,18 +142,10 @@ def prepare(model: CogVLM, tokenizer: Tokenizer, query: str, history=(),
 def merge_inputs(items: Sequence[ModelInputs]) -> ModelInputs:
     """One-row inputs -> one left-padded batch (image embeddings in row order; CogAgent rows
     without an image get zero cross K/V and are masked out of the cross attention)."""
-    T = max(x.input_ids.shape[1] for x in items)
-
-    def lpad(t, fill):
-        n = T - t.shape[1]
-        return torch.cat([t.new_full((t.shape[0], n), fill), t], 1) if n else t
-
-    out = ModelInputs(torch.cat([lpad(x.input_ids, 0) for x in items]),
-                      torch.cat([lpad(x.position_ids, 0) for x in items]),
-                      torch.cat([lpad(x.vision_mask, False) for x in items]),
-                      torch.cat([lpad(x.image_mask, False) for x in items]))
-    if any(x.input_ids.shape[1] != T for x in items):
-        out.pad_mask = torch.cat([lpad(torch.ones_like(x.input_ids, dtype=torch.bool), False) for x in items])
+    out = ModelInputs(left_pad([x.input_ids for x in items], 0), left_pad([x.position_ids for x in items], 0),
+                      left_pad([x.vision_mask for x in items], False), left_pad([x.image_mask for x in items], False))
+    if any(x.input_ids.shape[1] != out.input_ids.shape[1] for x in items):
+        out.pad_mask = left_pad([torch.ones_like(x.input_ids, dtype=torch.bool) for x in items], False)
     embeds = [x.image_embeds for x in items if x.image_embeds is not None]
     out.image_embeds = torch.cat(embeds) if embeds else None
     ref = next((x.cross_kv for x in items if x.cross_kv is not None), None)
@@ -199,21 +197,15 @@ def stream_chat(model: CogVLM, tokenizer: Tokenizer, query: str, history=(),
 
 def stream_text(token_steps, tokenizer: Tokenizer, eos: int) -> Iterator[str]:
     """Token steps (row 0) -> text deltas, holding back an incomplete UTF-8 character."""
-    out_ids, sent = [], ""
+    stream = TextStream(tokenizer)
     for tok in token_steps:
         t = int(tok.reshape(-1)[0])
         if t == eos:
             break
-        out_ids.append(t)
-        text = tokenizer.decode(out_ids)
-        if text.endswith("\ufffd"):
-            continue
-        if len(text) > len(sent):
-            yield text[len(sent):]
-            sent = text
-    text = tokenizer.decode(out_ids).rstrip("\ufffd")      # drop an unfinished last character
-    if len(text) > len(sent):
-        yield text[len(sent):]
+        if delta := stream.push(t):
+            yield delta
+    if delta := stream.flush():
+        yield delta
 
 
 def chat(model: CogVLM, tokenizer: Tokenizer, query: str, history=(), image=None,

@@ -27,54 +27,64 @@ def load_image(src: Union[str, Path, bytes, Image.Image], max_pixels: int = MAX_
     files, non-images, truncated files, empty images and decompression bombs. formats: the
     only Pillow formats tried, judged by content (e.g. WEB_FORMATS)."""
     name = "image" if isinstance(src, (bytes, Image.Image)) else str(src)
-    if isinstance(src, Image.Image):
-        img = src
-    else:
-        if isinstance(src, str) and src.startswith(("http://", "https://")):
-            data = fetch_image(src)
-        elif isinstance(src, (str, Path)):
-            p = Path(src).expanduser()
-            if not p.exists():
-                raise ImageError(f"image not found: {p}")
-            if not p.is_file():
-                raise ImageError(f"not a file: {p}")
-            data = p.read_bytes()
-        else:
-            data = src
-        if not data:
-            raise ImageError(f"{name}: empty file")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(data), formats=formats)
-        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            if isinstance(e, UnidentifiedImageError):
-                allowed = f" (accepted: {', '.join(formats)})" if formats else ""
-                raise ImageError(f"{name}: not an image file (format not recognised){allowed}") from None
-            raise ImageError(f"{name}: image too large to decode safely ({e})") from None
-        except Exception as e:  # noqa: BLE001 - Pillow's plugins raise many kinds on bad data
-            raise ImageError(f"{name}: cannot read image ({type(e).__name__}: {e})") from None
+    img = src if isinstance(src, Image.Image) else _open(_read_bytes(src, name), name, formats)
     w, h = img.size
     if w == 0 or h == 0:
         raise ImageError(f"{name}: image has no pixels ({w}x{h})")
     if w * h > max_pixels:
         raise ImageError(f"{name}: {w}x{h} = {w * h / 1e6:.0f} megapixels is over the limit of "
                          f"{max_pixels / 1e6:.0f} megapixels")
+    return _decode_rgb(img, name)
+
+
+def _read_bytes(src: Union[str, Path, bytes], name: str) -> bytes:
+    """A URL, a path or bytes -> the file's bytes (missing, non-file and empty refused)."""
+    if isinstance(src, str) and src.startswith(("http://", "https://")):
+        data = fetch_image(src)
+    elif isinstance(src, (str, Path)):
+        p = Path(src).expanduser()
+        if not p.exists():
+            raise ImageError(f"image not found: {p}")
+        if not p.is_file():
+            raise ImageError(f"not a file: {p}")
+        data = p.read_bytes()
+    else:
+        data = src
+    if not data:
+        raise ImageError(f"{name}: empty file")
+    return data
+
+
+def _open(data: bytes, name: str, formats: Optional[tuple]) -> Image.Image:
+    """Identify the format by content (pixels not decoded yet); bombs and non-images refused."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data), formats=formats)
+    except UnidentifiedImageError:
+        allowed = f" (accepted: {', '.join(formats)})" if formats else ""
+        raise ImageError(f"{name}: not an image file (format not recognised){allowed}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{name}: image too large to decode safely ({e})") from None
+    except Exception as e:  # noqa: BLE001 - Pillow's plugins raise many kinds on bad data
+        raise ImageError(f"{name}: cannot read image ({type(e).__name__}: {e})") from None
+
+
+def _decode_rgb(img: Image.Image, name: str) -> Image.Image:
+    """Decode the pixels, apply EXIF orientation, and composite transparency on white."""
     try:
         img.load()
         img = ImageOps.exif_transpose(img)
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")                 # composite transparency on white
+            rgba = img.convert("RGBA")
             bg = Image.new("RGB", rgba.size, (255, 255, 255))
             bg.paste(rgba, mask=rgba.split()[-1])
-            img = bg
-        else:
-            img = img.convert("RGB")
+            return bg
+        return img.convert("RGB")
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: image too large to decode safely ({e})") from None
     except Exception as e:  # noqa: BLE001 - fuzzed files raise anything from inside the decoders
         raise ImageError(f"{name}: image data is corrupt or truncated ({type(e).__name__}: {e})") from None
-    return img
 
 
 MAX_FETCH_BYTES = 20 << 20

@@ -1,5 +1,5 @@
 """Request templates for grounding and GUI-agent questions (our own phrasings of the request
-kinds the released models were trained on, REFERENCE.md section 6). The demos offer them in
+kinds the released models were trained on). The demos offer them in
 menus; `{expr}`, `{box}` and `{task}` are filled in by the user."""
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 `<EOI>` marks where the image goes; history is a list of (query, response) pairs.
 The SAT front end uses SAT's templates (`build_prompt`); the transformers front end uses the
-original HF remote code's (`hf_prompt`), whose names and texts differ (REFERENCE.md section 10).
+original HF remote code's (`hf_prompt`), whose names and texts differ (see models/README.md).
 """
 from __future__ import annotations
 

@@ -49,6 +49,25 @@ class Tokenizer:
             raise TokenizerError(f"{p}: has neither tokenizer.model nor tokenizer.json")
         self.pad_token_id = 0
 
+    @classmethod
+    def from_pretrained(cls, name_or_path) -> "Tokenizer":
+        """The tokenizer a model uses, found from what `--from_pretrained` takes: a directory with
+        tokenizer.model / tokenizer.json; a checkpoint (directory or model name) with its own
+        `tokenizer/` folder; else Vicuna-7B-v1.5's for a checkpoint or released model name without
+        one; else a hub name (e.g. lmsys/vicuna-7b-v1.5) from the local Hugging Face cache."""
+        from models.config import ALIASES, MODEL_CONFIGS
+        from models.loading import ModelNotFound, resolve_pretrained
+        p = Path(name_or_path).expanduser()
+        if p.is_dir() and any((p / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
+            return cls(p)
+        try:
+            ckpt = resolve_pretrained(str(name_or_path))
+        except ModelNotFound:
+            ckpt = None
+        if ckpt is not None or ALIASES.get(str(name_or_path), str(name_or_path)) in MODEL_CONFIGS:
+            return cls(resolve_tokenizer(None, ckpt))       # the checkpoint's own, else the default
+        return cls(resolve_tokenizer(str(name_or_path)))
+
     def encode(self, text: str) -> list[int]:
         """One prompt piece, no special tokens, legacy dummy prefix (as the original)."""
         if not text:

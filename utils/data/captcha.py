@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from any directory
 from utils.apps.flags import ArgumentParser  # noqa: E402
+from utils.apps.tool import reports_errors, run_tool  # noqa: E402
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
@@ -47,6 +48,7 @@ def generate(out: Path, n: int, seed: int = 0, length=(5, 5), alphabet: str = AL
     return paths
 
 
+@reports_errors(ImportError)
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path)
@@ -56,16 +58,11 @@ def main(argv=None) -> int:
     p.add_argument("--max_len", type=int, default=5)
     a = p.parse_args(argv)
     if a.out.exists() and any(a.out.iterdir()):
-        print(f"error: {a.out} is not empty; refusing to mix datasets", file=sys.stderr)
-        return 1
-    try:
-        generate(a.out, a.n, a.seed, (a.min_len, a.max_len))
-    except (ImportError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise FileExistsError(f"{a.out} is not empty; refusing to mix datasets")
+    generate(a.out, a.n, a.seed, (a.min_len, a.max_len))
     print(f"wrote {a.n} images to {a.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

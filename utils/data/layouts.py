@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from any directory
 from utils.apps.flags import ArgumentParser  # noqa: E402
+from utils.apps.tool import reports_errors, run_tool  # noqa: E402
 
 from PIL import Image  # noqa: E402
 
@@ -72,17 +73,17 @@ def export(src: Path, dst: Path) -> dict:
     return {"expressions": len(refs), "questions": len(questions)}
 
 
+@reports_errors()
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", required=True, type=Path, help="a synthetic data folder (labels/, images/)")
     p.add_argument("--dst", required=True, type=Path)
     a = p.parse_args(argv)
     if not (a.src / "labels").is_dir():
-        print(f"error: {a.src} has no labels/ (make one with utils/data/synthetic.py)", file=sys.stderr)
-        return 1
+        raise FileNotFoundError(f"{a.src} has no labels/ (make one with utils/data/synthetic.py)")
     print(f"wrote {export(a.src, a.dst)} to {a.dst}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

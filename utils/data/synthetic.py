@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from any directory
 from utils.apps.flags import ArgumentParser  # noqa: E402
+from utils.apps.tool import reports_errors, run_tool  # noqa: E402
 
 SIZE = 224
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 40),
@@ -110,6 +111,36 @@ def _list(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
+def _presence_probe(rng: random.Random, s: Shape) -> Shape:
+    """The object asked about: `s` itself, a hard negative (its colour on another shape or its
+    shape in another colour), or a random pair."""
+    r = rng.random()
+    if r < 0.4:
+        return s
+    if r < 0.7:
+        return (Shape(rng.choice([k for k in SHAPES if k != s.kind]), s.colour, (0, 0, 0, 0)) if rng.random() < 0.5
+                else Shape(s.kind, rng.choice([c for c in COLOURS if c != s.colour]), (0, 0, 0, 0)))
+    return Shape(rng.choice(SHAPES), rng.choice(list(COLOURS)), (0, 0, 0, 0))
+
+
+def _extra_presence(rng: random.Random, shapes: list[Shape], n: int) -> list[tuple[str, str]]:
+    """n more presence questions: half objects of the scene, half hard negatives."""
+    qa, names = [], {o.name for o in shapes}
+    for o in rng.sample(shapes, min(n // 2, len(shapes))):
+        qa.append((f"Is there {o.a_name}?", "yes"))
+    negatives = n - n // 2
+    # pairs of swaps (colour, kind) in a fixed order, an odd one chosen at random
+    swaps = ["colour", "kind"] * (negatives // 2) + ([rng.choice(["colour", "kind"])] if negatives % 2 else [])
+    for swap in swaps:
+        o = rng.choice(shapes)
+        fakes = ([Shape(o.kind, c, o.box) for c in COLOURS] if swap == "colour"
+                 else [Shape(k, o.colour, o.box) for k in SHAPES])
+        fakes = [f for f in fakes if f.name not in names]      # (o itself is in names)
+        if fakes:                   # (none when all four shapes share o's colour)
+            qa.append((f"Is there {rng.choice(fakes).a_name}?", "no"))
+    return qa
+
+
 def scene_questions(rng: random.Random, shapes: list[Shape], extra_presence: int = 0) -> list[tuple[str, str]]:
     """Every kind of question about one scene (a few of each, chosen at random).
     extra_presence (training): that many more presence questions, half of them objects of the
@@ -133,32 +164,11 @@ def scene_questions(rng: random.Random, shapes: list[Shape], extra_presence: int
     qa.append((f"How many {kind}s are there?", str(kinds.count(kind))))
     colour = rng.choice(list(COLOURS))
     qa.append((f"How many {colour} shapes are there?", str(colours.count(colour))))
-    # Presence: the object itself, a hard negative (its colour on another shape or its shape
-    # in another colour), or a random pair.
-    r = rng.random()
-    if r < 0.4:
-        probe = s
-    elif r < 0.7:
-        probe = (Shape(rng.choice([k for k in SHAPES if k != s.kind]), s.colour, (0, 0, 0, 0)) if rng.random() < 0.5
-                 else Shape(s.kind, rng.choice([c for c in COLOURS if c != s.colour]), (0, 0, 0, 0)))
-    else:
-        probe = Shape(rng.choice(SHAPES), rng.choice(list(COLOURS)), (0, 0, 0, 0))
+    probe = _presence_probe(rng, s)
     present = any(o.name == probe.name for o in shapes)
     qa.append((f"Is there {probe.a_name}?", "yes" if present else "no"))
     if extra_presence:
-        names = {o.name for o in shapes}
-        for o in rng.sample(shapes, min(extra_presence // 2, len(shapes))):
-            qa.append((f"Is there {o.a_name}?", "yes"))
-        negatives = extra_presence - extra_presence // 2
-        # pairs of swaps (colour, kind) in a fixed order, an odd one chosen at random
-        swaps = ["colour", "kind"] * (negatives // 2) + ([rng.choice(["colour", "kind"])] if negatives % 2 else [])
-        for swap in swaps:
-            o = rng.choice(shapes)
-            fakes = ([Shape(o.kind, c, o.box) for c in COLOURS] if swap == "colour"
-                     else [Shape(k, o.colour, o.box) for k in SHAPES])
-            fakes = [f for f in fakes if f.name not in names]      # (o itself is in names)
-            if fakes:                   # (none when all four shapes share o's colour)
-                qa.append((f"Is there {rng.choice(fakes).a_name}?", "no"))
+        qa += _extra_presence(rng, shapes, extra_presence)
     box = box_text(to_thousandths(s.box, SIZE, SIZE))
     qa.append((f"Where is the {s.name}?", box))
     qa.append(("Describe the image with boxes.",
@@ -313,6 +323,7 @@ def generate(out: Path, n: int, seed: int = 0, gui: bool = False, text_fraction:
     return counts
 
 
+@reports_errors()
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path)
@@ -321,8 +332,7 @@ def main(argv=None) -> int:
     p.add_argument("--gui", action="store_true", help="include GUI screenshots with agent tasks (CogAgent)")
     a = p.parse_args(argv)
     if a.out.exists() and any(a.out.iterdir()):
-        print(f"error: {a.out} is not empty", file=sys.stderr)
-        return 1
+        raise FileExistsError(f"{a.out} is not empty")
     counts = generate(a.out, a.n, a.seed, a.gui)
     print(f"wrote {a.n} images to {a.out}: {counts}")
     return 0
@@ -347,4 +357,4 @@ def read_synthetic_qa(root: Path, split: str) -> list:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

@@ -13,6 +13,7 @@ import torch  # noqa: E402
 
 from models import build_model, get_config, save_sat_checkpoint  # noqa: E402
 from models.config import MODEL_CONFIGS  # noqa: E402
+from utils.apps.tool import reports_errors, run_tool  # noqa: E402
 from utils.chat.tokenizer import train_sentencepiece  # noqa: E402
 
 CORPUS = """Question: What is in the image? Answer: A red circle and a blue square.
@@ -38,6 +39,7 @@ def create(name, out: Path, seed: int = 0, overwrite: bool = False, head_std: fl
     return out
 
 
+@reports_errors()
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", default="tiny-test-cogvlm", choices=sorted(MODEL_CONFIGS))
@@ -46,12 +48,11 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
     if (a.out / "latest").exists() and not a.overwrite:
-        print(f"{a.out} already holds a checkpoint (--overwrite to replace it)", file=sys.stderr)
-        return 1
+        raise FileExistsError(f"{a.out} already holds a checkpoint (--overwrite to replace it)")
     create(a.config, a.out, a.seed, a.overwrite)
     print(f"wrote {a.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

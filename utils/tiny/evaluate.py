@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from any directory
 from utils.apps.flags import ArgumentParser  # noqa: E402
+from utils.apps.tool import reports_errors, run_tool  # noqa: E402
 
 from utils.scoring.metrics import first_box, iou, synthetic_category as category  # noqa: E402,F401
 from utils.scoring.metrics import synthetic_scores as score  # noqa: E402,F401
@@ -39,6 +40,7 @@ def evaluate(model, tok, data: Path, limit: int = None, batch: int = 16, version
             for k in sorted(m) if k != "n" and not k.endswith("_n")}
 
 
+@reports_errors()
 def main(argv=None) -> int:
     from utils.apps.args import add_model_args, load_or_report, setup_logging
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,9 +50,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     if not (a.data / "labels").is_dir():
-        print(f"error: {a.data} is not a synthetic data folder (no labels/); make one with "
-              f"utils/data/synthetic.py", file=sys.stderr)
-        return 1
+        raise FileNotFoundError(f"{a.data} is not a synthetic data folder (no labels/); make one with "
+                                f"utils/data/synthetic.py")
     setup_logging()
     loaded = load_or_report(a)
     if loaded is None:
@@ -68,4 +69,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from utils.apps.tool import run_tool  # noqa: E402
 
 
 def corpus_text(folders, version: str) -> str:
@@ -56,7 +57,7 @@ def step(msg):
     print(f"== {msg}", flush=True)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--which", choices=["cogvlm", "cogagent"], required=True)
     p.add_argument("--work", type=Path, default=ROOT / "build" / "tiny")
@@ -81,17 +82,12 @@ def main(argv=None) -> int:
         a.extra_presence = RECIPES[a.which]["extra_presence"]
     if a.encoder_steps is None:
         a.encoder_steps = RECIPES[a.which]["encoder_steps"] if a.aux_object_loss else 0
-    from models.checkpoint import read_sat_state_dict, save_sat_checkpoint
-    from models.config import ModelConfig, get_config
-    from models.loading import BUNDLED_DIR, build_model
-    from utils.data.synthetic import generate
-    from utils.chat.tokenizer import train_sentencepiece
+    return a
 
-    name = f"tiny-{a.which}"
-    gui = a.which == "cogagent"
-    work, out = a.work, a.out or BUNDLED_DIR / name
-    # Folders built from the training set name its options: a cached one is reused only when they match.
-    tag = f"{a.which}-presence{a.extra_presence}" if a.extra_presence else a.which
+
+def make_data(a, work: Path, tag: str) -> tuple[Path, Path]:
+    """(training set, held-out set), generated once (a `done` file marks a finished folder)."""
+    from utils.data.synthetic import generate
     train, test = work / f"data-{tag}-train", work / f"data-{a.which}-test"
     for folder, n, seed in ((train, a.n_train, 0), (test, a.n_test, 1)):
         if not (folder / "done").exists():
@@ -99,11 +95,20 @@ def main(argv=None) -> int:
             shutil.rmtree(folder, ignore_errors=True)
             # training adds shorter texts (1-3 characters) as easier examples and, per recipe,
             # balanced presence questions; the held-out set keeps the task's 4-6 characters and one
-            generate(folder, n, seed, gui=gui, text_min_len=1 if folder == train else 4,
+            generate(folder, n, seed, gui=a.which == "cogagent", text_min_len=1 if folder == train else 4,
                      extra_presence=a.extra_presence if folder == train else 0)
             (folder / "done").write_text("ok")
-    tok_dir = work / f"tokenizer-{tag}"
+    return train, test
+
+
+def make_init(name: str, train: Path, work: Path, tag: str) -> tuple[Path, Path]:
+    """(tokenizer folder, randomly initialised checkpoint), each made once."""
+    from models.checkpoint import save_sat_checkpoint
+    from models.config import get_config
+    from models.loading import build_model
+    from utils.chat.tokenizer import train_sentencepiece
     cfg = get_config(name)
+    tok_dir = work / f"tokenizer-{tag}"
     if not (tok_dir / "tokenizer.model").exists():
         step(f"tokenizer -> {tok_dir}")
         train_sentencepiece(corpus_text([train], cfg.version), tok_dir, vocab_size=cfg.vocab_size,
@@ -115,8 +120,12 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         save_sat_checkpoint(build_model(cfg), cfg, init)
         shutil.copytree(tok_dir, init / "tokenizer", dirs_exist_ok=True)
-    run = work / f"run-{tag}"
-    step(f"training {name}: {a.encoder_steps} encoder-only + {a.steps} full steps, "
+    return tok_dir, init
+
+
+def train_model(a, init: Path, train: Path, run: Path) -> bool:
+    """finetune_demo's full training under torchrun (resumed where a run stopped); True when it succeeded."""
+    step(f"training tiny-{a.which}: {a.encoder_steps} encoder-only + {a.steps} full steps, "
          f"batch {a.batch_size} x {a.procs} process(es) -> {run}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc-per-node={a.procs}",
            str(ROOT / "finetune_demo" / f"finetune_{a.which}_demo.py"), "--from_pretrained", str(init),
@@ -128,12 +137,15 @@ def main(argv=None) -> int:
     if (run / "latest").exists():
         cmd.append("--resume")
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads or max(1, (os.cpu_count() or 2) // a.procs))}
-    if subprocess.run(cmd, env=env).returncode != 0:
-        print("error: training failed (run again to resume from the last checkpoint)", file=sys.stderr)
-        return 1
-    step(f"export (bf16) -> {out}")
+    return subprocess.run(cmd, env=env).returncode == 0
+
+
+def export(run: Path, out: Path, tok_dir: Path, a) -> None:
+    """The last training checkpoint in bf16, with its tokenizer and a TRAINING.md."""
     import torch
-    from models.checkpoint import atomic_write
+    from models.checkpoint import atomic_write, read_sat_state_dict
+    from models.config import ModelConfig
+    step(f"export (bf16) -> {out}")
     trained = ModelConfig.load(run / "model_config.json")
     sd = read_sat_state_dict(run, trust=False)
     shutil.rmtree(out, ignore_errors=True)
@@ -151,10 +163,26 @@ def main(argv=None) -> int:
                                      f"batch {a.batch_size} x {a.procs}, lr {a.lr}, "
                                      f"from {a.n_train} synthetic training images"
                                      f"{f', {a.extra_presence} extra presence questions per scene' if a.extra_presence else ''}.\n")
+
+
+def main(argv=None) -> int:
+    from models.loading import BUNDLED_DIR
+    a = parse_args(argv)
+    name = f"tiny-{a.which}"
+    work, out = a.work, a.out or BUNDLED_DIR / name
+    # Folders built from the training set name its options: a cached one is reused only when they match.
+    tag = f"{a.which}-presence{a.extra_presence}" if a.extra_presence else a.which
+    train, test = make_data(a, work, tag)
+    tok_dir, init = make_init(name, train, work, tag)
+    run = work / f"run-{tag}"
+    if not train_model(a, init, train, run):
+        print("error: training failed (run again to resume from the last checkpoint)", file=sys.stderr)
+        return 1
+    export(run, out, tok_dir, a)
     step(f"evaluate on {test}")
     from utils.tiny.evaluate import main as eval_main
     return eval_main(["--from_pretrained", str(out), "--data", str(test), "--json", str(out / "eval.json")])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_tool(main)
