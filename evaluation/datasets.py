@@ -1,13 +1,22 @@
-"""Benchmark data read as the owners release it. Each reader takes the dataset root (--data)
-and returns Examples; a missing file is named in one line with where it was looked for.
+"""Benchmark data read as the owners release them. Each reader takes the dataset root (--data)
+and returns Examples, their ids the datasets' own (refer `sent_id`, VQA and TextVQA
+`question_id`, POPE `question_id`, COCO image `id`); a missing file is named in one line with
+where it was looked for.
 
 - RefCOCO / RefCOCO+ / RefCOCOg (the `refer` layout): ROOT/<name>/instances.json (COCO boxes,
   x y w h in pixels) and ROOT/<name>/refs(unc).p (refcocog: refs(umd).p), a pickle of refs
   with split, sentences, ann_id, image_id, read with a restricted unpickler (builtin containers
-  and scalars only: never code); images ROOT/images/mscoco/images/train2014/.
-- VQAv2: v2_OpenEnded_mscoco_<split>2014_questions.json + v2_mscoco_<split>2014_annotations.json
-  in ROOT (or ROOT/Questions, ROOT/Annotations); images ROOT/<split>2014/ or ROOT/images/<split>2014/.
-- TextVQA: ROOT/TextVQA_0.5.1_<split>.json; images ROOT/train_images/ (val images live there too).
+  and scalars only: never code); images ROOT/images/mscoco/images/train2014/. Splits are chosen
+  as refer's getRefIds chooses them (lichengunc/refer, refer.py): val exactly; testA / testB
+  every ref whose split holds "A" / "B"; test every ref whose split holds "test" (RefCOCO and
+  RefCOCO+: testA + testB).
+- VQAv2: v2_OpenEnded_mscoco_<subset>_questions.json (+ v2_mscoco_<subset>_annotations.json
+  for train and val) in ROOT or ROOT/Questions, ROOT/Annotations; subsets train2014, val2014,
+  test-dev2015 and test2015 (tasks vqav2:train|val|test-dev|test); images ROOT/<images>/,
+  ROOT/images/<images>/ or, as the VQA repository lays them out, ROOT/Images/mscoco/<images>/
+  (test-dev's images are in test2015/).
+- TextVQA: ROOT/TextVQA_0.5.1_<split>.json; images ROOT/train_images/ for train and val (the
+  val images live there), ROOT/test_images/ for test.
 - POPE: ROOT/coco_pope_<kind>.json (one JSON object a line: question_id, image, text, label);
   images ROOT/val2014/ or ROOT/images/val2014/.
 - COCO captions: ROOT/captions_<split>2014.json (or annotations/); images ROOT/<split>2014/.
@@ -67,6 +76,15 @@ def read_refs(path: Path) -> list:
 REFER = {"refcoco": "refs(unc).p", "refcoco+": "refs(unc).p", "refcocog": "refs(umd).p", "synthetic": "refs(unc).p"}
 
 
+def refer_split(ref_split: str, split: str) -> bool:
+    """Whether a ref of `ref_split` belongs to `split`, as refer's getRefIds decides."""
+    if split in ("testA", "testB", "testC"):
+        return split[-1] in ref_split                # refer also counts testAB, testBC, ...
+    if split == "test":
+        return "test" in ref_split
+    return ref_split == split
+
+
 def read_refer(root: Path, name: str, split: str) -> list[Example]:
     base = root / name
     refs = read_refs(_find(base, [REFER[name]], f"{name} refs"))
@@ -76,7 +94,7 @@ def read_refer(root: Path, name: str, split: str) -> list[Example]:
     img_dir = _image_dir(root, ["images/mscoco/images/train2014", "train2014"], "COCO train2014")
     out = []
     for ref in refs:
-        if ref["split"] != split:
+        if not refer_split(ref["split"], split):
             continue
         im, (x, y, w, h) = images[ref["image_id"]], anns[ref["ann_id"]]["bbox"]
         for s in ref["sentences"]:
@@ -87,21 +105,53 @@ def read_refer(root: Path, name: str, split: str) -> list[Example]:
     return out
 
 
+# VQAv2 split -> (the files' subset, the images' folder); test-dev's images are test2015's.
+VQA_SUBSETS = {"train": ("train2014", "train2014"), "val": ("val2014", "val2014"),
+               "test-dev": ("test-dev2015", "test2015"), "test": ("test2015", "test2015")}
+
+
+def vqa_questions(root: Path, split: str) -> list:
+    """The questions of a VQAv2 split, as released (question_id, image_id, question)."""
+    sub = VQA_SUBSETS[split][0]
+    name = f"v2_OpenEnded_mscoco_{sub}_questions.json"
+    return _json(_find(root, [name, f"Questions/{name}"], "VQAv2 questions"))["questions"]
+
+
 def read_vqav2(root: Path, split: str) -> list[Example]:
-    q = _find(root, [f"v2_OpenEnded_mscoco_{split}2014_questions.json",
-                     f"Questions/v2_OpenEnded_mscoco_{split}2014_questions.json"], "VQAv2 questions")
-    a = _find(root, [f"v2_mscoco_{split}2014_annotations.json",
-                     f"Annotations/v2_mscoco_{split}2014_annotations.json"], "VQAv2 annotations")
-    answers = {x["question_id"]: [y["answer"] for y in x["answers"]] for x in _json(a)["annotations"]}
-    img_dir = _image_dir(root, [f"{split}2014", f"images/{split}2014"], f"COCO {split}2014")
-    return [Example(str(x["question_id"]), img_dir / f"COCO_{split}2014_{x['image_id']:012d}.jpg",
+    """VQAv2 (train, val: with the ten human answers; test-dev, test: questions only)."""
+    if split not in VQA_SUBSETS:
+        raise DataError(f"vqav2:{split}: the split must be one of {', '.join(VQA_SUBSETS)}")
+    sub, images = VQA_SUBSETS[split]
+    questions = vqa_questions(root, split)
+    answers = {}
+    if not split.startswith("test"):
+        name = f"v2_mscoco_{sub}_annotations.json"
+        a = _find(root, [name, f"Annotations/{name}"], "VQAv2 annotations")
+        answers = {x["question_id"]: [y["answer"] for y in x["answers"]] for x in _json(a)["annotations"]}
+    img_dir = _image_dir(root, [images, f"images/{images}", f"Images/mscoco/{images}"], f"COCO {images}")
+    return [Example(str(x["question_id"]), img_dir / f"COCO_{images}_{x['image_id']:012d}.jpg",
                     x["question"], answers.get(x["question_id"], []))
-            for x in _json(q)["questions"]]
+            for x in questions]
+
+
+def server_question_ids(root: Path, task: str) -> list:
+    """Question ids the server's results file must hold besides the task's own: for VQAv2
+    test-dev, every test2015 question when its file is at hand (the test-dev phase takes a file
+    over the whole test2015 set, answering "" what was not asked, as LLaVA's
+    scripts/convert_vqav2_for_submission.py writes it); otherwise none."""
+    if task != "vqav2:test-dev":
+        return []
+    try:
+        return [x["question_id"] for x in vqa_questions(root, "test")]
+    except DataError:
+        return []
 
 
 def read_textvqa(root: Path, split: str) -> list[Example]:
+    """TextVQA as released; the test split has no answers and its images in test_images/."""
     d = _json(_find(root, [f"TextVQA_0.5.1_{split}.json"], "TextVQA"))
-    img_dir = _image_dir(root, ["train_images", "images"], "TextVQA")
+    folders = ["test_images"] if split == "test" else ["train_images", "images"]
+    img_dir = _image_dir(root, folders, "TextVQA")
     return [Example(str(x["question_id"]), img_dir / f"{x['image_id']}.jpg", x["question"], x.get("answers", []))
             for x in d["data"]]
 
@@ -150,6 +200,10 @@ def read_finetune(root: Path, split: str) -> list[Example]:
 
 # task name -> (reader, its argument); the split or kind follows the colon: refcoco:val
 def read_task(root: Path, task: str) -> list[Example]:
+    from evaluation.gui import read_gui_task
+    gui_examples = read_gui_task(root, task)        # CogAgent's GUI benchmarks (evaluation/gui.py)
+    if gui_examples is not None:
+        return gui_examples
     name, _, part = task.partition(":")
     if name == "finetune":
         return read_finetune(root, part)
@@ -170,5 +224,8 @@ def read_task(root: Path, task: str) -> list[Example]:
         if part not in ("adversarial", "popular", "random"):
             raise DataError(f"{task}: the POPE kind must be adversarial, popular or random")
         return read_pope(root, part)
-    raise DataError(f"unknown task {task!r}; known: refcoco:val|testA|testB, refcoco+:..., refcocog:val|test, "
-                    f"vqav2:val, textvqa:val, pope:adversarial|popular|random, coco_caption:val, finetune:<split>, synthetic_qa:<split>")
+    raise DataError(f"unknown task {task!r}; known: refcoco:val|testA|testB|test, refcoco+:..., refcocog:val|test, "
+                    f"vqav2:val|test-dev|test, textvqa:val|test, pope:adversarial|popular|random, coco_caption:val, "
+                    f"finetune:<split>, synthetic_qa:<split>, screenspot:mobile|desktop|web|all, "
+                    f"mind2web:test_task|test_website|test_domain, "
+                    f"aitw:general|install|googleapps|single|webshopping|all")

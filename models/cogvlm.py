@@ -138,8 +138,8 @@ class RuntimeState:
     quant_bits: the decoder's weight bits after quantize.quantize / load_model(quant=...);
         None = the load dtype. compile.compile_decode reads it (int8 runs wide steps eagerly).
     tp_world: ranks the weights are split over (tp.apply_tensor_parallel); 1 = whole model.
-    packed: linear weights packed into oneDNN's layout (layout.pack_for_cpu_inference);
-        compile.compile_decode refuses such a model.
+    packed: some linear weights packed into oneDNN's layout (layout.pack_for_cpu_inference or
+        layout.apply_layouts); compile.compile_decode refuses such a model.
     lora: the LoRAConfig of the adapters added by lora.apply_lora; None = no adapters.
     decode_step: the compiled decode step (compile.compile_decode); None = the eager
         generate.forward_one_token. generate.decode_one_token calls whichever is set."""

@@ -1,4 +1,5 @@
-"""Weight memory layout for fast CPU inference, applied after the model is built or loaded.
+"""Weight memory layout for fast CPU inference, applied after the model is built or loaded
+(which layout each layer takes: models/kernels.py measures it on the machine that runs).
 
 On CPU, a matrix-vector product with a weight of more outputs than inputs (QKV, gate/up,
 LM head) reads memory faster when the weight is stored column-major (measured on the 2-core
@@ -31,10 +32,7 @@ class PackedLinear(nn.Module):
     def __init__(self, lin: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = lin.in_features, lin.out_features
-        # The row count oneDNN lays the weight out for: fp32 16 (batched decoding), bf16 1
-        # (measured faster single-row, equal at 4-283 rows).
-        hint = 16 if lin.weight.dtype == torch.float32 else 1
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(lin.weight.detach().contiguous(), hint)
+        self.packed = pack_weight(lin.weight.detach())
         self.bias = lin.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,6 +40,12 @@ class PackedLinear(nn.Module):
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]).contiguous(), self.packed,
                                                self.bias, "none", [], "")
         return y.view(*shape[:-1], self.out_features)
+
+
+def pack_weight(w: torch.Tensor) -> torch.Tensor:
+    """w [out, in] in oneDNN's blocked layout, laid out for a row count of 16 (fp32: batched
+    decoding) or 1 (bf16: measured faster single-row, equal at 4-283 rows)."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 16 if w.dtype == torch.float32 else 1)
 
 
 def can_pack(dtype: torch.dtype, device="cpu") -> bool:
@@ -61,4 +65,39 @@ def pack_for_cpu_inference(model: nn.Module) -> nn.Module:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, PackedLinear(lin))
     model.runtime.packed = True
+    return model
+
+
+# The layouts a plain CPU linear layer can take (models/kernels.py chooses among them):
+# oneDNN-packed, F.linear on a row-major weight, F.linear on a column-major weight.
+LAYOUTS = ("packed", "plain", "colmajor")
+
+
+def relayout(lin: nn.Linear, layout: str) -> nn.Module:
+    """`lin` computing with `layout`: the same module with its weight re-strided (plain,
+    colmajor; no copy when it already has that layout), or a PackedLinear in its place. One
+    weight either way: the old one is released when the caller drops it."""
+    if layout == "packed":
+        return PackedLinear(lin)
+    w = lin.weight.data
+    if layout == "plain":
+        lin.weight.data = w.contiguous()
+    elif layout == "colmajor":
+        lin.weight.data = w.t().contiguous().t()
+    else:
+        raise ValueError(f"weight layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    return lin
+
+
+@torch.no_grad()
+def apply_layouts(model: nn.Module, layouts: dict) -> nn.Module:
+    """Give each named linear layer its layout (name -> one of LAYOUTS), one layer at a time
+    (memory peaks one layer above the model)."""
+    for name, layout in layouts.items():
+        lin = model.get_submodule(name)
+        new = relayout(lin, layout)
+        if new is not lin:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+    model.runtime.packed = model.runtime.packed or "packed" in layouts.values()
     return model

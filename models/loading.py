@@ -83,8 +83,11 @@ def init_weights(model: CogVLM, std: float = 0.02) -> None:
 class LoadOptions:
     """How load_model builds a model. dtype None: default_dtype(device). rank/world: this
     process's piece under tensor parallelism. cpu_layout: the column-major fp32 re-layout
-    (off when the weights are packed or quantized next). pack: oneDNN-packed CPU weights where
-    layout.can_pack allows. compile: an inductor-compiled decode step (compile.py)."""
+    (off when the weights are laid out for speed next). pack: lay each CPU linear layer out for
+    speed: with kernels "auto", in the layout its shape runs fastest in on this machine
+    (kernels.py: measured once, cached; remeasure_kernels: time again). kernels "packed" /
+    "plain" / "colmajor": that layout for every layer that can take it (pack or not), nothing
+    measured. compile: an inductor-compiled decode step (compile.py; the weights stay plain)."""
     device: Union[str, torch.device] = "cpu"
     dtype: Optional[torch.dtype] = None
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -93,18 +96,21 @@ class LoadOptions:
     world: int = 1
     cpu_layout: bool = True
     pack: bool = False
+    kernels: str = "auto"
+    remeasure_kernels: bool = False
     compile: bool = False
 
 
-def load_model(from_pretrained: str, opts: LoadOptions = LoadOptions(),
+def load_model(from_pretrained: str, opts: Optional[LoadOptions] = None,
                arch: Optional[Callable[[ModelConfig], nn.Module]] = None):
     """Build the model from `model_config.json` (or an HF `config.json`) on the meta device, then
     load the weights tensor by tensor from a memory-mapped file: one copy of the weights in
-    memory. world > 1: tensor parallel, this process holds rank `rank`'s piece (read from its
+    memory. opts None: LoadOptions() (CPU, fp32, unquantized). world > 1: tensor parallel, this process holds rank `rank`'s piece (read from its
     own MP shard file, or cut from a single-rank file). quant.bits 4|8: each linear layer is
     quantized as soon as its weights are read (quantize.py), so memory peaks near the quantized
     size, never the full-precision one. arch(cfg): the module to build (default CogVLM; the
     transformers front end passes its own class, same parameter names). Returns (model, config)."""
+    opts = opts or LoadOptions()                   # (a fresh default: the options are a mutable dataclass)
     ckpt = resolve_pretrained(from_pretrained)
     cfg, sd = read_checkpoint(ckpt, opts)
     dtype = opts.dtype or default_dtype(opts.device)
@@ -155,14 +161,21 @@ def load_weights(model: nn.Module, sd: dict, source: str, dtype: torch.dtype, op
 
 
 def prepare_for_inference(model: nn.Module, dtype: torch.dtype, opts: LoadOptions) -> nn.Module:
-    """The CPU weight layout (column-major fp32, or oneDNN-packed), then the compiled decode step."""
-    from .layout import can_pack, pack_for_cpu_inference
-    # compile: inductor packs the weights itself, so they stay plain here.
-    pack = opts.pack and not opts.compile and can_pack(dtype, opts.device)
-    if opts.cpu_layout and not pack:
+    """The CPU weight layout of every linear layer, then the compiled decode step. Layouts
+    (kernels.py): kernels auto with pack, measured on this machine; a forced layout; without
+    pack (--cpu_weights plain), column-major fp32 where it has more outputs than inputs."""
+    from .kernels import choose_layouts
+    from .layout import apply_layouts
+    cpu = torch.device(opts.device).type == "cpu"
+    if opts.compile and opts.kernels != "auto":        # inductor lays out and packs its own copy
+        log.info("--kernels %s is left to --compile, which lays the weights out itself", opts.kernels)
+    if cpu and not opts.compile and (opts.pack or opts.kernels != "auto"):
+        # Tensor-parallel ranks would time each other's load and might lay their replicated
+        # layers out differently: they keep the fixed choice (packed where it can be).
+        kernels = "packed" if opts.world > 1 and opts.kernels == "auto" else opts.kernels
+        apply_layouts(model, choose_layouts(model, kernels, opts.cpu_layout, opts.remeasure_kernels))
+    elif opts.cpu_layout:
         use_fast_cpu_layout(model)
-    if pack:                                           # the weights quantization left in fp32/bf16
-        pack_for_cpu_inference(model)
     if opts.compile:
         from .compile import compile_decode
         compile_decode(model)

@@ -12,12 +12,17 @@ more images than --max-images is refused. `system` messages are prepended to the
 turn (the prompt templates have no system slot). Requests are decoded together with continuous
 batching (utils/serving/engine.py); when the queue is full the answer is 429 with Retry-After.
 Binds 127.0.0.1 unless --host is given; optional API key; CORS off unless origins are given.
+A request head has --header-timeout and its body --body-timeout seconds (then 408); Ctrl-C or
+SIGTERM give running requests --shutdown-timeout seconds, then the engine is closed. Without
+an API key, /openapi.json describes the chat route (request, answers, errors).
 (protocol.py: request parsing and response bodies; images.py: image URLs; serving.py: from a
 request to its answer; this file: the HTTP app and the command line.)
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import hmac
 import logging
 import os
@@ -39,6 +44,7 @@ from fastapi.exceptions import RequestValidationError  # noqa: E402
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
 
+from openai_demo import protocol  # noqa: E402
 from openai_demo.protocol import ApiError, Limits, error_body  # noqa: E402
 from openai_demo.serving import ChatServing, stream_events, whole_answer  # noqa: E402
 
@@ -70,17 +76,61 @@ ERROR_HANDLERS = {ApiError: api_error, StarletteHTTPException: http_error,
                   RequestValidationError: invalid_request, Exception: unexpected_error}
 
 
+class BodyDeadline:
+    """ASGI middleware: a request's body must have arrived `seconds` after its head. A stalled
+    or trickling upload is answered 408, or 503 as soon as the server begins to shut down
+    (`stopping` is set), and its connection closed. (uvicorn has no such limit: one byte every
+    half second held a connection, and the shutdown, for minutes.)"""
+
+    def __init__(self, app, seconds: float, stopping: asyncio.Event):
+        self.app, self.seconds, self.stopping = app, seconds, stopping
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        deadline, body_done = loop.time() + self.seconds, False
+
+        async def receive_by_deadline():
+            nonlocal body_done
+            if body_done:                               # later reads wait for a disconnect: no deadline
+                return await receive()
+            message = await self._first(receive(), max(deadline - loop.time(), 0))
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+        await self.app(scope, receive_by_deadline, send)
+
+    async def _first(self, receiving, timeout: float) -> dict:
+        """The next message, unless the deadline passes or the server stops first."""
+        got, stop = asyncio.ensure_future(receiving), asyncio.ensure_future(self.stopping.wait())
+        try:
+            done, _ = await asyncio.wait({got, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not got.done():
+                got.cancel()
+        if got in done:
+            return got.result()
+        if self.stopping.is_set():
+            raise ApiError(503, "the server is shutting down", "server_error", "shutting_down",
+                           headers={"Connection": "close"})
+        raise ApiError(408, f"the request body did not arrive within {self.seconds:g} s",
+                       code="request_timeout", headers={"Connection": "close"})
+
+
 # ----- routes ------------------------------------------------------------------------------
 async def read_body(request: Request, limits: Limits) -> bytes:
     """The request body, refused with 413 once it is over limits.max_body_bytes."""
+    too_big = ApiError(413, f"request body is over {limits.max_body_bytes} bytes", code="body_too_large",
+                       headers={"Connection": "close"})       # the rest of the body is not read
     size = request.headers.get("content-length")
     if size and size.isdigit() and int(size) > limits.max_body_bytes:
-        raise ApiError(413, f"request body is over {limits.max_body_bytes} bytes", code="body_too_large")
+        raise too_big
     raw = bytearray()
     async for piece in request.stream():
         raw += piece
         if len(raw) > limits.max_body_bytes:
-            raise ApiError(413, f"request body is over {limits.max_body_bytes} bytes", code="body_too_large")
+            raise too_big
     return bytes(raw)
 
 
@@ -123,6 +173,49 @@ class Routes:
         return JSONResponse({}, status_code=499) if body is None else body
 
 
+# ----- the published schema ----------------------------------------------------------------
+def _ref(model) -> dict:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+ERRORS = {400: "a mistake in the request (the message names it), or an unsupported feature",
+          401: "a missing or wrong API key", 408: "the request body did not arrive in time",
+          413: "the body or an image is too large", 429: "the queue is full: retry after Retry-After seconds",
+          500: "generation failed"}
+CHAT_DOC = {
+    "summary": "Create a chat completion (OpenAI format, text and image_url parts)",
+    "openapi_extra": {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": _ref(protocol.ChatCompletionRequest)}}}},
+    "responses": {
+        200: {"description": "the answer: one chat.completion, or with stream=true server-sent events, "
+                             "each `data: <ChatCompletionChunk>`, then `data: [DONE]`",
+              "content": {"application/json": {"schema": _ref(protocol.ChatCompletion)},
+                          "text/event-stream": {"schema": {"type": "string"},
+                                                "x-event-schema": _ref(protocol.ChatCompletionChunk)}}},
+        **{code: {"description": text, "model": protocol.ErrorResponse} for code, text in ERRORS.items()},
+        503: {"description": "the server is shutting down (JSON), or too many open connections "
+                             "(--max-connections; plain text from the HTTP layer)", "model": protocol.ErrorResponse,
+              "content": {"text/plain": {"schema": {"type": "string"}}}}},
+}
+
+
+def published_schema(app: FastAPI) -> dict:
+    """FastAPI's schema plus the request and chunk models, which no route signature names
+    (the route parses its body by hand, for the exact error messages)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+        from pydantic.json_schema import models_json_schema
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        _, defs = models_json_schema([(protocol.ChatCompletionRequest, "validation"),
+                                      (protocol.ChatCompletion, "serialization"),
+                                      (protocol.ChatCompletionChunk, "serialization")],
+                                     ref_template="#/components/schemas/{model}")
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+# ----- the app -----------------------------------------------------------------------------
 def create_app(model, tokenizer, model_name: str, engine, limits: Limits = Limits(),
                api_key: Optional[str] = None, cors_origins=(), allow_remote_images: bool = False,
                version: Optional[str] = None) -> FastAPI:
@@ -130,6 +223,9 @@ def create_app(model, tokenizer, model_name: str, engine, limits: Limits = Limit
     utils.serving.engine.BatchEngine that decodes them."""
     app = FastAPI(title="CogVLM OpenAI-compatible API", docs_url=None, redoc_url=None,
                   openapi_url=None if api_key else "/openapi.json")      # no schema without the key
+    app.openapi = lambda: published_schema(app)
+    app.state.stopping = asyncio.Event()                # set when the server begins to shut down
+    app.add_middleware(BodyDeadline, seconds=limits.body_timeout_s, stopping=app.state.stopping)
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
@@ -139,7 +235,7 @@ def create_app(model, tokenizer, model_name: str, engine, limits: Limits = Limit
     routes = Routes(ChatServing(model, tokenizer, engine, model_name, limits, allow_remote_images, version), api_key)
     app.add_api_route("/health", routes.health, methods=["GET"])
     app.add_api_route("/v1/models", routes.models, methods=["GET"])
-    app.add_api_route("/v1/chat/completions", routes.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", routes.chat_completions, methods=["POST"], **CHAT_DOC)
     return app
 
 
@@ -169,6 +265,10 @@ def parse_args(argv=None):
                    help="open connections and requests at once; more are answered 503")
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a new connection has to send its request head before it is closed")
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
+                   help="seconds a request has to send its whole body after its head (then 408)")
+    p.add_argument("--shutdown-timeout", type=float, default=5.0,
+                   help="seconds running requests get to finish after Ctrl-C / SIGTERM; then they are cut")
     p.add_argument("--access-log", action="store_true", help="log every request (off by default)")
     return p.parse_args(argv)
 
@@ -176,7 +276,7 @@ def parse_args(argv=None):
 def limits_from_args(args) -> Limits:
     return Limits(max_body_bytes=args.max_body_bytes, max_image_bytes=args.max_image_bytes,
                   max_image_pixels=args.max_image_pixels, max_images=args.max_images,
-                  max_messages=args.max_messages, max_tokens=args.max_tokens,
+                  max_messages=args.max_messages, max_tokens=args.max_tokens, body_timeout_s=args.body_timeout,
                   default_max_tokens=min(Limits.default_max_tokens, args.max_tokens))
 
 
@@ -195,6 +295,35 @@ def guarded_h11(header_timeout: float):
             if self.cycle is None and self.timeout_keep_alive_task is None and not self.transport.is_closing():
                 self.transport.close()
     return GuardedH11
+
+
+def run_http(app, args) -> bool:
+    """Serve until Ctrl-C or SIGTERM; False if the server could not start (port taken).
+    Shutting down, requests still running get --shutdown-timeout seconds, then are cut."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            app.state.stopping.set()                    # uploads still in progress: 503 now
+            await super().shutdown(sockets)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            """uvicorn's, but the signal is not raised again afterwards: that ended the process
+            (SIGTERM) before main() could close the engine."""
+            before = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in before.items():
+                    signal.signal(sig, handler)
+
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                   access_log=args.access_log, http=guarded_h11(args.header_timeout),
+                                   limit_concurrency=args.max_connections, timeout_keep_alive=5,
+                                   timeout_graceful_shutdown=args.shutdown_timeout))
+    server.run()
+    return server.started
 
 
 def limit_malloc_arenas(n: int = 2) -> None:
@@ -224,8 +353,7 @@ def follow_rank0(model, args, max_len: int) -> int:
 
 
 def serve(model, tok, args, max_len: int, world: int) -> int:
-    """Rank 0 (or the only process): the engine and the HTTP server, until Ctrl-C."""
-    import uvicorn
+    """Rank 0 (or the only process): the engine and the HTTP server, until Ctrl-C or SIGTERM."""
     from models.loading import resolve_pretrained
     from utils.serving.engine import BatchEngine
     from utils.serving.lockstep import Lockstep
@@ -239,11 +367,12 @@ def serve(model, tok, args, max_len: int, world: int) -> int:
                      args.allow_remote_images, args.version)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("listening on %s without an API key: anyone who can reach it can use it", args.host)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=args.access_log,
-                http=guarded_h11(args.header_timeout), limit_concurrency=args.max_connections,
-                timeout_keep_alive=5)
-    engine.close()
-    return 0
+    try:
+        started = run_http(app, args)
+    finally:
+        engine.close()
+    log.info("server stopped")
+    return 0 if started else 1
 
 
 def main(argv=None) -> int:

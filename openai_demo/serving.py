@@ -43,7 +43,10 @@ class Submission:
 
     def emit(self, event: dict) -> None:
         """The engine's callback (its worker thread): hand the event to the event loop."""
-        self._loop.call_soon_threadsafe(self.events.put_nowait, event)
+        try:
+            self._loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:            # the event loop is closed (shutting down): nobody is waiting
+            pass
 
     async def next_event(self, timeout: Optional[float] = None) -> dict:
         """The next delta or done event (asyncio.TimeoutError after `timeout` seconds)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,10 @@ sys.path.insert(0, str(ROOT))
 # The entry points' --dtype default is auto (bf16 on CPUs with AMX / AVX-512 BF16); the suite
 # compares against fp32 references, so its processes run fp32 unless a test says otherwise.
 os.environ.setdefault("COGVLM_DTYPE", "float32")
+# The kernel choices measured by the entry points go to a cache of the suite's own, never the
+# user's (~/.cache/cogvlm/kernels.json); the Hugging Face cache stays where it was.
+os.environ.setdefault("HF_HOME", str(Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "huggingface"))
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="cogvlm-test-cache-")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 from utils.tiny.create_test_model import CORPUS  # noqa: E402

@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ])
 def test_auto_dtype_follows_the_cpu_flags(flags, expected, monkeypatch, caplog):
     import logging
-    from models import loading
+    from models import machine as loading              # resolve_dtype and cpu_flags live in models/machine.py
     monkeypatch.setattr(loading, "cpu_flags", lambda: flags)
-    with caplog.at_level(logging.INFO, logger="models.loading"):
+    with caplog.at_level(logging.INFO, logger="models.machine"):
         assert loading.resolve_dtype("auto", "cpu") == expected
     assert "--dtype auto: " + ("bfloat16" if expected == torch.bfloat16 else "float32") in caplog.text
     assert loading.resolve_dtype("auto", "cuda") == torch.bfloat16

@@ -14,7 +14,11 @@ import pytest
 from PIL import Image
 
 from evaluation.datasets import DataError, read_task
-from utils.scoring.metrics import cider_d, grounding_hit, normalize_vqa, pope_scores, vqa_accuracy
+from utils.scoring.metrics import cider_d, grounding_hit
+from utils.scoring.pope import pope_scores
+# the hand-computed cases below hold under the 2016 VQA evaluation (GT-Vision-Lab/VQA,
+# PythonEvaluationTools/vqaEvaluation/vqaEval.py), the protocol VQAv2 is scored by by default
+from utils.scoring.vqa import normalize_vqa2016 as normalize_vqa, vqa_accuracy_2016 as vqa_accuracy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,6 +92,7 @@ def make_refcoco(root: Path) -> Path:
     refs = [{"ref_id": 0, "ann_id": 10, "image_id": 1, "split": "val",
              "sentences": [{"sent_id": 100, "sent": "the right half"}, {"sent_id": 101, "sent": "that part"}]},
             {"ref_id": 1, "ann_id": 11, "image_id": 2, "split": "val", "sentences": [{"sent_id": 102, "sent": "top left"}]},
+            {"ref_id": 3, "ann_id": 11, "image_id": 2, "split": "testB", "sentences": [{"sent_id": 104, "sent": "the top one"}]},
             {"ref_id": 2, "ann_id": 12, "image_id": 2, "split": "testA", "sentences": [{"sent_id": 103, "sent": "bottom"}]}]
     with open(root / "refcoco" / "refs(unc).p", "wb") as f:
         pickle.dump(refs, f, protocol=2)
@@ -298,3 +303,183 @@ def test_synthetic_qa_task_scores_every_kind_by_hand(tmp_path):
         c = synthetic_category(q["question"])
         per_kind[c] = per_kind.get(c, 0) + 1
     assert right["agent_op_target_n"] == per_kind["agent"] and right["box_iou50_n"] == per_kind["box"]
+
+
+# ---------------------------------------------------------------- issue 32: official rules wired in
+def test_grounding_boxes_read_as_the_original_parser(tmp_path):
+    """Boxes as THUDM's grounding_parser reads them (THUDM/CogVLM, utils/utils/grounding_parser.py:
+    groups by the regex \\[\\[(.*?)\\]\\], entries split on ";" and kept when
+    entry.replace(",", "").isdigit(), int() of each value, no range check) and the first-box protocol
+    of THUDM's benchmark code (qijimrc/mm_evaluation, mmdoctor/tasks/vqa/refcoco_task.py text_to_box:
+    the first group holding a four-number entry, that group's four-number entries merged by min/max,
+    a group whose int() raises skipped by its try/except; a hit when IoU > 0.5)."""
+    from utils.scoring.metrics import box_groups
+    assert box_groups("a [[1,2,3,4;5,6]] b [[7,8,9,10]]") == [[(1, 2, 3, 4), (5, 6)], [(7, 8, 9, 10)]]
+    assert box_groups("[[100, 100, 900, 900]]") == [[]]            # " 100" is not all digits: dropped
+    assert box_groups("[[-5,0,9,9]]") == [[]]                      # "-" is no digit
+    assert box_groups("[[0,0,1200,1000]]") == [[(0, 0, 1200, 1000)]]    # over 1000: kept
+    assert box_groups("[[[0,0,100,100]]") == [[]]                  # the group is "[0,0,100,100"
+    assert box_groups("[[1,,2,3,4;0,0,9,9]] [[1,2,3,4]]") == [[(1, 2, 3, 4)]]   # int("") raises: group skipped
+    full = (0, 0, 1000, 1000)                                      # pixels of a 1000 x 1000 image
+    # over 1000 kept: (0, 0, 1200, 1000) has IoU 1000*1000 / 1200*1000 = 0.83 with the full image
+    assert grounding_hit("[[0,0,1200,1000]]", full, 1000, 1000) == 1.0
+    assert grounding_hit("[[0, 0, 1000, 1000]]", full, 1000, 1000) == 0.0     # spaces: no box at all
+    # the first group holding a box: the point group is passed over; every box merged: the whole image
+    answer = "[[500,500]] the cup [[0,0,100,100]] and the plate [[900,900,1000,1000]]"
+    assert grounding_hit(answer, (0, 0, 100, 100), 1000, 1000, merge=False) == 1.0
+    assert grounding_hit(answer, (0, 0, 100, 100), 1000, 1000) == 0.0
+    assert grounding_hit(answer, full, 1000, 1000) == 1.0
+    # a group's own boxes are merged in the first-box protocol too (get_one_box)
+    assert grounding_hit("[[0,0,500,1000;500,0,1000,1000]] [[0,0,10,10]]", full, 1000, 1000, merge=False) == 1.0
+    # a group with an unreadable entry is skipped whole: the next group (the full image) is taken
+    assert grounding_hit("[[1,,2,3,4;0,0,100,100]] [[0,0,1000,1000]]", (0, 0, 100, 100), 1000, 1000, merge=False) == 0.0
+
+
+def test_vqa_and_pope_protocols_wired_into_the_task_metrics():
+    """The issue's repro cases through task_metrics (the runner's scoring): VQAv2 by the 2016
+    evaluation (GT-Vision-Lab/VQA vqaEval.py: "2." loses its period, "shed" is no contraction key),
+    TextVQA by EvalAI's processor (facebookresearch/mmf m4c_evaluators.py: humans normalized, commas
+    deleted), either by name; POPE by RUCAIBox/POPE evaluate.py (first sentence, exact words)."""
+    from utils.scoring.tasks import Example, protocol, task_metrics
+    ex = lambda answers: Example("1", Path("x.jpg"), "q", answers)        # noqa: E731
+    vqa = [("2.", ["2"] * 6 + ["two"] * 2 + ["3"] * 2), ("shed", ["shed"] * 7 + ["barn"] * 3)]
+    rows, examples = [{"answer": a} for a, _ in vqa], [ex(h) for _, h in vqa]
+    assert task_metrics("vqav2:val", rows, examples) == {"accuracy": 100.0, "n": 2}
+    assert protocol("vqav2:val") == "vqa2016" and protocol("textvqa:val") == "evalai"
+    text = [("nokia", ["Nokia"] * 10), ("dog", ["a dog"] * 10), ("red,white", ["red white"] * 10)]
+    rows, examples = [{"answer": a} for a, _ in text], [ex(h) for _, h in text]
+    assert task_metrics("textvqa:val", rows, examples) == pytest.approx({"accuracy": 200 / 3, "n": 3})
+    # 2016: "Nokia" x10 are not processed (0), "a dog" x10 neither (0), "red,white" -> "red white" (1)
+    assert task_metrics("textvqa:val", rows, examples, "vqa2016") == pytest.approx({"accuracy": 100 / 3, "n": 3})
+    assert protocol("textvqa:val", "vqa2016") == "vqa2016"
+    with pytest.raises(ValueError, match="unknown VQA protocol 'x'"):
+        task_metrics("vqav2:val", rows, examples, "x")
+    # POPE: all read "yes" by the official rule (the old reading said "no" to each)
+    pope = ["Yes. There is no cat.", "There isn't a dog.", "NO", "Not sure", "no-one is there", "No\nthere is a dog"]
+    m = task_metrics("pope:random", [{"answer": a} for a in pope], [ex(["no"]) for _ in pope])
+    assert m["yes_ratio"] == 100.0 and m["accuracy"] == 0.0
+
+
+def test_refcoco_test_is_testA_and_testB_as_refer_defines_it(tmp_path):
+    """lichengunc/refer, refer.py getRefIds: split "test" takes every ref whose split holds
+    "test", "testA" every ref whose split holds "A", in the refs' order."""
+    root = make_refcoco(tmp_path / "data")
+    test = [e.id for e in read_task(root, "refcoco:test")]
+    both = {e.id for e in read_task(root, "refcoco:testA")} | {e.id for e in read_task(root, "refcoco:testB")}
+    assert test == ["104", "103"] and set(test) == both
+
+
+def make_test_server_layouts(root: Path) -> Path:
+    """The VQA repository's layout (GT-Vision-Lab/VQA README: Questions/, Images/mscoco/test2015/)
+    with test-dev2015 and test2015 question files as released (no annotations), and TextVQA's
+    test split (TextVQA_0.5.1_test.json without answers, images in test_images/)."""
+    (root / "Questions").mkdir(parents=True)
+    (root / "Images" / "mscoco" / "test2015").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(root / "Images" / "mscoco" / "test2015" / "COCO_test2015_000000000007.jpg")
+    dev = [{"question_id": 7001, "image_id": 7, "question": "How many cats?"},
+           {"question_id": 7002, "image_id": 7, "question": "What colour?"}]
+    info = {"info": {}, "task_type": "Open-Ended", "data_type": "mscoco", "license": {}}
+    (root / "Questions" / "v2_OpenEnded_mscoco_test-dev2015_questions.json").write_text(
+        json.dumps({**info, "data_subtype": "test-dev2015", "questions": dev}))
+    (root / "Questions" / "v2_OpenEnded_mscoco_test2015_questions.json").write_text(json.dumps(
+        {**info, "data_subtype": "test2015", "questions": dev + [{"question_id": 7003, "image_id": 7, "question": "Why?"}]}))
+    (root / "test_images").mkdir()
+    Image.new("RGB", (32, 32)).save(root / "test_images" / "abc123.jpg")
+    data = [{"question_id": 40, "image_id": "abc123", "question": "What brand?", "image_classes": [],
+             "flickr_original_url": "", "flickr_300k_url": "", "image_width": 32, "image_height": 32, "set_name": "test"}]
+    (root / "TextVQA_0.5.1_test.json").write_text(json.dumps({"dataset_type": "test", "dataset_name": "textvqa",
+                                                                  "dataset_version": "0.5.1", "data": data}))
+    return root
+
+
+def test_test_server_splits_write_the_servers_results_file(tmp_path, capsys):
+    """vqav2:test-dev reads the test-dev2015 questions with the test2015 images; with no answers
+    to score, the runner writes the server's results file ([{"question_id": int, "answer": str}],
+    the VQA evaluation page's results format, named as GT-Vision-Lab/VQA vqaEvalDemo.py names
+    results files) over every test2015 question (unasked ones answered "", as LLaVA's
+    scripts/convert_vqav2_for_submission.py does for the test-dev phase); TextVQA test alike."""
+    from evaluation.evaluate import main
+    root = make_test_server_layouts(tmp_path / "data")
+    dev = read_task(root, "vqav2:test-dev")
+    assert [(e.id, e.answers) for e in dev] == [("7001", []), ("7002", [])] and dev[0].image.is_file()
+    assert read_task(root, "textvqa:test")[0].image == root / "test_images" / "abc123.jpg"
+    preds = tmp_path / "p.jsonl"
+    preds.write_text(json.dumps({"id": 7001, "answer": "two"}) + "\n" + json.dumps({"id": "7002", "answer": "red"}) + "\n")
+    out = tmp_path / "out"
+    assert main(["--task", "vqav2:test-dev", "--data", str(root), "--predictions", str(preds),
+                 "--output_dir", str(out), "--alg_name", "mine"]) == 0
+    server = json.loads((out / "v2_OpenEnded_mscoco_test-dev2015_mine_results.json").read_text())
+    assert server == [{"question_id": 7001, "answer": "two"}, {"question_id": 7002, "answer": "red"},
+                      {"question_id": 7003, "answer": ""}]
+    r = json.loads((out / "results.json").read_text())["vqav2:test-dev"]
+    assert r["result"] == "submit to the evaluation server" and "challenge-page/830" in r["server"]
+    assert "upload" in capsys.readouterr().out
+    preds.write_text(json.dumps({"id": 40, "answer": "Nokia"}) + "\n")
+    assert main(["--task", "textvqa:test", "--data", str(root), "--predictions", str(preds),
+                 "--output_dir", str(out), "--alg_name", "mine"]) == 0
+    assert json.loads((out / "TextVQA_0.5.1_test_mine_results.json").read_text()) == [{"question_id": 40, "answer": "Nokia"}]
+
+
+def test_predictions_file_scored_like_the_runner(tmp_path, capsys):
+    """The runner's predictions-<task>.jsonl, scored by --predictions (no model), gives the
+    runner's own results.json; another system's file with integer ids alike; a missing or unknown
+    id is one error line naming it; --vqa_protocol rescores the same answers."""
+    from evaluation.evaluate import done_ids, main, predictions_file, run_task, write_results
+    root = make_vqa_pope(make_refcoco(tmp_path / "data"))
+    scripted = {"the right half": "[[250,500,750,1000]]", "that part": "[[000,000,100,100]]",
+                "top left": "[[000,000,500,500]]", "How many cats?": "two", "What colour?": "Red",
+                "Is there a cat in the image?": "Yes.", "Is there a dog in the image?": "There isn't a dog."}
+
+    def answer(reqs):
+        return [next(v for k, v in scripted.items() if k in q) for q, _, _, _ in reqs]
+    tasks = ["refcoco:val", "vqav2:val", "pope:random"]
+    data = {t: read_task(root, t) for t in tasks}
+    runner = tmp_path / "runner"
+    runner.mkdir()
+    for t in tasks:
+        run_task(answer, t, data[t], runner, "auto", 2, show=False)
+    rows = {t: [done_ids(predictions_file(runner, t))[e.id] for e in data[t]] for t in tasks}
+    want = write_results(runner, tasks, data, rows, 0.0, None, "cogvlm")
+    assert want["vqav2:val"]["protocol"] == "vqa2016" and want["refcoco:val"]["accuracy"] == pytest.approx(200 / 3)
+    assert want["pope:random"]["yes_ratio"] == 100.0          # "There isn't a dog." reads "yes" (POPE evaluate.py)
+    for t in tasks:
+        out = tmp_path / t.replace(":", "_")
+        assert main(["--task", t, "--data", str(root), "--predictions", str(predictions_file(runner, t)),
+                     "--output_dir", str(out)]) == 0
+        assert json.loads((out / "results.json").read_text()) == {t: want[t]}
+    other = tmp_path / "other.jsonl"                          # question_id as the dataset writes it: an int
+    other.write_text(json.dumps({"id": 1002, "answer": "red"}) + "\n" + json.dumps({"id": 1001, "answer": "2"}) + "\n")
+    assert main(["--task", "vqav2:val", "--data", str(root), "--predictions", str(other), "--output_dir",
+                 str(tmp_path / "o")]) == 0
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["vqav2:val"]["accuracy"] == pytest.approx(95.0)
+    capsys.readouterr()
+    other.write_text(json.dumps({"id": 1002, "answer": "red"}) + "\n")
+    assert main(["--task", "vqav2:val", "--data", str(root), "--predictions", str(other), "--output_dir", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no answer for id 1001 of vqav2:val" in err
+    other.write_text(json.dumps({"id": 1001, "answer": "2"}) + "\n" + json.dumps({"id": 999, "answer": "red"}) + "\n")
+    assert main(["--task", "vqav2:val", "--data", str(root), "--predictions", str(other), "--output_dir", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "id 999 is not an example of vqav2:val" in err
+    # the same answers under the other protocol: "Red" vs ten "red" (EvalAI lower-cases both): 100
+    vqa = predictions_file(runner, "vqav2:val")
+    assert main(["--task", "vqav2:val", "--data", str(root), "--predictions", str(vqa), "--output_dir",
+                 str(tmp_path / "e"), "--vqa_protocol", "evalai"]) == 0
+    r = json.loads((tmp_path / "e" / "results.json").read_text())["vqav2:val"]
+    assert r["protocol"] == "evalai" and r["accuracy"] == pytest.approx(100 * (0.9 + 1.0) / 2)
+
+
+def test_predictions_mode_loads_no_model(tmp_path):
+    """--predictions on the command line: neither the model code nor torch is imported."""
+    root = make_vqa_pope(tmp_path / "data")
+    preds = tmp_path / "p.jsonl"
+    preds.write_text("".join(json.dumps({"id": i, "answer": "yes"}) + "\n" for i in (1, 2)))
+    script = str(ROOT / "evaluation" / "evaluate.py")
+    code = ("import runpy, sys; sys.argv = ['evaluate.py', '--task', 'pope:random', '--data', sys.argv[1], "
+            "'--predictions', sys.argv[2], '--output_dir', sys.argv[3]]\n"
+            f"try:\n    runpy.run_path({script!r}, run_name='__main__')\n"
+            "except SystemExit as e:\n    print('status', e.code, 'models' in sys.modules, 'torch' in sys.modules)\n")
+    p = subprocess.run([sys.executable, "-c", code, str(root), str(preds), str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120, cwd="/")
+    assert "status 0 False False" in p.stdout, p.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["pope:random"]["accuracy"] == 50.0

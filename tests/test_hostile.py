@@ -187,10 +187,11 @@ def test_merge_refuses_a_missing_or_duplicated_rank(cogvlm_ckpt, tmp_path):
 
 
 # ---------------------------------------------------------------- the server, attacked
-def start_server(ckpt, log, *extra):
+def start_server(ckpt, log, *extra, env=None):
+    """The server as users start it (env: the whole environment; default: ours with the API key)."""
     from tests.test_openai_api import _free_port, wait_healthy
     port = _free_port()
-    env = {**ENV, "COGVLM_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
+    env = env if env is not None else {**ENV, "COGVLM_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "openai_demo" / "openai_api.py"), "--from_pretrained",
                              str(ckpt), "--port", str(port), *map(str, extra)],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd="/")

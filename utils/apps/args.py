@@ -12,6 +12,7 @@ import torch
 
 from models import LoadOptions, QuantConfig, load_model
 from models.config import ALIASES, MODEL_CONFIGS
+from models.kernels import CHOICES as KERNEL_CHOICES
 from models.quantize import BITS, GROUP, GROUPS, VISION_BIT_CHOICES, VISION_BITS
 from models.generate import GenerationConfig
 from utils.chat.tokenizer import DEFAULT_TOKENIZER, Tokenizer, resolve_tokenizer
@@ -45,8 +46,17 @@ def add_loading_args(g) -> None:
     add_dtype_args(g)
     add_quant_args(g)
     g.add_argument("--cpu_weights", default="auto", choices=["auto", "packed", "plain"],
-                   help="CPU inference: packed = oneDNN-blocked fp32/bf16 weights (auto; measured "
-                        "faster here, bench/RESULTS.md), plain = PyTorch's own layout")
+                   help="CPU inference: auto = the layouts --kernels chooses (measured on this CPU); "
+                        "packed = oneDNN-blocked everywhere (= --kernels packed); plain = PyTorch's own "
+                        "layout (fp32 column-major where out > in), nothing measured")
+    g.add_argument("--kernels", default="auto", choices=KERNEL_CHOICES,
+                   help="CPU linear layers: auto = each layer shape in the layout measured fastest on "
+                        "this CPU (timed once at load, a few seconds; cached in "
+                        "$XDG_CACHE_HOME/cogvlm/kernels.json); packed / plain / colmajor = that layout "
+                        "everywhere (oneDNN-blocked; row-major or column-major F.linear), nothing measured; "
+                        "overrides --cpu_weights")
+    g.add_argument("--remeasure_kernels", action="store_true",
+                   help="time the --kernels auto candidates again instead of reading the cache")
     g.add_argument("--compile", action="store_true",
                    help="CPU: compile the decode step with inductor (needs a C++ compiler; the first "
                         "step compiles for about a minute; measured 1.2-2.1x faster decoding; bf16/int8: "
@@ -151,10 +161,13 @@ def options_from_args(args, rank: int = 0, world: int = 1) -> LoadOptions:
     device = args.device
     if world > 1 and torch.device(device).type == "cuda":
         device = f"cuda:{torch.cuda.current_device()}"
+    # --kernels where given; else --cpu_weights packed keeps its meaning (oneDNN-packed, not measured)
+    kernels = "packed" if args.kernels == "auto" and args.cpu_weights == "packed" else args.kernels
     return LoadOptions(device=device, dtype=dtype_from_args(args),
                        quant=QuantConfig(bits=args.quant, vision_bits=args.quant_vision, group=args.quant_group),
                        trust_checkpoint=args.trust_checkpoint, rank=rank, world=world,
-                       pack=args.cpu_weights != "plain", compile=args.compile)
+                       pack=args.cpu_weights != "plain", kernels=kernels,
+                       remeasure_kernels=args.remeasure_kernels, compile=args.compile)
 
 
 def load_with_tokenizer(from_pretrained: str, opts: LoadOptions, local_tokenizer: str, arch=None):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 from models.generate import PromptTooLong
 from utils.chat.image import ImageError
@@ -55,16 +55,22 @@ def interactive(answer: Callable, open_image: Callable, chinese: bool = False,
         print()
 
 
+def _ask(prompt: str) -> Optional[str]:
+    """One line from the user; None ends the session (Ctrl-D, or `stop`)."""
+    try:
+        line = input(prompt)
+    except EOFError:
+        return None
+    return None if line.strip() == "stop" else line
+
+
 def _loop(answer: Callable, open_image: Callable, chinese: bool, on_answer: Callable) -> None:
     """answer(query, history, image, prefix) -> response text (printed by it);
     open_image(path) -> image context or None; on_answer(response, image) e.g. draws boxes."""
     text = PROMPTS[chinese]
     while True:
-        try:
-            path = input(text["image"])
-        except EOFError:
-            return
-        if path.strip() == "stop":
+        path = _ask(text["image"])
+        if path is None:
             return
         try:
             image = open_image(path.strip()) if path.strip() else None
@@ -73,14 +79,11 @@ def _loop(answer: Callable, open_image: Callable, chinese: bool, on_answer: Call
             continue
         history = []
         while True:
-            try:
-                query = input(text["human"])
-            except EOFError:
+            query = _ask(text["human"])
+            if query is None:
                 return
             if query.strip() == "clear":
                 break
-            if query.strip() == "stop":
-                return
             if not query.strip():
                 continue                                # an empty line is no question
             try:

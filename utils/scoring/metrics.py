@@ -1,12 +1,14 @@
 """Benchmark metrics as their owners compute them.
 
-- Referring expressions (RefCOCO family), CogVLM's protocol: every box in the answer
-  (thousandths of the image) merged into one by min/max, a hit when IoU with the truth > 0.5;
-  `per_box`: the first box alone.
-- VQA accuracy (VQAv2, TextVQA): the official evaluation's normalization of the answer
-  (punctuation, number words, articles, contractions), then min(matches / 3, 1) averaged over
-  the ten leave-one-out subsets of the human answers.
-- POPE: accuracy, precision, recall, F1 of "yes", and the ratio of "yes" answers.
+- Referring expressions (RefCOCO family): boxes read from the answer as THUDM's
+  `grounding_parser` reads them (THUDM/CogVLM, utils/utils/grounding_parser.py), thousandths of
+  the image, a hit when IoU with the truth > 0.5. Two protocols: `accuracy`, the headline, merges
+  every box of the answer by min/max (the maintainer's description, CogVLM issue #127);
+  `accuracy_first_box` takes the first `[[...]]` group that holds a four-number box, that group's
+  boxes merged (`text_to_box` of THUDM's benchmark code, qijimrc/mm_evaluation,
+  mmdoctor/tasks/vqa/refcoco_task.py).
+- VQA accuracy (VQAv2, TextVQA) and POPE: the official rules, in vqa.py and pope.py.
+- Captions: CIDEr-D.
 - Our synthetic set (the bundled models): per question kind, exact answers (colour, shape,
   count, presence, text), the first box at IoU >= 0.5, CogAgent actions (operation + target,
   and the box at IoU >= 0.5).
@@ -14,129 +16,62 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 from typing import Optional
 
-from utils.chat.grounding import parse_agent_output, parse_groundings
 
-
-def iou(a, b) -> float:
-    """Boxes (x0, y0, x1, y1) in any one unit."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+def iou(a, b):
+    """Boxes (x0, y0, x1, y1) in any one unit (exact when given Fractions)."""
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = ix * iy
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
 
 
+# ----- grounding ---------------------------------------------------------------------------
+# The box groups of an answer, found as grounding_parser's parse_response and mm_evaluation's
+# text_to_box find them: non-greedy, within one line.
+BOX_GROUP = re.compile(r"\[\[(.*?)\]\]")
+
+
+def box_groups(answer: str) -> list:
+    """Each `[[...]]` group's entries (split on ";") as grounding_parser reads them: an entry is
+    kept when, its commas removed, it is all digits (str.isdigit), so "1, 2, 3, 4" (spaces) and
+    "-5,0,9,9" are dropped, values over 1000 are kept and an entry may hold any number of
+    values. A group holding an entry that int() cannot read ("1,,2,3,4", a superscript digit)
+    is dropped whole, as text_to_box's try/except drops it."""
+    groups = []
+    for group in BOX_GROUP.findall(answer):
+        try:
+            groups.append([tuple(int(v) for v in e.split(",")) for e in group.split(";")
+                           if e.replace(",", "").isdigit()])
+        except ValueError:
+            continue
+    return groups
+
+
+def _merge(boxes: list) -> tuple:
+    """min/max of the boxes (text_to_box's get_one_box: min x0, min y0, max x1, max y1)."""
+    return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+
+
 def answer_box(answer: str, width: int, height: int, merge: bool = True) -> Optional[tuple]:
-    """The answer's box in pixels: all its boxes merged by min/max (CogVLM's protocol), or
-    with merge=False the first one; None without a box."""
-    boxes = [b for g in parse_groundings(answer) for b in g.boxes if len(b) == 4]
-    if not boxes:
+    """The answer's box in pixels (exact Fractions): every four-number box merged by min/max, or
+    with merge=False the first group holding a four-number box, its four-number boxes merged;
+    None without one."""
+    groups = [g for g in ([b for b in group if len(b) == 4] for group in box_groups(answer)) if g]
+    if not groups:
         return None
-    if merge:
-        boxes = [(min(b[0] for b in boxes), min(b[1] for b in boxes),
-                  max(b[2] for b in boxes), max(b[3] for b in boxes))]
-    x0, y0, x1, y1 = boxes[0]
-    return (x0 / 1000 * width, y0 / 1000 * height, x1 / 1000 * width, y1 / 1000 * height)
+    x0, y0, x1, y1 = _merge([b for g in groups for b in g] if merge else groups[0])
+    w, h = Fraction(width) / 1000, Fraction(height) / 1000
+    return (x0 * w, y0 * h, x1 * w, y1 * h)
 
 
 def grounding_hit(answer: str, truth: tuple, width: int, height: int, merge: bool = True) -> float:
     """1.0 when the answer's box has IoU > 0.5 with `truth` (x0, y0, x1, y1 in pixels)."""
     box = answer_box(answer, width, height, merge)
-    return float(box is not None and iou(box, truth) > 0.5)
-
-
-# ----- VQA ---------------------------------------------------------------------------------
-# Answers written without their apostrophe, as the official evaluation restores them.
-CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldnt": "couldn't", "couldve": "could've",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't",
-    "havent": "haven't", "hed": "he'd", "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's",
-    "Im": "I'm", "im": "i'm", "Ive": "I've", "ive": "i've", "isnt": "isn't", "itd": "it'd", "itll": "it'll",
-    "its": "it's", "lets": "let's", "maam": "ma'am", "mightnt": "mightn't", "mightve": "might've",
-    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "shant": "shan't", "shed": "she'd",
-    "shes": "she's", "shouldnt": "shouldn't", "shouldve": "should've", "thats": "that's", "thered": "there'd",
-    "theres": "there's", "theyd": "they'd", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
-    "wasnt": "wasn't", "wed": "we'd", "weve": "we've", "werent": "weren't", "whatll": "what'll",
-    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
-    "wheres": "where's", "whereve": "where've", "whod": "who'd", "wholl": "who'll", "whos": "who's",
-    "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
-    "wouldnt": "wouldn't", "wouldve": "would've", "yall": "y'all", "youd": "you'd", "youll": "you'll",
-    "youre": "you're", "youve": "you've",
-}
-NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-ARTICLES = {"a", "an", "the"}
-PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
-               ",", "?", "!"]
-_PERIOD = re.compile(r"(?<!\d)(\.)(?!\d)")        # a period that is not a decimal point
-_COMMA_NUMBER = re.compile(r"(\d)(,)(\d)")
-
-
-def _punctuation(text: str) -> str:
-    out = text
-    for p in PUNCTUATION:
-        # a mark next to a space, or any mark in a text with a 1,000-style number, goes away;
-        # otherwise it separates words
-        if (p + " " in text or " " + p in text) or _COMMA_NUMBER.search(text):
-            out = out.replace(p, "")
-        else:
-            out = out.replace(p, " ")
-    return _PERIOD.sub("", out)
-
-
-def _digits_articles(text: str) -> str:
-    words = []
-    for w in text.lower().split():
-        w = NUMBER_WORDS.get(w, w)
-        if w not in ARTICLES:
-            words.append(CONTRACTIONS.get(w, w))
-    return " ".join(words)
-
-
-def normalize_vqa(text: str) -> str:
-    return _digits_articles(_punctuation(text))
-
-
-def vqa_accuracy(answer: str, human_answers: list) -> float:
-    """The official VQA accuracy of one answer against the (ten) human answers: the answer is
-    normalized (punctuation, then lower case, number words, articles, contractions); the human
-    answers (released already lower-case and normalized) lose their punctuation only when they
-    disagree, as the official evaluation does."""
-    answer = normalize_vqa(answer.replace("\n", " ").replace("\t", " ").strip())
-    humans = [h.replace("\n", " ").replace("\t", " ").strip() for h in human_answers]
-    if len(set(humans)) > 1:
-        humans = [_punctuation(h) for h in humans]
-    accs = []
-    for i in range(len(humans)):
-        matches = sum(h == answer for j, h in enumerate(humans) if j != i)
-        accs.append(min(1.0, matches / 3))
-    return sum(accs) / len(accs) if accs else 0.0
-
-
-# ----- POPE --------------------------------------------------------------------------------
-def yes_no(answer: str) -> str:
-    """POPE's reading of an answer: "no" when it says no / not, else "yes"."""
-    words = re.findall(r"[a-z']+", answer.lower())
-    return "no" if ("no" in words or "not" in words or "n't" in answer.lower()) else "yes"
-
-
-def pope_scores(pairs: list) -> dict:
-    """pairs: (answer, label yes/no) -> accuracy, precision, recall, f1, yes_ratio (fractions)."""
-    tp = fp = tn = fn = 0
-    for answer, label in pairs:
-        pred = yes_no(answer)
-        if pred == "yes":
-            tp, fp = tp + (label == "yes"), fp + (label != "yes")
-        else:
-            tn, fn = tn + (label == "no"), fn + (label != "no")
-    n = tp + fp + tn + fn
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    return {"accuracy": (tp + tn) / n if n else 0.0, "precision": precision, "recall": recall,
-            "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-            "yes_ratio": (tp + fp) / n if n else 0.0}
+    return float(box is not None and iou(box, tuple(Fraction(v) for v in truth)) > Fraction(1, 2))
 
 
 # ----- captions: CIDEr-D ---------------------------------------------------------------------
@@ -201,6 +136,7 @@ def synthetic_category(question: str) -> str:
 
 
 def first_box(text: str):
+    from utils.chat.grounding import parse_groundings
     return next((b for g in parse_groundings(text) for b in g.boxes if len(b) == 4), None)
 
 
@@ -216,6 +152,7 @@ def synthetic_scores(question: str, answer: str, reference: str) -> dict:
         pa, pr = first_box(a), first_box(r)
         return {"box_iou50": float(pa is not None and iou(pa, pr) >= 0.5)}
     if cat == "agent":
+        from utils.chat.grounding import parse_agent_output
         pa, pr = parse_agent_output(a), parse_agent_output(r)
         ok = pa.operation == pr.operation and (pa.target or "").lower() == (pr.target or "").lower()
         ba, br = (pa.boxes[0] if pa.boxes else None), pr.boxes[0]

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from utils.chat.task_prompts import EXPRESSION_TO_BOX, fill
-from .metrics import cider_d, grounding_hit, pope_scores, synthetic_scores, vqa_accuracy
+from .metrics import cider_d, grounding_hit, synthetic_scores
+from .pope import pope_scores
+from .vqa import VQA_PROTOCOLS
 
 
 class DataError(FileNotFoundError):
@@ -28,24 +29,79 @@ class Example:
 
 CAPTION_REQUEST = "Describe the image in one sentence."
 
+# The VQA protocol each benchmark is scored by unless one is named (--vqa_protocol): VQAv2 by the
+# 2016 VQA evaluation, TextVQA by its server's (EvalAI) answer processor.
+VQA_PROTOCOL_DEFAULTS = {"vqav2": "vqa2016", "textvqa": "evalai"}
+GROUNDING_PROTOCOL = ("accuracy: every box merged by min/max (CogVLM issue #127); accuracy_first_box: the "
+                      "first [[...]] group with a box (mm_evaluation text_to_box); IoU > 0.5")
+PROTOCOLS = {"grounding": GROUNDING_PROTOCOL, "pope": "RUCAIBox/POPE evaluate.py", "caption": "CIDEr-D",
+             "exact": "exact match", "synthetic": "synthetic set, per kind"}
+
+# Splits without public answers: the answers go to the benchmark's evaluation server instead.
+# task -> (results file, {alg} filled in, where to upload it). VQAv2's name follows the VQA
+# repository's convention (GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvalDemo.py:
+# <version><task>_<data>_<subset>_<alg>_results.json).
+SERVER_SPLITS = {
+    "vqav2:test-dev": ("v2_OpenEnded_mscoco_test-dev2015_{alg}_results.json",
+                       "https://eval.ai/web/challenges/challenge-page/830 (phase Test-Dev)"),
+    "vqav2:test": ("v2_OpenEnded_mscoco_test2015_{alg}_results.json",
+                   "https://eval.ai/web/challenges/challenge-page/830 (phase Test-Standard)"),
+    "textvqa:test": ("TextVQA_0.5.1_test_{alg}_results.json",
+                     "https://eval.ai/web/challenges/challenge-page/874 (phase Test)"),
+}
+
+
+# CogAgent's GUI benchmarks (utils/scoring/gui.py): each its own kind.
+GUI_KINDS = ("screenspot", "mind2web", "aitw")
+
 
 def kind(task: str) -> str:
     name = task.split(":")[0]
+    if name in GUI_KINDS:
+        return name
     return {"vqav2": "vqa", "textvqa": "vqa", "pope": "pope", "coco_caption": "caption",
             "finetune": "exact", "synthetic_qa": "synthetic"}.get(name, "grounding")
 
 
-def prompt(task: str, ex: Example, version: str, grounding_prompt: str = EXPRESSION_TO_BOX[0]) -> tuple[str, str]:
-    """(query, template) per task: referring expressions in the grounding request; VQA in the
-    `Short answer` template; POPE's question in the model's own template."""
+def prompt(task: str, ex: Example, version: str, grounding_prompt: Optional[str] = None) -> tuple[str, str]:
+    """(query, template) per task: referring expressions in the grounding request (default:
+    the first of utils/chat/task_prompts.py EXPRESSION_TO_BOX); VQA in the `Short answer`
+    template; POPE's question in the model's own template; GUI tasks CogAgent's request."""
     k = kind(task)
+    if k in GUI_KINDS:
+        from . import gui
+        return gui.prompt(ex, version)
     if k == "grounding":
-        return fill(grounding_prompt, expr=ex.question), version
+        # imported here: scoring a predictions file needs no chat code (nor torch)
+        from utils.chat.task_prompts import EXPRESSION_TO_BOX, fill
+        return fill(grounding_prompt or EXPRESSION_TO_BOX[0], expr=ex.question), version
     if k == "vqa":
         return ex.question, version if version != "auto" else "vqa"
     if k == "caption":
         return CAPTION_REQUEST, version
     return ex.question, version
+
+
+def vqa_protocol(task: str, override: Optional[str] = None) -> str:
+    """The VQA protocol a task is scored by: `override` when given, else its default."""
+    if override is not None and override not in VQA_PROTOCOLS:
+        raise ValueError(f"unknown VQA protocol {override!r}; known: {', '.join(VQA_PROTOCOLS)}")
+    return override or VQA_PROTOCOL_DEFAULTS.get(task.split(":")[0], "vqa2016")
+
+
+def protocol(task: str, vqa: Optional[str] = None) -> str:
+    """The name of the protocol that produces a task's numbers (results.json, the table)."""
+    k = kind(task)
+    if k in GUI_KINDS:
+        from . import gui                          # imported here: gui.py imports Example from this module
+        return gui.PROTOCOLS[k]
+    return vqa_protocol(task, vqa) if k == "vqa" else PROTOCOLS[k]
+
+
+def server_results(rows: list, examples: list) -> list:
+    """The evaluation server's results file (VQA and TextVQA servers alike):
+    [{"question_id": int, "answer": str}] in the examples' order."""
+    return [{"question_id": int(ex.id), "answer": r["answer"]} for r, ex in zip(rows, examples)]
 
 
 def exact_scores(answer: str, truth: str) -> dict:
@@ -54,13 +110,18 @@ def exact_scores(answer: str, truth: str) -> dict:
     return {"exact": float(a == t), "nocase": float(a.lower() == t.lower())}
 
 
-def example_score(task: str, ex: Example, answer: str):
+def example_score(task: str, ex: Example, answer: str, vqa: Optional[str] = None):
+    """One answer's score: grounding hits by both protocols, VQA accuracy by `vqa` (or the
+    task's default protocol), the synthetic kinds, exact match; POPE keeps the label."""
     k = kind(task)
+    if k in GUI_KINDS:
+        from . import gui
+        return gui.example_score(k, ex, answer)
     if k == "grounding":
         w, h = ex.size
         return {"hit": grounding_hit(answer, ex.box, w, h), "hit_first_box": grounding_hit(answer, ex.box, w, h, False)}
     if k == "vqa":
-        return {"accuracy": vqa_accuracy(answer, ex.answers)}
+        return {"accuracy": VQA_PROTOCOLS[vqa_protocol(task, vqa)](answer, ex.answers)}
     if k == "caption":
         return {}                                  # CIDEr is a corpus score (idf over the set)
     if k == "exact":
@@ -70,10 +131,16 @@ def example_score(task: str, ex: Example, answer: str):
     return {"label": ex.answers[0]}
 
 
-def task_metrics(task: str, rows: list, examples: list) -> dict:
-    """rows: the prediction lines of every example of the task (in the order of `examples`)
-    -> metrics in percent (CIDEr as the papers print it, x100)."""
+def task_metrics(task: str, rows: list, examples: list, vqa: Optional[str] = None) -> dict:
+    """rows: the prediction lines of every example of the task (in the order of `examples`;
+    only their "answer" is read: every score is computed again here, so a predictions file is
+    rescored under any protocol) -> metrics in percent (CIDEr as the papers print it, x100)."""
     k = kind(task)
+    rows = [{"answer": r["answer"], "score": example_score(task, ex, r["answer"], vqa)}
+            for r, ex in zip(rows, examples)]
+    if k in GUI_KINDS:
+        from . import gui
+        return gui.task_metrics(k, rows, examples)
     if k == "caption":
         score, _ = cider_d([r["answer"] for r in rows], [ex.answers for ex in examples])
         return {"cider": 100 * score, "n": len(rows)}
@@ -97,13 +164,14 @@ def task_metrics(task: str, rows: list, examples: list) -> dict:
     return {**{m: 100 * v for m, v in s.items()}, "n": len(rows)}
 
 
-def answer_rows(answer_fn, task: str, chunk: list, version: str, grounding_prompt: str = EXPRESSION_TO_BOX[0]):
+def answer_rows(answer_fn, task: str, chunk: list, version: str, grounding_prompt: Optional[str] = None,
+                vqa: Optional[str] = None):
     """One batch of examples -> their prediction rows (id, prompt, answer, parsed boxes, score)."""
     from utils.chat.grounding import parse_groundings
     reqs = [(*prompt(task, ex, version, grounding_prompt), ex.image, ex.history) for ex in chunk]
     return [{"id": ex.id, "prompt": query, "answer": answer,
              "boxes": [list(b) for g in parse_groundings(answer) for b in g.boxes],
-             "score": example_score(task, ex, answer)}
+             "score": example_score(task, ex, answer, vqa)}
             for ex, (query, *_), answer in zip(chunk, reqs, answer_fn(reqs))]
 
 

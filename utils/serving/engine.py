@@ -222,4 +222,7 @@ class BatchEngine:
         self.slots.free(row)
         self.rows[row] = None
         if req is not None:
-            req.done(reason, error)
+            try:                                   # a failing listener must not end the worker thread
+                req.done(reason, error)
+            except Exception:  # noqa: BLE001
+                log.exception("reporting the end of row %d failed", row)

@@ -1,0 +1,329 @@
+"""Which kernel each linear layer runs, chosen by timing the candidates on the machine that
+runs (at load, a few seconds, cached), since the fastest one differs between CPUs: oneDNN-packed
+bf16 was the fastest single-row kernel on an AMD EPYC with AVX-512 BF16 and the slowest on an
+Intel Xeon with AMX (the torch 2.13 wheel's oneDNN has an fp32-only matrix-vector path).
+
+Candidates for a CPU nn.Linear in fp32 / bf16, each a weight layout (layout.LAYOUTS):
+  packed    oneDNN's blocked layout (layout.PackedLinear), where layout.can_pack allows
+  plain     F.linear on the weight row-major (PyTorch's own layout)
+  colmajor  F.linear on the weight column-major (same shape, transposed strides)
+Quantized layers keep their weight-only int8 / int4 kernels (quantize.WeightOnlyLinear, which
+picks the kernel or a dequantized GEMM by row count itself); modules that are not exactly an
+nn.Linear (tensor-parallel pieces) are left alone.
+
+Each shape class (dtype, outputs, inputs) is timed per regime: decode (1 row), batch (4 rows:
+batched decoding) and prefill (256 rows, standing in for prompts of 300-1300 rows and the image
+encoders), with one layer's own weight, the median of a few calls, the layouts taking turns
+(each holds its own copy of that one layer meanwhile). The timings are cached in
+$XDG_CACHE_HOME/cogvlm/kernels.json (default ~/.cache), valid while the CPU model, its flags
+and the torch version stay the same; missing entries are measured within BUDGET_S.
+
+A layer holds one layout (no weight stored twice: at full size memory binds). The layers only
+prefill uses (image encoders and adapter, the vision experts, CogAgent's cross key/value) take
+the prefill regime's fastest; the LM head (prefill computes only the last row) the decode
+regime's; every other layer the layout of least cost over a typical request: one prefill of
+TYPICAL_PREFILL_ROWS rows (its time scaled linearly from the 256 measured) plus
+TYPICAL_DECODE_STEPS single-row steps. The batch regime is measured and logged, not weighed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from .layout import LAYOUTS, can_pack, relayout
+from .machine import cpu_flags
+
+log = logging.getLogger(__name__)
+
+CHOICES = ("auto",) + LAYOUTS                     # --kernels
+REGIMES = {"decode": 1, "batch": 4, "prefill": 256}    # regime -> rows timed
+# The typical request the single layout of a layer used by both prefill and decode is chosen
+# for: a prompt of 300-1300 tokens (an image is 1,227 of CogVLM-17B's), 100-200 new tokens.
+TYPICAL_PREFILL_ROWS = 800
+TYPICAL_DECODE_STEPS = 150
+BUDGET_S = 4.0              # measuring stops starting new shape classes after this long
+REPEAT = {"decode": 7, "batch": 5, "prefill": 3}     # timed calls per probe (after one warm-up)
+CACHE_VERSION = 1
+
+_PREFILL_ONLY = re.compile(r"model\.(vision|cross_vision)\.|.*\.vision_expert_|.*\.vision_mlp\.|"
+                           r".*\.cross_attn\.key_value$")
+_DECODE_ONLY = re.compile(r"lm_head$")
+ROLE_REGIMES = {"prefill": ("prefill",), "decode": ("decode", "batch"), "both": ("decode", "batch", "prefill")}
+
+
+def role(name: str) -> str:
+    """Which steps use layer `name`: prefill only, decode only (a single row per step), or both."""
+    return "prefill" if _PREFILL_ONLY.match(name) else "decode" if _DECODE_ONLY.match(name) else "both"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One timing: `layout`'s kernel on a weight of out x inp in `dtype`, on `rows` rows."""
+    layout: str
+    dtype: str
+    out: int
+    inp: int
+    rows: int
+    threads: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.layout} {self.dtype} {self.out}x{self.inp} rows={self.rows} threads={self.threads}"
+
+
+def median_seconds(probes: list, runs: list) -> list:
+    """The default timer: the median wall time of each run() over a few calls, after one
+    warm-up each. The runs (one regime, every layout) take turns, so a machine whose speed
+    drifts (a busy shared box) slows them alike."""
+    for run in runs:
+        run()
+    regime = next((r for r, n in REGIMES.items() if n == probes[0].rows), "prefill")
+    times = [[] for _ in runs]
+    for _ in range(REPEAT[regime]):
+        for run, t in zip(runs, times):
+            start = time.perf_counter()
+            run()
+            t.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+# ---------------------------------------------------------------------------------------
+# The cache
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else the platform's word for it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_id() -> dict:
+    """What the timings depend on: a change of any of these invalidates the cache."""
+    return {"cpu": cpu_model(), "flags": " ".join(sorted(cpu_flags())), "torch": torch.__version__}
+
+
+def cache_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "cogvlm" / "kernels.json"
+
+
+def read_cache(path: Path, ident: dict) -> dict:
+    """probe key -> seconds, from `path` if it was written on this machine (`ident`), else {}."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(d, dict) or d.get("version") != CACHE_VERSION or d.get("machine") != ident \
+            or not isinstance(d.get("timings"), dict):
+        return {}
+    return {k: float(v) for k, v in d["timings"].items() if isinstance(v, (int, float))}
+
+
+def write_cache(path: Path, ident: dict, timings: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"version": CACHE_VERSION, "machine": ident, "timings": timings}, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("kernel timings not cached (%s: %s); they will be measured again next time", path, e)
+
+
+# ---------------------------------------------------------------------------------------
+# Shape classes and measuring
+@dataclass
+class ShapeClass:
+    """The linear layers of one dtype and shape: names -> role, and the layouts they can take."""
+    dtype: torch.dtype
+    out: int
+    inp: int
+    layers: dict
+    layouts: tuple
+    weight: Callable[[], torch.Tensor]              # one layer's weight, for timing
+
+    def probe(self, layout: str, regime: str) -> Probe:
+        return Probe(layout, str(self.dtype).replace("torch.", ""), self.out, self.inp, REGIMES[regime],
+                     torch.get_num_threads())
+
+    def regimes(self) -> list:
+        return [r for r in REGIMES if any(r in ROLE_REGIMES[x] for x in self.layers.values())]
+
+
+def available_layouts(dtype: torch.dtype, cpu_layout: bool = True) -> tuple:
+    """The layouts a CPU weight of `dtype` can take here (cpu_layout False: no re-striding)."""
+    return tuple(x for x in LAYOUTS if (x != "packed" or can_pack(dtype)) and (x != "colmajor" or cpu_layout))
+
+
+def shape_classes(model: nn.Module, cpu_layout: bool = True, weight_of: Optional[Callable] = None) -> dict:
+    """(dtype, out, in) -> ShapeClass of every plain floating-point CPU nn.Linear of `model`,
+    the largest (most bytes held) first. weight_of(layer): the weight timed (default the
+    layer's own; a benchmark times random ones for a model built on the meta device)."""
+    devices = ("cpu", "meta") if weight_of else ("cpu",)
+    weight_of = weight_of or (lambda m: m.weight.detach())
+    classes = {}
+    for name, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if type(mod) is not nn.Linear or w.device.type not in devices or not w.dtype.is_floating_point:
+            continue
+        key = (w.dtype, mod.out_features, mod.in_features)
+        if key not in classes:
+            classes[key] = ShapeClass(*key, {}, available_layouts(w.dtype, cpu_layout),
+                                      lambda m=mod: weight_of(m))
+        classes[key].layers[name] = role(name)
+    return dict(sorted(classes.items(), key=lambda kv: -len(kv[1].layers) * kv[0][1] * kv[0][2]))
+
+
+@torch.inference_mode()
+def measure_class(cls: ShapeClass, timings: dict, timer: Callable) -> None:
+    """Time every missing (layout, regime) of `cls` into `timings`: per regime, the layouts
+    in turn (timer(probes, runs) -> seconds each). Each layout holds its own copy of one
+    layer's weight while this runs."""
+    mods = {}
+    for layout in cls.layouts:
+        lin = nn.Linear(cls.inp, cls.out, bias=False, device="meta")
+        lin.weight = nn.Parameter(cls.weight(), requires_grad=False)   # relayout copies, never writes it
+        mods[layout] = relayout(lin, layout)
+    for regime in cls.regimes():
+        probes = [cls.probe(x, regime) for x in cls.layouts if cls.probe(x, regime).key not in timings]
+        if not probes:
+            continue
+        x = torch.randn(REGIMES[regime], cls.inp).to(cls.dtype)
+        seconds = timer(probes, [lambda m=mods[p.layout]: m(x) for p in probes])
+        timings.update({p.key: float(t) for p, t in zip(probes, seconds)})
+
+
+def measure(classes: dict, timings: dict, timer: Callable, budget: float = BUDGET_S) -> list:
+    """Fill `timings` for every class, largest first, starting no class after `budget` seconds.
+    Returns the classes left unmeasured."""
+    start, skipped = time.perf_counter(), []
+    for key, cls in classes.items():
+        if all(cls.probe(x, r).key in timings for x in cls.layouts for r in cls.regimes()):
+            continue
+        if time.perf_counter() - start > budget:
+            skipped.append(key)
+            continue
+        measure_class(cls, timings, timer)
+    return skipped
+
+
+# ---------------------------------------------------------------------------------------
+# Choosing
+def cost(seconds: dict, layer_role: str) -> float:
+    """The time a layer of `layer_role` spends in a typical request, from its regime -> seconds."""
+    if layer_role != "both":
+        return seconds[ROLE_REGIMES[layer_role][0]]
+    return (seconds["prefill"] * TYPICAL_PREFILL_ROWS / REGIMES["prefill"]
+            + seconds["decode"] * TYPICAL_DECODE_STEPS)
+
+
+def seconds_of(cls: ShapeClass, timings: dict) -> dict:
+    """layout -> regime -> seconds of `cls` (the regimes measured)."""
+    return {x: {r: timings[cls.probe(x, r).key] for r in cls.regimes() if cls.probe(x, r).key in timings}
+            for x in cls.layouts}
+
+
+def fastest(cls: ShapeClass, timings: dict, layer_role: str) -> Optional[str]:
+    """The layout of least cost for layers of `layer_role` (ties: LAYOUTS order), None unmeasured."""
+    secs = seconds_of(cls, timings)
+    if any(not set(ROLE_REGIMES[layer_role]) - {"batch"} <= set(secs[x]) for x in cls.layouts):
+        return None
+    return min(cls.layouts, key=lambda x: (cost(secs[x], layer_role), LAYOUTS.index(x)))
+
+
+def default_layout(cls: ShapeClass) -> str:
+    """What a layer takes unmeasured, or forced to a layout it cannot take: packed where it can
+    (the previous fixed choice), else column-major fp32 weights of more outputs than inputs."""
+    if "packed" in cls.layouts:
+        return "packed"
+    return "colmajor" if "colmajor" in cls.layouts and cls.dtype == torch.float32 and cls.out > cls.inp else "plain"
+
+
+def forced_layouts(classes: dict, layout: str) -> dict:
+    """name -> layout for --kernels packed|plain|colmajor: nothing is measured."""
+    return {name: layout if layout in cls.layouts else default_layout(cls)
+            for cls in classes.values() for name in cls.layers}
+
+
+def unit(rows: int) -> str:
+    return "GB/s" if rows <= REGIMES["batch"] else "TFLOP/s"
+
+
+def rate(probe: Probe, seconds: float) -> float:
+    """A timing as the figure that compares kernels (unit(rows)): GB/s of weight read for a
+    few rows, TFLOP/s for many."""
+    size = 2 if probe.dtype in ("bfloat16", "float16") else 4
+    if probe.rows <= REGIMES["batch"]:
+        return probe.out * probe.inp * size / seconds / 1e9
+    return 2 * probe.rows * probe.out * probe.inp / seconds / 1e12
+
+
+def describe(classes: dict, timings: dict, layouts: dict) -> str:
+    """Per shape class: the layout(s) chosen (per role when they differ) and every measured
+    layout's figure per regime."""
+    parts = []
+    for cls in classes.values():
+        by_role = {}
+        for name, r in cls.layers.items():
+            by_role.setdefault(r, layouts[name])
+        chosen = next(iter(by_role.values())) if len(set(by_role.values())) == 1 else \
+            ", ".join(f"{r}-only {x}" if r != "both" else x for r, x in by_role.items())
+        figures = "; ".join(f"{REGIMES[r]} row{'s' if REGIMES[r] > 1 else ''} {unit(REGIMES[r])} " + " ".join(
+            f"{x} {rate(cls.probe(x, r), timings[cls.probe(x, r).key]):.{1 if REGIMES[r] <= 4 else 2}f}"
+            for x in cls.layouts if cls.probe(x, r).key in timings) for r in cls.regimes())
+        dtype = str(cls.dtype).replace("torch.", "")
+        parts.append(f"{dtype} {cls.out}x{cls.inp} (x{len(cls.layers)}) -> {chosen}"
+                     + (f" [{figures}]" if figures else ""))
+    return "; ".join(parts)
+
+
+def choose_layouts(model: nn.Module, kernels: str = "auto", cpu_layout: bool = True, remeasure: bool = False,
+                   timer: Optional[Callable] = None, budget: float = BUDGET_S) -> dict:
+    """name -> layout for every plain CPU linear layer of `model` (apply with
+    layout.apply_layouts). kernels: auto = measured here (cached; remeasure: time again),
+    or one of LAYOUTS forced on every layer that can take it. timer(probes, runs) -> seconds
+    (default median_seconds). Logs one line: the choice and the figures that chose it."""
+    if kernels not in CHOICES:
+        raise ValueError(f"--kernels takes {', '.join(CHOICES)}, not {kernels!r}")
+    classes = shape_classes(model, cpu_layout)
+    quantized = sum(1 for m in model.modules() if hasattr(m, "qweight"))
+    tail = f"; {quantized} quantized layers keep their weight-only kernels" if quantized else ""
+    if kernels != "auto":
+        layouts = forced_layouts(classes, kernels)
+        log.info("kernels: --kernels %s, nothing measured: %s%s", kernels, describe(classes, {}, layouts), tail)
+        return layouts
+    if not classes:
+        return {}
+    path, ident = cache_path(), machine_id()
+    timings = read_cache(path, ident)
+    if remeasure:
+        for cls in classes.values():
+            for x in cls.layouts:
+                for r in cls.regimes():
+                    timings.pop(cls.probe(x, r).key, None)
+    before, start = dict(timings), time.perf_counter()
+    skipped = measure(classes, timings, timer or median_seconds, budget)
+    took = time.perf_counter() - start
+    if timings != before:
+        write_cache(path, ident, timings)
+    layouts = {name: fastest(cls, timings, r) or default_layout(cls)
+               for cls in classes.values() for name, r in cls.layers.items()}
+    how = f"measured in {took:.1f} s, saved to" if timings != before else "timings cached in"
+    note = f"; {len(skipped)} shape classes over the {budget:.0f} s budget take the default until the next load" \
+        if skipped else ""
+    log.info("kernels chosen by timing this CPU (%s %s; --kernels to force, --remeasure_kernels to time again): "
+             "%s%s%s", how, path, describe(classes, timings, layouts), note, tail)
+    return layouts

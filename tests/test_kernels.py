@@ -1,0 +1,220 @@
+"""The linear kernels chosen by measuring the machine (models/kernels.py): the choice follows the
+timings (a mocked timer here; nothing is timed for real), the timings are cached per CPU model,
+CPU flags and torch version, a forced choice measures nothing, a layer holds one weight that its
+single-row and many-row calls both read, and greedy answers do not depend on the layout.
+bench/kernels.py measures the real choice on the mid-size shapes."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from models import LoadOptions, load_model
+from models import kernels
+from models.config import MODEL_CONFIGS
+from models.kernels import REGIMES, choose_layouts, role
+from models.layout import PackedLinear, apply_layouts, can_pack
+from models.loading import build_model
+
+ROOT = Path(__file__).resolve().parent.parent
+needs_packing = pytest.mark.skipif(not can_pack(torch.float32), reason="PyTorch without oneDNN")
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    """Every test's own cache directory (never the user's)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "cogvlm" / "kernels.json"
+
+
+def regime_of(probe) -> str:
+    return next(r for r, n in REGIMES.items() if n == probe.rows)
+
+
+class MockTimer:
+    """Seconds per call from a table: (layout, regime) -> seconds; counts the calls and runs
+    nothing."""
+
+    def __init__(self, table: dict):
+        self.table, self.calls = table, []
+
+    def __call__(self, probes, runs) -> list:
+        self.calls += probes
+        return [self.table[p.layout, regime_of(p)] for p in probes]
+
+
+def winners(decode: str, batch: str, prefill: str, slow: float = 2.0) -> dict:
+    """A table where the named layout of each regime takes 1 ms and the others `slow` ms."""
+    best = {"decode": decode, "batch": batch, "prefill": prefill}
+    return {(x, r): 1e-3 if best[r] == x else slow * 1e-3 for x in kernels.LAYOUTS for r in REGIMES}
+
+
+def tiny(dtype=torch.float32) -> nn.Module:
+    return build_model(MODEL_CONFIGS["tiny-test-cogvlm"], dtype=dtype)
+
+
+def linear_layouts(model) -> dict:
+    """name -> the layout each plain / packed linear layer holds its weight in."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, PackedLinear):
+            out[name] = "packed"
+        elif type(m) is nn.Linear:
+            w = m.weight
+            out[name] = "plain" if w.is_contiguous() else "colmajor" if w.t().is_contiguous() else "other"
+    return out
+
+
+@needs_packing
+def test_the_faster_mock_wins_each_regime(caplog):
+    model = tiny()
+    timer = MockTimer(winners(decode="packed", batch="plain", prefill="colmajor"))
+    with caplog.at_level(logging.INFO, logger="models.kernels"):
+        layouts = choose_layouts(model, timer=timer)
+    classes = kernels.shape_classes(model)
+    for cls in classes.values():                     # per regime, the fastest is the mock's winner
+        secs = kernels.seconds_of(cls, kernels.read_cache(kernels.cache_path(), kernels.machine_id()))
+        for r in cls.regimes():
+            assert min(cls.layouts, key=lambda x: secs[x][r]) == {"decode": "packed", "batch": "plain",
+                                                                  "prefill": "colmajor"}[r]
+    # The single layout per layer: prefill-only layers take prefill's winner, the LM head
+    # decode's; the rest the least cost over a typical request (here decode dominates).
+    assert layouts["lm_head"] == "packed"
+    assert layouts["model.layers.0.mlp.vision_mlp.up_proj"] == "colmajor"
+    assert layouts["model.vision.transformer.layers.0.mlp.fc1"] == "colmajor"
+    assert layouts["model.layers.0.self_attn.language_expert_query_key_value"] == "packed"
+    assert {role(n) for n in layouts} == {"prefill", "decode", "both"}
+    # Where prefill dominates the request's cost, the shared layers take prefill's winner.
+    table = winners(decode="packed", batch="packed", prefill="colmajor", slow=1.01)
+    table.update({(x, "prefill"): 1.0 for x in ("packed", "plain")})
+    layouts = choose_layouts(model, remeasure=True, timer=MockTimer(table))
+    assert layouts["model.layers.0.self_attn.language_expert_query_key_value"] == "colmajor"
+    assert layouts["lm_head"] == "packed"
+    records = [r for r in caplog.records if r.name == "models.kernels"]
+    assert len(records) == 1 and "GB/s" in records[0].getMessage() and "TFLOP/s" in records[0].getMessage()
+    apply_layouts(model, layouts)
+    assert linear_layouts(model) == layouts
+
+
+def test_the_cache_is_written_read_and_invalidated(cache_dir, monkeypatch):
+    model = tiny()
+    table = winners("plain", "plain", "plain")
+
+    def measured(**kw) -> int:
+        timer = MockTimer(table)
+        choose_layouts(model, timer=timer, **kw)
+        return len(timer.calls)
+    first = measured()
+    assert first > 0 and cache_dir.is_file()
+    saved = json.loads(cache_dir.read_text())
+    assert saved["machine"] == kernels.machine_id() and len(saved["timings"]) == first
+    assert measured() == 0                              # read back: nothing timed
+    assert measured(remeasure=True) == first            # --remeasure_kernels
+    monkeypatch.setattr(kernels, "cpu_model", lambda: "Intel(R) Xeon(R) Platinum 8481C")
+    assert measured() == first                          # another CPU model
+    assert measured() == 0
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx512f", "amx_bf16", "amx_tile"})
+    assert measured() == first                          # other flags
+    monkeypatch.setattr(torch, "__version__", "9.9.9")
+    assert measured() == first                          # another torch
+    assert json.loads(cache_dir.read_text())["machine"]["torch"] == "9.9.9"
+    cache_dir.write_text("{not json")                   # a damaged file: measured again, rewritten
+    assert measured() == first and measured() == 0
+
+
+def test_a_forced_choice_measures_nothing(cache_dir, monkeypatch):
+    def no_timing(probes, runs):
+        raise AssertionError("a forced choice timed a kernel")
+    monkeypatch.setattr(kernels, "median_seconds", no_timing)
+    for layout in kernels.LAYOUTS:
+        if layout == "packed" and not can_pack(torch.float32):
+            continue
+        model, _ = load_model("tiny-cogvlm", LoadOptions(dtype=torch.float32, kernels=layout))
+        held = linear_layouts(model)
+        assert held and set(held.values()) == {layout}, held
+        assert model.runtime.packed == (layout == "packed")
+    assert not cache_dir.exists()
+    # A layout the layer cannot take falls back as before: without oneDNN packing, column-major
+    # fp32 where there are more outputs than inputs, else row-major.
+    monkeypatch.setattr(kernels, "can_pack", lambda dtype: False)
+    model = tiny()
+    layouts = choose_layouts(model, "packed")
+    assert layouts["lm_head"] == "colmajor" and layouts["model.layers.0.mlp.language_mlp.down_proj"] == "plain"
+
+
+def weight_ptr(mod: nn.Module) -> int:
+    return torch.ops.mkldnn.data_ptr(mod.packed) if isinstance(mod, PackedLinear) else mod.weight.data_ptr()
+
+
+@needs_packing
+def test_decode_and_prefill_read_one_weight_per_layer(monkeypatch):
+    """Decode prefers packed and prefill column-major here: each layer still holds one weight,
+    and its single-row and many-row calls read that same storage."""
+    from utils.chat import ImageContext, chat
+    from utils.chat.tokenizer import Tokenizer
+    from models.generate import GenerationConfig
+    monkeypatch.setattr(kernels, "median_seconds", MockTimer(winners("packed", "packed", "colmajor")))
+    model, cfg = load_model("tiny-cogvlm", LoadOptions(dtype=torch.float32, pack=True))
+    plain, _ = load_model("tiny-cogvlm", LoadOptions(dtype=torch.float32, cpu_layout=False))
+    held = linear_layouts(model)
+    assert held["model.layers.0.mlp.language_mlp.gate_proj"] == "packed"
+    assert held["model.layers.0.mlp.vision_mlp.gate_proj"] == "colmajor"
+    seen = {}                                           # layer -> {(rows, weight pointer)}
+
+    def hook(mod, args, out, name):
+        seen.setdefault(name, set()).add((args[0].reshape(-1, args[0].shape[-1]).shape[0], weight_ptr(mod)))
+    for name in held:
+        model.get_submodule(name).register_forward_hook(lambda m, a, o, n=name: hook(m, a, o, n))
+    tok = Tokenizer(ROOT / "assets" / "checkpoints" / "tiny-cogvlm" / "tokenizer")
+    chat(model, tok, "Describe the image.", [], ImageContext(ROOT / "assets" / "scene.png", cfg),
+         gen=GenerationConfig(max_new_tokens=4))
+    shared = seen["model.layers.0.self_attn.language_expert_query_key_value"]
+    assert {rows for rows, _ in shared} >= {1} and max(rows for rows, _ in shared) > 1   # decode and prefill
+    for name, calls in seen.items():
+        assert len({ptr for _, ptr in calls}) == 1, name                                # one storage
+    n_weights = sum(1 for m in model.modules() if isinstance(m, PackedLinear)) + \
+        sum(1 for m in model.modules() if type(m) is nn.Linear)
+    assert n_weights == sum(1 for m in plain.modules() if type(m) is nn.Linear)    # nothing doubled
+    ptrs = [weight_ptr(model.get_submodule(n)) for n in held]
+    assert len(set(ptrs)) == len(ptrs)
+
+
+def test_greedy_answers_do_not_depend_on_the_layout(monkeypatch):
+    from utils.chat import ImageContext, chat
+    from utils.chat.tokenizer import Tokenizer
+    from models.generate import GenerationConfig
+    tok = Tokenizer(ROOT / "assets" / "checkpoints" / "tiny-cogvlm" / "tokenizer")
+    questions = ["How many shapes are there?", "Describe the image with boxes."]
+
+    def answers(opts: LoadOptions) -> list:
+        model, cfg = load_model("tiny-cogvlm", opts)
+        return [chat(model, tok, q, [], ImageContext(ROOT / "assets" / "scene.png", cfg),
+                     gen=GenerationConfig(max_new_tokens=40))[0] for q in questions]
+    reference = answers(LoadOptions(dtype=torch.float32))
+    assert reference[0] == "3"                          # what the bundled model was trained to say
+    forced = [x for x in kernels.LAYOUTS if x != "packed" or can_pack(torch.float32)]
+    for layout in forced:
+        assert answers(LoadOptions(dtype=torch.float32, kernels=layout)) == reference, layout
+    monkeypatch.setattr(kernels, "median_seconds", MockTimer(winners("plain", "packed", "colmajor")))
+    assert answers(LoadOptions(dtype=torch.float32, pack=True)) == reference
+
+
+def test_the_flags_reach_the_loader():
+    import argparse
+    from utils.apps.args import add_model_args, options_from_args
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+
+    def opts(*argv):
+        o = options_from_args(p.parse_args(["--device", "cpu", "--dtype", "float32", *argv]))
+        return o.pack, o.kernels, o.remeasure_kernels
+    assert opts() == (True, "auto", False)               # measured by default in the apps
+    assert opts("--kernels", "colmajor") == (True, "colmajor", False)
+    assert opts("--remeasure_kernels") == (True, "auto", True)
+    assert opts("--cpu_weights", "plain") == (False, "auto", False)     # as before: not measured
+    assert opts("--cpu_weights", "packed") == (True, "packed", False)
+    assert LoadOptions().pack is False and LoadOptions().kernels == "auto"   # the library default: as before
