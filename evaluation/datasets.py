@@ -20,6 +20,10 @@ where it was looked for.
 - POPE: ROOT/coco_pope_<kind>.json (one JSON object a line: question_id, image, text, label);
   images ROOT/val2014/ or ROOT/images/val2014/.
 - COCO captions: ROOT/captions_<split>2014.json (or annotations/); images ROOT/<split>2014/.
+  Karpathy's split (coco_caption:karpathy_test|karpathy_val): ROOT/dataset_coco.json, images
+  ROOT/<filepath>/<filename>, ids the cocoid; Flickr30k (flickr30k:test|val) by the same reader
+  from ROOT/dataset_flickr30k.json, images ROOT/flickr30k-images/, ids the file name's stem.
+  NoCaps (nocaps:val): ROOT/nocaps_val_4500_captions.json (COCO's caption layout), images ROOT/val/.
 - Our synthetic set as utils/data/synthetic.py writes it (`synthetic_qa:<split>`): ROOT/<split>/
   labels/<name>.json ({"qa": [{question, answer}, ...]}) + images/<name>.*; every question of a
   known kind (agent tasks included) is an example.
@@ -167,19 +171,80 @@ def read_pope(root: Path, kind: str) -> list[Example]:
     return out
 
 
-def read_coco_captions(root: Path, split: str) -> list[Example]:
-    """COCO layout: captions_<split>2014.json (or annotations/...) with images and their
-    captions; one example per image, the captions as its answers. NoCaps' JSON has the same
-    fields (images + annotations), so the same reader serves it."""
-    f = _find(root, [f"captions_{split}2014.json", f"annotations/captions_{split}2014.json",
-                     f"nocaps_{split}_4500_captions.json"], "COCO captions")
-    d = _json(f)
+def _captions_by_image(d: dict, img_dir: Path) -> list[Example]:
+    """COCO's caption layout ("images" with id and file_name, "annotations" with image_id and
+    caption): one example per image that has captions, its id the image id, the captions its
+    answers (an image without captions cannot be scored and is left out)."""
     caps = {}
     for a in d["annotations"]:
         caps.setdefault(a["image_id"], []).append(a["caption"])
-    img_dir = _image_dir(root, [f"{split}2014", f"images/{split}2014", split], f"{split} images")
-    return [Example(str(im["id"]), img_dir / im["file_name"], "", caps.get(im["id"], []))
-            for im in d["images"]]
+    return [Example(str(im["id"]), img_dir / im["file_name"], "", caps[im["id"]])
+            for im in d["images"] if caps.get(im["id"])]
+
+
+def read_coco_captions(root: Path, split: str) -> list[Example]:
+    """COCO's own release: captions_<split>2014.json (or annotations/...); images ROOT/<split>2014/."""
+    f = _find(root, [f"captions_{split}2014.json", f"annotations/captions_{split}2014.json"], "COCO captions")
+    img_dir = _image_dir(root, [f"{split}2014", f"images/{split}2014", split], f"COCO {split}2014")
+    return _captions_by_image(_json(f), img_dir)
+
+
+def read_nocaps(root: Path, split: str) -> list[Example]:
+    """NoCaps (nocaps.org): nocaps_val_4500_captions.json in COCO's caption layout (its images
+    also carry open_images_id and domain); images ROOT/val/ or ROOT/images/val/ by file_name.
+    Only val has public captions (test is scored by the EvalAI server)."""
+    if split != "val":
+        raise DataError(f"nocaps:{split}: only nocaps:val has public captions")
+    f = _find(root, ["nocaps_val_4500_captions.json", "annotations/nocaps_val_4500_captions.json"], "NoCaps val")
+    return _captions_by_image(_json(f), _image_dir(root, ["val", "images/val"], "NoCaps val"))
+
+
+# Karpathy's splits (cs.stanford.edu/people/karpathy/deepimagesent caption_datasets.zip):
+# name -> (file, image folders to try for an entry without "filepath")
+KARPATHY = {"coco_caption": ("dataset_coco.json", []),
+            "flickr30k": ("dataset_flickr30k.json",
+                          ["flickr30k-images", "images/flickr30k-images", "flickr30k_images"])}
+KARPATHY_SPLITS = ("test", "val", "train", "restval")
+
+
+def read_karpathy(root: Path, name: str, split: str) -> list[Example]:
+    """Karpathy's split file: {"images": [{"filepath"?, "filename", "cocoid"?, "split",
+    "sentences": [{"raw", "tokens"}]}]}; the examples of one split, the raw sentences as the
+    references (the scorer tokenizes them, as COCO's ground truth is). COCO: images
+    ROOT/<filepath>/<filename> (or ROOT/images/<filepath>/), ids the cocoid; Flickr30k: images
+    ROOT/flickr30k-images/<filename>, ids the file name without its extension (Flickr's id)."""
+    file, folders = KARPATHY[name]
+    f = _find(root, [file, f"annotations/{file}", f"caption_datasets/{file}"], f"Karpathy's {name} split")
+    dirs, out = {}, []
+    try:
+        for im in _json(f)["images"]:
+            if im["split"] != split or not im["sentences"]:
+                continue
+            where = im.get("filepath")
+            if where not in dirs:
+                tries = [where, f"images/{where}"] if where else folders
+                dirs[where] = _image_dir(root, tries, f"{name} {where or ''}".strip())
+            key = im["cocoid"] if "cocoid" in im else Path(im["filename"]).stem
+            out.append(Example(str(key), dirs[where] / im["filename"], "", [s["raw"] for s in im["sentences"]]))
+    except (KeyError, TypeError) as e:
+        raise DataError(f"{f}: not Karpathy's layout (bad or missing field: {e})") from None
+    if not out:
+        raise DataError(f"{f}: no images in split {split!r}")
+    return out
+
+
+def read_caption_task(root: Path, name: str, part: str) -> list[Example]:
+    """coco_caption:val|train (COCO's files) or coco_caption:karpathy_test|karpathy_val (Karpathy's);
+    flickr30k:test|val (Karpathy's, also as karpathy_test); nocaps:val."""
+    if name == "nocaps":
+        return read_nocaps(root, part or "val")
+    split = part[len("karpathy_"):] if part.startswith("karpathy_") else part
+    if name == "coco_caption" and not part.startswith("karpathy_"):
+        return read_coco_captions(root, part or "val")
+    if split not in KARPATHY_SPLITS:
+        raise DataError(f"{name}:{part}: the split must be one of "
+                        f"{', '.join(('karpathy_' if name == 'coco_caption' else '') + s for s in KARPATHY_SPLITS)}")
+    return read_karpathy(root, name, split)
 
 
 def read_finetune(root: Path, split: str) -> list[Example]:
@@ -218,14 +283,15 @@ def read_task(root: Path, task: str) -> list[Example]:
         return read_vqav2(root, part or "val")
     if name == "textvqa":
         return read_textvqa(root, part or "val")
-    if name == "coco_caption":
-        return read_coco_captions(root, part or "val")
+    if name in ("coco_caption", "flickr30k", "nocaps"):
+        return read_caption_task(root, name, part)
     if name == "pope":
         if part not in ("adversarial", "popular", "random"):
             raise DataError(f"{task}: the POPE kind must be adversarial, popular or random")
         return read_pope(root, part)
     raise DataError(f"unknown task {task!r}; known: refcoco:val|testA|testB|test, refcoco+:..., refcocog:val|test, "
-                    f"vqav2:val|test-dev|test, textvqa:val|test, pope:adversarial|popular|random, coco_caption:val, "
+                    f"vqav2:val|test-dev|test, textvqa:val|test, pope:adversarial|popular|random, "
+                    f"coco_caption:val|karpathy_test|karpathy_val, flickr30k:test|val, nocaps:val, "
                     f"finetune:<split>, synthetic_qa:<split>, screenspot:mobile|desktop|web|all, "
                     f"mind2web:test_task|test_website|test_domain, "
                     f"aitw:general|install|googleapps|single|webshopping|all")

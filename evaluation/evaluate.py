@@ -8,7 +8,8 @@ data parallel over many (torchrun), resumable; or score a predictions file witho
   python evaluation/evaluate.py --task vqav2:val --data DATA --predictions FILE --output_dir OUT
 
 Tasks: refcoco:val|testA|testB|test, refcoco+:val|testA|testB|test, refcocog:val|test, synthetic:val,
-vqav2:val|test-dev|test, textvqa:val|test, pope:adversarial|popular|random, coco_caption:val,
+vqav2:val|test-dev|test, textvqa:val|test, pope:adversarial|popular|random,
+coco_caption:val|karpathy_test|karpathy_val, flickr30k:test|val, nocaps:val,
 finetune:<split> (the finetuning scripts' data: exact-match acc and acc_w/o_case), synthetic_qa:<split>
 (our synthetic set as utils/data/synthetic.py writes it: per question kind, CogAgent actions
 included); CogAgent's GUI benchmarks screenspot:mobile|desktop|web|all,

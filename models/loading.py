@@ -114,8 +114,11 @@ def load_model(from_pretrained: str, opts: Optional[LoadOptions] = None,
     ckpt = resolve_pretrained(from_pretrained)
     cfg, sd = read_checkpoint(ckpt, opts)
     dtype = opts.dtype or default_dtype(opts.device)
-    log.info("loading %s (%s, %d layers, hidden %d) on %s as %s", ckpt, cfg.model_class,
-             cfg.num_layers, cfg.hidden_size, opts.device, dtype)
+    split = f", tensor-parallel rank {opts.rank} of {opts.world} (this rank holds 1/{opts.world} of the " \
+            f"split weights)" if opts.world > 1 else ""
+    quant = f", quantized to {opts.quant.bits} bits while reading" if opts.quant.bits else ""
+    log.info("loading %s (%s, %d layers, hidden %d) on %s as %s%s%s", ckpt, cfg.model_class,
+             cfg.num_layers, cfg.hidden_size, opts.device, dtype, quant, split)
     model = build_on_meta(cfg, opts, arch or CogVLM)
     load_weights(model, sd, str(ckpt), dtype, opts)
     return prepare_for_inference(model, dtype, opts), cfg

@@ -8,7 +8,8 @@
   boxes merged (`text_to_box` of THUDM's benchmark code, qijimrc/mm_evaluation,
   mmdoctor/tasks/vqa/refcoco_task.py).
 - VQA accuracy (VQAv2, TextVQA) and POPE: the official rules, in vqa.py and pope.py.
-- Captions: CIDEr-D.
+- Captions: CIDEr-D, by pycocoevalcap's PTB tokenizer and Cider (captions.py); the regex
+  tokenizer and CIDEr-D below are its fallback where Java cannot run.
 - Our synthetic set (the bundled models): per question kind, exact answers (colour, shape,
   count, presence, text), the first box at IoU >= 0.5, CogAgent actions (operation + target,
   and the box at IoU >= 0.5).
@@ -74,9 +75,10 @@ def grounding_hit(answer: str, truth: tuple, width: int, height: int, merge: boo
     return float(box is not None and iou(box, tuple(Fraction(v) for v in truth)) > Fraction(1, 2))
 
 
-# ----- captions: CIDEr-D ---------------------------------------------------------------------
+# ----- captions: CIDEr-D, the fallback of captions.py (no Java) ----------------------------------
 def caption_tokens(text: str) -> list:
-    """Lower case, punctuation dropped (close to the COCO evaluation's tokenizer)."""
+    """Lower case, punctuation dropped: an approximation of the PTB tokenizer (it differs on
+    "T-shirt", "man's", "1.5", "café"), used only where the PTB tokenizer cannot run."""
     return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower())
 
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .metrics import cider_d, grounding_hit, synthetic_scores
+from .captions import caption_cider, caption_protocol
+from .metrics import grounding_hit, synthetic_scores
 from .pope import pope_scores
 from .vqa import VQA_PROTOCOLS
 
@@ -34,7 +35,7 @@ CAPTION_REQUEST = "Describe the image in one sentence."
 VQA_PROTOCOL_DEFAULTS = {"vqav2": "vqa2016", "textvqa": "evalai"}
 GROUNDING_PROTOCOL = ("accuracy: every box merged by min/max (CogVLM issue #127); accuracy_first_box: the "
                       "first [[...]] group with a box (mm_evaluation text_to_box); IoU > 0.5")
-PROTOCOLS = {"grounding": GROUNDING_PROTOCOL, "pope": "RUCAIBox/POPE evaluate.py", "caption": "CIDEr-D",
+PROTOCOLS = {"grounding": GROUNDING_PROTOCOL, "pope": "RUCAIBox/POPE evaluate.py",
              "exact": "exact match", "synthetic": "synthetic set, per kind"}
 
 # Splits without public answers: the answers go to the benchmark's evaluation server instead.
@@ -60,6 +61,7 @@ def kind(task: str) -> str:
     if name in GUI_KINDS:
         return name
     return {"vqav2": "vqa", "textvqa": "vqa", "pope": "pope", "coco_caption": "caption",
+            "flickr30k": "caption", "nocaps": "caption",
             "finetune": "exact", "synthetic_qa": "synthetic"}.get(name, "grounding")
 
 
@@ -95,6 +97,8 @@ def protocol(task: str, vqa: Optional[str] = None) -> str:
     if k in GUI_KINDS:
         from . import gui                          # imported here: gui.py imports Example from this module
         return gui.PROTOCOLS[k]
+    if k == "caption":                             # the coco-caption pipeline, or the fallback without Java
+        return caption_protocol()
     return vqa_protocol(task, vqa) if k == "vqa" else PROTOCOLS[k]
 
 
@@ -142,7 +146,7 @@ def task_metrics(task: str, rows: list, examples: list, vqa: Optional[str] = Non
         from . import gui
         return gui.task_metrics(k, rows, examples)
     if k == "caption":
-        score, _ = cider_d([r["answer"] for r in rows], [ex.answers for ex in examples])
+        score, _, _ = caption_cider([r["answer"] for r in rows], [ex.answers for ex in examples])
         return {"cider": 100 * score, "n": len(rows)}
     if k == "grounding":
         return {"accuracy": 100 * sum(r["score"]["hit"] for r in rows) / len(rows),
