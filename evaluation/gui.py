@@ -99,13 +99,14 @@ def read_screenspot(root: Path, part: str) -> list:
 def read_mind2web(root: Path, split: str) -> list:
     if split not in MIND2WEB_SPLITS:
         raise DataError(f"mind2web:{split}: the split must be test_task, test_website or test_domain")
-    out = []
+    out, every_task = [], {}                 # task -> its step count, tasks with no askable step included
     for s in mind2web_steps(root, split):
+        every_task[s["task_id"]] = s["total"]
         if s["image"] is None or not s["boxes"]:
-            continue
+            continue                           # not asked: scored as failed, as the official code does
         out.append(GuiExample(f"{s['task_id']}_{s['action_uid']}", s["image"], s["task"], size=_size(s["image"]),
                               gui={"task": s["task_id"], "total_steps": s["total"], "operation": s["operation"],
-                                   "boxes": s["boxes"], "previous": s["previous"]}))
+                                   "boxes": s["boxes"], "previous": s["previous"], "every_task": every_task}))
     return out
 
 

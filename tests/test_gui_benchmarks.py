@@ -415,3 +415,39 @@ def test_scoring_imports_no_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_screenspot_box_centre_is_taken_before_dividing(tmp_path):
+    """SeeClick pretrain/screenspot_test.py takes a box answer's centre as (x0 + x2) / 2 / 1000:
+    here exactly the target's bottom edge 0.951 (borders count), a hit; dividing each corner by
+    1000 first gives 0.9510000000000001, a miss."""
+    _png(tmp_path / "screenspot_imgs" / "big.png", size=(2000, 1000))
+    (tmp_path / "screenspot_mobile.json").write_text(json.dumps([
+        {"img_filename": "big.png", "bbox": [138, 633, 103, 318], "instruction": "open it",
+         "data_type": "text", "data_source": "ios"}]))
+    ex = read_screenspot(tmp_path, "mobile")
+    assert gui.screenspot_score(ex[0], "tap [[84,927,156,975]]") == {"hit": 1.0}
+
+
+def test_mind2web_task_with_no_askable_step_still_counts(tmp_path):
+    """OSU-NLP-Group/Mind2Web src/action_prediction/metric.py (evaluate_dataset) scores a step
+    that cannot be asked as failed and keeps its task in the per-task averages: a task none of
+    whose steps has a screenshot counts as an unsolved task."""
+    _mind2web(tmp_path)
+    extra = [{"annotation_id": "t3", "confirmed_task": "Check bags", "website": "united",
+              "action_reprs": ["[link]  Bags -> CLICK"],
+              "actions": [{"action_uid": "c0", "operation": {"op": "CLICK", "original_op": "CLICK", "value": ""},
+                           "pos_candidates": [_cand("0,0,50,50")], "neg_candidates": []}]}]
+    (tmp_path / "data" / "test_task" / "test_task_1.json").write_text(json.dumps(extra))
+    d = tmp_path / "raw_dump" / "task" / "t3" / "processed"
+    d.mkdir(parents=True)
+    (d / "screenshot.json").write_text("[]")                   # no screenshot for its one step
+    ex = read_mind2web(tmp_path, "test_task")
+    assert [e.id for e in ex] == ["t1_a0", "t1_a1", "t2_b0"]
+    answers = ["Grounded Operation:[button] Flights -> CLICK at the box [[250,200,450,300]]",
+               "Grounded Operation:[textbox] To -> TYPE: New York at the box [[500,500,750,700]]",
+               "Grounded Operation:[link] Deals -> CLICK at the box [[0,600,100,800]]"]
+    m = gui.task_metrics("mind2web", _rows(ex, answers), ex)
+    assert m["tasks"] == 3 and m["task_success"] == pytest.approx(100 / 3)
+    assert m["element_acc"] == pytest.approx(100 * (2 / 3 + 1 + 0) / 3)
+    assert m["step_success_micro"] == pytest.approx(100 * 2 / 5)

@@ -77,8 +77,9 @@ def answer_point(answer: str) -> Optional[tuple]:
         for entry in m.group(1).split(";"):
             parts = [p.strip() for p in entry.split(",")]
             if len(parts) in (2, 4) and all(NUMBER_RE.match(p) for p in parts):
-                v = [float(p) / 1000 for p in parts]
-                return (v[0], v[1]) if len(v) == 2 else ((v[0] + v[2]) / 2, (v[1] + v[3]) / 2)
+                v = [float(p) for p in parts]      # thousandths; a box's centre is taken before dividing,
+                return ((v[0] / 1000, v[1] / 1000) if len(v) == 2     # as SeeClick's screenspot_test.py does
+                        else ((v[0] + v[2]) / 2 / 1000, (v[1] + v[3]) / 2 / 1000))
     return None
 
 
@@ -153,6 +154,11 @@ def mind2web_metrics(rows: list, examples: list) -> dict:
     for r, ex in zip(rows, examples):
         per_task[ex.gui["task"]].append(r["score"])
         total[ex.gui["task"]] = ex.gui["total_steps"]
+    # Tasks none of whose steps could be asked (no screenshot or no box) count too, all failed.
+    for ex in examples[:1]:
+        for t, n in ex.gui.get("every_task", {}).items():
+            total.setdefault(t, n)
+            per_task.setdefault(t, [])
     zero = {"element": 0.0, "f1": 0.0, "step": 0.0}
     for t, n in total.items():                          # steps not asked count as failed
         per_task[t] += [zero] * (n - len(per_task[t]))
