@@ -22,7 +22,11 @@ import base64
 import gzip
 import io
 import json
+import os
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -451,3 +455,29 @@ def test_mind2web_task_with_no_askable_step_still_counts(tmp_path):
     assert m["tasks"] == 3 and m["task_success"] == pytest.approx(100 / 3)
     assert m["element_acc"] == pytest.approx(100 * (2 / 3 + 1 + 0) / 3)
     assert m["step_success_micro"] == pytest.approx(100 * 2 / 5)
+
+
+def test_gui_finetuning_data_trains_and_is_scored(cogagent_ckpt, tmp_path):
+    """The converted Mind2Web training split finetunes a CogAgent with the finetuning script
+    (LoRA, CogAgent's `chat` template as its GUI prompts use) and the runner scores the result."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LOGLEVEL": "WARNING", "OMP_NUM_THREADS": "1"}
+    _mind2web(tmp_path / "m2w-train", split="train")
+    _mind2web(tmp_path / "m2w", split="test_task")
+    assert convert_mind2web(tmp_path / "m2w-train", "train", tmp_path / "ft") == 3
+    save = tmp_path / "lora"
+    ft = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+                         "--nproc-per-node=1", str(root / "finetune_demo" / "finetune_cogagent_demo.py"),
+                         "--from_pretrained", str(cogagent_ckpt), "--version", "chat",
+                         "--train_data", str(tmp_path / "ft"), "--save", str(save), "--train_iters", "2",
+                         "--batch_size", "1", "--save_interval", "2", "--log_interval", "1", "--lora_rank", "4"],
+                        capture_output=True, text=True, timeout=300, cwd="/", env=env)
+    assert ft.returncode == 0, ft.stdout[-2000:] + ft.stderr[-3000:]
+    out = tmp_path / "eval"
+    ev = subprocess.run([sys.executable, str(root / "evaluation" / "evaluate.py"), "--from_pretrained", str(save),
+                         "--task", "mind2web:test_task", "--data", str(tmp_path / "m2w"), "--output_dir", str(out),
+                         "--max_new_tokens", "8", "--batch_size", "3"],
+                        capture_output=True, text=True, timeout=300, cwd="/", env=env)
+    assert ev.returncode == 0, ev.stdout[-2000:] + ev.stderr[-3000:]
+    m = json.loads((out / "results.json").read_text())["mind2web:test_task"]
+    assert m["tasks"] == 2 and m["n"] == 3 and 0 <= m["step_success"] <= 100
