@@ -48,8 +48,13 @@ def head(url: str, length: int = 1000) -> tuple[socket.socket, bytes]:
                f"Content-Length: {length}\r\n\r\n").encode()
 
 
+RESET = b"<connection reset>"
+
+
 def read_all(s: socket.socket, timeout: float) -> bytes:
-    """Everything the server sends until it closes the connection (or `timeout`)."""
+    """Everything the server sends until it closes the connection (or `timeout`). A client still
+    sending when the server closes gets a TCP reset, which can overtake the answer already sent
+    (the kernel drops unread data on a reset): then RESET is returned."""
     s.settimeout(timeout)
     data = b""
     try:
@@ -57,6 +62,8 @@ def read_all(s: socket.socket, timeout: float) -> bytes:
             data += piece
     except socket.timeout:
         pass
+    except ConnectionResetError:
+        return data or RESET
     return data
 
 
@@ -98,7 +105,10 @@ def test_a_trickled_body_is_answered_408_within_the_timeout(plain):
         stop.set()
         sender.join(5)
         s.close()
-    assert got.startswith(b"HTTP/1.1 408"), got[:200]
+    # The 408 itself, or the reset that overtook it (the trickle was still sending when the server
+    # closed; the stalled-body test above sees the 408 every time): either way the server ended
+    # the upload within the body deadline, which is what this test is about.
+    assert got.startswith(b"HTTP/1.1 408") or got == RESET, got[:200]
     assert took < BODY_TIMEOUT + 2, f"a 1000-byte body at 2 bytes/s was read for {took:.1f} s"
     # and the server still answers normally
     r = httpx.post(plain[0] + "/v1/chat/completions", timeout=60,
