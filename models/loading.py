@@ -121,7 +121,7 @@ def load_model(from_pretrained: str, opts: Optional[LoadOptions] = None,
              cfg.num_layers, cfg.hidden_size, opts.device, dtype, quant, split)
     model = build_on_meta(cfg, opts, arch or CogVLM)
     load_weights(model, sd, str(ckpt), dtype, opts)
-    return prepare_for_inference(model, dtype, opts), cfg
+    return prepare_for_inference(model, opts), cfg
 
 
 def read_checkpoint(ckpt: Path, opts: LoadOptions) -> tuple[ModelConfig, dict]:
@@ -163,7 +163,7 @@ def load_weights(model: nn.Module, sd: dict, source: str, dtype: torch.dtype, op
     model.runtime.quant_bits = q.bits
 
 
-def prepare_for_inference(model: nn.Module, dtype: torch.dtype, opts: LoadOptions) -> nn.Module:
+def prepare_for_inference(model: nn.Module, opts: LoadOptions) -> nn.Module:
     """The CPU weight layout of every linear layer, then the compiled decode step. Layouts
     (kernels.py): kernels auto with pack, measured on this machine; a forced layout; without
     pack (--cpu_weights plain), column-major fp32 where it has more outputs than inputs."""
