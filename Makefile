@@ -8,7 +8,7 @@ DEMO_MODEL ?= tiny-cogvlm
 DEMO_IMAGE ?= assets/scene.png
 DEMO_QUERY ?= Describe the image with boxes.
 
-.PHONY: install install-dev chromium java cxx demo test bench bench-full gpu-check tiny-models clean
+.PHONY: install install-dev chromium java iproute2 cxx demo test bench bench-full gpu-check tiny-models clean
 
 $(VENV)/.core: requirements.txt
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -43,6 +43,10 @@ java:
 	 { if [ "$$(id -u)" = 0 ]; then mkdir -p /usr/share/man/man1; else sudo -n mkdir -p /usr/share/man/man1; fi; } 2>/dev/null; \
 	 $(call apt_install,default-jre-headless); }
 
+# The multi-node tests (tests/test_multinode.py) make network namespaces with iproute2's `ip`.
+iproute2:
+	@command -v ip >/dev/null 2>&1 || { $(call apt_install,iproute2); }
+
 # --compile builds its kernels with a C++ compiler and Python's headers (inductor).
 cxx: $(VENV)/.core
 	@{ command -v g++ >/dev/null 2>&1 || command -v c++ >/dev/null 2>&1; } && \
@@ -61,7 +65,7 @@ demo: $(VENV)/.core
 	$(PYTHON) basic_demo/cli_demo_sat.py --from_pretrained "$(DEMO_MODEL)" \
 	    --image "$(DEMO_IMAGE)" --query "$$DEMO_QUERY" --top_k 1 --output_dir grounding_output
 
-test: $(VENV)/.dev chromium java cxx
+test: $(VENV)/.dev chromium java iproute2 cxx
 	$(PYTHON) -m pytest
 
 bench: $(VENV)/.core

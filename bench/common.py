@@ -24,6 +24,9 @@ FLAGS = {
     "repeat": dict(type=int, help="measurements (or rounds); medians are reported (default %(default)s)"),
     "steps": dict(type=int, help="decode steps per measurement (default %(default)s)"),
     "compile": dict(action="store_true", help="inductor-compiled decode step (models/compile.py)"),
+    "deterministic": dict(action=argparse.BooleanOptionalAction,
+                          help="batch-invariant decoding (models/invariant.py; default: as the apps, "
+                               "on for CPU eager decoding)"),
 }
 # The CPU features that pick the kernels (bf16, int8, AMX), reported next to the figures.
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
@@ -143,15 +146,16 @@ def random_model(cfg, dtype: torch.dtype, bits: Optional[int] = None, device="cp
     return model
 
 
-def pack_or_compile(model, packed: bool, compiled: bool):
-    """--packed: oneDNN-packed linear weights, as the demos run on CPU; --compile: the compiled
-    decode step, or the run ends (measuring the eager step under a "compiled" label would
-    mislead)."""
-    from models.compile import compile_decode
-    from models.layout import pack_for_cpu_inference
-    if packed:
-        pack_for_cpu_inference(model)
-    if compiled and not compile_decode(model):
+def pack_or_compile(model, packed: bool, compiled: bool, deterministic: Optional[bool] = None):
+    """`model` prepared as the apps prepare it (models.loading.prepare_for_inference): packed:
+    each CPU linear layer in the layout measured fastest here (--kernels auto, cached);
+    compiled: the compiled decode step, or the run ends (measuring the eager step under a
+    "compiled" label would mislead); deterministic (None: the apps' default for the device,
+    on for CPU eager decoding): batch-invariant decoding (models/invariant.py)."""
+    from models.loading import LoadOptions, prepare_for_inference
+    dev = next(model.parameters()).device
+    prepare_for_inference(model, LoadOptions(device=dev, pack=packed, compile=compiled, deterministic=deterministic))
+    if compiled and deterministic is not True and model.runtime.decode_step is None:
         sys.exit("--compile: the decode step cannot be compiled here (see the warning above)")
     return model
 

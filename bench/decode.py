@@ -5,15 +5,19 @@ Mid-size random-weight CogVLM (language hidden 2048, 16 layers, 16 heads, MLP 56
 (PyTorch's weight-only CPU kernels). Every figure is a median of several runs; ratios are
 taken against GEMV / GEMM figures measured in the same process: decode bandwidth against the
 best GEMV this process measures (fp32 and bf16, plain and oneDNN-packed), prefill against the
-GEMM of the compute dtype.
+GEMM of the compute dtype. With no flags it measures what the apps run: --dtype auto, each
+linear layer in the layout measured fastest here (--kernels auto), batch-invariant decoding on
+CPU. With --quant, the same model unquantized is prefilled in the same process, alternating,
+and `prefill_vs_bf16` (or `_vs_float32`) in the JSON is the quantized prefill's time over it.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -122,24 +126,26 @@ class Measured:
     step_bytes: dict                                  # context -> bytes a CogVLM decode step reads
     agent_extra: int                                  # bytes of the cross branch's weights
     cross_kv: list                                    # the agent's high-res K/V
+    unquantized_prefill: Optional[Callable[[], None]] = None   # --quant: the same prefill unquantized
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = bench_parser(__doc__, threads=2, repeat=5, steps=12, dtype="float32", device="cpu",
+    p = bench_parser(__doc__, threads=2, repeat=5, steps=12, dtype="auto", device="cpu", deterministic=None,
                      quant=dict(help="weight-only int8/int4, image encoder int8"),
                      compile=dict(help="inductor-compiled decode step with frozen weights "
                                        "(models/compile.py; plain weights)"))
-    p.add_argument("--packed", action="store_true",
-                   help="oneDNN-packed fp32/bf16 linear weights, as the demos and the server use on CPU")
+    p.add_argument("--packed", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU: each linear layer in the layout measured fastest on this CPU, as every app "
+                        "loads it (--kernels auto; default); --no-packed: PyTorch's own layout")
     p.add_argument("--backend", default=None, choices=["torch", "bitsandbytes"],
                    help="quantization kernels (default: torch on CPU, bitsandbytes on CUDA)")
     a = p.parse_args(argv)
-    if a.compile and a.packed:
-        p.error("--compile packs the weights itself: leave out --packed")
+    a.packed = a.packed and not a.compile              # inductor lays the weights out itself
     return a
 
 
-def build(dev: torch.device, dtype: torch.dtype, bits, backend: str, packed: bool, compiled: bool) -> Measured:
+def build(dev: torch.device, dtype: torch.dtype, bits, backend: str, packed: bool, compiled: bool,
+          deterministic=None) -> Measured:
     """The CogVLM, its short prompt, and the CogAgent (the same language model, shared tensors,
     plus the cross branch), each quantized, packed or compiled on its own copy as asked."""
     model = random_model(MID, dtype, device=dev)
@@ -150,7 +156,10 @@ def build(dev: torch.device, dtype: torch.dtype, bits, backend: str, packed: boo
     agent = with_cross_branch(model, agent_cfg)
     if dtype == torch.float32 and dev.type == "cpu":
         use_fast_cpu_layout(agent)
+    unquantized = None
     if bits:                                           # each quantizes its own copy
+        # the same weights unquantized, prepared as the apps would, to time its prefill alongside
+        unquantized = pack_or_compile(copy.deepcopy(model), packed, False, deterministic)
         quantize(agent, bits, vision_bits=8, backend=backend)
         quantize(model, bits, vision_bits=8, backend=backend)
     T = prompt.input_ids.shape[1]
@@ -158,10 +167,11 @@ def build(dev: torch.device, dtype: torch.dtype, bits, backend: str, packed: boo
     agent_extra = _bytes(t for n, t in list(agent.model.layers.named_parameters()) +
                          list(agent.model.layers.named_buffers()) if "cross" in n)
     for m in (model, agent):                           # after sharing: the agent packs its own
-        pack_or_compile(m, packed, compiled)
+        pack_or_compile(m, packed, compiled, deterministic)
     with torch.inference_mode():
         ckv = agent.cross_kv(torch.randn(1, 3, MID_CROSS.image_size, MID_CROSS.image_size, device=dev))
-    return Measured(model, agent, prompt, run_prefill, step_bytes, agent_extra, ckv)
+    return Measured(model, agent, prompt, run_prefill, step_bytes, agent_extra, ckv,
+                    prefill_run(unquantized, prompt, dev) if unquantized is not None else None)
 
 
 def prefill_run(model: CogVLM, inputs: ModelInputs, device):
@@ -189,6 +199,8 @@ def measure_rounds(m: Measured, repeat: int, steps: int, dev, dtype, start: dict
         runs["read"].append(read_bandwidth(repeat=5, device=dev))
         runs["gemm"].append(gemm_flops(repeat=3, dtype=dtype, device=dev))
         runs["prefill"].append(median_time(m.run_prefill, 1, 0))
+        if m.unquantized_prefill:                     # alternating with it: the box drifts 2x between processes
+            runs.setdefault("prefill_unquantized", []).append(median_time(m.unquantized_prefill, 1, 0))
         runs["short"].append(decode_step_time(m.model, ctx, steps))
         runs["long"].append(decode_step_time(m.model, ctx + 1016, steps))   # ~1300 tokens of context
         runs["vlm"].append(decode_step_time(m.model, ctx, steps))
@@ -208,6 +220,11 @@ def report_prefill(res: dict, med: dict, gemv: dict, dtype, T: int, n_vis: int) 
     res.update(prefill_tokens=T, prefill_s=t_prefill, prefill_gemm_fraction=f / t_prefill / flops)
     print(f"prefill: {T} tokens ({n_vis} vision) + image encoder: {t_prefill:.3f} s, "
           f"{f / t_prefill / 1e9:.0f} GFLOP/s = {res['prefill_gemm_fraction']:.0%} of GEMM")
+    if "prefill_unquantized" in med:
+        name = f"prefill_vs_{str(dtype).split('.')[-1].replace('bfloat16', 'bf16')}"
+        res[name] = t_prefill / med["prefill_unquantized"]
+        print(f"the same prefill unquantized ({dtype}), same process, alternating: "
+              f"{med['prefill_unquantized']:.3f} s; quantized / unquantized = {res[name]:.2f}x ({name})")
 
 
 def report_decode(res: dict, med: dict, m: Measured) -> None:
@@ -246,7 +263,7 @@ def main(argv=None) -> int:
     print(f"CPU flags: {' '.join(flags)}; dtype {dtype}, quant {a.quant}, packed {a.packed}, compile {a.compile}")
     gemv = best_gemv(device=dev)
     start = {"gemv": [gemv["best"]], "gemm": [gemm_flops(dtype=dtype, device=dev)]}
-    m = build(dev, dtype, a.quant, backend, a.packed, a.compile)
+    m = build(dev, dtype, a.quant, backend, a.packed, a.compile, a.deterministic)
     res = {"device": str(dev), "backend": backend if a.quant else None, "packed": a.packed,
            "dtype": str(dtype).split(".")[-1], "quant": a.quant, "cpu_flags": flags,
            "gemv_GBps_by_kernel": {k: v / 1e9 for k, v in gemv.items()}}

@@ -86,7 +86,7 @@ def serve_levels(model, tok, name: str, new_tokens: int, context: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = bench_parser(__doc__, threads=2, dtype="float32", quant=None,
+    p = bench_parser(__doc__, threads=2, dtype="float32", quant=None, deterministic=None,
                      compile=dict(help="the decode attention compiled, as openai_api.py --compile runs it"))
     p.add_argument("--configs", nargs="+", default=["tiny", "mid"])
     p.add_argument("--context", type=int, default=0,
@@ -101,7 +101,8 @@ def main(argv=None) -> int:
     res = {}
     for name in a.configs:
         cfg, new_tokens = (get_config("tiny-test-cogvlm"), 48) if name == "tiny" else (MID, 24)
-        model = pack_or_compile(random_model(cfg, dtype, a.quant), True, False)   # as openai_api.py serves on CPU
+        model = pack_or_compile(random_model(cfg, dtype, a.quant), True, False,   # as openai_api.py serves on CPU
+                                a.deterministic)
         if a.compile and not compile_attention(model):
             print("--compile: compiling is not possible here (see the message above)")
             return 1

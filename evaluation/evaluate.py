@@ -234,6 +234,9 @@ def process_groups(device: str, world: int, mp: int):
     `mp` ranks each, the examples split over the models."""
     from models.tp import ModelParallelGroups, init_distributed, set_group
     rank, _ = init_distributed(device)
+    if world > 1:                          # a node lost mid-run: one line naming it, not a traceback
+        from utils.training.nodes import node_table, report_lost_nodes
+        report_lost_nodes(node_table())
     groups = ModelParallelGroups(mp) if world > 1 else None
     if groups is None:
         return rank, None, 0, 0, 1

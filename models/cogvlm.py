@@ -7,7 +7,7 @@ Parameter names follow the HF release (`model.` prefix dropped); checkpoint.py m
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -142,12 +142,17 @@ class RuntimeState:
         layout.apply_layouts); compile.compile_decode refuses such a model.
     lora: the LoRAConfig of the adapters added by lora.apply_lora; None = no adapters.
     decode_step: the compiled decode step (compile.compile_decode); None = the eager
-        generate.forward_one_token. generate.decode_one_token calls whichever is set."""
+        generate.forward_one_token. generate.decode_one_token calls whichever is set.
+    batch_invariant: the rows every decode-time product is padded to
+        (invariant.make_batch_invariant); 0 = off. With it, batched prompts are prefilled row
+        by row and images encoded one at a time; invariant_hooks: its padding hooks."""
     quant_bits: Optional[int] = None
     tp_world: int = 1
     packed: bool = False
     lora: Optional[object] = None
     decode_step: Optional[Callable] = None
+    batch_invariant: int = 0
+    invariant_hooks: list = field(default_factory=list)
 
 
 @dataclass
@@ -342,23 +347,26 @@ class CogVLMModel(nn.Module):
         return h
 
     def forward(self, inputs: ModelInputs, cache=None, attn_mask: Optional[torch.Tensor] = None,
-                hidden_states: Optional[list] = None) -> torch.Tensor:
+                hidden_states: Optional[list] = None, by_row: bool = False) -> torch.Tensor:
         """-> hidden states B,T,hidden, images already encoded (`inputs.image_embeds`).
         cache: ours or any stand-in (see Cache); with one, the sequence state (padding, cross
         K/V) is the cache's, without one (training) the inputs'. attn_mask: an explicit
         B,1,T,S bool mask matching what cache.update returns (packed training rows, the
         server's batch). hidden_states: a list that receives every layer's input and the normed
-        output (num_layers + 1 tensors, as transformers' output_hidden_states)."""
+        output (num_layers + 1 tensors, as transformers' output_hidden_states). by_row: a
+        batched prompt into an empty cache runs row by row (batch invariance)."""
         state = cache if cache is not None else inputs
         h = self.embed(inputs.input_ids, inputs.image_embeds, inputs.image_mask)
-        T = inputs.input_ids.shape[1]
+        B, T = inputs.input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
+        cos, sin = self.rotary(inputs.position_ids, h.dtype)
+        if by_row and B > 1 and T > 1 and past == 0 and cache is not None and hidden_states is None:
+            return self._prefill_by_row(h, inputs, cache, cos, sin)
         if attn_mask is None and (state.pad_mask is not None or (past > 0 and T > 1)):
             attn_mask = causal_mask(past, T, state.pad_mask, h.device)
         vision_mask = inputs.vision_mask
         if vision_mask is not None and not bool(vision_mask.any()):
             vision_mask = None                 # no vision token: read only language weights
-        cos, sin = self.rotary(inputs.position_ids, h.dtype)
         for layer in self.layers:
             if hidden_states is not None:
                 hidden_states.append(h)
@@ -367,6 +375,49 @@ class CogVLMModel(nn.Module):
         if hidden_states is not None:
             hidden_states.append(h)
         return h
+
+    def _prefill_by_row(self, h, inputs: ModelInputs, cache, cos, sin) -> torch.Tensor:
+        """A left-padded prompt batch into an empty cache, each row alone on its own tokens
+        (no padding, no other row in any product): the K/V and hidden states it gets alone.
+        Padding positions come out zero; the cache takes every layer's K/V in one update."""
+        B, T, _ = h.shape
+        pad = cache.pad_mask[:, :T] if cache.pad_mask is not None else None
+        rows = []                                      # per row: (left padding, per layer (k, v))
+        out = torch.zeros_like(h)
+        for i in range(B):
+            p = int((~pad[i]).sum()) if pad is not None else 0                   # left padding
+            vm = inputs.vision_mask[i:i + 1, p:] if inputs.vision_mask is not None else None
+            cross = None
+            if cache.cross_kv is not None and (cache.cross_rows is None or bool(cache.cross_rows[i])):
+                cross = [(k[i:i + 1], v[i:i + 1]) for k, v in cache.cross_kv]
+            kv = _RowKV([None] * len(self.layers))
+            hi = h[i:i + 1, p:]                                                   # 1,T-p,hidden
+            for layer in self.layers:
+                hi = layer(hi, vm if vm is not None and bool(vm.any()) else None,
+                           cos[i:i + 1, :, p:], sin[i:i + 1, :, p:], kv, None, cross)
+            out[i, p:] = self.norm(hi)[0]
+            rows.append((p, kv.layers))
+        for layer, (k0, _) in enumerate(rows[0][1]):
+            k = k0.new_zeros(B, k0.shape[1], T, k0.shape[3])                      # B,H,T,D
+            v = torch.zeros_like(k)
+            for i, (p, kvs) in enumerate(rows):
+                k[i, :, p:], v[i, :, p:] = kvs[layer][0][0], kvs[layer][1][0]
+            cache.update(k, v, layer)
+        return out
+
+
+@dataclass
+class _RowKV:
+    """The cache one row's prefill sees (CogVLMModel._prefill_by_row): empty; keeps what each
+    layer writes."""
+    layers: list                                   # per layer (k, v), each 1,H,T_i,D
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer: int):
+        self.layers[layer] = (k, v)
+        return k, v
 
 
 def causal_mask(past: int, T: int, pad_mask: Optional[torch.Tensor], device) -> torch.Tensor:
@@ -396,12 +447,22 @@ class CogVLM(nn.Module):
         return self.model.layers[0].self_attn.num_heads
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """images: n,3,S,S -> n, 1 + image_length + 1, hidden (boi, patches, eoi)."""
-        return self.model.vision(images.to(self.model.compute_dtype))
+        """images: n,3,S,S -> n, 1 + image_length + 1, hidden (boi, patches, eoi). Batch
+        invariant: one image at a time (the encoder's products then never see another image)."""
+        images = images.to(self.model.compute_dtype)
+        if self.runtime.batch_invariant and images.shape[0] > 1:
+            return torch.cat([self.model.vision(img[None]) for img in images])
+        return self.model.vision(images)
 
     def cross_kv(self, cross_images: torch.Tensor) -> list:
-        """Run the high-res encoder once and every layer's cross K/V projection."""
-        enc = self.model.cross_vision(cross_images.to(self.model.compute_dtype))
+        """Run the high-res encoder once and every layer's cross K/V projection (batch
+        invariant: one image at a time, concatenated)."""
+        cross_images = cross_images.to(self.model.compute_dtype)
+        if self.runtime.batch_invariant and cross_images.shape[0] > 1:
+            rows = [self.cross_kv(img[None]) for img in cross_images]
+            return [tuple(torch.cat([r[layer][j] for r in rows]) for j in (0, 1))
+                    for layer in range(len(self.model.layers))]
+        enc = self.model.cross_vision(cross_images)
         return [layer.cross_attn.compute_kv(enc) for layer in self.model.layers]
 
     def encode_inputs(self, inputs: ModelInputs) -> ModelInputs:
@@ -422,7 +483,7 @@ class CogVLM(nn.Module):
         inputs = self.encode_inputs(inputs)
         if cache is not None and cache.length == 0:
             cache.begin(inputs)
-        h = self.model(inputs, cache, attn_mask)
+        h = self.model(inputs, cache, attn_mask, by_row=self.runtime.batch_invariant > 0)
         if cache is not None:
             cache.length += inputs.input_ids.shape[1]
             cache.next_position = inputs.position_ids[:, -1] + 1

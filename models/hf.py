@@ -241,7 +241,7 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         hidden = [] if output_hidden_states else None
-        h = self.model(inputs, cache, hidden_states=hidden)
+        h = self.model(inputs, cache, hidden_states=hidden, by_row=self.runtime.batch_invariant > 0)
         if cache is not None:
             cache.next_position = inputs.position_ids[:, -1] + 1
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
@@ -261,6 +261,11 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
             token_type_ids = torch.zeros_like(input_ids)
         image_mask, vision_mask, pos = masks_from_token_types(
             token_type_ids, attention_mask[:, -T:] if attention_mask is not None else None)
+        if past == 0 and self.runtime.batch_invariant and attention_mask is not None:
+            # Batch invariance: each row's positions as it has them alone (`<s>` = 0), not the
+            # original's `<s>` = 1 after left padding (same logits up to rotary's rounding).
+            first = attention_mask[:, -T:].long().argmax(1, keepdim=True)            # B,1
+            pos = (pos - pos.gather(1, first)).clamp(min=0)
         if past > 0:
             # Continue from the positions stored at the previous step (an image takes many
             # token slots but only 3 positions, so slot indices cannot be used).
@@ -309,12 +314,14 @@ class CogVLMForCausalLM(CogVLMPreTrainedModel, GenerationMixin):
         positions and cross K/V come from the cache (see forward)."""
         cache = kwargs.get("cache", past_key_values)
         first = cache is None or cache.get_seq_length() == 0
+        # generate() asks for the last position's logits only (logits_to_keep=1)
+        keep = {"logits_to_keep": kwargs["logits_to_keep"]} if kwargs.get("logits_to_keep") else {}
         if first:
             return {"input_ids": input_ids, "images": images, "cross_images": cross_images,
                     "token_type_ids": token_type_ids, "attention_mask": attention_mask,
-                    "cache": cache, "use_cache": kwargs.get("use_cache", True)}
+                    "cache": cache, "use_cache": kwargs.get("use_cache", True), **keep}
         return {"input_ids": input_ids[:, -1:], "attention_mask": attention_mask, "cache": cache,
-                "use_cache": True}
+                "use_cache": True, **keep}
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         tt = model_kwargs.get("token_type_ids")

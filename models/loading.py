@@ -87,7 +87,9 @@ class LoadOptions:
     speed: with kernels "auto", in the layout its shape runs fastest in on this machine
     (kernels.py: measured once, cached; remeasure_kernels: time again). kernels "packed" /
     "plain" / "colmajor": that layout for every layer that can take it (pack or not), nothing
-    measured. compile: an inductor-compiled decode step (compile.py; the weights stay plain)."""
+    measured. compile: an inductor-compiled decode step (compile.py; the weights stay plain).
+    deterministic: batch-invariant decoding (invariant.py: each row's logits as alone); None:
+    invariant.deterministic_on's default (on for CPU unless compiled)."""
     device: Union[str, torch.device] = "cpu"
     dtype: Optional[torch.dtype] = None
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -99,6 +101,7 @@ class LoadOptions:
     kernels: str = "auto"
     remeasure_kernels: bool = False
     compile: bool = False
+    deterministic: Optional[bool] = None
 
 
 def load_model(from_pretrained: str, opts: Optional[LoadOptions] = None,
@@ -167,19 +170,24 @@ def prepare_for_inference(model: nn.Module, opts: LoadOptions) -> nn.Module:
     """The CPU weight layout of every linear layer, then the compiled decode step. Layouts
     (kernels.py): kernels auto with pack, measured on this machine; a forced layout; without
     pack (--cpu_weights plain), column-major fp32 where it has more outputs than inputs."""
+    from .invariant import deterministic_on, make_batch_invariant
     from .kernels import choose_layouts
     from .layout import apply_layouts
     cpu = torch.device(opts.device).type == "cpu"
-    if opts.compile and opts.kernels != "auto":        # inductor lays out and packs its own copy
+    deterministic = deterministic_on(opts.deterministic, opts.device, opts.compile)
+    compiled = opts.compile and not deterministic       # batch-invariant steps run eagerly
+    if compiled and opts.kernels != "auto":             # inductor lays out and packs its own copy
         log.info("--kernels %s is left to --compile, which lays the weights out itself", opts.kernels)
-    if cpu and not opts.compile and (opts.pack or opts.kernels != "auto"):
+    if cpu and not compiled and (opts.pack or opts.kernels != "auto"):
         # Tensor-parallel ranks would time each other's load and might lay their replicated
         # layers out differently: they keep the fixed choice (packed where it can be).
         kernels = "packed" if opts.world > 1 and opts.kernels == "auto" else opts.kernels
         apply_layouts(model, choose_layouts(model, kernels, opts.cpu_layout, opts.remeasure_kernels))
     elif opts.cpu_layout:
         use_fast_cpu_layout(model)
-    if opts.compile:
+    if compiled:
         from .compile import compile_decode
         compile_decode(model)
+    if deterministic:
+        make_batch_invariant(model)
     return model.eval()

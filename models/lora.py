@@ -101,7 +101,9 @@ def apply_lora(model: nn.Module, lcfg: LoRAConfig, dtype: Optional[torch.dtype] 
         mod.lora_A = nn.Parameter(A)
         mod.lora_B = nn.Parameter(torch.zeros(fout, lcfg.rank, device=ref.device, dtype=dtype))
         mod.lora_scaling = lcfg.scaling
-        mod.register_forward_hook(_lora_hook)
+        # First among the module's hooks: it then sees the inputs and output of the product
+        # itself (batch-invariant padding, models/invariant.py, cuts the output after it).
+        mod.register_forward_hook(_lora_hook, prepend=True)
     lcfg.targets = names
     model.runtime.lora = lcfg
     return names

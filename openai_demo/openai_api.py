@@ -384,6 +384,13 @@ def main(argv=None) -> int:
     # --compile: the batch engine keeps its oneDNN-packed linear layers (as fast as compiled ones
     # there) and compiles only the decode attention (models.compile.compile_attention).
     want_compile, args.compile = args.compile, False
+    from models.invariant import ROWS, deterministic_on
+    args.deterministic = deterministic_on(args.deterministic, args.device, want_compile)
+    if args.deterministic and args.max_batch > ROWS:
+        print(f"error: --max-batch {args.max_batch}: batch-invariant decoding (--deterministic, the CPU "
+              f"default) runs at most {ROWS} rows per step; lower --max-batch or add --no-deterministic",
+              file=sys.stderr)
+        return 2
     loaded = load_or_report(args)
     if loaded is None:
         return 1
@@ -392,6 +399,8 @@ def main(argv=None) -> int:
     rank, world = tp_rank_world()
     if want_compile and world > 1:
         log.warning("--compile is not supported with model parallelism yet; decoding eagerly")
+    elif want_compile and args.deterministic:
+        log.warning("--compile: batch-invariant decoding (--deterministic) runs eagerly; not compiling")
     elif want_compile:
         from models.compile import compile_attention
         compile_attention(model)

@@ -38,10 +38,13 @@ def test_sat_one_shot_equals_interactive(cogvlm_ckpt, image_file):
     assert "Traceback" not in err
 
 
-def test_hf_cli_matches_sat_cli(cogagent_ckpt, image_file, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_hf_cli_matches_sat_cli(dtype, cogagent_ckpt, image_file, tmp_path):
+    """Both front ends run the same model code on the same weights: the same answer, in fp32 and
+    in bf16 (where the two CLIs' prompts and positions being equal is what makes it exact)."""
     from models.hf_io import sat_to_hf
     hf = sat_to_hf(cogagent_ckpt, tmp_path / "hf")
-    q = ["--image", image_file, "--query", "Describe it.", "--max_new_tokens", 8]
+    q = ["--image", image_file, "--query", "Describe it.", "--max_new_tokens", 40, "--dtype", dtype]
     rc1, sat_out, err1 = run("cli_demo_sat.py", "--from_pretrained", cogagent_ckpt, *q)
     rc2, hf_out, err2 = run("cli_demo_hf.py", "--from_pretrained", hf, *q)
     assert rc1 == 0 and rc2 == 0, err1 + err2

@@ -22,10 +22,10 @@ ENV = {**os.environ, "LOGLEVEL": "WARNING", "PYTHONUNBUFFERED": "1", "OMP_NUM_TH
        "COGVLM_DIST_TIMEOUT": "60"}
 
 
-def _start(ckpt: Path, log: Path, ranks: int):
+def _start(ckpt: Path, log: Path, ranks: int, max_tokens: int = 32):
     port = _free_port()
     args = [str(ROOT / "openai_demo" / "openai_api.py"), "--from_pretrained", str(ckpt), "--port", str(port),
-            "--max-batch", "8", "--max-length", "400", "--max-tokens", "32"]
+            "--max-batch", "8", "--max-length", "400", "--max-tokens", str(max_tokens)]
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
             f"--nproc-per-node={ranks}", *args] if ranks > 1 else [sys.executable, *args])
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=ENV, cwd="/",

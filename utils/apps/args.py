@@ -63,6 +63,10 @@ def add_loading_args(g) -> None:
                         "one more copy of the language weights in memory); the OpenAI server compiles "
                         "only its batch engine's attention (seconds; 16 rows decode 1.3-1.5x "
                         "faster). bench/RESULTS.md")
+    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                   help="batch-invariant greedy decoding: each request's answer is the one it gets "
+                        "alone, whatever else runs in the batch (default: on for CPU without --compile, "
+                        "off on CUDA; cost measured in bench/RESULTS.md, 'Batch invariance')")
     g.add_argument("--trust-checkpoint", "--trust_checkpoint", dest="trust_checkpoint",
                    action="store_true", help="allow checkpoint files that need full unpickling "
                                              "(training checkpoints); only for files you trust")
@@ -167,7 +171,8 @@ def options_from_args(args, rank: int = 0, world: int = 1) -> LoadOptions:
                        quant=QuantConfig(bits=args.quant, vision_bits=args.quant_vision, group=args.quant_group),
                        trust_checkpoint=args.trust_checkpoint, rank=rank, world=world,
                        pack=args.cpu_weights != "plain", kernels=kernels,
-                       remeasure_kernels=args.remeasure_kernels, compile=args.compile)
+                       remeasure_kernels=args.remeasure_kernels, compile=args.compile,
+                       deterministic=args.deterministic)
 
 
 def load_with_tokenizer(from_pretrained: str, opts: LoadOptions, local_tokenizer: str, arch=None):

@@ -165,10 +165,16 @@ def prepare_batch(model: CogVLM, tokenizer: Tokenizer, requests, version: Option
 def batch_chat(model: CogVLM, tokenizer: Tokenizer, requests, version: Optional[str] = None,
                gen: Optional[GenerationConfig] = None) -> list[str]:
     """Answer several conversations in one batch. requests: (query, history, image) with image
-    a path / PIL / bytes / ImageContext or None. Greedy answers equal those of `chat()` alone."""
+    a path / PIL / bytes / ImageContext or None. Greedy answers equal those of `chat()` alone:
+    bit for bit under batch-invariant decoding (models/invariant.py, in groups of its rows),
+    else up to the rounding of batched products."""
     gen = gen or GenerationConfig()
     requests = [(q, h, img if img is None or isinstance(img, ImageContext) else ImageContext(img, model.config))
                 for q, h, img in requests]
+    group = model.runtime.batch_invariant or len(requests)
+    if len(requests) > group:
+        return [a for i in range(0, len(requests), group)
+                for a in batch_chat(model, tokenizer, requests[i:i + group], version, gen)]
     inputs = prepare_batch(model, tokenizer, requests, version)
     budget = token_budget(inputs.input_ids.shape[1], int(inputs.image_mask.sum(1).max()), gen,
                           model.config.max_sequence_length)

@@ -62,7 +62,7 @@ def main(argv=None, default_model: str = "cogvlm-base-490", description: str = _
             return 0
         train(opts)
     except (ModelNotFound, CheckpointError, TokenizerError, OSError, ValueError) as e:
-        if os.environ.get("RANK", "0") == "0":           # one line, not one per rank
+        if os.environ.get("LOCAL_RANK", "0") == "0":     # one line per node, not one per rank
             print(f"error: {e}", flush=True, file=sys.stderr)
         return 1
     return 0                # the launchers end with models.tp.exit_process: all ranks together

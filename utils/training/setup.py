@@ -3,6 +3,7 @@ checks, the process groups (data parallel over tensor-parallel groups, models/tp
 model (LoRA / QLoRA / full, what trains), and the DeepSpeed engine (ZeRO-2, AdamW, cosine)."""
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from models.checkpoint import CheckpointError, read_sat_state_dict
 from models.loading import LoadOptions, QuantConfig, load_model, resolve_pretrained
 from models.lora import LoRAConfig, apply_lora
+from utils.training.nodes import check_mp_per_node, collective_timeout, start_process_group
 from utils.training.options import DataOptions, FinetuneOptions, ModelSource, OptimOptions, RunOptions, TrainedParams
 
 log = logging.getLogger("finetune")
@@ -95,20 +97,24 @@ class Worker:
         return self.groups.dp_group
 
 
-def init_distributed(model: ModelSource, mp_size: int) -> Worker:
+def init_distributed(model: ModelSource, mp_size: int, opts: Optional[FinetuneOptions] = None) -> Worker:
     """The process group (nccl on CUDA, gloo on CPU), the model/data-parallel groups and the
     training dtype: on CUDA the weights' dtype (DeepSpeed's bf16/fp16 mode); on a CPU fp32
-    weights, and bfloat16 means autocast (bf16 matrix products, fp32 master weights and optimizer)."""
-    import deepspeed
+    weights, and bfloat16 means autocast (bf16 matrix products, fp32 master weights and optimizer).
+    Across nodes: model parallel stays inside a node, every node must run the same configuration
+    (`opts`, checked before anything else is built), and a lost node ends the run with one line."""
     from models.loading import resolve_dtype
     from models.tp import ModelParallelGroups, set_group
+    check_mp_per_node(mp_size)
     device = model.device
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         device = f"cuda:{torch.cuda.current_device()}"
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    start_process_group("nccl" if cuda else "gloo", opts)
     groups = ModelParallelGroups(mp_size)
+    for g in {groups.mp_group, groups.dp_group} - {None}:          # new groups default to 30 minutes
+        dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=collective_timeout()), g)
     set_group(groups.mp_group)
     wanted = resolve_dtype(model.dtype, device)
     worker = Worker(dist.get_rank(), groups.get_model_parallel_rank(), groups.get_data_parallel_rank(), groups.dp,
@@ -120,11 +126,12 @@ def init_distributed(model: ModelSource, mp_size: int) -> Worker:
 
 def load_for_training(source: str, trust: bool, worker: Worker, mp_size: int, qlora: bool):
     """(model, cfg) for training: this rank's tensor-parallel piece in the training dtype, no
-    CPU inference re-layout; QLoRA quantizes the base to 4 bits while it is read (the bf16
-    model is never held)."""
+    CPU inference re-layout nor batch-invariant decoding (it pads few-row products and encodes
+    images one at a time: inference only); QLoRA quantizes the base to 4 bits while it is read
+    (the bf16 model is never held)."""
     return load_model(source, LoadOptions(device=worker.device, dtype=worker.dtype, trust_checkpoint=trust,
                                           cpu_layout=False, rank=worker.mp_rank, world=mp_size,
-                                          quant=QuantConfig(bits=4 if qlora else None)))
+                                          quant=QuantConfig(bits=4 if qlora else None), deterministic=False))
 
 
 def quantized_base(source: str, trust: bool, worker: Worker, mp_size: int) -> dict:
@@ -224,6 +231,15 @@ def build_engine(model, optim: OptimOptions, data: DataOptions, worker: Worker):
     return engine, scheduler
 
 
-def resume_step(run: RunOptions) -> Optional[int]:
-    """--resume: the step of --save's latest checkpoint (preflight checked the files)."""
-    return int((Path(run.save) / "latest").read_text().strip()) if run.resume else None
+def resume_step(run: RunOptions, dp: int = 1) -> Optional[int]:
+    """--resume: the step of --save's latest checkpoint (preflight checked the files), saved by
+    `dp` data-parallel groups: ZeRO-2 cannot re-partition its optimizer state for another count."""
+    if not run.resume:
+        return None
+    step = int((Path(run.save) / "latest").read_text().strip())
+    saved = len(list((Path(run.save) / "ds_state" / str(step)).glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+    if saved and saved != dp:
+        raise ValueError(f"--resume: step {step} of {run.save} was saved by {saved} data-parallel group(s), this run "
+                         f"has {dp}; resume with {saved} x --model_parallel_size processes in all (nodes x processes "
+                         f"per node; ZeRO-2 cannot re-partition its optimizer state)")
+    return step

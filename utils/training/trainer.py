@@ -67,8 +67,8 @@ class TrainState:
 def train(opts: FinetuneOptions) -> dict:
     """The whole run. Returns {'step', 'loss' (of the last step), 'eval': last validation
     metrics, ...}; with --eval_only the metrics of --valid_data / --test_data."""
-    worker = init_distributed(opts.model, opts.optim.model_parallel_size)
-    start = resume_step(opts.run)
+    worker = init_distributed(opts.model, opts.optim.model_parallel_size, opts)
+    start = resume_step(opts.run, worker.dp)
     source = opts.model.from_pretrained
     if start is not None:                                # preflight() checked the files
         source = opts.run.save

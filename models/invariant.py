@@ -1,0 +1,195 @@
+"""Batch-invariant inference: each row of a batch gets the logits it gets alone, bit for bit,
+whatever else is in the batch (greedy answers then never depend on other users' requests).
+
+A batched product's row results depend on the row count on most CPUs and GPUs: the library
+picks another kernel (or another split of the reduction) for 1 row than for several; fp32
+MKL on an AMD EPYC has three classes of row counts (1; 2-3; 4, 8 and 12 on), bf16 oneDNN two
+(1; 2 and more). So, once `make_batch_invariant` has run:
+- every linear layer a decode step runs (language model, LM head) rounds each row as among
+  ROWS rows: fewer rows are padded with zero rows up to the fewest that round alike, measured
+  once per machine and kind of layer (bf16 oneDNN on the AMD EPYC: 2, so 1 row runs as 2;
+  fp32 MKL: 12);
+  more rows (a prompt) run as they are, and each prompt is prefilled alone;
+- one-token attention runs row by row over exactly that row's own K/V slots (a batch holds
+  other rows' padding and longer histories, which change the reductions' grouping);
+- a batched prompt (HF generate, generate_tokens with several rows) is prefilled row by row
+  on its own tokens, and images are encoded one at a time.
+Steps may not have more than ROWS rows (the server's --max_batch, batch_chat's groups).
+The cost per row count is measured by bench/batch.py (bench/RESULTS.md, "Batch invariance").
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .cogvlm import decode_attention, single_query_attention
+from .compile import set_decode_attention
+
+log = logging.getLogger(__name__)
+
+ROWS = 16               # rows every decode-time linear product rounds like (the server's default batch)
+TRIALS = 12             # random batches each row count is tried on (padding_rows)
+
+# The linear layers a decode step runs (vision-expert and cross key/value layers only see
+# prompts, which are prefilled alone).
+_DECODE_LINEARS = ("language_expert_query_key_value", "language_expert_dense", "gate_proj",
+                   "up_proj", "down_proj", "cross_attn.query", "cross_attn.dense")
+
+
+def deterministic_on(flag: Optional[bool], device, compile: bool = False) -> bool:
+    """--deterministic / --no-deterministic, or by default: on where it is cheap, CPU eager
+    decoding (bench/RESULTS.md, "Batch invariance"); off on CUDA (row-by-row attention
+    launches kernels per row; not measured yet) and with --compile (the compiled step is the
+    point of that flag; invariant steps run eagerly)."""
+    if flag is not None:
+        return flag
+    return torch.device(device).type == "cpu" and not compile
+
+
+def make_batch_invariant(model: nn.Module, rows: int = ROWS, measure: bool = True) -> nn.Module:
+    """Pad the decode-time linear layers' products and swap in row-by-row one-token attention
+    (CogVLM and the HF classes alike); rows 0: back to the batched kernels. measure: find per
+    layer kind the fewest rows that round like `rows` rows on this machine (padding_rows); else
+    pad to `rows` (tensor-parallel ranks: measuring would run collectives out of step)."""
+    for handle in model.runtime.invariant_hooks:
+        handle.remove()
+    model.runtime.invariant_hooks, model.runtime.batch_invariant = [], rows
+    if not rows:
+        set_decode_attention(model, decode_attention)
+        return model
+    names = [n for n, _ in model.named_modules()
+             if n == "lm_head" or (n.startswith("model.layers.") and n.endswith(_DECODE_LINEARS))]
+    fewest = padding_rows(model, names, rows) if measure else {n: rows for n in names}
+    for name, n in fewest.items():
+        if n > 1:                                  # 1: every row count already rounds alike
+            model.runtime.invariant_hooks += _pad_rows(model.get_submodule(name), n)
+    set_decode_attention(model, attention_by_row)
+    if model.runtime.decode_step is not None:
+        log.info("batch-invariant decoding runs eagerly: the compiled decode step is not used")
+        model.runtime.decode_step = None
+    log.info("batch-invariant decoding: attention and prompts row by row; decode products padded "
+             "to the fewest rows that round like %d (%s)", rows, ", ".join(sorted(
+                 {f"{_describe(model.get_submodule(n))} -> {r}" for n, r in fewest.items()})))
+    return model
+
+
+def padding_rows(model: nn.Module, names: list, rows: int = ROWS) -> dict:
+    """name -> the fewest rows n such that every count from n to `rows` gives each row, at the
+    start or at the end of the batch, the bits it gets among `rows` rows. Measured once per kind
+    of layer (type, shape, dtype, layout, adapters) on this machine, cached beside the kernel
+    timings (batch_invariance.json): the kernel a library picks depends on the shape, never on
+    the values (bf16 oneDNN on the AMD EPYC: 1 or 2; fp32 MKL: 12). A layer whose rows depend
+    on their place in the batch gets `rows` and a warning (padding cannot fix it)."""
+    from .kernels import cache_path, machine_id, read_cache, write_cache
+    path, ident = cache_path().with_name("batch_invariance.json"), machine_id()
+    cached = read_cache(path, ident)
+    dtype, out = model.model.compute_dtype, {}
+    for name in names:
+        mod = model.get_submodule(name)
+        key = f"rows alike {_describe(mod)} as {rows} in {str(dtype).replace('torch.', '')} " \
+              f"threads={torch.get_num_threads()}"
+        if key not in cached:
+            cached[key] = _fewest_rows(mod, rows, dtype)
+            write_cache(path, ident, cached)
+        out[name] = int(cached[key])
+    return out
+
+
+@torch.inference_mode()
+def _fewest_rows(mod: nn.Module, rows: int, dtype: torch.dtype, trials: int = TRIALS) -> int:
+    """padding_rows for one layer. Two kernels that accumulate in another order differ after
+    rounding to bf16 in only a few outputs in a thousand, so each row count is tried on
+    `trials` random batches, the rows at the start and at the end of the batch."""
+    dev = _first_tensor(mod).device
+    g = torch.Generator(device=dev).manual_seed(0)
+    xs = [_probe_rows(rows, mod.in_features, g, dev).to(dtype) for _ in range(trials)]
+    fulls = [mod(x) for x in xs]
+    if not all(torch.equal(mod(x.flip(0)), full.flip(0)) for x, full in zip(xs, fulls)):
+        log.warning("%s: a row's result depends on its place in the batch here; batch invariance "
+                    "is not guaranteed for it", _describe(mod))
+        return rows
+    fewest = rows
+    for n in range(rows - 1, 0, -1):
+        if not all(torch.equal(mod(x[:n]), full[:n]) and torch.equal(mod(x[rows - n:]), full[rows - n:])
+                   for x, full in zip(xs, fulls)):
+            break
+        fewest = n
+    return fewest
+
+
+def _probe_rows(rows: int, width: int, g: torch.Generator, dev) -> torch.Tensor:
+    """Random rows whose entries span 2^-8..2^8: products of very different sizes make the
+    float32 sums depend on their order far more often than uniform values do, so a different
+    kernel shows after rounding."""
+    scale = torch.exp2(torch.randint(-8, 9, (rows, width), generator=g, device=dev).float())
+    return torch.randn(rows, width, generator=g, device=dev) * scale
+
+
+def _describe(mod: nn.Module) -> str:
+    """A layer's kind for padding_rows: what decides the kernel a product runs."""
+    w = getattr(mod, "weight", None)
+    layout = "" if not isinstance(w, torch.Tensor) else " col-major" if not w.is_contiguous() else " row-major"
+    dtype = str(_first_tensor(mod).dtype).replace("torch.", "")
+    lora = " +LoRA" if hasattr(mod, "lora_A") else ""
+    extra = f" ({mod.extra_repr()})" if type(mod) is not nn.Linear and mod.extra_repr() else ""
+    return f"{type(mod).__name__} {dtype} {mod.out_features}x{mod.in_features}{layout}{lora}{extra}"
+
+
+def _first_tensor(mod: nn.Module) -> torch.Tensor:
+    """The weight that decides the layer's dtype and device (a PackedLinear's is not a parameter)."""
+    packed = getattr(mod, "packed", None)
+    if isinstance(packed, torch.Tensor):
+        return packed
+    return next(iter(list(mod.parameters()) + list(mod.buffers())), torch.empty(0))
+
+
+def _pad_rows(mod: nn.Module, rows: int) -> list:
+    """Hooks around `mod` (no weight touched, state_dict keys unchanged): inputs of fewer than
+    `rows` rows run padded with zero rows, and the output is cut back. -> the hook handles."""
+    real = []                                     # the row count of the call in flight
+
+    def before(_mod, args):
+        x = args[0]
+        n = x[..., 0].numel()                     # rows = every dimension but the last
+        real.append((n, x.shape[:-1]))
+        if n >= rows:
+            return None
+        padded = x.new_zeros(rows, x.shape[-1])
+        padded[:n] = x.reshape(n, x.shape[-1])                                   # rows,in
+        return (padded, *args[1:])
+
+    def after(_mod, _args, out):
+        n, lead = real.pop()
+        if n >= rows:
+            return None
+        return out[:n].reshape(*lead, out.shape[-1])                             # ...,out
+
+    return [mod.register_forward_pre_hook(before), mod.register_forward_hook(after)]
+
+
+def row_starts(mask: Optional[torch.Tensor], B: int, S: int) -> tuple:
+    """(first slot each row may attend to, whether every slot from there on is allowed), from
+    mask: B|1,1,1,S bool, True = may attend (None = every slot). A row's slots after its first
+    are its own (left padding, the server's batch window)."""
+    if mask is None:
+        return [0] * B, [True] * B
+    m = mask.reshape(mask.shape[0], S).expand(B, S)
+    first = m.int().argmax(-1)                   # first True (argmax returns the first maximum)
+    whole = m.sum(-1) == S - first
+    return first.tolist(), whole.tolist()
+
+
+def attention_by_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One-token attention (as models.cogvlm.decode_attention: q B,H,1,D; k, v B,H,S,D) with
+    each row over its own slots only: the same product, on the same shapes, as that row alone."""
+    B, S = q.shape[0], k.shape[2]
+    starts, whole = row_starts(mask, B, S)
+    out = []
+    for i, s in enumerate(starts):
+        m = None if whole[i] else mask[i if mask.shape[0] == B else 0, ..., s:][None]   # 1,1,1,S-s
+        out.append(single_query_attention(q[i:i + 1], k[i:i + 1, :, s:], v[i:i + 1, :, s:], m))
+    return torch.cat(out) if B > 1 else out[0]                                    # B,H,1,D

@@ -1,0 +1,213 @@
+"""Batch-invariant greedy decoding (models/invariant.py) in bf16, the dtype users run: each row of
+a batch gets, bit for bit, the logits it gets alone, whatever else is in the batch (other
+prompts' lengths, images, text-only rows), so long greedy answers are identical alone and
+batched: batch_chat, the server's batch engine (requests joining mid-answer), HF generate.
+
+Why bitwise, in bf16: a batched product's rows depend on the row count (on the 2-core AMD EPYC
+of the CI, bf16 oneDNN gives 1 row and 2+ rows different roundings; fp32 MKL has three classes),
+and a random tiny model's logits are close enough that one rounding flips a greedy token
+within 100 tokens (batch_chat without invariance: 1 of 4 rows differed over 120 tokens)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from models import LoadOptions, load_model
+from models.cogvlm import Cache
+from models.generate import GenerationConfig, decode_one_token, prefill
+from models.hf_io import hf_architecture, sat_to_hf
+from models.invariant import ROWS, attention_by_row, make_batch_invariant
+from utils.chat import ImageContext, batch_chat, build_hf_inputs, chat, prepare, prepare_batch
+from utils.serving.engine import BatchEngine
+from tests.test_engine import run_requests
+
+BF16 = LoadOptions(dtype=torch.bfloat16)
+
+
+def _requests(cfg, image_file):
+    other = Image.new("RGB", (90, 60), (20, 200, 90))
+    return [("What is in the image?", [], ImageContext(image_file, cfg)),
+            ("Tell me a long story about a fox.", [], None),
+            ("Colour?", [("What is it?", "A square.")], ImageContext(other, cfg)),
+            ("hi", [], None)]
+
+
+@pytest.fixture(scope="module", params=["cogvlm", "cogagent"])
+def bf16_model(request, cogvlm_ckpt, cogagent_ckpt):
+    model, cfg = load_model(str(cogvlm_ckpt if request.param == "cogvlm" else cogagent_ckpt), BF16)
+    assert model.runtime.batch_invariant == ROWS            # the CPU default
+    return model, cfg
+
+
+def test_default_is_on_for_cpu_and_off_when_asked(cogvlm_ckpt):
+    model, _ = load_model(str(cogvlm_ckpt), LoadOptions(dtype=torch.bfloat16, deterministic=False))
+    assert model.runtime.batch_invariant == 0 and not model.runtime.invariant_hooks
+
+
+def test_each_row_gets_its_logits_alone_bit_for_bit(bf16_model, tokenizer, image_file):
+    model, cfg = bf16_model
+    reqs = _requests(cfg, image_file)
+    batch = prepare_batch(model, tokenizer, reqs)
+    B, T = batch.input_ids.shape
+    cache = Cache.allocate(cfg, B, T + 4, torch.bfloat16, "cpu")
+    with torch.inference_mode():
+        logits = [prefill(model, batch, cache)]
+        forced = torch.tensor([5, 17, 42, 99])                  # the same next tokens either way
+        for _ in range(3):
+            logits.append(decode_one_token(model, forced, cache))
+        for i, (q, h, img) in enumerate(reqs):
+            one = prepare(model, tokenizer, q, h, img)
+            c1 = Cache.allocate(cfg, 1, one.input_ids.shape[1] + 4, torch.bfloat16, "cpu")
+            alone = [prefill(model, one, c1)] + [decode_one_token(model, forced[i:i + 1], c1) for _ in range(3)]
+            for step, (b, a) in enumerate(zip(logits, alone)):
+                assert torch.equal(b[i], a[0]), f"row {i}, step {step}: max diff {(b[i] - a[0]).abs().max()}"
+
+
+def test_batch_chat_long_answers_equal_alone(bf16_model, tokenizer, image_file):
+    model, cfg = bf16_model
+    reqs = _requests(cfg, image_file)
+    gen = GenerationConfig(max_new_tokens=200)
+    batched = batch_chat(model, tokenizer, reqs, gen=gen)
+    alone = [chat(model, tokenizer, q, h, img, gen=gen)[0] for q, h, img in reqs]
+    assert batched == alone
+    assert max(len(tokenizer.encode(a)) for a in alone) > 100          # long answers, not short ones
+
+
+def test_engine_streams_alone_and_concurrently_equal(bf16_model, tokenizer, image_file):
+    """Requests joining the batch at different steps (rows of different history lengths)
+    against the same requests one at a time, through the server's engine: same text, same
+    finish reason, and the same as chat() alone."""
+    model, cfg = bf16_model
+    specs = [(q, img, 200, None) for q, h, img in _requests(cfg, image_file) if not h]
+    specs.append(("Another text question, a little longer than the others", None, 150, None))
+    engine = BatchEngine(model, tokenizer, max_batch=8, max_len=400)
+    try:
+        together = run_requests(engine, model, tokenizer, specs, [0, 0.05, 0.2, 0.1], timeout=120)
+        one_by_one = [run_requests(engine, model, tokenizer, [s], [0], timeout=120)[0] for s in specs]
+    finally:
+        engine.close()
+    for (text, ev), (text1, ev1), (q, img, n, _) in zip(together, one_by_one, specs):
+        assert (text, ev["finish_reason"]) == (text1, ev1["finish_reason"])
+        assert text.strip() == chat(model, tokenizer, q, [], img, gen=GenerationConfig(max_new_tokens=n))[0]
+
+
+def test_hf_generate_batched_equals_alone(cogagent_ckpt, tokenizer, image_file, tmp_path):
+    hf = sat_to_hf(cogagent_ckpt, tmp_path / "hf", shard_bytes=200_000)
+    model, _ = load_model(str(hf), BF16, arch=hf_architecture)
+    assert model.runtime.batch_invariant == ROWS
+    reqs = [("Describe the image.", [], image_file), ("A long text-only question, please?", [], None),
+            ("What colour?", [], image_file)]
+    batch = build_hf_inputs(model, tokenizer, reqs)
+    out = model.generate(**batch, max_new_tokens=120, do_sample=False)
+    T = batch["input_ids"].shape[1]
+    for i, r in enumerate(reqs):
+        single = build_hf_inputs(model, tokenizer, [r])
+        o = model.generate(**single, max_new_tokens=120, do_sample=False)
+        assert out[i, T:].tolist()[:o.shape[1] - single["input_ids"].shape[1]] == o[0, single["input_ids"].shape[1]:].tolist()
+
+
+def test_row_attention_reads_only_each_rows_slots():
+    """Rows with different starts (left padding, the server's window) against each row alone
+    on exactly its slots; the padding slots hold garbage that must not matter."""
+    g = torch.Generator().manual_seed(0)
+    B, H, S, D = 3, 2, 9, 8
+    q, k, v = (torch.randn(B, H, n, D, generator=g).to(torch.bfloat16) for n in (1, S, S))
+    starts = [0, 4, 8]
+    mask = torch.arange(S)[None, :] >= torch.tensor(starts)[:, None]           # B,S
+    k[1, :, :4] = 1e4                                                           # garbage in padding
+    out = attention_by_row(q, k, v, mask[:, None, None, :])
+    for i, s in enumerate(starts):
+        assert torch.equal(out[i], attention_by_row(q[i:i + 1], k[i:i + 1, :, s:], v[i:i + 1, :, s:])[0])
+
+
+def test_switching_off_restores_the_batched_kernels(cogvlm_ckpt):
+    model, _ = load_model(str(cogvlm_ckpt), LoadOptions(dtype=torch.float32, deterministic=False))
+    make_batch_invariant(model, rows=ROWS, measure=False)           # every product padded
+    assert len(model.runtime.invariant_hooks) > 0
+    assert model.model.layers[0].self_attn.decode_attention is attention_by_row
+    make_batch_invariant(model, 0)
+    assert model.runtime.batch_invariant == 0 and not model.runtime.invariant_hooks
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    assert model.model.layers[0].self_attn.decode_attention is not attention_by_row
+
+
+# ----- the server, as users start it (default flags but the dtype), one process and 2 TP ranks --
+def _server_cases():
+    from tests.test_openai_api import png_url
+    return [("What is in the image?", png_url(color=(200, 30, 30))), ("Tell me a long story about a fox.", None),
+            ("Describe it.", png_url(color=(9, 9, 200))), ("hello there, how are you today?", None)]
+
+
+def _ask_stream(url: str, prompt: str, image, max_tokens: int) -> tuple:
+    """(text, finish_reason) of one greedy streamed request."""
+    import openai
+    from tests.test_openai_api import _image_msg
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=300)
+    msg = _image_msg(prompt, image) if image else {"role": "user", "content": prompt}
+    text, finish = "", None
+    for c in client.chat.completions.create(model="x", messages=[msg], temperature=0, max_tokens=max_tokens,
+                                            stream=True):
+        if c.choices:
+            text += c.choices[0].delta.content or ""
+            finish = c.choices[0].finish_reason or finish
+    return text, finish
+
+
+def _alone_then_together(url: str, max_tokens: int) -> tuple:
+    from concurrent.futures import ThreadPoolExecutor
+    cases = _server_cases()
+    alone = [_ask_stream(url, p, img, max_tokens) for p, img in cases]
+    with ThreadPoolExecutor(len(cases)) as ex:
+        together = list(ex.map(lambda c: _ask_stream(url, c[0], c[1], max_tokens), cases))
+    return alone, together
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_server_greedy_streams_alone_and_concurrent_are_identical(ranks, cogvlm_ckpt, tmp_path, monkeypatch):
+    """openai_api.py in bf16 with its default batching (--deterministic is the CPU default):
+    four greedy streams (text-only and with images, up to 200 tokens) one at a time, then all
+    at once: the same text and finish reasons; under torchrun with 2 tensor-parallel ranks too."""
+    import os
+    import signal
+    from tests import test_tp_server
+    monkeypatch.setitem(test_tp_server.ENV, "COGVLM_DTYPE", "bfloat16")
+    monkeypatch.setitem(test_tp_server.ENV, "LOGLEVEL", "INFO")
+    url, proc = test_tp_server._start(cogvlm_ckpt, tmp_path / "server.log", ranks, max_tokens=200)
+    try:
+        alone, together = _alone_then_together(url, 200)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=90)
+    log = (tmp_path / "server.log").read_text()
+    assert together == alone, log[-2000:]
+    assert max(len(t) for t, _ in alone) > 200                        # long answers, not short ones
+    assert "batch-invariant decoding" in log
+    # how the model is placed, for an operator: dtype, the ranks' shares, the kernels
+    assert "as torch.bfloat16" in log and "kernels" in log, log[:3000]
+    if ranks > 1:
+        assert "tensor-parallel rank 0 of 2 (this rank holds 1/2 of the split weights)" in log, log[:3000]
+
+
+@pytest.mark.parametrize("layout", ["plain", "colmajor", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_products_do_not_depend_on_the_row_count(dtype, layout):
+    """A language-model-wide product (4096 inputs, where CPU libraries switch kernels by row
+    count: fp32 MKL pads to 12 rows on the CI's AMD EPYC, bf16 oneDNN to 2), in each weight
+    layout, padded to the fewest rows measured here: every row count from 1 to ROWS gives each
+    row the bits it gets among ROWS rows."""
+    from models.invariant import _fewest_rows, _pad_rows
+    from models.layout import can_pack, relayout
+    if layout == "packed" and not can_pack(dtype):
+        pytest.skip(f"oneDNN cannot pack {dtype} here")
+    g = torch.Generator().manual_seed(0)
+    lin = relayout(torch.nn.Linear(4096, 1024, bias=False).to(dtype), layout)
+    x = torch.randn(ROWS, 4096, generator=g).to(dtype)
+    fewest = _fewest_rows(lin, ROWS, dtype)
+    _pad_rows(lin, fewest)
+    with torch.inference_mode():
+        full = lin(x)
+        for n in range(1, ROWS + 1):
+            assert torch.equal(lin(x[:n]), full[:n]), (n, fewest)
+            assert torch.equal(lin(x[n - 1:n][None]), full[n - 1:n][None])     # any leading shape
