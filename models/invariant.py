@@ -149,23 +149,23 @@ def _first_tensor(mod: nn.Module) -> torch.Tensor:
 def _pad_rows(mod: nn.Module, rows: int) -> list:
     """Hooks around `mod` (no weight touched, state_dict keys unchanged): inputs of fewer than
     `rows` rows run padded with zero rows, and the output is cut back. -> the hook handles."""
-    real = []                                     # the row count of the call in flight
+    real = []                                     # the shape of the call in flight (None: not padded)
 
     def before(_mod, args):
         x = args[0]
-        n = x[..., 0].numel()                     # rows = every dimension but the last
-        real.append((n, x.shape[:-1]))
+        width = x.shape[-1]
+        n = x.numel() // width                    # rows = every dimension but the last
         if n >= rows:
+            real.append(None)
             return None
-        padded = x.new_zeros(rows, x.shape[-1])
-        padded[:n] = x.reshape(n, x.shape[-1])                                   # rows,in
-        return (padded, *args[1:])
+        real.append(x.shape)
+        return (torch.cat((x.reshape(n, width), x.new_zeros(rows - n, width))), *args[1:])   # rows,in
 
     def after(_mod, _args, out):
-        n, lead = real.pop()
-        if n >= rows:
+        shape = real.pop()
+        if shape is None:
             return None
-        return out[:n].reshape(*lead, out.shape[-1])                             # ...,out
+        return out[:shape.numel() // shape[-1]].view(*shape[:-1], out.shape[-1])      # ...,out
 
     return [mod.register_forward_pre_hook(before), mod.register_forward_hook(after)]
 
