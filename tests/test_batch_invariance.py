@@ -67,7 +67,7 @@ def test_each_row_gets_its_logits_alone_bit_for_bit(bf16_model, tokenizer, image
 def test_batch_chat_long_answers_equal_alone(bf16_model, tokenizer, image_file):
     model, cfg = bf16_model
     reqs = _requests(cfg, image_file)
-    gen = GenerationConfig(max_new_tokens=200)
+    gen = GenerationConfig(max_new_tokens=150)
     batched = batch_chat(model, tokenizer, reqs, gen=gen)
     alone = [chat(model, tokenizer, q, h, img, gen=gen)[0] for q, h, img in reqs]
     assert batched == alone
@@ -79,8 +79,8 @@ def test_engine_streams_alone_and_concurrently_equal(bf16_model, tokenizer, imag
     against the same requests one at a time, through the server's engine: same text, same
     finish reason, and the same as chat() alone."""
     model, cfg = bf16_model
-    specs = [(q, img, 200, None) for q, h, img in _requests(cfg, image_file) if not h]
-    specs.append(("Another text question, a little longer than the others", None, 150, None))
+    specs = [(q, img, 150, None) for q, h, img in _requests(cfg, image_file) if not h]
+    specs.append(("Another text question, a little longer than the others", None, 120, None))
     engine = BatchEngine(model, tokenizer, max_batch=8, max_len=400)
     try:
         together = run_requests(engine, model, tokenizer, specs, [0, 0.05, 0.2, 0.1], timeout=120)

@@ -268,10 +268,12 @@ def test_bundled_model_scored_by_the_runner_agrees_with_its_eval_json(tmp_path):
     kinds = ("colour", "shape", "count", "presence", "text")
     assert counts == {"expressions": m["box_iou50"]["n"], "questions": sum(m[k]["n"] for k in kinds)}
     env = {**os.environ, "LOGLEVEL": "WARNING", "HF_HUB_OFFLINE": "1", "COGVLM_DTYPE": "float32"}
+    # --no-deterministic: this test is about the scores; batch invariance (tested in
+    # test_batch_invariance.py) prefills a tiny model's 16-row batches row by row, 15 s more here.
     p = subprocess.run([sys.executable, str(ROOT / "evaluation" / "evaluate.py"), "--from_pretrained", "tiny-cogvlm",
                         "--task", "synthetic:val,vqav2:val", "--data", str(tmp_path / "layouts"), "--output_dir",
                         str(tmp_path / "out"), "--version", "chat_old", "--grounding_prompt", "Where is the {expr}?",
-                        "--max_new_tokens", "96", "--batch_size", "16"],
+                        "--max_new_tokens", "96", "--batch_size", "16", "--no-deterministic"],
                        capture_output=True, text=True, timeout=600, cwd="/", env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     r = json.loads((tmp_path / "out" / "results.json").read_text())
