@@ -29,7 +29,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .tasks import Example
+from .example import Example
 
 GUI_TASKS = ("screenspot", "mind2web", "aitw")
 PROTOCOLS = {"screenspot": "SeeClick screenspot_test.py: point in box",

@@ -4,29 +4,14 @@ answer, a task's metrics over its rows, and `score_in_memory` (answer and score 
 data parallel over a process group)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 from .captions import caption_cider, caption_protocol
+from .example import DataError, Example  # noqa: F401 - importable from here too
 from .metrics import grounding_hit, synthetic_scores
 from .pope import pope_scores
 from .vqa import VQA_PROTOCOLS
 
-
-class DataError(FileNotFoundError):
-    """A dataset file that is missing or unreadable; the message says which and where."""
-
-
-@dataclass
-class Example:
-    id: str
-    image: Path
-    question: str                            # the expression, question or POPE question
-    answers: list = field(default_factory=list)     # VQA: human answers; POPE: [label]
-    box: Optional[tuple] = None              # grounding truth, x0 y0 x1 y1 in pixels
-    size: Optional[tuple] = None             # (width, height) of the image
-    history: list = field(default_factory=list)    # earlier (query, answer) turns (finetuning data)
 
 CAPTION_REQUEST = "Describe the image in one sentence."
 
@@ -95,7 +80,7 @@ def protocol(task: str, vqa: Optional[str] = None) -> str:
     """The name of the protocol that produces a task's numbers (results.json, the table)."""
     k = kind(task)
     if k in GUI_KINDS:
-        from . import gui                          # imported here: gui.py imports Example from this module
+        from . import gui
         return gui.PROTOCOLS[k]
     if k == "caption":                             # the coco-caption pipeline, or the fallback without Java
         return caption_protocol()
