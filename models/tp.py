@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import sys
+import time
 from typing import NoReturn, Optional
 
 import torch
@@ -267,7 +268,7 @@ def exit_process(status: int = 0) -> NoReturn:
     (a rank that leaves the gloo barrier first and closes its sockets while a peer has not yet
     read the barrier's last message makes that peer's gloo thread throw "Connection closed by
     peer", SIGABRT). Then the process ends without tearing the process groups down or finalizing
-    the interpreter: that teardown (gloo's C++ objects and threads, racing the peers' own) is
+    the interpreter (rank 0 last: it may host the store the others still talk to): that teardown (gloo's C++ objects and threads, racing the peers' own) is
     the likely place where a rank of 4 aborted in one CI run ("terminate called without an
     active exception"). The kernel closes the sockets; Python's logs and streams are flushed
     first. Outside torchrun: sys.exit(status)."""
@@ -277,6 +278,7 @@ def exit_process(status: int = 0) -> NoReturn:
         try:
             dist.barrier()
             _store_barrier("cogvlm/exit")
+            _leave_store("cogvlm/exit")
         except Exception as e:           # a peer died or timed out: say so, exit non-zero
             print(f"error: leaving the torchrun group: {e}", file=sys.stderr)
             status = 1
@@ -293,6 +295,25 @@ def _store_barrier(key: str) -> None:
     if store.add(key, 1) == world:             # the last rank to arrive opens the gate
         store.set(key + "/open", "1")
     store.wait([key + "/open"])
+
+
+def _leave_store(key: str) -> None:
+    """Rank 0 leaves last. Without torchrun's agent (DeepSpeed's launcher, env:// setups) rank 0
+    hosts the store: leaving right after the gate opened could close it while a peer still waits
+    for the gate's answer ("Failed to recv, got 0 bytes", seen once in CI). The other ranks say
+    they are through; an error on that last message is harmless (everyone passed the gate)."""
+    store, world = dist.distributed_c10d._get_default_store(), dist.get_world_size()
+    if dist.get_rank() != 0:
+        try:
+            store.add(key + "/left", 1)
+        except Exception:                       # rank 0 counted it and left before answering
+            pass
+        return
+    deadline = time.monotonic() + store.timeout.total_seconds()
+    while store.add(key + "/left", 0) < world - 1:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{world - 1 - store.add(key + '/left', 0)} rank(s) never left")
+        time.sleep(0.01)
 
 
 def tp_rank_world() -> tuple[int, int]:
