@@ -16,7 +16,8 @@ runs at the GEMM rate. Every compiled graph holds its own frozen weights; single
 generation (models.generate.decode_one_token) compiles one. The server's batch engine compiles
 only the decode attention (`compile_attention`): its whole step compiled measured no faster than
 the oneDNN-packed weights, its attention compiled much faster than eager. Tensor-parallel runs
-stay eager.
+stay eager. Batch-invariant decoding (the CPU default, no flag) compiles one thing only, where
+measured faster: the attention of a row with a long context (`LongContextAttention`).
 """
 from __future__ import annotations
 
@@ -80,18 +81,19 @@ class Compiled:
         return out
 
 
-def can_compile(model) -> bool:
-    """Whether inductor can compile for `model` here; the reason is logged when not."""
+def can_compile(model, warn: bool = True) -> bool:
+    """Whether inductor can compile for `model` here; the reason is logged when not (warn)."""
+    say = log.warning if warn else log.debug
     p = next(model.parameters())
     if p.device.type != "cpu":
-        log.warning("--compile is measured and supported on CPU only; running eagerly on %s", p.device)
+        say("--compile is measured and supported on CPU only; running eagerly on %s", p.device)
         return False
     if cxx_compiler() is None:
-        log.warning("--compile needs a C++ compiler (g++ or clang++; $CXX) and none was found; running eagerly")
+        say("--compile needs a C++ compiler (g++ or clang++; $CXX) and none was found; running eagerly")
         return False
     if not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
-        log.warning("--compile needs Python's C headers (Debian: apt-get install python3-dev) and %s has "
-                    "none; running eagerly", sysconfig.get_paths()["include"])
+        say("--compile needs Python's C headers (Debian: apt-get install python3-dev) and %s has "
+            "none; running eagerly", sysconfig.get_paths()["include"])
         return False
     return True
 
@@ -145,3 +147,81 @@ def compile_attention(model) -> bool:
     from .cogvlm import decode_attention
     set_decode_attention(model, Compiled(decode_attention, "the decode attention", "a few seconds, once per shape kind"))
     return True
+
+
+# From this many cached tokens on, a row's one-token attention may run compiled (below, eager
+# costs little and short chats never wait for the compiler).
+LONG_CONTEXT = 512
+
+
+class LongContextAttention:
+    """One row's one-token attention (single_query_attention's arguments, one row) for the
+    batch-invariant path, the CPU default. Eager bf16 matmuls copy the strided cache views
+    before reading them (at 1,299 cached tokens 2.5x inductor's time on the AMD EPYC; fp32 about
+    even), so rows of LONG_CONTEXT tokens or more run whichever is faster here: the first such
+    row compiles (seconds, one log line) and times both on its shape; the timings are cached per
+    machine beside the kernel timings, so later processes decide alike without compiling first
+    when eager won. Where inductor cannot compile, every row runs eagerly (nothing logged)."""
+
+    def __init__(self, model):
+        self.possible = can_compile(model, warn=False)
+        self.compiled = None                   # Compiled(single_query_attention), once chosen
+        self.choice = {}                       # shape kind -> "eager" | "compiled"
+
+    def __call__(self, q, k, v, mask=None):
+        from .cogvlm import single_query_attention
+        if not self.possible or k.shape[2] < LONG_CONTEXT:
+            return single_query_attention(q, k, v, mask)
+        kind = _attention_kind(q, k, v)
+        if kind not in self.choice:
+            self.choice[kind] = self._choose(kind, q, k, v, mask)
+        fn = self.compiled if self.choice[kind] == "compiled" else single_query_attention
+        return fn(q, k, v, mask)
+
+    def _choose(self, kind: str, q, k, v, mask) -> str:
+        """Time eager and compiled on this row (cached per machine); the faster one wins."""
+        from .cogvlm import single_query_attention
+        from .kernels import cache_path, machine_id, read_cache, write_cache
+        path, ident = cache_path().with_name("attention.json"), machine_id()
+        cached = read_cache(path, ident)
+        keys = {w: f"{w} {kind} threads={torch.get_num_threads()}" for w in ("eager", "compiled")}
+        if not all(key in cached for key in keys.values()):
+            self._compile()
+            self.compiled(q, k, v, mask)                                   # compiles
+            if self.compiled.failed:
+                return "eager"
+            eager, compiled = _alternate_medians([lambda: single_query_attention(q, k, v, mask),
+                                                  lambda: self.compiled(q, k, v, mask)])
+            cached.update({keys["eager"]: eager / k.shape[2], keys["compiled"]: compiled / k.shape[2]})
+            write_cache(path, ident, cached)
+        winner = min(keys, key=lambda w: cached[keys[w]])
+        mb = 2 * k[0].numel() * k.element_size() / 1e6                      # this row's K and V
+        log.info("attention over %d+ cached tokens (%s): %s (eager %.1f GB/s, compiled %.1f GB/s at %d tokens)",
+                 LONG_CONTEXT, kind, winner, *(mb / 1e3 / (cached[keys[w]] * k.shape[2]) for w in keys),
+                 k.shape[2])
+        if winner == "compiled":
+            self._compile()
+        return winner
+
+    def _compile(self) -> None:
+        from .cogvlm import single_query_attention
+        if self.compiled is None:                      # one graph for every shape kind and length
+            self.compiled = Compiled(single_query_attention, "the long-context attention",
+                                     "a few seconds, once per process")
+
+
+def _attention_kind(q, k, v) -> str:
+    """What decides the attention kernel's speed: dtype, heads, head size, K/V views or whole."""
+    whole = "contiguous" if k.is_contiguous() and v.is_contiguous() else "cache views"
+    return f"{str(q.dtype).replace('torch.', '')} heads={q.shape[1]} dim={q.shape[-1]} {whole}"
+
+
+def _alternate_medians(runs: list, repeat: int = 9) -> list:
+    """Median seconds of each run, the runs taking turns (a drifting machine slows them alike)."""
+    times = [[] for _ in runs]
+    for _ in range(repeat):
+        for run, t in zip(runs, times):
+            start = time.perf_counter()
+            run()
+            t.append(time.perf_counter() - start)
+    return [sorted(t)[len(t) // 2] for t in times]

@@ -19,6 +19,7 @@ The cost per row count is measured by bench/batch.py (bench/RESULTS.md, "Batch i
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Optional
 
@@ -26,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .cogvlm import decode_attention, single_query_attention
-from .compile import set_decode_attention
+from .compile import LongContextAttention, set_decode_attention
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def make_batch_invariant(model: nn.Module, rows: int = ROWS, measure: bool = Tru
     for name, n in fewest.items():
         if n > 1:                                  # 1: every row count already rounds alike
             model.runtime.invariant_hooks += _pad_rows(model.get_submodule(name), n)
-    set_decode_attention(model, attention_by_row)
+    set_decode_attention(model, functools.partial(attention_by_row, one=LongContextAttention(model)))
     if model.runtime.decode_step is not None:
         log.info("batch-invariant decoding runs eagerly: the compiled decode step is not used")
         model.runtime.decode_step = None
@@ -183,13 +184,15 @@ def row_starts(mask: Optional[torch.Tensor], B: int, S: int) -> tuple:
 
 
 def attention_by_row(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     mask: Optional[torch.Tensor] = None, one=single_query_attention) -> torch.Tensor:
     """One-token attention (as models.cogvlm.decode_attention: q B,H,1,D; k, v B,H,S,D) with
-    each row over its own slots only: the same product, on the same shapes, as that row alone."""
+    each row over its own slots only: the same product, on the same shapes, as that row alone.
+    one: the attention of one row (models.compile.LongContextAttention: compiled for long rows
+    where that is faster here)."""
     B, S = q.shape[0], k.shape[2]
     starts, whole = row_starts(mask, B, S)
     out = []
     for i, s in enumerate(starts):
         m = None if whole[i] else mask[i if mask.shape[0] == B else 0, ..., s:][None]   # 1,1,1,S-s
-        out.append(single_query_attention(q[i:i + 1], k[i:i + 1, :, s:], v[i:i + 1, :, s:], m))
+        out.append(one(q[i:i + 1], k[i:i + 1, :, s:], v[i:i + 1, :, s:], m))
     return torch.cat(out) if B > 1 else out[0]                                    # B,H,1,D

@@ -9,6 +9,8 @@ and a random tiny model's logits are close enough that one rounding flips a gree
 within 100 tokens (batch_chat without invariance: 1 of 4 rows differed over 120 tokens)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -18,9 +20,10 @@ from models.cogvlm import Cache
 from models.generate import GenerationConfig, decode_one_token, prefill
 from models.hf_io import hf_architecture, sat_to_hf
 from models.invariant import ROWS, attention_by_row, make_batch_invariant
-from utils.chat import ImageContext, batch_chat, build_hf_inputs, chat, prepare, prepare_batch
+from utils.chat import ImageContext, batch_chat, chat, prepare, prepare_batch
 from utils.serving.engine import BatchEngine
 from tests.test_engine import run_requests
+from tests.test_hf import assert_generate_batched_equals_alone
 
 BF16 = LoadOptions(dtype=torch.bfloat16)
 
@@ -98,13 +101,7 @@ def test_hf_generate_batched_equals_alone(cogagent_ckpt, tokenizer, image_file, 
     assert model.runtime.batch_invariant == ROWS
     reqs = [("Describe the image.", [], image_file), ("A long text-only question, please?", [], None),
             ("What colour?", [], image_file)]
-    batch = build_hf_inputs(model, tokenizer, reqs)
-    out = model.generate(**batch, max_new_tokens=120, do_sample=False)
-    T = batch["input_ids"].shape[1]
-    for i, r in enumerate(reqs):
-        single = build_hf_inputs(model, tokenizer, [r])
-        o = model.generate(**single, max_new_tokens=120, do_sample=False)
-        assert out[i, T:].tolist()[:o.shape[1] - single["input_ids"].shape[1]] == o[0, single["input_ids"].shape[1]:].tolist()
+    assert_generate_batched_equals_alone(model, tokenizer, reqs, 120)
 
 
 def test_row_attention_reads_only_each_rows_slots():
@@ -125,11 +122,67 @@ def test_switching_off_restores_the_batched_kernels(cogvlm_ckpt):
     model, _ = load_model(str(cogvlm_ckpt), LoadOptions(dtype=torch.float32, deterministic=False))
     make_batch_invariant(model, rows=ROWS, measure=False)           # every product padded
     assert len(model.runtime.invariant_hooks) > 0
-    assert model.model.layers[0].self_attn.decode_attention is attention_by_row
+    assert model.model.layers[0].self_attn.decode_attention.func is attention_by_row
     make_batch_invariant(model, 0)
     assert model.runtime.batch_invariant == 0 and not model.runtime.invariant_hooks
     assert all(not m._forward_pre_hooks for m in model.modules())
-    assert model.model.layers[0].self_attn.decode_attention is not attention_by_row
+    assert getattr(model.model.layers[0].self_attn.decode_attention, "func", None) is not attention_by_row
+
+
+# ----- long contexts: each row's attention compiled where that is faster here ------------------
+def _long_rows(n_rows=3, S=40):
+    """One-token attention inputs as the model passes them: B,H,1,D and strided cache views."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(n_rows, 4, 1, 16, generator=g).to(torch.bfloat16)
+    k, v = (torch.randn(n_rows, 4, S + 8, 16, generator=g).to(torch.bfloat16)[:, :, :S] for _ in range(2))
+    return q, k, v
+
+
+def _timed_cache(cache_dir, kind, eager, compiled):
+    from models.kernels import machine_id
+    key = f"{kind} threads={torch.get_num_threads()}"
+    (cache_dir / "cogvlm").mkdir(parents=True, exist_ok=True)
+    (cache_dir / "cogvlm" / "attention.json").write_text(json.dumps(
+        {"version": 1, "machine": machine_id(), "timings": {f"eager {key}": eager, f"compiled {key}": compiled}}))
+
+
+@pytest.mark.parametrize("faster", ["eager", "compiled"])
+def test_long_rows_follow_the_cached_timings(faster, cogvlm_ckpt, monkeypatch, tmp_path):
+    """Injected timings decide; eager winning compiles nothing; short rows never ask."""
+    import models.compile as mc
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(mc, "LONG_CONTEXT", 32)
+    q, k, v = _long_rows()
+    _timed_cache(tmp_path, mc._attention_kind(q[:1], k[:1], v[:1]), *((1.0, 2.0) if faster == "eager" else (2.0, 1.0)))
+    model, _ = load_model(str(cogvlm_ckpt), BF16)
+    one = model.model.layers[0].self_attn.decode_attention.keywords["one"]
+    assert isinstance(one, mc.LongContextAttention) and one.possible
+    one(q[:1], k[:1, :, :8], v[:1, :, :8])                                  # short: nothing decided
+    assert one.choice == {} and one.compiled is None
+    out = attention_by_row(q, k, v, one=one)
+    assert list(one.choice.values()) == [faster] and (one.compiled is None) == (faster == "eager")
+    assert torch.allclose(out.float(), attention_by_row(q, k, v).float(), atol=2e-2)
+
+
+def test_long_rows_measured_once_and_exact_batched(monkeypatch, tmp_path, cogvlm_ckpt, caplog):
+    """No timings cached: the first long row compiles and times both (cached, one log line);
+    rows batched get the bits they get alone whichever wins."""
+    import logging
+    import models.compile as mc
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(mc, "LONG_CONTEXT", 32)
+    model, _ = load_model(str(cogvlm_ckpt), BF16)
+    one = mc.LongContextAttention(model)
+    q, k, v = _long_rows()
+    starts = [0, 3, 1]
+    mask = torch.arange(k.shape[2])[None, :] >= torch.tensor(starts)[:, None]              # B,S
+    with caplog.at_level(logging.INFO, logger="models.compile"):
+        out = attention_by_row(q, k, v, mask[:, None, None, :], one=one)
+    timings = json.loads((tmp_path / "cogvlm" / "attention.json").read_text())["timings"]
+    assert sorted(w.split()[0] for w in timings) == ["compiled", "eager"]
+    assert sum("attention over 32+ cached tokens" in r.message for r in caplog.records) == 1
+    for i, s in enumerate(starts):
+        assert torch.equal(out[i], one(q[i:i + 1], k[i:i + 1, :, s:], v[i:i + 1, :, s:])[0])
 
 
 # ----- the server, as users start it (default flags but the dtype), one process and 2 TP ranks --

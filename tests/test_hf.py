@@ -105,17 +105,22 @@ def test_generate_equals_chat_and_streams(pair, tokenizer, image_file):
     assert streamed.strip().rstrip("\ufffd") == tokenizer.decode(new).strip().rstrip("\ufffd")
 
 
-def test_generate_batched_mixed_rows(pair, tokenizer, image_file):
-    sat, hf = pair
-    theirs = load_hf_model(hf)
-    reqs = [("Describe the image.", [], image_file), ("A long text-only question, please?", [], None)]
-    batch = build_hf_inputs(theirs, tokenizer, reqs)
-    out = theirs.generate(**batch, max_new_tokens=8, do_sample=False)
+def assert_generate_batched_equals_alone(model, tokenizer, reqs, new_tokens: int):
+    """HF generate() of the requests left-padded together: each row's greedy tokens as alone
+    (up to where the alone answer stopped)."""
+    batch = build_hf_inputs(model, tokenizer, reqs)
+    out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False)
     T = batch["input_ids"].shape[1]
     for i, r in enumerate(reqs):
-        single = build_hf_inputs(theirs, tokenizer, [r])
-        o = theirs.generate(**single, max_new_tokens=8, do_sample=False)
-        assert out[i, T:].tolist() == o[0, single["input_ids"].shape[1]:].tolist()
+        single = build_hf_inputs(model, tokenizer, [r])
+        alone = model.generate(**single, max_new_tokens=new_tokens, do_sample=False)[0, single["input_ids"].shape[1]:]
+        assert out[i, T:].tolist()[:len(alone)] == alone.tolist(), f"row {i}"
+
+
+def test_generate_batched_mixed_rows(pair, tokenizer, image_file):
+    sat, hf = pair
+    reqs = [("Describe the image.", [], image_file), ("A long text-only question, please?", [], None)]
+    assert_generate_batched_equals_alone(load_hf_model(hf), tokenizer, reqs, 8)
 
 
 def test_malformed_hf_checkpoints(pair, tmp_path):
