@@ -86,7 +86,7 @@ def serve_levels(model, tok, name: str, new_tokens: int, context: int) -> dict:
 
 
 def main(argv=None) -> int:
-    p = bench_parser(__doc__, threads=2, dtype="float32", quant=None, deterministic=None,
+    p = bench_parser(__doc__, threads=2, dtype="auto", quant=None, deterministic=None,
                      compile=dict(help="the decode attention compiled, as openai_api.py --compile runs it"))
     p.add_argument("--configs", nargs="+", default=["tiny", "mid"])
     p.add_argument("--context", type=int, default=0,
