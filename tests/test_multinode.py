@@ -349,3 +349,19 @@ def test_missing_mismatched_and_misconfigured_nodes_are_refused(nodes, captchas,
     assert errors[6] == errors[7] == "error: MP_SIZE=2 must divide the 3 process(es) per node (model parallel " \
                                      "stays inside a node, data parallel spans the nodes)"
     assert [code for code, _ in done] == [1, 1, 1, 1, 1, 1, 2, 2]
+
+
+def test_agent_losing_the_store_after_the_start_names_node_0(tmp_path):
+    """torchrun's agent on node 1 can notice node 0's death (its store) before the worker does:
+    before the workers met it is a failed rendezvous, after they met it is lost node 0 in the
+    workers' words, and nothing when a worker has already said it."""
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
+    from utils.training.nodes import rendezvous_failure
+    flag, error = tmp_path / "flag", RendezvousConnectionError("The connection to the C10d store has failed.")
+    before = rendezvous_failure(error, 1, "10.231.0.1:29543", flag)
+    assert before.startswith("error: node 1: the rendezvous at 10.231.0.1:29543 failed (RendezvousConnectionError")
+    (tmp_path / "flag.nodes").write_text(json.dumps({0: "node 0 (10.231.0.1, rank 0)", 1: "node 1 (10.231.0.2, rank 1)"}))
+    after = rendezvous_failure(error, 1, "10.231.0.1:29543", flag)
+    assert re.match(r"error: lost node 0 \(10\.231\.0\.1, rank 0\): .*\(seen from node 1\)\n$", after)
+    flag.touch()
+    assert rendezvous_failure(error, 1, "10.231.0.1:29543", flag) == ""

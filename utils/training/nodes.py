@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import logging
 import os
 import re
@@ -213,8 +214,12 @@ def is_peer_loss(error: BaseException) -> bool:
 def report_lost_nodes(nodes: list) -> None:
     """A distributed error that ends the run becomes one line (from each surviving node's first
     process) and exit status 1, without the teardown that can hang on a dead peer; under
-    torchrun_nodes the agent is told too (LOST_NODE_FILE)."""
+    torchrun_nodes the agent is told too (LOST_NODE_FILE), and learns who is where beforehand
+    (the agent may be the one to notice that node 0, the store's host, is gone)."""
     previous = sys.excepthook
+    if os.environ.get(LOST_NODE_FILE) and os.environ.get("LOCAL_RANK", "0") == "0":
+        Path(os.environ[LOST_NODE_FILE] + ".nodes").write_text(
+            json.dumps({n: describe(n, nodes) for n in sorted({n for n, _, _ in nodes})}))
 
     def hook(kind, error, tb):
         if not is_peer_loss(error):
@@ -346,12 +351,27 @@ def torchrun_nodes(argv: list) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except RendezvousError as e:
-        why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        print(f"error: node {node}: the rendezvous at {args.rdzv_endpoint} failed ({why}) within "
-              f"RDZV_TIMEOUT={join_timeout():g} s", file=sys.stderr)
+        print(rendezvous_failure(e, node, args.rdzv_endpoint, flag), file=sys.stderr, end="")
         return 1
     except SignalException as e:                 # Ctrl-C or a scheduler's SIGTERM: torchrun stopped the workers
         return 128 + int(e.sigval)
     finally:
         flag.unlink(missing_ok=True)
+        Path(f"{flag}.nodes").unlink(missing_ok=True)
     return 0
+
+
+def rendezvous_failure(error: Exception, node: int, endpoint: str, flag: Path) -> str:
+    """The line (or nothing) for torchrun's agent failing on its rendezvous store. Before the
+    workers met: the rendezvous failed. After (they wrote who is where): node 0, which hosts the
+    store, is lost, unless a worker has already said so (`flag`)."""
+    why = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    try:
+        nodes = json.loads(Path(f"{flag}.nodes").read_text())
+    except (OSError, ValueError):
+        return (f"error: node {node}: the rendezvous at {endpoint} failed ({why}) within "
+                f"RDZV_TIMEOUT={join_timeout():g} s\n")
+    if flag.exists():
+        return ""
+    return f"error: lost {nodes.get('0', 'node 0')}: the rendezvous store it hosts stopped answering ({why[:200]}) " \
+           f"(seen from node {node})\n"
