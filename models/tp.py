@@ -267,11 +267,12 @@ def exit_process(status: int = 0) -> NoReturn:
     first waits for the others: a gloo barrier, then a second one through the rendezvous store
     (a rank that leaves the gloo barrier first and closes its sockets while a peer has not yet
     read the barrier's last message makes that peer's gloo thread throw "Connection closed by
-    peer", SIGABRT). Then the process ends without tearing the process groups down or finalizing
-    the interpreter (rank 0 last: it may host the store the others still talk to): that teardown (gloo's C++ objects and threads, racing the peers' own) is
-    the likely place where a rank of 4 aborted in one CI run ("terminate called without an
-    active exception"). The kernel closes the sockets; Python's logs and streams are flushed
-    first. Outside torchrun: sys.exit(status)."""
+    peer", SIGABRT). Rank 0 leaves last: it may host the store the others still talk to. Then
+    the process ends without tearing the process groups down or finalizing the interpreter: that
+    teardown (gloo's C++ objects and threads, racing the peers' own) is the likely place where a
+    rank of 4 aborted in one CI run ("terminate called without an active exception"). The kernel
+    closes the sockets; Python's logs and streams are flushed first. Outside torchrun:
+    sys.exit(status)."""
     if not (dist.is_available() and dist.is_initialized()):
         sys.exit(status)
     if status == 0:                      # after an error the peers may not reach the barriers
