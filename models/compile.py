@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from .cogvlm import CrossAttention, VisionExpertAttention, decode_attention, single_query_attention
 from .generate import forward_one_token
 from .machine import release_free_memory
 
@@ -110,7 +111,6 @@ def freeze_weights():
 
 def set_decode_attention(model, fn) -> None:
     """The one-token attention every self and cross attention layer of `model` calls."""
-    from .cogvlm import CrossAttention, VisionExpertAttention
     for mod in model.modules():
         if isinstance(mod, (VisionExpertAttention, CrossAttention)):
             mod.decode_attention = fn
@@ -144,7 +144,6 @@ def compile_attention(model) -> bool:
     the reason logged, where it does not apply."""
     if not can_compile(model):
         return False
-    from .cogvlm import decode_attention
     set_decode_attention(model, Compiled(decode_attention, "the decode attention", "a few seconds, once per shape kind"))
     return True
 
@@ -169,7 +168,6 @@ class LongContextAttention:
         self.choice = {}                       # shape kind -> "eager" | "compiled"
 
     def __call__(self, q, k, v, mask=None):
-        from .cogvlm import single_query_attention
         if not self.possible or k.shape[2] < LONG_CONTEXT:
             return single_query_attention(q, k, v, mask)
         kind = _attention_kind(q, k, v)
@@ -180,7 +178,6 @@ class LongContextAttention:
 
     def _choose(self, kind: str, q, k, v, mask) -> str:
         """Time eager and compiled on this row (cached per machine); the faster one wins."""
-        from .cogvlm import single_query_attention
         from .kernels import cache_path, machine_id, read_cache, write_cache
         path, ident = cache_path().with_name("attention.json"), machine_id()
         cached = read_cache(path, ident)
@@ -204,7 +201,6 @@ class LongContextAttention:
         return winner
 
     def _compile(self) -> None:
-        from .cogvlm import single_query_attention
         if self.compiled is None:                      # one graph for every shape kind and length
             self.compiled = Compiled(single_query_attention, "the long-context attention",
                                      "a few seconds, once per process")
