@@ -168,7 +168,8 @@ class LongContextAttention:
         self.choice = {}                       # shape kind -> "eager" | "compiled"
 
     def __call__(self, q, k, v, mask=None):
-        if not self.possible or k.shape[2] < LONG_CONTEXT:
+        # Inside a graph being compiled (--compile's decode step) inductor compiles this too.
+        if not self.possible or k.shape[2] < LONG_CONTEXT or torch.compiler.is_compiling():
             return single_query_attention(q, k, v, mask)
         kind = _attention_kind(q, k, v)
         if kind not in self.choice:
