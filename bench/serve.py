@@ -20,6 +20,7 @@ from bench.common import bench_parser, pack_or_compile, random_model, write_json
 from bench.decode import MID  # noqa: E402
 from models import get_config  # noqa: E402
 from models.compile import compile_attention  # noqa: E402
+from models.invariant import compile_every_row  # noqa: E402
 from models.generate import GenerationConfig  # noqa: E402
 from models.loading import resolve_dtype  # noqa: E402
 from utils.chat import prepare  # noqa: E402
@@ -106,6 +107,7 @@ def main(argv=None) -> int:
         if a.compile and not compile_attention(model):
             print("--compile: compiling is not possible here (see the message above)")
             return 1
+        compile_every_row(model)                 # as openai_api.py (where invariance is on)
         res.update(serve_levels(model, tok, name, new_tokens, a.context))
     write_json(a.json, res)
     return 0

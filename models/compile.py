@@ -26,6 +26,7 @@ import os
 import shutil
 import sysconfig
 import time
+from typing import Optional
 
 import torch
 
@@ -149,7 +150,8 @@ def compile_attention(model) -> bool:
 
 
 # From this many cached tokens on, a row's one-token attention may run compiled (below, eager
-# costs little and short chats never wait for the compiler).
+# costs little and short chats never wait for the compiler). Long-running servers start at 1
+# (`compile_every_row`): there the per-row eager calls cost 1-in-10 of a 16-row step.
 LONG_CONTEXT = 512
 
 
@@ -157,19 +159,21 @@ class LongContextAttention:
     """One row's one-token attention (single_query_attention's arguments, one row) for the
     batch-invariant path, the CPU default. Eager bf16 matmuls copy the strided cache views
     before reading them (at 1,299 cached tokens 2.5x inductor's time on the AMD EPYC; fp32 about
-    even), so rows of LONG_CONTEXT tokens or more run whichever is faster here: the first such
+    even), so rows of `from_tokens` tokens or more run whichever is faster here: the first such
     row compiles (seconds, one log line) and times both on its shape; the timings are cached per
-    machine beside the kernel timings, so later processes decide alike without compiling first
-    when eager won. Where inductor cannot compile, every row runs eagerly (nothing logged)."""
+    machine, shape kind and length class (short / long: per-call overheads weigh differently)
+    beside the kernel timings, so later processes decide alike without compiling first when
+    eager won. Where inductor cannot compile, every row runs eagerly (nothing logged)."""
 
-    def __init__(self, model):
+    def __init__(self, model, from_tokens: Optional[int] = None):
         self.possible = can_compile(model, warn=False)
+        self.from_tokens = LONG_CONTEXT if from_tokens is None else from_tokens
         self.compiled = None                   # Compiled(single_query_attention), once chosen
         self.choice = {}                       # shape kind -> "eager" | "compiled"
 
     def __call__(self, q, k, v, mask=None):
         # Inside a graph being compiled (--compile's decode step) inductor compiles this too.
-        if not self.possible or k.shape[2] < LONG_CONTEXT or torch.compiler.is_compiling():
+        if not self.possible or k.shape[2] < self.from_tokens or torch.compiler.is_compiling():
             return single_query_attention(q, k, v, mask)
         kind = _attention_kind(q, k, v)
         if kind not in self.choice:
@@ -194,8 +198,7 @@ class LongContextAttention:
             write_cache(path, ident, cached)
         winner = min(keys, key=lambda w: cached[keys[w]])
         mb = 2 * k[0].numel() * k.element_size() / 1e6                      # this row's K and V
-        log.info("attention over %d+ cached tokens (%s): %s (eager %.1f GB/s, compiled %.1f GB/s at %d tokens)",
-                 LONG_CONTEXT, kind, winner, *(mb / 1e3 / (cached[keys[w]] * k.shape[2]) for w in keys),
+        log.info("one-row attention (%s): %s (eager %.1f GB/s, compiled %.1f GB/s at %d tokens)", kind, winner, *(mb / 1e3 / (cached[keys[w]] * k.shape[2]) for w in keys),
                  k.shape[2])
         if winner == "compiled":
             self._compile()
@@ -203,14 +206,16 @@ class LongContextAttention:
 
     def _compile(self) -> None:
         if self.compiled is None:                      # one graph for every shape kind and length
-            self.compiled = Compiled(single_query_attention, "the long-context attention",
+            self.compiled = Compiled(single_query_attention, "the one-row attention",
                                      "a few seconds, once per process")
 
 
 def _attention_kind(q, k, v) -> str:
-    """What decides the attention kernel's speed: dtype, heads, head size, K/V views or whole."""
+    """What decides the attention kernel's speed: dtype, heads, head size, K/V views or whole,
+    and the length class (under LONG_CONTEXT tokens the per-call overheads dominate)."""
     whole = "contiguous" if k.is_contiguous() and v.is_contiguous() else "cache views"
-    return f"{str(q.dtype).replace('torch.', '')} heads={q.shape[1]} dim={q.shape[-1]} {whole}"
+    length = "long" if k.shape[2] >= LONG_CONTEXT else "short"
+    return f"{str(q.dtype).replace('torch.', '')} heads={q.shape[1]} dim={q.shape[-1]} {whole} {length}"
 
 
 def _alternate_medians(runs: list, repeat: int = 9) -> list:

@@ -404,6 +404,11 @@ def main(argv=None) -> int:
     elif want_compile:
         from models.compile import compile_attention
         compile_attention(model)
+    if args.deterministic and world == 1:
+        from models.invariant import compile_every_row
+        if compile_every_row(model):
+            log.info("batch-invariant attention: every row's runs eager or compiled, whichever the first "
+                     "row measures faster here")
     if world > 1 and rank != 0:
         return follow_rank0(model, args, max_len)
     return serve(model, tok, args, max_len, world)

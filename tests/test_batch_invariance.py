@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from models import LoadOptions, load_model
-from models.cogvlm import Cache
+from models.cogvlm import Cache, single_query_attention
 from models.generate import GenerationConfig, decode_one_token, prefill
 from models.hf_io import hf_architecture, sat_to_hf
 from models.invariant import ROWS, attention_by_row, make_batch_invariant
@@ -138,12 +138,14 @@ def _long_rows(n_rows=3, S=40):
     return q, k, v
 
 
-def _timed_cache(cache_dir, kind, eager, compiled):
+def _timed_cache(cache_dir, timings: dict):
+    """attention.json as LongContextAttention writes it: {shape kind: (eager s, compiled s)}."""
     from models.kernels import machine_id
-    key = f"{kind} threads={torch.get_num_threads()}"
+    n = torch.get_num_threads()
+    entries = {f"{w} {kind} threads={n}": t for kind, pair in timings.items() for w, t in zip(("eager", "compiled"), pair)}
     (cache_dir / "cogvlm").mkdir(parents=True, exist_ok=True)
     (cache_dir / "cogvlm" / "attention.json").write_text(json.dumps(
-        {"version": 1, "machine": machine_id(), "timings": {f"eager {key}": eager, f"compiled {key}": compiled}}))
+        {"version": 1, "machine": machine_id(), "timings": entries}))
 
 
 @pytest.mark.parametrize("faster", ["eager", "compiled"])
@@ -153,7 +155,7 @@ def test_long_rows_follow_the_cached_timings(faster, cogvlm_ckpt, monkeypatch, t
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(mc, "LONG_CONTEXT", 32)
     q, k, v = _long_rows()
-    _timed_cache(tmp_path, mc._attention_kind(q[:1], k[:1], v[:1]), *((1.0, 2.0) if faster == "eager" else (2.0, 1.0)))
+    _timed_cache(tmp_path, {mc._attention_kind(q[:1], k[:1], v[:1]): (1.0, 2.0) if faster == "eager" else (2.0, 1.0)})
     model, _ = load_model(str(cogvlm_ckpt), BF16)
     one = model.model.layers[0].self_attn.decode_attention.keywords["one"]
     assert isinstance(one, mc.LongContextAttention) and one.possible
@@ -162,6 +164,32 @@ def test_long_rows_follow_the_cached_timings(faster, cogvlm_ckpt, monkeypatch, t
     out = attention_by_row(q, k, v, one=one)
     assert list(one.choice.values()) == [faster] and (one.compiled is None) == (faster == "eager")
     assert torch.allclose(out.float(), attention_by_row(q, k, v).float(), atol=2e-2)
+
+
+@pytest.mark.parametrize("faster", ["eager", "compiled"])
+def test_a_server_decides_short_rows_on_their_own_timings(faster, cogvlm_ckpt, monkeypatch, tmp_path):
+    """compile_every_row (what the server calls): short rows decide too, from the timings of
+    their own length class (the long class's, injected the other way round, are not read)."""
+    import models.compile as mc
+    from models.invariant import compile_every_row
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(mc, "LONG_CONTEXT", 32)
+    q, k, v = _long_rows()
+    short, long = (q[:1], k[:1, :, :8], v[:1, :, :8]), (q[:1], k[:1], v[:1])
+    wins, loses = (1.0, 2.0), (2.0, 1.0)
+    if faster == "compiled":
+        wins, loses = loses, wins
+    _timed_cache(tmp_path, {mc._attention_kind(*short): wins, mc._attention_kind(*long): loses})
+    model, _ = load_model(str(cogvlm_ckpt), BF16)
+    one = model.model.layers[0].self_attn.decode_attention.keywords["one"]
+    one(*short)
+    assert one.choice == {}                                                   # not yet asked
+    assert compile_every_row(model) and one.from_tokens == 1
+    out = one(*short)
+    assert list(one.choice.values()) == [faster] and (one.compiled is None) == (faster == "eager")
+    assert torch.allclose(out.float(), single_query_attention(*short).float(), atol=2e-2)
+    make_batch_invariant(model, 0)
+    assert not compile_every_row(model)                                       # invariance off
 
 
 def test_long_rows_measured_once_and_exact_batched(monkeypatch, tmp_path, cogvlm_ckpt, caplog):
@@ -180,7 +208,7 @@ def test_long_rows_measured_once_and_exact_batched(monkeypatch, tmp_path, cogvlm
         out = attention_by_row(q, k, v, mask[:, None, None, :], one=one)
     timings = json.loads((tmp_path / "cogvlm" / "attention.json").read_text())["timings"]
     assert sorted(w.split()[0] for w in timings) == ["compiled", "eager"]
-    assert sum("attention over 32+ cached tokens" in r.message for r in caplog.records) == 1
+    assert sum("one-row attention (" in r.message for r in caplog.records) == 1
     for i, s in enumerate(starts):
         assert torch.equal(out[i], one(q[i:i + 1], k[i:i + 1, :, s:], v[i:i + 1, :, s:])[0])
 
@@ -241,6 +269,8 @@ def test_server_greedy_streams_alone_and_concurrent_are_identical(ranks, cogvlm_
     assert "as torch.bfloat16" in log and "kernels" in log, log[:3000]
     if ranks > 1:
         assert "tensor-parallel rank 0 of 2 (this rank holds 1/2 of the split weights)" in log, log[:3000]
+    else:   # one process: short rows too run the attention measured faster (compiled or eager)
+        assert "every row's runs eager or compiled" in log and "one-row attention (" in log, log[-3000:]
 
 
 @pytest.mark.parametrize("layout", ["plain", "colmajor", "packed"])
