@@ -145,7 +145,9 @@ class RuntimeState:
         generate.forward_one_token. generate.decode_one_token calls whichever is set.
     batch_invariant: the rows every decode-time product is padded to
         (invariant.make_batch_invariant); 0 = off. With it, batched prompts are prefilled row
-        by row and images encoded one at a time; invariant_hooks: its padding hooks."""
+        by row and images encoded one at a time; invariant_hooks: its padding hooks;
+        row_attention: its one-row attention (compile.LongContextAttention), shared by every
+        layer; invariant.compile_every_row lowers the length it starts compiling at."""
     quant_bits: Optional[int] = None
     tp_world: int = 1
     packed: bool = False
@@ -153,6 +155,7 @@ class RuntimeState:
     decode_step: Optional[Callable] = None
     batch_invariant: int = 0
     invariant_hooks: list = field(default_factory=list)
+    row_attention: Optional[object] = None
 
 
 @dataclass

@@ -17,7 +17,8 @@ generation (models.generate.decode_one_token) compiles one. The server's batch e
 only the decode attention (`compile_attention`): its whole step compiled measured no faster than
 the oneDNN-packed weights, its attention compiled much faster than eager. Tensor-parallel runs
 stay eager. Batch-invariant decoding (the CPU default, no flag) compiles one thing only, where
-measured faster: the attention of a row with a long context (`LongContextAttention`).
+measured faster: the attention of a row with a long context, or of every row in the server
+(`LongContextAttention`).
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ import os
 import shutil
 import sysconfig
 import time
-from typing import Optional
 
 import torch
 
@@ -159,15 +159,16 @@ class LongContextAttention:
     """One row's one-token attention (single_query_attention's arguments, one row) for the
     batch-invariant path, the CPU default. Eager bf16 matmuls copy the strided cache views
     before reading them (at 1,299 cached tokens 2.5x inductor's time on the AMD EPYC; fp32 about
-    even), so rows of `from_tokens` tokens or more run whichever is faster here: the first such
-    row compiles (seconds, one log line) and times both on its shape; the timings are cached per
-    machine, shape kind and length class (short / long: per-call overheads weigh differently)
-    beside the kernel timings, so later processes decide alike without compiling first when
-    eager won. Where inductor cannot compile, every row runs eagerly (nothing logged)."""
+    even), so rows of `from_tokens` tokens or more (LONG_CONTEXT; 1 in the server, through
+    invariant.compile_every_row) run whichever is faster here: the first such row compiles
+    (seconds, one log line) and times both on its shape; the timings are cached per machine,
+    shape kind and length class (short / long: per-call overheads weigh differently) beside the
+    kernel timings, so later processes decide alike without compiling first when eager won.
+    Where inductor cannot compile, every row runs eagerly (nothing logged)."""
 
-    def __init__(self, model, from_tokens: Optional[int] = None):
+    def __init__(self, model):
         self.possible = can_compile(model, warn=False)
-        self.from_tokens = LONG_CONTEXT if from_tokens is None else from_tokens
+        self.from_tokens = LONG_CONTEXT        # rows this long or longer may run compiled
         self.compiled = None                   # Compiled(single_query_attention), once chosen
         self.choice = {}                       # shape kind -> "eager" | "compiled"
 
@@ -198,8 +199,8 @@ class LongContextAttention:
             write_cache(path, ident, cached)
         winner = min(keys, key=lambda w: cached[keys[w]])
         mb = 2 * k[0].numel() * k.element_size() / 1e6                      # this row's K and V
-        log.info("one-row attention (%s): %s (eager %.1f GB/s, compiled %.1f GB/s at %d tokens)", kind, winner, *(mb / 1e3 / (cached[keys[w]] * k.shape[2]) for w in keys),
-                 k.shape[2])
+        log.info("one-row attention (%s): %s (eager %.1f GB/s, compiled %.1f GB/s at %d tokens)", kind, winner,
+                 *(mb / 1e3 / (cached[keys[w]] * k.shape[2]) for w in keys), k.shape[2])
         if winner == "compiled":
             self._compile()
         return winner

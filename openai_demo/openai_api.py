@@ -404,7 +404,7 @@ def main(argv=None) -> int:
     elif want_compile:
         from models.compile import compile_attention
         compile_attention(model)
-    if args.deterministic and world == 1:
+    if world == 1:                               # ranks would time each other's attention
         from models.invariant import compile_every_row
         if compile_every_row(model):
             log.info("batch-invariant attention: every row's runs eager or compiled, whichever the first "
