@@ -292,14 +292,18 @@ def materialize(model: nn.Module, tensors, total: int, device="cpu", quant=None,
 
 def stream_quantize(model: nn.Module, name: str, attr: str, t: torch.Tensor, pending: dict,
                     bits: int, quant) -> None:
-    """Collect linear layer `name`'s tensors as they are read; once it has all (weight, and
-    bias if it has one) replace it by its quantized form."""
+    """Collect linear layer `name`'s tensors as they are read; once it has all (weight, bias
+    if it has one, LoRA adapter if it has one) replace it by its quantized form, adapter kept."""
+    from .lora import carry_adapter, has_adapter
     from .quantize import replace_quantized
-    got = pending.setdefault(name, {})
+    got, mod = pending.setdefault(name, {}), model.get_submodule(name)
     got[attr] = t
-    if "weight" in got and ("bias" in got or getattr(model.get_submodule(name), "bias", None) is None):
+    needs = ["weight"] + ["bias"] * (getattr(mod, "bias", None) is not None) + ["lora_A", "lora_B"] * has_adapter(mod)
+    if all(k in got for k in needs):
         del pending[name]
         replace_quantized(model, name, got["weight"], got.get("bias"), bits, quant.backend, quant.group)
+        if has_adapter(mod):
+            carry_adapter(mod, model.get_submodule(name), got["lora_A"], got["lora_B"])
 
 
 def check_finite(t: torch.Tensor, key: str, source: str) -> None:

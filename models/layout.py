@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .lora import carry_adapter, has_adapter
+
 
 def use_fast_cpu_layout(model: nn.Module) -> nn.Module:
     """fp32 only: in bf16 the column-major GEMV measured slower than row-major (mid-size
@@ -63,7 +65,7 @@ def pack_for_cpu_inference(model: nn.Module) -> nn.Module:
                if type(m) is nn.Linear and can_pack(m.weight.dtype, m.weight.device)]
     for name, lin in targets:
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, PackedLinear(lin))
+        setattr(model.get_submodule(parent) if parent else model, child, relayout(lin, "packed"))
     model.runtime.packed = True
     return model
 
@@ -77,8 +79,8 @@ def relayout(lin: nn.Linear, layout: str) -> nn.Module:
     """`lin` computing with `layout`: the same module with its weight re-strided (plain,
     colmajor; no copy when it already has that layout), or a PackedLinear in its place. One
     weight either way: the old one is released when the caller drops it."""
-    if layout == "packed":
-        return PackedLinear(lin)
+    if layout == "packed":       # a new module: a LoRA adapter (a hook on `lin`) moves with it
+        return carry_adapter(lin, PackedLinear(lin)) if has_adapter(lin) else PackedLinear(lin)
     w = lin.weight.data
     if layout == "plain":
         lin.weight.data = w.contiguous()

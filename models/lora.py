@@ -109,6 +109,22 @@ def apply_lora(model: nn.Module, lcfg: LoRAConfig, dtype: Optional[torch.dtype] 
     return names
 
 
+def has_adapter(mod: nn.Module) -> bool:
+    return hasattr(mod, "lora_A")
+
+
+def carry_adapter(old: nn.Module, new: nn.Module, A: Optional[torch.Tensor] = None,
+                  B: Optional[torch.Tensor] = None) -> nn.Module:
+    """Put `old`'s adapter (or the given A, B) on `new`, the module replacing it (a packed or
+    quantized form of the same product): the adapter is a hook on the module itself and would
+    otherwise be dropped with it."""
+    new.lora_A = nn.Parameter(old.lora_A if A is None else A, requires_grad=old.lora_A.requires_grad)
+    new.lora_B = nn.Parameter(old.lora_B if B is None else B, requires_grad=old.lora_B.requires_grad)
+    new.lora_scaling = old.lora_scaling
+    new.register_forward_hook(_lora_hook, prepend=True)
+    return new
+
+
 def is_lora_key(name: str) -> bool:
     return name.endswith((".lora_A", ".lora_B"))
 
