@@ -2,7 +2,7 @@
 the figures that picked it.
 
 The mid-size CogVLM of bench/decode.py is built on the meta device (no weights); every linear
-shape class is timed in each layout (oneDNN-packed, row-major and column-major F.linear) and
+shape class is timed in each layout (oneDNN-packed, row-major and column-major F.linear, gemv) and
 regime (1, 4 and 256 rows) with random weights, as load_model times them (models/kernels.py:
 median of a few calls), but without the cache and without a time budget. Printed next to
 the same process's references (bench/common.py): the best 8192^2 GEMV per kernel and a plain

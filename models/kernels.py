@@ -7,6 +7,9 @@ Candidates for a CPU nn.Linear in fp32 / bf16, each a weight layout (layout.LAYO
   packed    oneDNN's blocked layout (layout.PackedLinear), where layout.can_pack allows
   plain     F.linear on the weight row-major (PyTorch's own layout)
   colmajor  F.linear on the weight column-major (same shape, transposed strides)
+  gemv      row-major; a single row through ATen's own matrix-vector kernel (oneDNN off for
+            that call, layout.GemvLinear), more rows as plain. Not a candidate under
+            batch-invariant decoding, which pads single rows to several (models/invariant.py)
 Quantized layers keep their weight-only int8 / int4 kernels (quantize.WeightOnlyLinear, which
 picks the kernel or a dequantized GEMM by row count itself); modules that are not exactly an
 nn.Linear (tensor-parallel pieces) are left alone.
@@ -157,6 +160,8 @@ class ShapeClass:
     weight: Callable[[], torch.Tensor]              # one layer's weight, for timing
 
     def probe(self, layout: str, regime: str) -> Probe:
+        if layout == "gemv" and REGIMES[regime] > 1:   # gemv is plain beyond one row: plain's figure
+            layout = "plain"
         return Probe(layout, str(self.dtype).replace("torch.", ""), self.out, self.inp, REGIMES[regime],
                      torch.get_num_threads(), regime)
 
@@ -164,12 +169,15 @@ class ShapeClass:
         return [r for r in REGIMES if any(r in ROLE_REGIMES[x] for x in self.layers.values())]
 
 
-def available_layouts(dtype: torch.dtype, cpu_layout: bool = True) -> tuple:
-    """The layouts a CPU weight of `dtype` can take here (cpu_layout False: no re-striding)."""
-    return tuple(x for x in LAYOUTS if (x != "packed" or can_pack(dtype)) and (x != "colmajor" or cpu_layout))
+def available_layouts(dtype: torch.dtype, cpu_layout: bool = True, single_row: bool = True) -> tuple:
+    """The layouts a CPU weight of `dtype` can take here (cpu_layout False: no re-striding;
+    single_row False: decode products never have a single row, so gemv is plain)."""
+    return tuple(x for x in LAYOUTS if (x != "packed" or can_pack(dtype)) and (x != "colmajor" or cpu_layout)
+                 and (x != "gemv" or single_row))
 
 
-def shape_classes(model: nn.Module, cpu_layout: bool = True, weight_of: Optional[Callable] = None) -> dict:
+def shape_classes(model: nn.Module, cpu_layout: bool = True, weight_of: Optional[Callable] = None,
+                  single_row: bool = True) -> dict:
     """(dtype, out, in) -> ShapeClass of every plain floating-point CPU nn.Linear of `model`,
     the largest (most bytes held) first. weight_of(layer): the weight timed (default the
     layer's own; a benchmark times random ones for a model built on the meta device)."""
@@ -182,7 +190,7 @@ def shape_classes(model: nn.Module, cpu_layout: bool = True, weight_of: Optional
             continue
         key = (w.dtype, mod.out_features, mod.in_features)
         if key not in classes:
-            classes[key] = ShapeClass(*key, {}, available_layouts(w.dtype, cpu_layout),
+            classes[key] = ShapeClass(*key, {}, available_layouts(w.dtype, cpu_layout, single_row),
                                       lambda m=mod: weight_of(m))
         classes[key].layers[name] = role(name)
     return dict(sorted(classes.items(), key=lambda kv: -len(kv[1].layers) * kv[0][1] * kv[0][2]))
@@ -199,7 +207,7 @@ def measure_class(cls: ShapeClass, timings: dict, timer: Callable) -> None:
         lin.weight = nn.Parameter(cls.weight(), requires_grad=False)   # relayout copies, never writes it
         mods[layout] = relayout(lin, layout)
     for regime in cls.regimes():
-        probes = [cls.probe(x, regime) for x in cls.layouts if cls.probe(x, regime).key not in timings]
+        probes = list({p.key: p for p in (cls.probe(x, regime) for x in cls.layouts) if p.key not in timings}.values())
         if not probes:
             continue
         x = torch.randn(REGIMES[regime], cls.inp).to(cls.dtype)
@@ -254,7 +262,7 @@ def default_layout(cls: ShapeClass) -> str:
 
 
 def forced_layouts(classes: dict, layout: str) -> dict:
-    """name -> layout for --kernels packed|plain|colmajor: nothing is measured."""
+    """name -> layout for a forced --kernels (one of LAYOUTS): nothing is measured."""
     return {name: layout if layout in cls.layouts else default_layout(cls)
             for cls in classes.values() for name in cls.layers}
 
@@ -292,14 +300,15 @@ def describe(classes: dict, timings: dict, layouts: dict) -> str:
 
 
 def choose_layouts(model: nn.Module, kernels: str = "auto", cpu_layout: bool = True, remeasure: bool = False,
-                   timer: Optional[Callable] = None, budget: float = BUDGET_S) -> dict:
+                   timer: Optional[Callable] = None, budget: float = BUDGET_S, single_row: bool = True) -> dict:
     """name -> layout for every plain CPU linear layer of `model` (apply with
     layout.apply_layouts). kernels: auto = measured here (cached; remeasure: time again),
     or one of LAYOUTS forced on every layer that can take it. timer(probes, runs) -> seconds
-    (default median_seconds). Logs one line: the choice and the figures that chose it."""
+    (default median_seconds); single_row False: decoding pads single rows (batch-invariant),
+    so gemv is no candidate. Logs one line: the choice and the figures that chose it."""
     if kernels not in CHOICES:
         raise ValueError(f"--kernels takes {', '.join(CHOICES)}, not {kernels!r}")
-    classes = shape_classes(model, cpu_layout)
+    classes = shape_classes(model, cpu_layout, single_row=single_row or kernels != "auto")   # forced: as asked
     quantized = sum(1 for m in model.modules() if hasattr(m, "qweight"))
     tail = f"; {quantized} quantized layers keep their weight-only kernels" if quantized else ""
     if kernels != "auto":

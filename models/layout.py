@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .lora import carry_adapter, has_adapter
 
@@ -44,6 +45,31 @@ class PackedLinear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
 
+class GemvLinear(nn.Module):
+    """A linear layer whose single-row products run PyTorch's own CPU matrix-vector kernel
+    (ATen's, taken when oneDNN is switched off) and whose many-row products run F.linear as
+    `plain` does, on the same row-major weight (shared with the nn.Linear it replaces: one
+    storage, the same state_dict keys). In the torch 2.13 wheel a bf16 F.linear of one row
+    goes to oneDNN, whose matrix-vector path is fp32-only (models/kernels.py times both).
+    oneDNN is switched off process-wide for that one call: the model runs on one thread."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        lin.weight.data = lin.weight.data.contiguous()
+        self.weight, self.bias = lin.weight, lin.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != x.shape[-1]:                   # more than one row
+            return F.linear(x, self.weight, self.bias)
+        on = torch._C._get_mkldnn_enabled()
+        torch._C._set_mkldnn_enabled(False)
+        try:
+            return F.linear(x, self.weight, self.bias)
+        finally:
+            torch._C._set_mkldnn_enabled(on)
+
+
 def pack_weight(w: torch.Tensor) -> torch.Tensor:
     """w [out, in] in oneDNN's blocked layout, laid out for a row count of 16 (fp32: batched
     decoding) or 1 (bf16: measured faster single-row, equal at 4-283 rows)."""
@@ -71,16 +97,18 @@ def pack_for_cpu_inference(model: nn.Module) -> nn.Module:
 
 
 # The layouts a plain CPU linear layer can take (models/kernels.py chooses among them):
-# oneDNN-packed, F.linear on a row-major weight, F.linear on a column-major weight.
-LAYOUTS = ("packed", "plain", "colmajor")
+# oneDNN-packed, F.linear on a row-major weight, F.linear on a column-major weight, and a
+# row-major weight whose single-row products skip oneDNN (GemvLinear).
+LAYOUTS = ("packed", "plain", "colmajor", "gemv")
 
 
 def relayout(lin: nn.Linear, layout: str) -> nn.Module:
     """`lin` computing with `layout`: the same module with its weight re-strided (plain,
-    colmajor; no copy when it already has that layout), or a PackedLinear in its place. One
-    weight either way: the old one is released when the caller drops it."""
-    if layout == "packed":       # a new module: a LoRA adapter (a hook on `lin`) moves with it
-        return carry_adapter(lin, PackedLinear(lin)) if has_adapter(lin) else PackedLinear(lin)
+    colmajor; no copy when it already has that layout), or a PackedLinear or GemvLinear in
+    its place. One weight either way: the old one is released when the caller drops it."""
+    if layout in ("packed", "gemv"):   # a new module: a LoRA adapter (a hook on `lin`) moves with it
+        new = PackedLinear(lin) if layout == "packed" else GemvLinear(lin)
+        return carry_adapter(lin, new) if has_adapter(lin) else new
     w = lin.weight.data
     if layout == "plain":
         lin.weight.data = w.contiguous()

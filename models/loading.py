@@ -86,7 +86,7 @@ class LoadOptions:
     (off when the weights are laid out for speed next). pack: lay each CPU linear layer out for
     speed: with kernels "auto", in the layout its shape runs fastest in on this machine
     (kernels.py: measured once, cached; remeasure_kernels: time again). kernels "packed" /
-    "plain" / "colmajor": that layout for every layer that can take it (pack or not), nothing
+    "plain" / "colmajor" / "gemv": that layout for every layer that can take it (pack or not), nothing
     measured. compile: an inductor-compiled decode step (compile.py; the weights stay plain).
     deterministic: batch-invariant decoding (invariant.py: each row's logits as alone); None:
     invariant.deterministic_on's default (on for CPU unless compiled)."""
@@ -182,7 +182,8 @@ def prepare_for_inference(model: nn.Module, opts: LoadOptions) -> nn.Module:
         # Tensor-parallel ranks would time each other's load and might lay their replicated
         # layers out differently: they keep the fixed choice (packed where it can be).
         kernels = "packed" if opts.world > 1 and opts.kernels == "auto" else opts.kernels
-        apply_layouts(model, choose_layouts(model, kernels, opts.cpu_layout, opts.remeasure_kernels))
+        apply_layouts(model, choose_layouts(model, kernels, opts.cpu_layout, opts.remeasure_kernels,
+                                            single_row=not deterministic))
     elif opts.cpu_layout:
         use_fast_cpu_layout(model)
     if compiled:

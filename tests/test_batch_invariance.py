@@ -273,7 +273,7 @@ def test_server_greedy_streams_alone_and_concurrent_are_identical(ranks, cogvlm_
         assert "every row's runs eager or compiled" in log and "one-row attention (" in log, log[-3000:]
 
 
-@pytest.mark.parametrize("layout", ["plain", "colmajor", "packed"])
+@pytest.mark.parametrize("layout", ["plain", "colmajor", "packed", "gemv"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_padded_products_do_not_depend_on_the_row_count(dtype, layout):
     """A language-model-wide product (4096 inputs, where CPU libraries switch kernels by row

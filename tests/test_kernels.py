@@ -17,7 +17,7 @@ from models import LoadOptions, load_model
 from models import kernels
 from models.config import MODEL_CONFIGS
 from models.kernels import REGIMES, choose_layouts, role
-from models.layout import PackedLinear, apply_layouts, can_pack
+from models.layout import GemvLinear, PackedLinear, apply_layouts, can_pack
 from models.loading import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +63,8 @@ def linear_layouts(model) -> dict:
     for name, m in model.named_modules():
         if isinstance(m, PackedLinear):
             out[name] = "packed"
+        elif isinstance(m, GemvLinear):
+            out[name] = "gemv"
         elif type(m) is nn.Linear:
             w = m.weight
             out[name] = "plain" if w.is_contiguous() else "colmajor" if w.t().is_contiguous() else "other"
@@ -98,6 +100,42 @@ def test_the_faster_mock_wins_each_regime(caplog):
     assert len(records) == 1 and "GB/s" in records[0].getMessage() and "TFLOP/s" in records[0].getMessage()
     apply_layouts(model, layouts)
     assert linear_layouts(model) == layouts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gemv_runs_one_row_without_onednn_and_turns_it_back_on(dtype):
+    """gemv's single row is ATen's product (what F.linear computes with oneDNN off), its many
+    rows plain F.linear's, on the nn.Linear's own weight; oneDNN is as before after each call,
+    an error included."""
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 160).to(dtype)
+    gemv = GemvLinear(lin)
+    assert gemv.weight is lin.weight and set(gemv.state_dict()) == {"weight", "bias"}
+    one, many = torch.randn(1, 1, 96, dtype=dtype), torch.randn(2, 5, 96, dtype=dtype)
+    with torch.inference_mode():
+        with torch.backends.mkldnn.flags(enabled=False):
+            want = nn.functional.linear(one, lin.weight, lin.bias)
+        assert torch.equal(gemv(one), want) and torch._C._get_mkldnn_enabled()
+        assert torch.equal(gemv(many), lin(many))
+        with pytest.raises(RuntimeError):
+            gemv(torch.randn(1, 95, dtype=dtype))
+        assert torch._C._get_mkldnn_enabled()
+        with torch.backends.mkldnn.flags(enabled=False):
+            gemv(one)
+            assert not torch._C._get_mkldnn_enabled()
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gemv_is_no_candidate_where_decoding_pads_single_rows(deterministic, monkeypatch):
+    """Batch-invariant decoding pads a single row to several, so gemv's one-row kernel would
+    never run there: however fast the mock makes it, it is chosen only without invariance, and
+    only by layers that decode (beyond one row gemv is plain, timed once as plain)."""
+    monkeypatch.setattr(kernels, "median_seconds", MockTimer(winners("gemv", "packed", "colmajor")))
+    model, _ = load_model("tiny-cogvlm", LoadOptions(dtype=torch.float32, pack=True, deterministic=deterministic))
+    held = linear_layouts(model)
+    decoding = {x for n, x in held.items() if role(n) != "prefill"}
+    assert ("gemv" not in decoding) if deterministic else (decoding == {"gemv"}), held
+    assert "gemv" not in {x for n, x in held.items() if role(n) == "prefill"}
 
 
 def test_the_cache_is_written_read_and_invalidated(cache_dir, monkeypatch):

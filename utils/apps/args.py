@@ -52,8 +52,9 @@ def add_loading_args(g) -> None:
     g.add_argument("--kernels", default="auto", choices=KERNEL_CHOICES,
                    help="CPU linear layers: auto = each layer shape in the layout measured fastest on "
                         "this CPU (timed once at load, a few seconds; cached in "
-                        "$XDG_CACHE_HOME/cogvlm/kernels.json); packed / plain / colmajor = that layout "
-                        "everywhere (oneDNN-blocked; row-major or column-major F.linear), nothing measured; "
+                        "$XDG_CACHE_HOME/cogvlm/kernels.json); packed / plain / colmajor / gemv = that layout "
+                        "everywhere (oneDNN-blocked; row-major or column-major F.linear; row-major with "
+                        "single rows through ATen's GEMV), nothing measured; "
                         "overrides --cpu_weights")
     g.add_argument("--remeasure_kernels", action="store_true",
                    help="time the --kernels auto candidates again instead of reading the cache")
