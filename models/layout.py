@@ -8,6 +8,8 @@ strides change, so every caller (F.linear, state_dict, quantization) is unaffect
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -45,13 +47,17 @@ class PackedLinear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
 
+_ONEDNN_SWITCH = threading.Lock()         # GemvLinear's process-wide oneDNN off / on
+
+
 class GemvLinear(nn.Module):
     """A linear layer whose single-row products run PyTorch's own CPU matrix-vector kernel
     (ATen's, taken when oneDNN is switched off) and whose many-row products run F.linear as
     `plain` does, on the same row-major weight (shared with the nn.Linear it replaces: one
     storage, the same state_dict keys). In the torch 2.13 wheel a bf16 F.linear of one row
     goes to oneDNN, whose matrix-vector path is fp32-only (models/kernels.py times both).
-    oneDNN is switched off process-wide for that one call: the model runs on one thread."""
+    oneDNN is switched off process-wide for that one call, under a lock: concurrent calls (the
+    composite demo's sessions run in threads) could otherwise restore each other's "off"."""
 
     def __init__(self, lin: nn.Linear):
         super().__init__()
@@ -62,12 +68,13 @@ class GemvLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() != x.shape[-1]:                   # more than one row
             return F.linear(x, self.weight, self.bias)
-        on = torch._C._get_mkldnn_enabled()
-        torch._C._set_mkldnn_enabled(False)
-        try:
-            return F.linear(x, self.weight, self.bias)
-        finally:
-            torch._C._set_mkldnn_enabled(on)
+        with _ONEDNN_SWITCH:
+            on = torch._C._get_mkldnn_enabled()
+            torch._C._set_mkldnn_enabled(False)
+            try:
+                return F.linear(x, self.weight, self.bias)
+            finally:
+                torch._C._set_mkldnn_enabled(on)
 
 
 def pack_weight(w: torch.Tensor) -> torch.Tensor:

@@ -123,6 +123,16 @@ def test_gemv_runs_one_row_without_onednn_and_turns_it_back_on(dtype):
         with torch.backends.mkldnn.flags(enabled=False):
             gemv(one)
             assert not torch._C._get_mkldnn_enabled()
+    # Threads (the composite demo's sessions) calling at once leave oneDNN on, as they found it.
+    from concurrent.futures import ThreadPoolExecutor
+
+    def calls(_):
+        with torch.inference_mode():
+            for _ in range(200):
+                gemv(one)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(calls, range(4)))
+    assert torch._C._get_mkldnn_enabled()
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
