@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         if a.compile and not compile_attention(model):
             print("--compile: compiling is not possible here (see the message above)")
             return 1
-        compile_every_row(model)                 # as openai_api.py (where invariance is on)
+        compile_every_row(model)                 # as openai_api.py (one process)
         res.update(serve_levels(model, tok, name, new_tokens, a.context))
     write_json(a.json, res)
     return 0

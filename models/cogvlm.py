@@ -74,14 +74,17 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     mask: Optional[torch.Tensor] = None, one=single_query_attention) -> torch.Tensor:
     """Attention of one new token per row (every decode step); shapes as single_query_attention.
     On CPU the rows of strided K/V views (the caches) go in groups of about DECODE_CHUNK_BYTES of
     K each (see there); contiguous K/V (CogAgent's cross K/V) are not copied, so they go whole.
-    Compiled (models/compile.py) the whole batch is one kernel: inductor reads the views in place."""
+    Compiled (models/compile.py) the whole batch is one kernel: inductor reads the views in place.
+    one: the attention of a single row (compile.LongContextAttention where measured, on CPU)."""
     B = q.shape[0]
     contiguous = k.is_contiguous() and v.is_contiguous()
-    if B == 1 or contiguous or k.device.type != "cpu" or torch.compiler.is_compiling():
+    if B == 1:
+        return one(q, k, v, mask)
+    if contiguous or k.device.type != "cpu" or torch.compiler.is_compiling():
         return single_query_attention(q, k, v, mask)
     rows = max(1, DECODE_CHUNK_BYTES // max(1, k[0].numel() * k.element_size()))
     if rows >= B:
@@ -146,8 +149,9 @@ class RuntimeState:
     batch_invariant: the rows every decode-time product is padded to
         (invariant.make_batch_invariant); 0 = off. With it, batched prompts are prefilled row
         by row and images encoded one at a time; invariant_hooks: its padding hooks;
-        row_attention: its one-row attention (compile.LongContextAttention), shared by every
-        layer; invariant.compile_every_row lowers the length it starts compiling at."""
+        row_attention: the one-row attention (compile.LongContextAttention), shared by every
+        layer: every row's with it, one-row steps' without it on CPU (invariant.measured_single_rows);
+        invariant.compile_every_row lowers the length it starts compiling at."""
     quant_bits: Optional[int] = None
     tp_world: int = 1
     packed: bool = False

@@ -146,6 +146,7 @@ def compile_attention(model) -> bool:
     if not can_compile(model):
         return False
     set_decode_attention(model, Compiled(decode_attention, "the decode attention", "a few seconds, once per shape kind"))
+    model.runtime.row_attention = None                 # every row count runs the compiled one
     return True
 
 

@@ -407,8 +407,8 @@ def main(argv=None) -> int:
     if world == 1:                               # ranks would time each other's attention
         from models.invariant import compile_every_row
         if compile_every_row(model):
-            log.info("batch-invariant attention: every row's runs eager or compiled, whichever the first "
-                     "row measures faster here")
+            log.info("one-row attention: %s runs eager or compiled, whichever the first row measures "
+                     "faster here", "every row's" if model.runtime.batch_invariant else "a single-row step's")
     if world > 1 and rank != 0:
         return follow_rank0(model, args, max_len)
     return serve(model, tok, args, max_len, world)

@@ -192,6 +192,25 @@ def test_a_server_decides_short_rows_on_their_own_timings(faster, cogvlm_ckpt, m
     assert not compile_every_row(model)                                       # invariance off
 
 
+def test_a_single_stream_without_invariance_runs_the_measured_row_attention(cogvlm_ckpt, monkeypatch, tmp_path):
+    """--no-deterministic on CPU: a step of one row (a single stream) runs the one-row attention
+    measured on this machine, as each row does with invariance; several rows stay batched."""
+    import models.compile as mc
+    from models.cogvlm import decode_attention
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(mc, "LONG_CONTEXT", 32)
+    q, k, v = _long_rows()
+    _timed_cache(tmp_path, {mc._attention_kind(q[:1], k[:1], v[:1]): (1.0, 2.0)})        # eager wins
+    model, _ = load_model(str(cogvlm_ckpt), LoadOptions(dtype=torch.bfloat16, deterministic=False))
+    fn = model.model.layers[0].self_attn.decode_attention
+    one = fn.keywords["one"]
+    assert fn.func is decode_attention and one is model.runtime.row_attention and one.from_tokens == 32
+    assert torch.equal(fn(q[:1], k[:1], v[:1]), single_query_attention(q[:1], k[:1], v[:1]))
+    assert list(one.choice.values()) == ["eager"]                         # the single row asked it
+    one.choice.clear()
+    assert torch.equal(fn(q, k, v), decode_attention(q, k, v)) and one.choice == {}   # batched
+
+
 def test_long_rows_measured_once_and_exact_batched(monkeypatch, tmp_path, cogvlm_ckpt, caplog):
     """No timings cached: the first long row compiles and times both (cached, one log line);
     rows batched get the bits they get alone whichever wins."""
