@@ -150,7 +150,7 @@ class RuntimeState:
         (invariant.make_batch_invariant); 0 = off. With it, batched prompts are prefilled row
         by row and images encoded one at a time; invariant_hooks: its padding hooks;
         row_attention: the one-row attention (compile.LongContextAttention), shared by every
-        layer: every row's with it, one-row steps' without it on CPU (invariant.measured_single_rows);
+        layer: every row's with it, one-row steps' without it on CPU (compile.measured_single_rows);
         invariant.compile_every_row lowers the length it starts compiling at."""
     quant_bits: Optional[int] = None
     tp_world: int = 1

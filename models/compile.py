@@ -22,6 +22,7 @@ measured faster: the attention of a row with a long context, or of every row in 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -157,8 +158,9 @@ LONG_CONTEXT = 512
 
 
 class LongContextAttention:
-    """One row's one-token attention (single_query_attention's arguments, one row) for the
-    batch-invariant path, the CPU default. Eager bf16 matmuls copy the strided cache views
+    """One row's one-token attention (single_query_attention's arguments, one row): every row's
+    on the batch-invariant path (the CPU default), a single-row step's without it on CPU
+    (measured_single_rows). Eager bf16 matmuls copy the strided cache views
     before reading them (at 1,299 cached tokens 2.5x inductor's time on the AMD EPYC; fp32 about
     even), so rows of `from_tokens` tokens or more (LONG_CONTEXT; 1 in the server, through
     invariant.compile_every_row) run whichever is faster here: the first such row compiles
@@ -210,6 +212,15 @@ class LongContextAttention:
         if self.compiled is None:                      # one graph for every shape kind and length
             self.compiled = Compiled(single_query_attention, "the one-row attention",
                                      "a few seconds, once per process")
+
+
+def measured_single_rows(model) -> None:
+    """Batch invariance off, CPU eager: a step of one row (a single stream) runs its one-token
+    attention as the invariant path runs each row (LongContextAttention: from LONG_CONTEXT
+    tokens, compiled where measured faster here, since eager bf16 copies the cache views
+    first); steps of several rows keep the batched kernels."""
+    model.runtime.row_attention = LongContextAttention(model)
+    set_decode_attention(model, functools.partial(decode_attention, one=model.runtime.row_attention))
 
 
 def _attention_kind(q, k, v) -> str:

@@ -79,16 +79,6 @@ def make_batch_invariant(model: nn.Module, rows: int = ROWS, measure: bool = Tru
     return model
 
 
-def measured_single_rows(model: nn.Module) -> nn.Module:
-    """Batch invariance off, CPU eager: a step of one row (a single stream) runs its one-token
-    attention as the invariant path runs each row (compile.LongContextAttention: from
-    LONG_CONTEXT tokens, compiled where measured faster here, since eager bf16 copies the cache
-    views first); steps of several rows keep the batched kernels."""
-    model.runtime.row_attention = LongContextAttention(model)
-    set_decode_attention(model, functools.partial(decode_attention, one=model.runtime.row_attention))
-    return model
-
-
 def padding_rows(model: nn.Module, names: list, rows: int = ROWS) -> dict:
     """name -> the fewest rows n such that every count from n to `rows` gives each row, at the
     start or at the end of the batch, the bits it gets among `rows` rows. Measured once per kind
@@ -163,7 +153,7 @@ def compile_every_row(model: nn.Module) -> bool:
     """For long-running servers: every row's one-token attention, short rows too, runs whichever
     of eager and compiled measured faster here (the first row compiles for a few seconds; 16
     mixed rows of about 70 tokens: 3.2 ms a layer eager, 2.1 compiled on the AMD EPYC).
-    False where neither is set (invariant.make_batch_invariant, measured_single_rows)."""
+    False where neither is set (make_batch_invariant, compile.measured_single_rows)."""
     if model.runtime.row_attention is None:
         return False
     model.runtime.row_attention.from_tokens = 1

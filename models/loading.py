@@ -170,7 +170,7 @@ def prepare_for_inference(model: nn.Module, opts: LoadOptions) -> nn.Module:
     """The CPU weight layout of every linear layer, then the compiled decode step. Layouts
     (kernels.py): kernels auto with pack, measured on this machine; a forced layout; without
     pack (--cpu_weights plain), column-major fp32 where it has more outputs than inputs."""
-    from .invariant import deterministic_on, make_batch_invariant, measured_single_rows
+    from .invariant import deterministic_on, make_batch_invariant
     from .kernels import choose_layouts
     from .layout import apply_layouts
     cpu = torch.device(opts.device).type == "cpu"
@@ -192,5 +192,6 @@ def prepare_for_inference(model: nn.Module, opts: LoadOptions) -> nn.Module:
     if deterministic:
         make_batch_invariant(model)
     elif cpu and not compiled:
+        from .compile import measured_single_rows
         measured_single_rows(model)
     return model.eval()
