@@ -29,7 +29,8 @@ from utils.apps.cli import add_cli_args, print_answer, run  # noqa: E402
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, default_model="THUDM/cogagent-chat-hf",
-                   pretrained_help="HF checkpoint directory, or a hub name found in the local HF cache")
+                   pretrained_help="HF checkpoint directory, or a hub name found in the local HF cache",
+                   single_stream=True)
     add_generation_args(p)
     add_cli_args(p)
     return p.parse_args(argv)

@@ -24,7 +24,7 @@ from utils.serving.lockstep import Lockstep  # noqa: E402
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
+    add_model_args(p, single_stream=True)
     add_generation_args(p)
     add_cli_args(p)
     return p.parse_args(argv)

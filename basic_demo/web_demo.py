@@ -29,7 +29,7 @@ from utils.serving.lockstep import Lockstep  # noqa: E402
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
+    add_model_args(p, single_stream=True)
     add_generation_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 = every interface)")
     p.add_argument("--port", type=int, default=7860)

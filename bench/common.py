@@ -26,7 +26,8 @@ FLAGS = {
     "compile": dict(action="store_true", help="inductor-compiled decode step (models/compile.py)"),
     "deterministic": dict(action=argparse.BooleanOptionalAction,
                           help="batch-invariant decoding (models/invariant.py; default: as the apps, "
-                               "on for CPU eager decoding)"),
+                               "on for CPU eager decoding where rows are batched, off for a single "
+                               "stream)"),
 }
 # The CPU features that pick the kernels (bf16, int8, AMX), reported next to the figures.
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
@@ -86,15 +87,21 @@ def medians(runs: dict) -> dict:
 
 
 def best_gemv(n: int = 8192, repeat: int = 15, device="cpu") -> dict:
-    """Bytes/s of an n x n matrix-vector product by kernel: fp32 torch.mv, bf16 F.linear, and
-    (where oneDNN runs bf16) bf16 oneDNN-packed; "best" is the highest, the reference that
-    decode speed is compared with."""
+    """Bytes/s of an n x n matrix-vector product by kernel: fp32 torch.mv, bf16 F.linear, on
+    CPU bf16 through ATen's own GEMV (oneDNN off: the `gemv` layout), and (where oneDNN runs
+    bf16) bf16 oneDNN-packed; "best" is the highest, the reference that decode speed is
+    compared with."""
     import torch.nn.functional as F
-    from models.layout import can_pack
+    from models.layout import GemvLinear, can_pack
     w, x = torch.randn(n, n, device=device), torch.randn(n, device=device)
     res = {"fp32": n * n * 4 / median_time(lambda: torch.mv(w, x), repeat, warmup=3)}
     wb, xb = w.bfloat16(), x.bfloat16()[None]
     res["bf16"] = n * n * 2 / median_time(lambda: F.linear(xb, wb), repeat, warmup=3)
+    if torch.device(device).type == "cpu":
+        lin = torch.nn.Linear(n, n, bias=False, device="meta")
+        lin.weight = torch.nn.Parameter(wb, requires_grad=False)
+        gemv = GemvLinear(lin)
+        res["bf16_gemv"] = n * n * 2 / median_time(lambda: gemv(xb), repeat, warmup=3)
     if can_pack(torch.bfloat16, device):
         packed = torch.ops.mkldnn._reorder_linear_weight(wb, 1)
         res["bf16_packed"] = n * n * 2 / median_time(
@@ -146,15 +153,18 @@ def random_model(cfg, dtype: torch.dtype, bits: Optional[int] = None, device="cp
     return model
 
 
-def pack_or_compile(model, packed: bool, compiled: bool, deterministic: Optional[bool] = None):
+def pack_or_compile(model, packed: bool, compiled: bool, deterministic: Optional[bool] = None,
+                    single_stream: bool = False):
     """`model` prepared as the apps prepare it (models.loading.prepare_for_inference): packed:
     each CPU linear layer in the layout measured fastest here (--kernels auto, cached);
     compiled: the compiled decode step, or the run ends (measuring the eager step under a
     "compiled" label would mislead); deterministic (None: the apps' default for the device,
-    on for CPU eager decoding): batch-invariant decoding (models/invariant.py)."""
+    on for CPU eager decoding unless single_stream, as the CLIs and demos run it):
+    batch-invariant decoding (models/invariant.py)."""
     from models.loading import LoadOptions, prepare_for_inference
     dev = next(model.parameters()).device
-    prepare_for_inference(model, LoadOptions(device=dev, pack=packed, compile=compiled, deterministic=deterministic))
+    prepare_for_inference(model, LoadOptions(device=dev, pack=packed, compile=compiled, deterministic=deterministic,
+                                             single_stream=single_stream))
     if compiled and deterministic is not True and model.runtime.decode_step is None:
         sys.exit("--compile: the decode step cannot be compiled here (see the warning above)")
     return model

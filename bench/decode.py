@@ -4,10 +4,11 @@ Mid-size random-weight CogVLM (language hidden 2048, 16 layers, 16 heads, MLP 56
 32000; vision hidden 512, 4 layers, 8 heads, 224 px), in --dtype, optionally --quant 8|4
 (PyTorch's weight-only CPU kernels). Every figure is a median of several runs; ratios are
 taken against GEMV / GEMM figures measured in the same process: decode bandwidth against the
-best GEMV this process measures (fp32 and bf16, plain and oneDNN-packed), prefill against the
-GEMM of the compute dtype. With no flags it measures what the apps run: --dtype auto, each
-linear layer in the layout measured fastest here (--kernels auto), batch-invariant decoding on
-CPU. With --quant, the same model unquantized is prefilled in the same process, alternating,
+best GEMV this process measures (fp32, bf16 plain, ATen GEMV and oneDNN-packed), prefill against the
+GEMM of the compute dtype. With no flags it measures what the single-stream apps (CLIs, web
+and composite demos) run: --dtype auto, each linear layer in the layout measured fastest here
+(--kernels auto), no batch invariance (it guards batches; --deterministic times the server's
+invariant single row). With --quant, the same model unquantized is prefilled in the same process, alternating,
 and `prefill_vs_bf16` (or `_vs_float32`) in the JSON is the quantized prefill's time over it.
 """
 from __future__ import annotations
@@ -159,7 +160,7 @@ def build(dev: torch.device, dtype: torch.dtype, bits, backend: str, packed: boo
     unquantized = None
     if bits:                                           # each quantizes its own copy
         # the same weights unquantized, prepared as the apps would, to time its prefill alongside
-        unquantized = pack_or_compile(copy.deepcopy(model), packed, False, deterministic)
+        unquantized = pack_or_compile(copy.deepcopy(model), packed, False, deterministic, single_stream=True)
         quantize(agent, bits, vision_bits=8, backend=backend)
         quantize(model, bits, vision_bits=8, backend=backend)
     T = prompt.input_ids.shape[1]
@@ -167,7 +168,7 @@ def build(dev: torch.device, dtype: torch.dtype, bits, backend: str, packed: boo
     agent_extra = _bytes(t for n, t in list(agent.model.layers.named_parameters()) +
                          list(agent.model.layers.named_buffers()) if "cross" in n)
     for m in (model, agent):                           # after sharing: the agent packs its own
-        pack_or_compile(m, packed, compiled, deterministic)
+        pack_or_compile(m, packed, compiled, deterministic, single_stream=True)
     with torch.inference_mode():
         ckv = agent.cross_kv(torch.randn(1, 3, MID_CROSS.image_size, MID_CROSS.image_size, device=dev))
     return Measured(model, agent, prompt, run_prefill, step_bytes, agent_extra, ckv,

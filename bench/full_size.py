@@ -266,7 +266,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     model = build(a.model, dtype, a.quant or None, a.quant_vision, a.device, pack=False, group=a.quant_group)
     build_s = time.perf_counter() - t
-    pack_or_compile(model, not a.compile, a.compile)   # as the apps load it: kernels measured here
+    pack_or_compile(model, not a.compile, a.compile, single_stream=True)   # as the CLIs load it
     build_rss = round(peak_rss_gb(), 3)
     print(f"built in {build_s:.1f} s, peak RSS {build_rss:.2f} GB (now {rss_gb():.2f} GB)", flush=True)
     r = measure(model, a.text_tokens, a.decode_steps)

@@ -113,7 +113,7 @@ def our_model(bits, ctx: int, compiled: bool = False):
     torch.manual_seed(0)
     model = random_model(MID, torch.bfloat16, bits)
     nbytes = step_bytes(model, MID, ctx)                # before packing: packed tensors hide their size
-    return pack_or_compile(model, not compiled, compiled), nbytes
+    return pack_or_compile(model, not compiled, compiled, single_stream=True), nbytes
 
 
 def our_prefill_s(model) -> float:

@@ -41,7 +41,7 @@ def parse(argv: list[str]) -> Registry:
     p.add_argument("--cogvlm", default=os.environ.get("COGVLM_MODEL"))
     p.add_argument("--cogagent", default=os.environ.get("COGAGENT_MODEL"))
     p.add_argument("--grounding", default=os.environ.get("COGVLM_GROUNDING_MODEL"))
-    add_loading_args(p)
+    add_loading_args(p, single_stream=True)            # each session streams its own answer
     p.set_defaults(**{dest: os.environ[var] for dest, var in ENV_DEFAULTS.items() if os.environ.get(var)})
     a, unknown = p.parse_known_args(argv, namespace=Registry())
     if unknown:                                 # a typo must not be ignored silently

@@ -40,14 +40,17 @@ _DECODE_LINEARS = ("language_expert_query_key_value", "language_expert_dense", "
                    "up_proj", "down_proj", "cross_attn.query", "cross_attn.dense")
 
 
-def deterministic_on(flag: Optional[bool], device, compile: bool = False) -> bool:
+def deterministic_on(flag: Optional[bool], device, compile: bool = False, single_stream: bool = False) -> bool:
     """--deterministic / --no-deterministic, or by default: on where it is cheap, CPU eager
-    decoding (bench/RESULTS.md, "Batch invariance"); off on CUDA (row-by-row attention
-    launches kernels per row; not measured yet) and with --compile (the compiled step is the
-    point of that flag; invariant steps run eagerly)."""
+    decoding of a model that may batch rows (the server, batch_chat, HF generate, a library
+    user's model; bench/RESULTS.md, "Batch invariance"). Off on CUDA (row-by-row attention
+    launches kernels per row; not measured yet), with --compile (the compiled step is the point
+    of that flag; invariant steps run eagerly) and for single_stream callers: an app that never
+    decodes two rows in one step has no batch to be invariant against, and its single rows are
+    faster unpadded (1.3x a bf16 step on the AMD EPYC: ATen's GEMV, `gemv`)."""
     if flag is not None:
         return flag
-    return torch.device(device).type == "cpu" and not compile
+    return torch.device(device).type == "cpu" and not compile and not single_stream
 
 
 def make_batch_invariant(model: nn.Module, rows: int = ROWS, measure: bool = True) -> nn.Module:

@@ -26,7 +26,9 @@ prefill uses (image encoders and adapter, the vision experts, CogAgent's cross k
 the prefill regime's fastest; the LM head (prefill computes only the last row) the decode
 regime's; every other layer the layout of least cost over a typical request: one prefill of
 TYPICAL_PREFILL_ROWS rows (its time scaled linearly from the 256 measured) plus
-TYPICAL_DECODE_STEPS single-row steps. The batch regime is measured and logged, not weighed.
+TYPICAL_DECODE_STEPS decode steps. Decode steps are costed at one row, or at the batch regime
+where batch-invariant decoding pads single rows to a few (models/invariant.py): every step of a
+batching app (the server, the evaluation runner) then runs several rows.
 """
 from __future__ import annotations
 
@@ -231,12 +233,15 @@ def measure(classes: dict, timings: dict, timer: Callable, budget: float = BUDGE
 
 # ---------------------------------------------------------------------------------------
 # Choosing
-def cost(seconds: dict, layer_role: str) -> float:
-    """The time a layer of `layer_role` spends in a typical request, from its regime -> seconds."""
-    if layer_role != "both":
-        return seconds[ROLE_REGIMES[layer_role][0]]
+def cost(seconds: dict, layer_role: str, decode: str = "decode") -> float:
+    """The time a layer of `layer_role` spends in a typical request, from its regime -> seconds.
+    decode: the regime a decode step's rows run in ("batch" where single rows are padded)."""
+    if layer_role == "prefill":
+        return seconds["prefill"]
+    if layer_role == "decode":
+        return seconds[decode]
     return (seconds["prefill"] * TYPICAL_PREFILL_ROWS / REGIMES["prefill"]
-            + seconds["decode"] * TYPICAL_DECODE_STEPS)
+            + seconds[decode] * TYPICAL_DECODE_STEPS)
 
 
 def seconds_of(cls: ShapeClass, timings: dict) -> dict:
@@ -245,12 +250,13 @@ def seconds_of(cls: ShapeClass, timings: dict) -> dict:
             for x in cls.layouts}
 
 
-def fastest(cls: ShapeClass, timings: dict, layer_role: str) -> Optional[str]:
+def fastest(cls: ShapeClass, timings: dict, layer_role: str, decode: str = "decode") -> Optional[str]:
     """The layout of least cost for layers of `layer_role` (ties: LAYOUTS order), None unmeasured."""
     secs = seconds_of(cls, timings)
-    if any(not set(ROLE_REGIMES[layer_role]) - {"batch"} <= set(secs[x]) for x in cls.layouts):
+    needed = {"prefill": {"prefill"}, "decode": {decode}, "both": {decode, "prefill"}}[layer_role]
+    if any(not needed <= set(secs[x]) for x in cls.layouts):
         return None
-    return min(cls.layouts, key=lambda x: (cost(secs[x], layer_role), LAYOUTS.index(x)))
+    return min(cls.layouts, key=lambda x: (cost(secs[x], layer_role, decode), LAYOUTS.index(x)))
 
 
 def default_layout(cls: ShapeClass) -> str:
@@ -305,7 +311,7 @@ def choose_layouts(model: nn.Module, kernels: str = "auto", cpu_layout: bool = T
     layout.apply_layouts). kernels: auto = measured here (cached; remeasure: time again),
     or one of LAYOUTS forced on every layer that can take it. timer(probes, runs) -> seconds
     (default median_seconds); single_row False: decoding pads single rows (batch-invariant),
-    so gemv is no candidate. Logs one line: the choice and the figures that chose it."""
+    so gemv is no candidate and decode steps are costed at the few-row regime. Logs one line: the choice and the figures that chose it."""
     if kernels not in CHOICES:
         raise ValueError(f"--kernels takes {', '.join(CHOICES)}, not {kernels!r}")
     classes = shape_classes(model, cpu_layout, single_row=single_row or kernels != "auto")   # forced: as asked
@@ -329,7 +335,9 @@ def choose_layouts(model: nn.Module, kernels: str = "auto", cpu_layout: bool = T
     took = time.perf_counter() - start
     if timings != before:
         write_cache(path, ident, timings)
-    layouts = {name: fastest(cls, timings, r) or default_layout(cls)
+    # Batch-invariant decoding pads a single row to a few: its steps cost what the few-row regime does.
+    decode = "decode" if single_row else "batch"
+    layouts = {name: fastest(cls, timings, r, decode) or default_layout(cls)
                for cls in classes.values() for name, r in cls.layers.items()}
     how = f"measured in {took:.1f} s, saved to" if timings != before else "timings cached in"
     note = f"; {len(skipped)} shape classes over the {budget:.0f} s budget take the default until the next load" \

@@ -89,7 +89,9 @@ class LoadOptions:
     "plain" / "colmajor" / "gemv": that layout for every layer that can take it (pack or not), nothing
     measured. compile: an inductor-compiled decode step (compile.py; the weights stay plain).
     deterministic: batch-invariant decoding (invariant.py: each row's logits as alone); None:
-    invariant.deterministic_on's default (on for CPU unless compiled)."""
+    invariant.deterministic_on's default (on for CPU unless compiled or single_stream).
+    single_stream: the caller decodes one row per step, never more (the CLIs, the web and
+    composite demos), so batch invariance guards nothing there unless asked for."""
     device: Union[str, torch.device] = "cpu"
     dtype: Optional[torch.dtype] = None
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -102,6 +104,7 @@ class LoadOptions:
     remeasure_kernels: bool = False
     compile: bool = False
     deterministic: Optional[bool] = None
+    single_stream: bool = False
 
 
 def load_model(from_pretrained: str, opts: Optional[LoadOptions] = None,
@@ -174,7 +177,7 @@ def prepare_for_inference(model: nn.Module, opts: LoadOptions) -> nn.Module:
     from .kernels import choose_layouts
     from .layout import apply_layouts
     cpu = torch.device(opts.device).type == "cpu"
-    deterministic = deterministic_on(opts.deterministic, opts.device, opts.compile)
+    deterministic = deterministic_on(opts.deterministic, opts.device, opts.compile, opts.single_stream)
     compiled = opts.compile and not deterministic       # batch-invariant steps run eagerly
     if compiled and opts.kernels != "auto":             # inductor lays out and packs its own copy
         log.info("--kernels %s is left to --compile, which lays the weights out itself", opts.kernels)

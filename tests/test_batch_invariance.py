@@ -48,6 +48,28 @@ def test_default_is_on_for_cpu_and_off_when_asked(cogvlm_ckpt):
     assert model.runtime.batch_invariant == 0 and not model.runtime.invariant_hooks
 
 
+@pytest.mark.parametrize("app,batches", [("basic_demo.cli_demo_sat", False), ("basic_demo.cli_demo_hf", False),
+                                         ("basic_demo.web_demo", False), ("composite_demo.registry", False),
+                                         ("openai_demo.openai_api", True), ("evaluation.evaluate", True)])
+def test_invariance_is_the_default_where_an_app_batches_rows(app, batches):
+    """The server and the evaluation runner batch requests: invariant by default on CPU. The
+    CLIs and the web and composite demos decode one row a step: nothing to be invariant against,
+    so their single rows run unpadded (the fastest one-row kernels); --deterministic still asks."""
+    import importlib
+    from models.invariant import deterministic_on
+    from utils.apps.args import options_from_args
+    mod = importlib.import_module(app)
+    parse = getattr(mod, "parse", None) or mod.parse_args
+    extra = ["--task", "refcoco:val", "--data", "d", "--output_dir", "o"] if app.startswith("evaluation") else []
+
+    def default(*flags):
+        o = options_from_args(parse(["--device", "cpu", *extra, *flags]))
+        return deterministic_on(o.deterministic, o.device, o.compile, o.single_stream)
+    assert default() is batches
+    assert default("--deterministic") is True and default("--no-deterministic") is False
+    assert default("--compile") is False
+
+
 def test_each_row_gets_its_logits_alone_bit_for_bit(bf16_model, tokenizer, image_file):
     model, cfg = bf16_model
     reqs = _requests(cfg, image_file)

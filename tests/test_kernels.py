@@ -148,6 +148,19 @@ def test_gemv_is_no_candidate_where_decoding_pads_single_rows(deterministic, mon
     assert "gemv" not in {x for n, x in held.items() if role(n) == "prefill"}
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_padded_single_rows_are_costed_as_the_few_rows_they_run(deterministic, monkeypatch):
+    """Batch-invariant decoding runs a one-row step padded to a few rows (bf16 oneDNN 2, fp32
+    MKL 12 on the AMD EPYC): the layers that decode take the few-row regime's winner there,
+    the one-row regime's without invariance; prefill-only layers prefill's either way."""
+    monkeypatch.setattr(kernels, "median_seconds", MockTimer(winners("colmajor", "plain", "packed")))
+    model, _ = load_model("tiny-cogvlm", LoadOptions(dtype=torch.float32, pack=True, deterministic=deterministic))
+    held = linear_layouts(model)
+    decoding = {x for n, x in held.items() if role(n) != "prefill"}
+    assert decoding == ({"plain"} if deterministic else {"colmajor"}), held
+    assert {x for n, x in held.items() if role(n) == "prefill"} == {"packed"}
+
+
 def test_the_cache_is_written_read_and_invalidated(cache_dir, monkeypatch):
     model = tiny()
     table = winners("plain", "plain", "plain")

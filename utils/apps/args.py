@@ -25,7 +25,7 @@ UI_MAX_NEW_TOKENS = 512      # where the UIs' "max new tokens" slider starts (GE
 
 
 def add_model_args(p: argparse.ArgumentParser, default_model: str = "cogvlm-chat-v1.1",
-                   pretrained_help: Optional[str] = None) -> None:
+                   pretrained_help: Optional[str] = None, single_stream: bool = False) -> None:
     """--from_pretrained, --version and every loading flag (add_loading_args)."""
     g = p.add_argument_group("model")
     g.add_argument("--from_pretrained", default=default_model, help=pretrained_help or
@@ -33,12 +33,14 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str = "cogvlm-chat
                    f"(default ~/.sat_models): {', '.join(list(MODEL_CONFIGS)[:7] + list(ALIASES))}")
     g.add_argument("--version", default=None, choices=["base", "chat", "chat_old", "vqa"],
                    help="prompt template (default: the checkpoint's own)")
-    add_loading_args(g)
+    add_loading_args(g, single_stream)
 
 
-def add_loading_args(g) -> None:
+def add_loading_args(g, single_stream: bool = False) -> None:
     """The flags options_from_args reads, and --local_tokenizer: every app that loads a model
-    takes them (the composite demo names its checkpoints by other flags)."""
+    takes them (the composite demo names its checkpoints by other flags). single_stream: the
+    app decodes one row per step, never more (LoadOptions.single_stream)."""
+    g.set_defaults(single_stream=single_stream)
     g.add_argument("--local_tokenizer", default=DEFAULT_TOKENIZER,
                    help="tokenizer directory (tokenizer.model or tokenizer.json); default: the "
                         "checkpoint's own tokenizer/ folder, else lmsys/vicuna-7b-v1.5 from the HF cache")
@@ -66,8 +68,10 @@ def add_loading_args(g) -> None:
                         "faster). bench/RESULTS.md")
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
                    help="batch-invariant greedy decoding: each request's answer is the one it gets "
-                        "alone, whatever else runs in the batch (default: on for CPU without --compile, "
-                        "off on CUDA; cost measured in bench/RESULTS.md, 'Batch invariance')")
+                        "alone, whatever else runs in the batch (default: on for CPU without --compile "
+                        "where rows are batched: the OpenAI server, the evaluation runner; off in the "
+                        "single-stream demos, which never batch, and on CUDA; cost measured in "
+                        "bench/RESULTS.md, 'Batch invariance')")
     g.add_argument("--trust-checkpoint", "--trust_checkpoint", dest="trust_checkpoint",
                    action="store_true", help="allow checkpoint files that need full unpickling "
                                              "(training checkpoints); only for files you trust")
@@ -173,7 +177,7 @@ def options_from_args(args, rank: int = 0, world: int = 1) -> LoadOptions:
                        trust_checkpoint=args.trust_checkpoint, rank=rank, world=world,
                        pack=args.cpu_weights != "plain", kernels=kernels,
                        remeasure_kernels=args.remeasure_kernels, compile=args.compile,
-                       deterministic=args.deterministic)
+                       deterministic=args.deterministic, single_stream=args.single_stream)
 
 
 def load_with_tokenizer(from_pretrained: str, opts: LoadOptions, local_tokenizer: str, arch=None):
