@@ -17,7 +17,9 @@ nn.Linear (tensor-parallel pieces) are left alone.
 Each shape class (dtype, outputs, inputs) is timed per regime: decode (1 row), batch (4 rows:
 batched decoding) and prefill (256 rows, standing in for prompts of 300-1300 rows and the image
 encoders), with one layer's own weight, the median of a few calls, the layouts taking turns
-(each holds its own copy of that one layer meanwhile). The timings are cached in
+(each holds its own copy of that one layer meanwhile), every call with the CPU caches flushed
+first as a real step finds them (a weight that stays cached between calls favours other
+kernels: packed bf16 won from the cache, ATen's GEMV from memory, on the AMD EPYC). The timings are cached in
 $XDG_CACHE_HOME/cogvlm/kernels.json (default ~/.cache), valid while the CPU model, its flags
 and the torch version stay the same; missing entries are measured within BUDGET_S.
 
@@ -46,7 +48,7 @@ import torch
 import torch.nn as nn
 
 from .layout import LAYOUTS, can_pack, relayout
-from .machine import cpu_flags
+from .machine import cpu_flags, last_level_cache_bytes
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,9 @@ TYPICAL_PREFILL_ROWS = 800
 TYPICAL_DECODE_STEPS = 150
 BUDGET_S = 4.0              # measuring stops starting new shape classes after this long
 REPEAT = {"decode": 7, "batch": 5, "prefill": 3}     # timed calls per probe (after one warm-up)
-CACHE_VERSION = 1
+# 2: timings taken with the caches flushed before each call (version 1's were partly from cache:
+# a 2048x2048 bf16 weight read 98 GB/s packed from the AMD EPYC's L3, 15 GB/s from memory).
+CACHE_VERSION = 2
 
 _PREFILL_ONLY = re.compile(r"model\.(vision|cross_vision)\.|.*\.vision_expert_|.*\.vision_mlp\.|"
                            r".*\.cross_attn\.key_value$")
@@ -90,13 +94,17 @@ class Probe:
 
 def median_seconds(probes: list, runs: list) -> list:
     """The default timer: the median wall time of each run() over a few calls, after one
-    warm-up each. The runs (one regime, every layout) take turns, so a machine whose speed
-    drifts (a busy shared box) slows them alike."""
+    warm-up each, every call with the CPU caches flushed first (a read of twice the last-level
+    cache), as a real step finds them: it reads gigabytes of weights, so no layer's weight is
+    still cached when its turn comes. The runs (one regime, every layout) take turns, so a
+    machine whose speed drifts (a busy shared box) slows them alike."""
+    flush = torch.ones(2 * last_level_cache_bytes() // 4)     # fp32: 2x the cache in bytes
     for run in runs:
         run()
     times = [[] for _ in runs]
     for _ in range(REPEAT[probes[0].regime]):
         for run, t in zip(runs, times):
+            flush.sum()
             start = time.perf_counter()
             run()
             t.append(time.perf_counter() - start)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+from pathlib import Path
 from typing import Union
 
 import torch
@@ -24,6 +25,17 @@ def cpu_flags() -> set:
     except OSError:
         pass
     return set()
+
+
+def last_level_cache_bytes(default: int = 32 << 20, root: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """The largest CPU cache's size (Linux sysfs, e.g. "32768K"); `default` where unknown."""
+    sizes = []
+    for f in Path(root).glob("index*/size"):
+        text = f.read_text().strip()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        if text.rstrip("KMG").isdigit():
+            sizes.append(int(text.rstrip("KMG")) * scale)
+    return max(sizes, default=default)
 
 
 def resolve_dtype(name: str, device: Union[str, torch.device]) -> torch.dtype:

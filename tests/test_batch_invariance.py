@@ -162,12 +162,12 @@ def _long_rows(n_rows=3, S=40):
 
 def _timed_cache(cache_dir, timings: dict):
     """attention.json as LongContextAttention writes it: {shape kind: (eager s, compiled s)}."""
-    from models.kernels import machine_id
+    from models.kernels import CACHE_VERSION, machine_id
     n = torch.get_num_threads()
     entries = {f"{w} {kind} threads={n}": t for kind, pair in timings.items() for w, t in zip(("eager", "compiled"), pair)}
     (cache_dir / "cogvlm").mkdir(parents=True, exist_ok=True)
     (cache_dir / "cogvlm" / "attention.json").write_text(json.dumps(
-        {"version": 1, "machine": machine_id(), "timings": entries}))
+        {"version": CACHE_VERSION, "machine": machine_id(), "timings": entries}))
 
 
 @pytest.mark.parametrize("faster", ["eager", "compiled"])

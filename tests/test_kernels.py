@@ -161,6 +161,32 @@ def test_padded_single_rows_are_costed_as_the_few_rows_they_run(deterministic, m
     assert {x for n, x in held.items() if role(n) == "prefill"} == {"packed"}
 
 
+def test_the_timer_flushes_the_caches_before_each_call(tmp_path, monkeypatch):
+    """A decode step reads gigabytes of weights, so each layer's weight comes from memory: the
+    real timer reads a buffer of twice the last-level cache (sysfs) before every timed call
+    (timed from the cache, packed bf16 won on the AMD EPYC; from memory ATen's GEMV did)."""
+    from models.machine import last_level_cache_bytes
+    for index, size in (("index0", "48K"), ("index2", "2048K"), ("index3", "32768K")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    assert last_level_cache_bytes(root=str(tmp_path)) == 32 << 20
+    assert last_level_cache_bytes(default=7, root=str(tmp_path / "none")) == 7
+    sizes, order = [], []
+    monkeypatch.setattr(kernels, "last_level_cache_bytes", lambda: 1 << 16)
+    real_sum = torch.Tensor.sum
+
+    def counted_sum(t, *a, **kw):
+        sizes.append(t.numel() * t.element_size())
+        order.append("flush")
+        return real_sum(t, *a, **kw)
+    monkeypatch.setattr(torch.Tensor, "sum", counted_sum)
+    probes = [kernels.Probe("plain", "float32", 4, 4, 1, 1, "decode")] * 2
+    out = kernels.median_seconds(probes, [lambda: order.append("a"), lambda: order.append("b")])
+    assert len(out) == 2 and set(sizes) == {2 << 16}
+    timed = order[2:]                                 # after one warm-up call each
+    assert timed == ["flush", "a", "flush", "b"] * kernels.REPEAT["decode"]
+
+
 def test_the_cache_is_written_read_and_invalidated(cache_dir, monkeypatch):
     model = tiny()
     table = winners("plain", "plain", "plain")
