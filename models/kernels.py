@@ -58,6 +58,7 @@ REGIMES = {"decode": 1, "batch": 4, "prefill": 256}    # regime -> rows timed
 # for: a prompt of 300-1300 tokens (an image is 1,227 of CogVLM-17B's), 100-200 new tokens.
 TYPICAL_PREFILL_ROWS = 800
 TYPICAL_DECODE_STEPS = 150
+FLUSH_MAX_BYTES = 512 << 20  # the read that flushes the caches before each timed call, at most
 BUDGET_S = 4.0              # measuring stops starting new shape classes after this long
 REPEAT = {"decode": 7, "batch": 5, "prefill": 3}     # timed calls per probe (after one warm-up)
 # 2: timings taken with the caches flushed before each call (version 1's were partly from cache:
@@ -98,7 +99,7 @@ def median_seconds(probes: list, runs: list) -> list:
     cache), as a real step finds them: it reads gigabytes of weights, so no layer's weight is
     still cached when its turn comes. The runs (one regime, every layout) take turns, so a
     machine whose speed drifts (a busy shared box) slows them alike."""
-    flush = torch.ones(2 * last_level_cache_bytes() // 4)     # fp32: 2x the cache in bytes
+    flush = torch.ones(min(2 * last_level_cache_bytes(), FLUSH_MAX_BYTES) // 4)   # fp32
     for run in runs:
         run()
     times = [[] for _ in runs]
