@@ -262,7 +262,7 @@ def seconds_of(cls: ShapeClass, timings: dict) -> dict:
 def fastest(cls: ShapeClass, timings: dict, layer_role: str, decode: str = "decode") -> Optional[str]:
     """The layout of least cost for layers of `layer_role` (ties: LAYOUTS order), None unmeasured."""
     secs = seconds_of(cls, timings)
-    needed = {"prefill": {"prefill"}, "decode": {decode}, "both": {decode, "prefill"}}[layer_role]
+    needed = {r for r in ROLE_REGIMES[layer_role] if r in ("prefill", decode)}   # what cost() reads
     if any(not needed <= set(secs[x]) for x in cls.layouts):
         return None
     return min(cls.layouts, key=lambda x: (cost(secs[x], layer_role, decode), LAYOUTS.index(x)))
