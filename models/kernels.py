@@ -11,8 +11,11 @@ Candidates for a CPU nn.Linear in fp32 / bf16, each a weight layout (layout.LAYO
             that call, layout.GemvLinear), more rows as plain. Not a candidate under
             batch-invariant decoding, which pads single rows to several (models/invariant.py)
 Quantized layers keep their weight-only int8 / int4 kernels (quantize.WeightOnlyLinear, which
-picks the kernel or a dequantized GEMM by row count itself); modules that are not exactly an
-nn.Linear (tensor-parallel pieces) are left alone.
+picks the kernel or a dequantized GEMM by row count itself), except int8 layers only prefill
+uses: their prefill dequantizes the whole weight either way, so they choose between packed (the
+codes kept in oneDNN's blocked order, layout.PackedInt8Linear) and plain (row-major codes) by
+the bf16 / fp32 GEMM of their shape, the same probes as an nn.Linear of that shape. Modules that
+are not exactly an nn.Linear or a WeightOnlyLinear (tensor-parallel pieces) are left alone.
 
 Each shape class (dtype, outputs, inputs) is timed per regime: decode (1 row), batch (4 rows:
 batched decoding) and prefill (256 rows, standing in for prompts of 300-1300 rows and the image
@@ -48,6 +51,8 @@ import torch
 import torch.nn as nn
 
 from .layout import LAYOUTS, can_pack, relayout
+from .lora import has_adapter
+from .quantize import WeightOnlyLinear
 from .machine import cpu_flags, last_level_cache_bytes
 
 log = logging.getLogger(__name__)
@@ -169,6 +174,7 @@ class ShapeClass:
     layers: dict
     layouts: tuple
     weight: Callable[[], torch.Tensor]              # one layer's weight, for timing
+    int8: bool = False      # int8 layers only prefill uses, timed by the GEMM they run (dequantized)
 
     def probe(self, layout: str, regime: str) -> Probe:
         if layout == "gemv" and REGIMES[regime] > 1:   # gemv is plain beyond one row: plain's figure
@@ -178,6 +184,12 @@ class ShapeClass:
 
     def regimes(self) -> list:
         return [r for r in REGIMES if any(r in ROLE_REGIMES[x] for x in self.layers.values())]
+
+
+def _int8_prefill_only(name: str, mod: nn.Module, devices: tuple) -> bool:
+    """An int8 weight-only layer only prefill uses, in a dtype oneDNN packs (layout.PackedInt8Linear)."""
+    return mod.bits == 8 and role(name) == "prefill" and mod.qweight.device.type in devices \
+        and can_pack(mod.dtype) and not has_adapter(mod)
 
 
 def available_layouts(dtype: torch.dtype, cpu_layout: bool = True, single_row: bool = True) -> tuple:
@@ -193,16 +205,21 @@ def shape_classes(model: nn.Module, cpu_layout: bool = True, weight_of: Optional
     the largest (most bytes held) first. weight_of(layer): the weight timed (default the
     layer's own; a benchmark times random ones for a model built on the meta device)."""
     devices = ("cpu", "meta") if weight_of else ("cpu",)
-    weight_of = weight_of or (lambda m: m.weight.detach())
+    weight_of = weight_of or (lambda m: m.weight.detach() if type(m) is nn.Linear else m.dequantize())
     classes = {}
     for name, mod in model.named_modules():
-        w = getattr(mod, "weight", None)
-        if type(mod) is not nn.Linear or w.device.type not in devices or not w.dtype.is_floating_point:
-            continue
-        key = (w.dtype, mod.out_features, mod.in_features)
+        if type(mod) is WeightOnlyLinear:
+            if not _int8_prefill_only(name, mod, devices):
+                continue
+            key, layouts = (mod.dtype, mod.out_features, mod.in_features, "int8"), ("packed", "plain")
+        else:
+            w = getattr(mod, "weight", None)
+            if type(mod) is not nn.Linear or w.device.type not in devices or not w.dtype.is_floating_point:
+                continue
+            key, layouts = (w.dtype, mod.out_features, mod.in_features), available_layouts(w.dtype, cpu_layout,
+                                                                                            single_row)
         if key not in classes:
-            classes[key] = ShapeClass(*key, {}, available_layouts(w.dtype, cpu_layout, single_row),
-                                      lambda m=mod: weight_of(m))
+            classes[key] = ShapeClass(*key[:3], {}, layouts, lambda m=mod: weight_of(m), key[3:] == ("int8",))
         classes[key].layers[name] = role(name)
     return dict(sorted(classes.items(), key=lambda kv: -len(kv[1].layers) * kv[0][1] * kv[0][2]))
 
@@ -271,6 +288,8 @@ def fastest(cls: ShapeClass, timings: dict, layer_role: str, decode: str = "deco
 def default_layout(cls: ShapeClass) -> str:
     """What a layer takes unmeasured, or forced to a layout it cannot take: packed where it can
     (the previous fixed choice), else column-major fp32 weights of more outputs than inputs."""
+    if cls.int8:
+        return "plain"                                     # as quantized: row-major codes
     if "packed" in cls.layouts:
         return "packed"
     return "colmajor" if "colmajor" in cls.layouts and cls.dtype == torch.float32 and cls.out > cls.inp else "plain"
@@ -308,7 +327,7 @@ def describe(classes: dict, timings: dict, layouts: dict) -> str:
         figures = "; ".join(f"{REGIMES[r]} row{'s' if REGIMES[r] > 1 else ''} {unit(REGIMES[r])} " + " ".join(
             f"{x} {rate(cls.probe(x, r), timings[cls.probe(x, r).key]):.{1 if REGIMES[r] <= 4 else 2}f}"
             for x in cls.layouts if cls.probe(x, r).key in timings) for r in cls.regimes())
-        dtype = str(cls.dtype).replace("torch.", "")
+        dtype = ("int8 -> " if cls.int8 else "") + str(cls.dtype).replace("torch.", "")
         parts.append(f"{dtype} {cls.out}x{cls.inp} (x{len(cls.layers)}) -> {chosen}"
                      + (f" [{figures}]" if figures else ""))
     return "; ".join(parts)
@@ -324,7 +343,8 @@ def choose_layouts(model: nn.Module, kernels: str = "auto", cpu_layout: bool = T
     if kernels not in CHOICES:
         raise ValueError(f"--kernels takes {', '.join(CHOICES)}, not {kernels!r}")
     classes = shape_classes(model, cpu_layout, single_row=single_row or kernels != "auto")   # forced: as asked
-    quantized = sum(1 for m in model.modules() if hasattr(m, "qweight"))
+    quantized = sum(1 for m in model.modules() if hasattr(m, "qweight")) \
+        - sum(len(c.layers) for c in classes.values() if c.int8)
     tail = f"; {quantized} quantized layers keep their weight-only kernels" if quantized else ""
     if kernels != "auto":
         layouts = forced_layouts(classes, kernels)

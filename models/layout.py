@@ -8,6 +8,8 @@ strides change, so every caller (F.linear, state_dict, quantization) is unaffect
 """
 from __future__ import annotations
 
+import ctypes
+import logging
 import threading
 
 import torch
@@ -15,6 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .lora import carry_adapter, has_adapter
+from .quantize import SCRATCH_BYTES, WeightOnlyLinear
+
+log = logging.getLogger(__name__)
 
 
 def use_fast_cpu_layout(model: nn.Module) -> nn.Module:
@@ -45,6 +50,100 @@ class PackedLinear(nn.Module):
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]).contiguous(), self.packed,
                                                self.bias, "none", [], "")
         return y.view(*shape[:-1], self.out_features)
+
+
+class PackedInt8Linear(nn.Module):
+    """An int8 layer used only by prefill (quantize.WeightOnlyLinear of bits 8: image encoders,
+    vision experts, CogAgent's cross key/value) whose codes are kept in oneDNN's blocked weight
+    layout. A prefill converts them to the compute dtype straight into a packed scratch weight
+    (one sequential pass) and runs oneDNN's GEMM on it; the row-major path dequantizes into a
+    plain buffer that oneDNN reorders again on every call. Same codes and bytes (1 per weight),
+    the per-row scales applied to the outputs as before, the same products. The blocked order
+    is found by packing the codes themselves (-128..127 are exact in bf16 and fp32) and checked
+    once per shape by unpacking it. CPU inference only; no decode kernel reads this layout."""
+
+    def __init__(self, q: WeightOnlyLinear):
+        super().__init__()
+        N, K = self.out_features, self.in_features = q.out_features, q.in_features
+        self.dtype = q.dtype
+        # Equal chunks of rows (the last padded with zero rows): one scratch weight per shape.
+        chunks = -(-N * K * q.dtype.itemsize // SCRATCH_BYTES)
+        self.rows = -(-N // chunks)
+        self.register_buffer("scales", q.scales)
+        self.bias = q.bias
+        parts = [_blocked(q.qweight[r:r + self.rows], self.rows, self.dtype) for r in range(0, N, self.rows)]
+        self.register_buffer("codes", torch.cat(parts))                   # chunks x blocked size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()          # T,K
+        w, raw = _packed_scratch(self.rows, self.in_features, self.dtype)
+        size, N = raw.numel(), self.out_features
+        y = None if self.rows == N else x2.new_empty(x2.shape[0], N)               # T,N
+        for i, r0 in enumerate(range(0, N, self.rows)):
+            raw.copy_(self.codes[i * size:(i + 1) * size])                  # int8 -> compute dtype
+            part = torch.ops.mkldnn._linear_pointwise(x2, w, None, "none", [], "")  # T,rows
+            if y is None:                                                   # one chunk: no copy
+                y = part
+            else:
+                y[:, r0:r0 + self.rows] = part[:, :N - r0]
+        y.mul_(self.scales)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.view(*x.shape[:-1], N).to(x.dtype)
+
+    @property
+    def weight_count(self) -> int:
+        return self.in_features * self.out_features
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 in oneDNN's blocked layout, {self.dtype}"
+
+
+def _raw(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The memory of a oneDNN-packed weight as a flat CPU tensor of `dtype`: a view (writes
+    reach `packed`), valid while `packed` lives."""
+    n = torch.ops.mkldnn._nbytes(packed)
+    return torch.frombuffer((ctypes.c_uint8 * n).from_address(torch.ops.mkldnn.data_ptr(packed)), dtype=dtype)
+
+
+def _blocked(codes: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """int8 codes [n <= rows, K] -> the same codes in the blocked order oneDNN packs a weight of
+    [rows, K] in `dtype` (flat int8, padding included; rows beyond n are zero)."""
+    w = torch.zeros(rows, codes.shape[1], dtype=dtype)
+    w[:codes.shape[0]] = codes
+    packed = pack_weight(w)
+    flat = _raw(packed, dtype).to(torch.int8)              # (the view is valid while `packed` lives)
+    key = (rows, codes.shape[1], dtype)
+    if key not in _CHECKED:                         # filled with these codes, the scratch unpacks to w
+        scratch, raw = _packed_scratch(*key)
+        if raw.numel() != flat.numel() or not torch.equal(_unpacked(scratch, raw, flat), w):
+            raise RuntimeError(f"oneDNN's packed layout of a {rows}x{codes.shape[1]} {dtype} weight is not "
+                               "a permutation of its values here")
+        _CHECKED.add(key)
+    return flat
+
+
+def _unpacked(scratch: torch.Tensor, raw: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    raw.copy_(flat)
+    return scratch.to_dense()
+
+
+_CHECKED = set()                               # shapes whose blocked order was checked
+_scratch = threading.local()                   # per thread: (rows, K, dtype) -> (packed, raw view)
+
+
+def _packed_scratch(rows: int, K: int, dtype: torch.dtype) -> tuple:
+    """A packed weight of [rows, K] in `dtype` to convert codes into, and its memory as a flat
+    tensor: one per shape and thread, kept for the process (at most SCRATCH_BYTES each)."""
+    cache = getattr(_scratch, "d", None)
+    if cache is None:
+        cache = _scratch.d = {}
+    key = (rows, K, dtype)
+    if key not in cache:
+        with torch.inference_mode(False):
+            w = pack_weight(torch.zeros(rows, K, dtype=dtype))
+            cache[key] = (w, _raw(w, dtype))
+    return cache[key]
 
 
 _ONEDNN_SWITCH = threading.Lock()         # GemvLinear's process-wide oneDNN off / on
@@ -112,7 +211,16 @@ LAYOUTS = ("packed", "plain", "colmajor", "gemv")
 def relayout(lin: nn.Linear, layout: str) -> nn.Module:
     """`lin` computing with `layout`: the same module with its weight re-strided (plain,
     colmajor; no copy when it already has that layout), or a PackedLinear or GemvLinear in
-    its place. One weight either way: the old one is released when the caller drops it."""
+    its place. One weight either way: the old one is released when the caller drops it.
+    An int8 quantize.WeightOnlyLinear takes packed (a PackedInt8Linear) or stays as it is."""
+    if isinstance(lin, WeightOnlyLinear):
+        if layout != "packed":
+            return lin
+        try:
+            return PackedInt8Linear(lin)
+        except RuntimeError as e:                   # a layout this code cannot fill: keep row-major
+            log.warning("%s; the int8 layer keeps its row-major codes", e)
+            return lin
     if layout in ("packed", "gemv"):   # a new module: a LoRA adapter (a hook on `lin`) moves with it
         new = PackedLinear(lin) if layout == "packed" else GemvLinear(lin)
         return carry_adapter(lin, new) if has_adapter(lin) else new

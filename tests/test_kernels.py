@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from models import LoadOptions, load_model
 from models import kernels
@@ -289,6 +290,80 @@ def test_greedy_answers_do_not_depend_on_the_layout(monkeypatch):
         assert answers(LoadOptions(dtype=torch.float32, kernels=layout)) == reference, layout
     monkeypatch.setattr(kernels, "median_seconds", MockTimer(winners("plain", "packed", "colmajor")))
     assert answers(LoadOptions(dtype=torch.float32, pack=True)) == reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_int8_codes_in_onednn_order_compute_the_dequantized_product(dtype, monkeypatch):
+    """A prefill-only int8 layer with its codes in oneDNN's blocked order (several chunks, the
+    last padded) computes codes x per-row scales + bias, as plain fp32 arithmetic does."""
+    from models import layout
+    from models.quantize import WeightOnlyLinear
+    if not can_pack(dtype):
+        pytest.skip(f"oneDNN does not pack {dtype} here")
+    monkeypatch.setattr(layout, "SCRATCH_BYTES", 40 * 24 * dtype.itemsize // 3)     # 3 chunks of 14 rows
+    gen = torch.Generator().manual_seed(0)
+    q = WeightOnlyLinear(torch.randn(40, 24, generator=gen).to(dtype), torch.randn(40, generator=gen).to(dtype), 8)
+    p = layout.PackedInt8Linear(q)
+    assert p.rows == 14 and p.codes.dtype == torch.int8
+    x = torch.randn(2, 9, 24, generator=gen).to(dtype)
+    want = F.linear(x.float(), q.qweight.float() * q.scales.float()[:, None], q.bias.float())
+    got = p(x)
+    assert got.shape == (2, 9, 40) and got.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, atol=tol * want.abs().max().item(), rtol=tol)
+    torch.testing.assert_close(got, q(x), atol=tol * want.abs().max().item(), rtol=tol)   # the row-major path
+
+
+@needs_packing
+@pytest.mark.parametrize("prefill", ["packed", "plain"])
+def test_int8_prefill_only_layers_follow_the_gemm_of_their_shape(prefill):
+    """Under --quant 8 the layers only prefill uses (image encoder, vision experts) keep their
+    codes in the layout whose GEMM the (mock) timings made faster; layers decode reads keep
+    the row-major codes its int8 kernel reads."""
+    from models.layout import PackedInt8Linear
+    from models.quantize import WeightOnlyLinear, quantize
+    model = quantize(tiny(), 8, vision_bits=8)
+    timer = MockTimer(winners(decode="packed", batch="packed", prefill=prefill))
+    layouts = choose_layouts(model, timer=timer)
+    assert any(p.rows == REGIMES["prefill"] for p in timer.calls)
+    apply_layouts(model, layouts)
+    int8 = {n: type(m) for n, m in model.named_modules() if isinstance(m, (WeightOnlyLinear, PackedInt8Linear))}
+    want = PackedInt8Linear if prefill == "packed" else WeightOnlyLinear
+    for name in ("model.vision.transformer.layers.0.mlp.fc1", "model.layers.0.mlp.vision_mlp.up_proj",
+                 "model.layers.0.self_attn.vision_expert_query_key_value"):
+        assert int8[name] is want, name
+    for name in ("model.layers.0.mlp.language_mlp.up_proj", "lm_head"):
+        assert int8[name] is WeightOnlyLinear, name
+    assert sum(t is PackedInt8Linear for t in int8.values()) == (
+        sum(role(n) == "prefill" for n in int8) if prefill == "packed" else 0)
+
+
+@needs_packing
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_greedy_answers_do_not_depend_on_the_int8_layout(dtype):
+    from models.layout import PackedInt8Linear
+    from models.quantize import QuantConfig
+    from utils.chat import ImageContext, chat
+    from utils.chat.tokenizer import Tokenizer
+    from models.generate import GenerationConfig
+    if not can_pack(dtype):
+        pytest.skip(f"oneDNN does not pack {dtype} here")
+    tok = Tokenizer(ROOT / "assets" / "checkpoints" / "tiny-cogvlm" / "tokenizer")
+    questions = ["How many shapes are there?", "Describe the image with boxes."]
+
+    def answers(kernels: str) -> tuple:
+        model, cfg = load_model("tiny-cogvlm", LoadOptions(dtype=dtype, quant=QuantConfig(8), kernels=kernels))
+        calls = []
+        for m in model.modules():
+            if isinstance(m, PackedInt8Linear):
+                m.register_forward_hook(lambda *a: calls.append(1))
+        said = [chat(model, tok, q, [], ImageContext(ROOT / "assets" / "scene.png", cfg),
+                     gen=GenerationConfig(max_new_tokens=40))[0] for q in questions]
+        return said, len(calls)
+    plain, none = answers("plain")
+    packed, calls = answers("packed")
+    assert none == 0 and calls > 0                     # the image went through the blocked codes
+    assert packed == plain
 
 
 def test_the_flags_reach_the_loader():
