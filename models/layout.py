@@ -76,16 +76,17 @@ class PackedInt8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()          # T,K
-        w, raw = _packed_scratch(self.rows, self.in_features, self.dtype)
-        size, N = raw.numel(), self.out_features
+        N = self.out_features
         y = None if self.rows == N else x2.new_empty(x2.shape[0], N)               # T,N
-        for i, r0 in enumerate(range(0, N, self.rows)):
-            raw.copy_(self.codes[i * size:(i + 1) * size])                  # int8 -> compute dtype
-            part = torch.ops.mkldnn._linear_pointwise(x2, w, None, "none", [], "")  # T,rows
-            if y is None:                                                   # one chunk: no copy
-                y = part
-            else:
-                y[:, r0:r0 + self.rows] = part[:, :N - r0]
+        with _SCRATCH_LOCK:                        # one scratch per shape in the process
+            w, raw = _packed_scratch(self.rows, self.in_features, self.dtype)
+            for i, r0 in enumerate(range(0, N, self.rows)):
+                raw.copy_(self.codes[i * raw.numel():(i + 1) * raw.numel()])   # int8 -> compute dtype
+                part = torch.ops.mkldnn._linear_pointwise(x2, w, None, "none", [], "")  # T,rows
+                if y is None:                                               # one chunk: no copy
+                    y = part
+                else:
+                    y[:, r0:r0 + self.rows] = part[:, :N - r0]
         y.mul_(self.scales)
         if self.bias is not None:
             y.add_(self.bias)
@@ -114,12 +115,13 @@ def _blocked(codes: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor
     packed = pack_weight(w)
     flat = _raw(packed, dtype).to(torch.int8)              # (the view is valid while `packed` lives)
     key = (rows, codes.shape[1], dtype)
-    if key not in _CHECKED:                         # filled with these codes, the scratch unpacks to w
-        scratch, raw = _packed_scratch(*key)
-        if raw.numel() != flat.numel() or not torch.equal(_unpacked(scratch, raw, flat), w):
-            raise RuntimeError(f"oneDNN's packed layout of a {rows}x{codes.shape[1]} {dtype} weight is not "
-                               "a permutation of its values here")
-        _CHECKED.add(key)
+    with _SCRATCH_LOCK:
+        if key not in _CHECKED:                     # filled with these codes, the scratch unpacks to w
+            scratch, raw = _packed_scratch(*key)
+            if raw.numel() != flat.numel() or not torch.equal(_unpacked(scratch, raw, flat), w):
+                raise RuntimeError(f"oneDNN's packed layout of a {rows}x{codes.shape[1]} {dtype} weight is "
+                                   "not a permutation of its values here")
+            _CHECKED.add(key)
     return flat
 
 
@@ -129,21 +131,19 @@ def _unpacked(scratch: torch.Tensor, raw: torch.Tensor, flat: torch.Tensor) -> t
 
 
 _CHECKED = set()                               # shapes whose blocked order was checked
-_scratch = threading.local()                   # per thread: (rows, K, dtype) -> (packed, raw view)
+_SCRATCH = {}                                  # (rows, K, dtype) -> (packed weight, its memory)
+_SCRATCH_LOCK = threading.Lock()               # concurrent prefills (threads) take turns per layer
 
 
 def _packed_scratch(rows: int, K: int, dtype: torch.dtype) -> tuple:
     """A packed weight of [rows, K] in `dtype` to convert codes into, and its memory as a flat
-    tensor: one per shape and thread, kept for the process (at most SCRATCH_BYTES each)."""
-    cache = getattr(_scratch, "d", None)
-    if cache is None:
-        cache = _scratch.d = {}
+    tensor: one per shape in the process (at most SCRATCH_BYTES each), kept. Under _SCRATCH_LOCK."""
     key = (rows, K, dtype)
-    if key not in cache:
+    if key not in _SCRATCH:
         with torch.inference_mode(False):
             w = pack_weight(torch.zeros(rows, K, dtype=dtype))
-            cache[key] = (w, _raw(w, dtype))
-    return cache[key]
+            _SCRATCH[key] = (w, _raw(w, dtype))
+    return _SCRATCH[key]
 
 
 _ONEDNN_SWITCH = threading.Lock()         # GemvLinear's process-wide oneDNN off / on

@@ -312,6 +312,10 @@ def test_int8_codes_in_onednn_order_compute_the_dequantized_product(dtype, monke
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want, atol=tol * want.abs().max().item(), rtol=tol)
     torch.testing.assert_close(got, q(x), atol=tol * want.abs().max().item(), rtol=tol)   # the row-major path
+    from concurrent.futures import ThreadPoolExecutor                  # sessions in threads share the scratch
+    alone = [p(x * (i + 1)) for i in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        assert all(torch.equal(a, b) for a, b in zip(pool.map(lambda i: p(x * (i + 1)), range(8)), alone))
 
 
 @needs_packing
