@@ -51,6 +51,27 @@ def cpu_features(wanted=SPEED_FLAGS) -> list[str]:
     return sorted(cpu_flags() & set(wanted))
 
 
+def cpu_line(threads: int, dtype: torch.dtype) -> str:
+    """What every figure is measured on: the CPU model, its speed flags, torch, threads, dtype."""
+    from models.kernels import cpu_model
+    return f"CPU: {cpu_model()}; flags {' '.join(cpu_features())}; torch {torch.__version__}; {threads} threads; {dtype}"
+
+
+def cpu_start(a: argparse.Namespace) -> torch.dtype:
+    """A CPU benchmark's start: --threads set, --dtype resolved, the CPU line printed."""
+    from models.loading import resolve_dtype
+    torch.set_num_threads(a.threads)
+    dtype = resolve_dtype(a.dtype, "cpu")
+    print(cpu_line(a.threads, dtype), flush=True)
+    return dtype
+
+
+def write_cpu_json(path: Optional[Path], dtype: torch.dtype, results: dict) -> None:
+    """write_json with the CPU, its speed flags and the dtype first."""
+    from models.kernels import cpu_model
+    write_json(path, {"cpu": cpu_model(), "flags": cpu_features(), "dtype": str(dtype), **results})
+
+
 def write_json(path: Optional[Path], results: dict) -> None:
     """The JSON ending: `results` written to --json's file, if one was given."""
     if path:

@@ -15,11 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import bench_parser, cpu_features, median_time, medians, random_model, write_json  # noqa: E402
+from bench.common import bench_parser, cpu_start, median_time, medians, random_model, write_cpu_json  # noqa: E402
 from bench.decode import MID, make_inputs, prefill_run  # noqa: E402
-from models.kernels import choose_layouts, cpu_model  # noqa: E402
+from models.kernels import choose_layouts  # noqa: E402
 from models.layout import PackedInt8Linear, apply_layouts  # noqa: E402
-from models.loading import resolve_dtype  # noqa: E402
 from models.quantize import quantize  # noqa: E402
 
 
@@ -54,12 +53,9 @@ def main(argv=None) -> int:
     p = bench_parser(__doc__, threads=2, repeat=8, dtype="auto")
     p.add_argument("--quant", type=int, default=8, choices=[4, 8], help="language model bits (default 8)")
     a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    dtype = resolve_dtype(a.dtype, "cpu")
-    print(f"CPU: {cpu_model()}; flags {' '.join(cpu_features())}; torch {torch.__version__}; "
-          f"{a.threads} threads; {dtype}", flush=True)
+    dtype = cpu_start(a)
     res = compare(a.quant, a.repeat, dtype)
-    write_json(a.json, {"cpu": cpu_model(), "flags": cpu_features(), "dtype": str(dtype), **res})
+    write_cpu_json(a.json, dtype, res)
     return 0
 
 

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import best_gemv, bench_parser, cpu_features, read_bandwidth, write_json  # noqa: E402
+from bench.common import best_gemv, bench_parser, cpu_features, cpu_line, read_bandwidth, write_json  # noqa: E402
 from bench.decode import MID  # noqa: E402
 from models import CogVLM  # noqa: E402
 from models import kernels  # noqa: E402
@@ -66,8 +66,7 @@ def main(argv=None) -> int:
     gemv, read = best_gemv(), read_bandwidth()
     classes, timings, layouts, took = select(dtype)
     gemv_after = best_gemv()
-    print(f"CPU: {kernels.cpu_model()}; flags {' '.join(cpu_features())}; torch {torch.__version__}; "
-          f"{a.threads} threads; {dtype}")
+    print(cpu_line(a.threads, dtype))
     by_kernel = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in gemv.items() if k != "best")
     print(f"references (same process): best GEMV {gemv['best'] / 1e9:.1f} GB/s before, "
           f"{gemv_after['best'] / 1e9:.1f} after ({by_kernel}); "

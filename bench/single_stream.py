@@ -15,10 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import bench_parser, cpu_features, medians, pack_or_compile, random_model, write_json  # noqa: E402
+from bench.common import bench_parser, cpu_start, medians, pack_or_compile, random_model, write_cpu_json  # noqa: E402
 from bench.decode import MID, decode_step_time  # noqa: E402
-from models.kernels import cpu_model  # noqa: E402
-from models.loading import resolve_dtype  # noqa: E402
 
 
 def compare(repeat: int, steps: int, dtype: torch.dtype) -> dict:
@@ -41,12 +39,9 @@ def compare(repeat: int, steps: int, dtype: torch.dtype) -> dict:
 def main(argv=None) -> int:
     p = bench_parser(__doc__, threads=2, repeat=6, steps=8, dtype="auto")
     a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    dtype = resolve_dtype(a.dtype, "cpu")
-    print(f"CPU: {cpu_model()}; flags {' '.join(cpu_features())}; torch {torch.__version__}; "
-          f"{a.threads} threads; {dtype}", flush=True)
+    dtype = cpu_start(a)
     res = compare(a.repeat, a.steps, dtype)
-    write_json(a.json, {"cpu": cpu_model(), "flags": cpu_features(), "dtype": str(dtype), **res})
+    write_cpu_json(a.json, dtype, res)
     return 0
 
 
