@@ -73,8 +73,7 @@ bench: $(VENV)/.core
 	$(PYTHON) bench/decode.py --quant 8 --json bench/results_decode_int8.json
 	$(PYTHON) bench/decode.py --quant 4 --json bench/results_decode_int4.json
 	$(PYTHON) bench/single_stream.py --json bench/results_single_stream.json
-	$(PYTHON) bench/quant_prefill.py --json bench/results_quant_prefill_int8.json
-	$(PYTHON) bench/quant_prefill.py --quant 4 --json bench/results_quant_prefill_int4.json
+	$(PYTHON) bench/int8_prefill.py --json bench/results_int8_prefill.json
 	$(PYTHON) bench/decode.py --dtype bfloat16 --packed --json bench/results_decode_bfloat16_packed.json
 	$(PYTHON) bench/decode.py --dtype bfloat16 --packed --quant 8 --json bench/results_decode_bfloat16_packed_int8.json
 	$(PYTHON) bench/decode.py --dtype bfloat16 --packed --quant 4 --json bench/results_decode_bfloat16_packed_int4.json

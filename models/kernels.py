@@ -12,10 +12,9 @@ Candidates for a CPU nn.Linear in fp32 / bf16, each a weight layout (layout.LAYO
             batch-invariant decoding, which pads single rows to several (models/invariant.py)
 Quantized layers keep their weight-only int8 / int4 kernels (quantize.WeightOnlyLinear, which
 picks the kernel or a dequantized GEMM by row count itself), except int8 layers only prefill
-uses (and int4 ones): their prefill dequantizes the whole weight either way, so they choose
-between packed (the codes kept in oneDNN's blocked order, layout.PackedInt8Linear /
-PackedInt4Linear) and plain (row-major codes) by the bf16 / fp32 GEMM of their shape, the same
-probes as an nn.Linear of that shape. Modules that
+uses: their prefill dequantizes the whole weight either way, so they choose between packed (the
+codes kept in oneDNN's blocked order, layout.PackedInt8Linear) and plain (row-major codes) by
+the bf16 / fp32 GEMM of their shape, the same probes as an nn.Linear of that shape. Modules that
 are not exactly an nn.Linear or a WeightOnlyLinear (tensor-parallel pieces) are left alone.
 
 Each shape class (dtype, outputs, inputs) is timed per regime: decode (1 row), batch (4 rows:
@@ -175,7 +174,7 @@ class ShapeClass:
     layers: dict
     layouts: tuple
     weight: Callable[[], torch.Tensor]              # one layer's weight, for timing
-    quant: str = ""         # "int8" / "int4": quantized layers only prefill uses, timed by their GEMM
+    int8: bool = False      # int8 layers only prefill uses, timed by the GEMM they run (dequantized)
 
     def probe(self, layout: str, regime: str) -> Probe:
         if layout == "gemv" and REGIMES[regime] > 1:   # gemv is plain beyond one row: plain's figure
@@ -187,11 +186,10 @@ class ShapeClass:
         return [r for r in REGIMES if any(r in ROLE_REGIMES[x] for x in self.layers.values())]
 
 
-def _quantized_prefill_only(name: str, mod: nn.Module, devices: tuple) -> bool:
-    """A weight-only layer only prefill uses, in a dtype oneDNN packs (layout.PackedInt8Linear,
-    PackedInt4Linear)."""
-    return role(name) == "prefill" and mod.qweight.device.type in devices and can_pack(mod.dtype) \
-        and not has_adapter(mod)
+def _int8_prefill_only(name: str, mod: nn.Module, devices: tuple) -> bool:
+    """An int8 weight-only layer only prefill uses, in a dtype oneDNN packs (layout.PackedInt8Linear)."""
+    return mod.bits == 8 and role(name) == "prefill" and mod.qweight.device.type in devices \
+        and can_pack(mod.dtype) and not has_adapter(mod)
 
 
 def available_layouts(dtype: torch.dtype, cpu_layout: bool = True, single_row: bool = True) -> tuple:
@@ -211,9 +209,9 @@ def shape_classes(model: nn.Module, cpu_layout: bool = True, weight_of: Optional
     classes = {}
     for name, mod in model.named_modules():
         if type(mod) is WeightOnlyLinear:
-            if not _quantized_prefill_only(name, mod, devices):
+            if not _int8_prefill_only(name, mod, devices):
                 continue
-            key, layouts = (mod.dtype, mod.out_features, mod.in_features, f"int{mod.bits}"), ("packed", "plain")
+            key, layouts = (mod.dtype, mod.out_features, mod.in_features, "int8"), ("packed", "plain")
         else:
             w = getattr(mod, "weight", None)
             if type(mod) is not nn.Linear or w.device.type not in devices or not w.dtype.is_floating_point:
@@ -221,7 +219,7 @@ def shape_classes(model: nn.Module, cpu_layout: bool = True, weight_of: Optional
             key, layouts = (w.dtype, mod.out_features, mod.in_features), available_layouts(w.dtype, cpu_layout,
                                                                                             single_row)
         if key not in classes:
-            classes[key] = ShapeClass(*key[:3], {}, layouts, lambda m=mod: weight_of(m), "".join(key[3:]))
+            classes[key] = ShapeClass(*key[:3], {}, layouts, lambda m=mod: weight_of(m), key[3:] == ("int8",))
         classes[key].layers[name] = role(name)
     return dict(sorted(classes.items(), key=lambda kv: -len(kv[1].layers) * kv[0][1] * kv[0][2]))
 
@@ -290,7 +288,7 @@ def fastest(cls: ShapeClass, timings: dict, layer_role: str, decode: str = "deco
 def default_layout(cls: ShapeClass) -> str:
     """What a layer takes unmeasured, or forced to a layout it cannot take: packed where it can
     (the previous fixed choice), else column-major fp32 weights of more outputs than inputs."""
-    if cls.quant:
+    if cls.int8:
         return "plain"                                     # as quantized: row-major codes
     if "packed" in cls.layouts:
         return "packed"
@@ -329,7 +327,7 @@ def describe(classes: dict, timings: dict, layouts: dict) -> str:
         figures = "; ".join(f"{REGIMES[r]} row{'s' if REGIMES[r] > 1 else ''} {unit(REGIMES[r])} " + " ".join(
             f"{x} {rate(cls.probe(x, r), timings[cls.probe(x, r).key]):.{1 if REGIMES[r] <= 4 else 2}f}"
             for x in cls.layouts if cls.probe(x, r).key in timings) for r in cls.regimes())
-        dtype = (f"{cls.quant} -> " if cls.quant else "") + str(cls.dtype).replace("torch.", "")
+        dtype = ("int8 -> " if cls.int8 else "") + str(cls.dtype).replace("torch.", "")
         parts.append(f"{dtype} {cls.out}x{cls.inp} (x{len(cls.layers)}) -> {chosen}"
                      + (f" [{figures}]" if figures else ""))
     return "; ".join(parts)
@@ -346,7 +344,7 @@ def choose_layouts(model: nn.Module, kernels: str = "auto", cpu_layout: bool = T
         raise ValueError(f"--kernels takes {', '.join(CHOICES)}, not {kernels!r}")
     classes = shape_classes(model, cpu_layout, single_row=single_row or kernels != "auto")   # forced: as asked
     quantized = sum(1 for m in model.modules() if hasattr(m, "qweight")) \
-        - sum(len(c.layers) for c in classes.values() if c.quant)
+        - sum(len(c.layers) for c in classes.values() if c.int8)
     tail = f"; {quantized} quantized layers keep their weight-only kernels" if quantized else ""
     if kernels != "auto":
         layouts = forced_layouts(classes, kernels)

@@ -100,116 +100,6 @@ class PackedInt8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int8 in oneDNN's blocked layout, {self.dtype}"
 
 
-class PackedInt4Linear(nn.Module):
-    """An int4 layer used only by prefill (the vision experts and cross key/value under --quant
-    4) with its codes q - 8 in oneDNN's blocked weight order, two per byte (the first half of a
-    chunk's positions in the low nibbles, the second half in the high ones: both unpack as whole
-    contiguous runs). A prefill unpacks a chunk, scales it into a packed scratch weight (oneDNN's
-    order keeps each output row's group of inputs in runs, so the group scales broadcast over a
-    view of it, block_dims) and runs oneDNN's GEMM; the group zeros go to the outputs (x summed
-    per group @ zeros), as on the row-major path. Same 4.5 bits per weight, the same products."""
-
-    def __init__(self, q: WeightOnlyLinear):
-        super().__init__()
-        N, K = self.out_features, self.in_features = q.out_features, q.in_features
-        self.dtype, self.group = q.dtype, q.group
-        chunks = -(-N * K * q.dtype.itemsize // SCRATCH_BYTES)
-        self.rows = -(-N // chunks // 64) * 64                    # whole blocks of 64 rows
-        self.dims = block_dims(self.rows, K, self.dtype, self.group)
-        self.register_buffer("scales", q.scales)                                  # K/G,N,2
-        self.bias = q.bias
-        parts = [_nibbles(self._blocked(q.codes(slice(r, r + self.rows)))) for r in range(0, N, self.rows)]
-        self.register_buffer("codes", torch.cat(parts))               # chunks x rows*K/2 bytes
-
-    def _blocked(self, codes: torch.Tensor) -> torch.Tensor:
-        """Row-major codes [n <= rows, K] -> flat, in oneDNN's order of [rows, K] (zero rows added)."""
-        nb, kp = self.dims
-        c = torch.zeros(self.rows, self.in_features, dtype=torch.int8)
-        c[:codes.shape[0]] = codes
-        return c.view(self.rows // nb, nb, -1, kp).transpose(1, 2).reshape(-1)      # R/nb,K/kp,nb,kp
-
-    def _group_scales(self, r0: int) -> torch.Tensor:
-        """The scales of rows r0.. as they broadcast over a chunk: R/nb,K/G,1,nb*kp."""
-        nb, kp = self.dims
-        s = self.scales[:, r0:r0 + self.rows, 0]                                     # K/G,n
-        if s.shape[1] < self.rows:
-            s = torch.cat([s, s.new_zeros(s.shape[0], self.rows - s.shape[1])], 1)
-        s = s.t().reshape(self.rows // nb, nb, -1).transpose(1, 2)                  # R/nb,K/G,nb
-        return s[..., None].expand(*s.shape, kp).reshape(s.shape[0], s.shape[1], 1, nb * kp)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        K, N, G = self.in_features, self.out_features, self.group
-        x2 = x.reshape(-1, K).to(self.dtype).contiguous()                          # T,K
-        x_groups = x2.view(x2.shape[0], -1, G).sum(-1, dtype=torch.float32).to(x2.dtype)  # T,K/G
-        y = x2.new_empty(x2.shape[0], N)                                            # T,N
-        half = self.rows * K // 2
-        nb, kp = self.dims
-        with _SCRATCH_LOCK:
-            w, raw = _packed_scratch(self.rows, K, self.dtype)
-            lo_hi = _int8_scratch(2 * half).view(2, half)
-            for i, r0 in enumerate(range(0, N, self.rows)):
-                nib = self.codes[i * half:(i + 1) * half]
-                torch.bitwise_left_shift(nib, 4, out=lo_hi[0]).bitwise_right_shift_(4)   # low nibbles
-                torch.bitwise_right_shift(nib, 4, out=lo_hi[1])                          # high nibbles
-                view = (self.rows // nb, K // G, G // kp, nb * kp)
-                torch.mul(lo_hi.view(view), self._group_scales(r0), out=raw.view(view))
-                part = torch.ops.mkldnn._linear_pointwise(x2, w, None, "none", [], "")  # T,rows
-                n = min(self.rows, N - r0)
-                y[:, r0:r0 + n] = part[:, :n].addmm_(x_groups, self.scales[:, r0:r0 + n, 1])
-        if self.bias is not None:
-            y.add_(self.bias)
-        return y.view(*x.shape[:-1], N).to(x.dtype)
-
-    @property
-    def weight_count(self) -> int:
-        return self.in_features * self.out_features
-
-    def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, int4 (groups of {self.group}) in oneDNN's "
-                f"blocked layout, {self.dtype}")
-
-
-def _nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """Flat int8 codes in -8..7 (even count) -> half as many bytes: the first half low, the second high."""
-    half = codes.numel() // 2
-    return codes[:half].bitwise_and(0xF).bitwise_or_(codes[half:].bitwise_left_shift(4))
-
-
-def block_dims(rows: int, K: int, dtype: torch.dtype, group: int) -> tuple:
-    """(nb, kp) where oneDNN packs a [rows, K] weight in `dtype` as [rows/nb, K/kp, nb, kp] on
-    this CPU (nb output rows side by side, kp consecutive inputs each), checked on every element
-    of a probe; the group scales can then broadcast over it. RuntimeError for another layout."""
-    key = ("dims", rows, K, dtype, group)
-    with _SCRATCH_LOCK:
-        if key not in _CHECKED_DIMS:
-            # element (n, k) holds (n K + k) mod 251: exact in bf16, and no block size repeats it
-            a, b = (torch.arange(rows) * K % 251).short(), (torch.arange(K) % 251).short()
-            probe = (a[:, None] + b).remainder_(251).to(dtype)
-            packed = pack_weight(probe)
-            got = _raw(packed, dtype)
-            _CHECKED_DIMS[key] = next(((nb, kp) for nb in (64, 32, 16, 8) for kp in (2, 1, 4)
-                                       if rows % nb == 0 and group % kp == 0 and got.numel() == rows * K and
-                                       torch.equal(got, probe.view(rows // nb, nb, -1, kp).transpose(1, 2).reshape(-1))),
-                                      None)
-            del got, packed
-    if _CHECKED_DIMS[key] is None:
-        raise RuntimeError(f"oneDNN's packed layout of a {rows}x{K} {dtype} weight is not one whose group scales "
-                           "this code can apply")
-    return _CHECKED_DIMS[key]
-
-
-_CHECKED_DIMS = {}
-
-
-def _int8_scratch(n: int) -> torch.Tensor:
-    """A flat int8 buffer of n bytes for unpacked int4 codes, one per size (under _SCRATCH_LOCK)."""
-    key = ("int8", n)
-    if key not in _SCRATCH:
-        with torch.inference_mode(False):
-            _SCRATCH[key] = torch.empty(n, dtype=torch.int8)
-    return _SCRATCH[key]
-
-
 def _raw(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The memory of a oneDNN-packed weight as a flat CPU tensor of `dtype`: a view (writes
     reach `packed`), valid while `packed` lives."""
@@ -327,9 +217,9 @@ def relayout(lin: nn.Linear, layout: str) -> nn.Module:
         if layout != "packed":
             return lin
         try:
-            return PackedInt8Linear(lin) if lin.bits == 8 else PackedInt4Linear(lin)
+            return PackedInt8Linear(lin)
         except RuntimeError as e:                   # a layout this code cannot fill: keep row-major
-            log.warning("%s; the int%d layer keeps its row-major codes", e, lin.bits)
+            log.warning("%s; the int8 layer keeps its row-major codes", e)
             return lin
     if layout in ("packed", "gemv"):   # a new module: a LoRA adapter (a hook on `lin`) moves with it
         new = PackedLinear(lin) if layout == "packed" else GemvLinear(lin)

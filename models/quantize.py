@@ -261,16 +261,6 @@ class WeightOnlyLinear(nn.Module):
         o.mul_(sz[..., :1])                              # the kernel's w = (q - 8) * scale + zero
         return o.add_(sz[..., 1:]).view(N, K) if offset else out
 
-    def codes(self, rows: slice) -> torch.Tensor:
-        """The integer codes of output rows `rows`, row-major int8: int8's own; int4's q - 8 (the
-        kernel's w = (q - 8) * scale + zero; rows in multiples of 64)."""
-        if self.bits == 8:
-            return self.qweight[rows]
-        block = int4_row_block()
-        if not block:
-            raise RuntimeError("the int4 kernel's packed layout is not one this code can read here")
-        return _unpack_int4(self.qweight[rows], block)
-
     def dequantized_chunks(self, scaled: bool = True, offset: bool = True):
         """(first row, W[rows]) for consecutive row chunks of at most SCRATCH_BYTES each, all
         dequantized into the same scratch buffer: a prefill's extra memory is one chunk (plus

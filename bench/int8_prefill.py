@@ -1,9 +1,10 @@
-"""Quantized layers only prefill uses (image encoder, vision experts), their codes in oneDNN's
-blocked order against row-major, in one process, alternating: the mid-size random-weight CogVLM
-of bench/decode.py quantized as `--quant N` quantizes it (image encoder int8), prepared as the
-apps prepare it (each layer's layout measured here, models/kernels.py), against a copy whose
-prefill-only quantized layers keep their row-major codes. Times the image encoder + a 283-token prefill; medians over --repeat rounds (a
-busy box drifts 2x between processes, so only a same-process ratio means anything)."""
+"""int8 layers only prefill uses (image encoder; under --quant 8 also the vision experts), their
+codes in oneDNN's blocked order against row-major, in one process, alternating: the mid-size
+random-weight CogVLM of bench/decode.py quantized as `--quant N` quantizes it (image encoder
+int8), prepared as the apps prepare it (each layer's layout measured here, models/kernels.py),
+against a copy whose int8 prefill-only layers keep their row-major codes. Times the image
+encoder + a 283-token prefill; medians over --repeat rounds (a busy box drifts 2x between
+processes, so only a same-process ratio means anything)."""
 from __future__ import annotations
 
 import copy
@@ -18,7 +19,7 @@ import torch  # noqa: E402
 from bench.common import bench_parser, cpu_start, median_time, medians, random_model, write_cpu_json  # noqa: E402
 from bench.decode import MID, make_inputs, prefill_run  # noqa: E402
 from models.kernels import choose_layouts  # noqa: E402
-from models.layout import PackedInt4Linear, PackedInt8Linear, apply_layouts  # noqa: E402
+from models.layout import PackedInt8Linear, apply_layouts  # noqa: E402
 from models.quantize import quantize  # noqa: E402
 
 
@@ -28,11 +29,11 @@ def compare(bits: int, repeat: int, dtype: torch.dtype) -> dict:
     row_major = copy.deepcopy(chosen)
     layouts = choose_layouts(chosen)
     apply_layouts(chosen, layouts)
-    blocked = {n for n, m in chosen.named_modules() if isinstance(m, (PackedInt8Linear, PackedInt4Linear))}
+    blocked = {n for n, m in chosen.named_modules() if isinstance(m, PackedInt8Linear)}
     apply_layouts(row_major, {n: "plain" if n in blocked else x for n, x in layouts.items()})
-    print(f"--quant {bits}: {len(blocked)} prefill-only quantized layers take the blocked codes", flush=True)
+    print(f"--quant {bits}: {len(blocked)} int8 prefill-only layers take the blocked codes", flush=True)
     prompt = make_inputs(MID, 24, chosen, False)
-    models = {"chosen (blocked where faster)": chosen, "row-major codes": row_major}
+    models = {"chosen (blocked where faster)": chosen, "row-major int8": row_major}
     fns = {name: prefill_run(m, prompt, "cpu") for name, m in models.items()}
     for fn in fns.values():                             # warm-up: oneDNN's kernels, the scratch weights
         fn()
