@@ -17,6 +17,10 @@ codes kept in oneDNN's blocked order, layout.PackedInt8Linear) and plain (row-ma
 the bf16 / fp32 GEMM of their shape, the same probes as an nn.Linear of that shape. Modules that
 are not exactly an nn.Linear or a WeightOnlyLinear (tensor-parallel pieces) are left alone.
 
+The int8 / int4 layers of an fp32 model also choose, by timing one row of their commonest
+shape, whether PyTorch's one-token kernel gets fp32 or bf16 activations
+(choose_quantized_kernels): the wheel's fp32 weight-only kernels are scalar.
+
 Each shape class (dtype, outputs, inputs) is timed per regime: decode (1 row), batch (4 rows:
 batched decoding) and prefill (256 rows, standing in for prompts of 300-1300 rows and the image
 encoders), with one layer's own weight, the median of a few calls, the layouts taking turns
@@ -374,3 +378,57 @@ def choose_layouts(model: nn.Module, kernels: str = "auto", cpu_layout: bool = T
     log.info("kernels chosen by timing this CPU (%s %s; --kernels to force, --remeasure_kernels to time again): "
              "%s%s%s", how, path, describe(classes, timings, layouts), note, tail)
     return layouts
+
+
+# ---------------------------------------------------------------------------------------
+# Quantized layers of fp32 models: the activations' dtype in PyTorch's one-token kernels
+def choose_quantized_kernels(model: nn.Module, remeasure: bool = False, timer: Optional[Callable] = None) -> dict:
+    """For the int8 / int4 layers of an fp32 CPU model: bits -> the activation dtype their
+    one-token kernel runs in, fp32 or bf16, whichever one row of the largest such layer runs
+    faster here (cached with the layouts' timings), and switch the layers to it
+    (WeightOnlyLinear.kernel_in). In the torch 2.13 wheel the fp32 kernels are scalar: int8 2.4
+    GB/s, int4 0.6 against 14-22 / 13-17 in bf16 (AMD EPYC); bf16 activations round to 8 bits of
+    mantissa, below int8's and int4's own weight error. Logs one line when it measures."""
+    layers = [m for m in model.modules() if type(m) is WeightOnlyLinear and m.dtype == torch.float32
+              and m.qweight.device.type == "cpu"]
+    if not layers:
+        return {}
+    path, ident = cache_path(), machine_id()
+    timings = read_cache(path, ident)
+    chosen, figures = {}, []
+    for bits in sorted({m.bits for m in layers}):
+        shapes = {}                                   # (out, in) -> layers: time the most bytes' shape
+        for m in layers:
+            if m.bits == bits:
+                shapes.setdefault((m.out_features, m.in_features), []).append(m)
+        big = max(shapes.values(), key=lambda ms: len(ms) * ms[0].out_features * ms[0].in_features)[0]
+        probes = [Probe(f"int{bits}", d, big.out_features, big.in_features, 1, torch.get_num_threads(), "decode")
+                  for d in ("float32", "bfloat16")]
+        if remeasure or any(p.key not in timings for p in probes):
+            timings.update({p.key: float(t) for p, t in zip(probes, _time_kernels(big, probes, timer))})
+            write_cache(path, ident, timings)
+        secs = [timings[p.key] for p in probes]
+        chosen[bits] = torch.bfloat16 if secs[1] < secs[0] else torch.float32
+        gbs = [big.out_features * big.in_features * bits / 8 / t / 1e9 for t in secs]
+        figures.append(f"int{bits} {big.out_features}x{big.in_features}: fp32 {gbs[0]:.1f}, bf16 {gbs[1]:.1f} GB/s "
+                       f"-> {str(chosen[bits]).replace('torch.', '')}")
+    for m in layers:
+        if chosen[m.bits] != torch.float32:
+            m.kernel_in(chosen[m.bits])
+    log.info("quantized one-token kernels of this fp32 model, activations in the dtype measured faster here: %s",
+             "; ".join(figures))
+    return chosen
+
+
+@torch.inference_mode()
+def _time_kernels(layer: WeightOnlyLinear, probes: list, timer: Optional[Callable]) -> list:
+    """Seconds of one row through a random layer of `layer`'s shape and bits, per probe's dtype."""
+    w = torch.randn(layer.out_features, layer.in_features) * 0.02
+    runs = []
+    for p in probes:
+        q = WeightOnlyLinear(w, None, layer.bits, layer.group)
+        if p.dtype != "float32":
+            q.kernel_in(getattr(torch, p.dtype))
+        x = torch.randn(1, layer.in_features)
+        runs.append(lambda q=q, x=x: q._matmul(x))
+    return (timer or median_seconds)(probes, runs)

@@ -174,7 +174,7 @@ def prepare_for_inference(model: nn.Module, opts: LoadOptions) -> nn.Module:
     (kernels.py): kernels auto with pack, measured on this machine; a forced layout; without
     pack (--cpu_weights plain), column-major fp32 where it has more outputs than inputs."""
     from .invariant import deterministic_on, make_batch_invariant
-    from .kernels import choose_layouts
+    from .kernels import choose_layouts, choose_quantized_kernels
     from .layout import apply_layouts
     cpu = torch.device(opts.device).type == "cpu"
     deterministic = deterministic_on(opts.deterministic, opts.device, opts.compile, opts.single_stream)
@@ -187,6 +187,8 @@ def prepare_for_inference(model: nn.Module, opts: LoadOptions) -> nn.Module:
         kernels = "packed" if opts.world > 1 and opts.kernels == "auto" else opts.kernels
         apply_layouts(model, choose_layouts(model, kernels, opts.cpu_layout, opts.remeasure_kernels,
                                             single_row=not deterministic))
+        if kernels == "auto":
+            choose_quantized_kernels(model, opts.remeasure_kernels)
     elif opts.cpu_layout:
         use_fast_cpu_layout(model)
     if compiled:

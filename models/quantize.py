@@ -234,6 +234,14 @@ class WeightOnlyLinear(nn.Module):
         self.register_buffer("qweight", q)
         self.register_buffer("scales", scales)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(w.dtype), requires_grad=False)
+        self.kernel_dtype = w.dtype              # the activations' dtype in PyTorch's kernel (kernel_in)
+
+    def kernel_in(self, dtype: torch.dtype) -> None:
+        """Run the few-row kernel on activations in `dtype` (the scales stored in it too, and
+        used by the many-row path as well): in the torch 2.13 wheel the fp32 kernels are not
+        vectorized, bf16 ones are (models/kernels.py measures which is faster here)."""
+        self.scales = self.scales.to(dtype)
+        self.kernel_dtype = dtype
 
     def dequantize(self, out: Optional[torch.Tensor] = None, rows: Optional[slice] = None,
                    scaled: bool = True, offset: bool = True) -> torch.Tensor:
@@ -250,7 +258,7 @@ class WeightOnlyLinear(nn.Module):
         sz = self.scales[:, rows].transpose(0, 1)                                    # N,K/G,2
         block = int4_row_block()
         if not block:                                # unknown layout: ask the kernel (slow, exact)
-            eye = torch.eye(K, dtype=self.dtype)
+            eye = torch.eye(K, dtype=self.scales.dtype)
             out.copy_(torch._weight_int4pack_mm_for_cpu(eye, q, self.group, self.scales[:, rows].contiguous()).t())
             if not offset:
                 out.view(N, K // self.group, self.group).sub_(sz[..., 1:])
@@ -274,9 +282,10 @@ class WeightOnlyLinear(nn.Module):
 
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
         if x2.shape[0] <= KERNEL_ROWS[self.bits]:
+            xk = x2.to(self.kernel_dtype)
             if self.bits == 8:
-                return torch._weight_int8pack_mm(x2, self.qweight, self.scales)
-            return torch._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group, self.scales)
+                return torch._weight_int8pack_mm(xk, self.qweight, self.scales).to(x2.dtype)
+            return torch._weight_int4pack_mm_for_cpu(xk, self.qweight, self.group, self.scales).to(x2.dtype)
         # Many rows: dequantize a chunk of output rows at a time and run the dense GEMM on it.
         # What is cheaper on the outputs is left out of the weights: int8's row scales, and
         # int4's group zeros (x W^T = x ((q - 8) s)^T + (x summed per group) zeros: one pass
@@ -287,7 +296,7 @@ class WeightOnlyLinear(nn.Module):
 
         def product(r0: int, w: torch.Tensor) -> torch.Tensor:
             y = F.linear(x2, w)
-            return y.addmm_(x_groups, self.scales[:, r0:r0 + w.shape[0], 1]) if int4 else y
+            return y.addmm_(x_groups, self.scales[:, r0:r0 + w.shape[0], 1].to(y.dtype)) if int4 else y
         chunks = self.dequantized_chunks(scaled=int4, offset=not int4)
         r0, w = next(chunks)
         if w.shape[0] == self.out_features:                                      # one chunk: no copy
@@ -311,7 +320,8 @@ class WeightOnlyLinear(nn.Module):
         return self.in_features * self.out_features
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int{self.bits}, {self.dtype}"
+        kernel = f" (one-token kernel in {self.kernel_dtype})" if self.kernel_dtype != self.dtype else ""
+        return f"in={self.in_features}, out={self.out_features}, int{self.bits}, {self.dtype}{kernel}"
 
 
 class Int8Embedding(nn.Module):

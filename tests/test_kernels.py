@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from models import LoadOptions, load_model
 from models import kernels
@@ -376,6 +377,54 @@ def test_greedy_answers_do_not_depend_on_the_int8_layout(dtype, bits):
     packed, calls = answers("packed")
     assert none == 0 and calls > 0                     # the image went through the blocked codes
     assert packed == plain
+
+
+def by_kernel_dtype(faster: str):
+    """A timer: quantized kernels' probes take 1 ms in dtype `faster` and 2 ms in the other;
+    layout probes 1 ms (every layout alike)."""
+    def timer(probes, runs):
+        return [(1e-3 if p.dtype == faster else 2e-3) if p.layout.startswith("int") else 1e-3 for p in probes]
+    return timer
+
+
+@pytest.mark.parametrize("faster", ["bfloat16", "float32"])
+def test_quantized_layers_of_fp32_models_run_the_kernel_dtype_measured_faster(faster, caplog):
+    from models.quantize import WeightOnlyLinear, quantize
+    model = quantize(tiny(), 4, vision_bits=8)                              # fp32, int4 + int8
+    with caplog.at_level(logging.INFO, logger="models.kernels"):
+        chosen = kernels.choose_quantized_kernels(model, timer=by_kernel_dtype(faster))
+    want = getattr(torch, faster)
+    assert chosen == {4: want, 8: want} and "GB/s" in caplog.text
+    layers = [m for m in model.modules() if type(m) is WeightOnlyLinear]
+    assert {(m.kernel_dtype, m.scales.dtype, m.dtype) for m in layers} == {(want, want, torch.float32)}
+    m = model.get_submodule("model.layers.0.mlp.language_mlp.up_proj")
+    x = torch.randn(1, 2, m.in_features)
+    # one token: PyTorch's int4 kernel on activations in the chosen dtype, the output back in fp32
+    kernel = torch._weight_int4pack_mm_for_cpu(x[0].to(want), m.qweight, m.group, m.scales)
+    got = m(x)
+    assert got.dtype == torch.float32 and torch.equal(got[0], kernel.float())
+    many = torch.randn(100, m.in_features)                                  # prefill: dequantized, fp32
+    reference = F.linear(many, m.dequantize())
+    torch.testing.assert_close(m(many), reference, rtol=1e-4, atol=1e-4)
+    timed = []                                                              # cached: nothing measured again
+    kernels.choose_quantized_kernels(quantize(tiny(), 4, vision_bits=8), timer=lambda p, r: timed.append(p))
+    assert timed == []
+
+
+def test_an_fp32_app_load_switches_its_quantized_kernels_and_still_answers(monkeypatch):
+    from models.quantize import QuantConfig, WeightOnlyLinear
+    from utils.chat import ImageContext, chat
+    from utils.chat.tokenizer import Tokenizer
+    from models.generate import GenerationConfig
+    monkeypatch.setattr(kernels, "median_seconds", by_kernel_dtype("bfloat16"))
+    model, cfg = load_model("tiny-cogvlm", LoadOptions(dtype=torch.float32, quant=QuantConfig(8), pack=True))
+    assert {m.kernel_dtype for m in model.modules() if type(m) is WeightOnlyLinear} == {torch.bfloat16}
+    tok = Tokenizer(ROOT / "assets" / "checkpoints" / "tiny-cogvlm" / "tokenizer")
+    said = chat(model, tok, "How many shapes are there?", [], ImageContext(ROOT / "assets" / "scene.png", cfg),
+                gen=GenerationConfig(max_new_tokens=8))[0]
+    assert said == "3"                                  # what the bundled model was trained to say
+    forced, _ = load_model("tiny-cogvlm", LoadOptions(dtype=torch.float32, quant=QuantConfig(8), kernels="plain"))
+    assert {m.kernel_dtype for m in forced.modules() if type(m) is WeightOnlyLinear} == {torch.float32}
 
 
 def test_the_flags_reach_the_loader():
