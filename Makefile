@@ -72,6 +72,8 @@ bench: $(VENV)/.core
 	$(PYTHON) bench/decode.py --json bench/results_decode.json
 	$(PYTHON) bench/decode.py --quant 8 --json bench/results_decode_int8.json
 	$(PYTHON) bench/decode.py --quant 4 --json bench/results_decode_int4.json
+	$(PYTHON) bench/decode.py --dtype float32 --quant 8 --json bench/results_decode_float32_int8.json
+	$(PYTHON) bench/decode.py --dtype float32 --quant 4 --json bench/results_decode_float32_int4.json
 	$(PYTHON) bench/single_stream.py --json bench/results_single_stream.json
 	$(PYTHON) bench/int8_prefill.py --json bench/results_int8_prefill.json
 	$(PYTHON) bench/decode.py --dtype bfloat16 --packed --json bench/results_decode_bfloat16_packed.json
