@@ -41,6 +41,7 @@ batching app (the server, the evaluation runner) then runs several rows.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -384,8 +385,8 @@ def choose_layouts(model: nn.Module, kernels: str = "auto", cpu_layout: bool = T
 # Quantized layers of fp32 models: the activations' dtype in PyTorch's one-token kernels
 def choose_quantized_kernels(model: nn.Module, remeasure: bool = False, timer: Optional[Callable] = None) -> dict:
     """For the int8 / int4 layers of an fp32 CPU model: bits -> the activation dtype their
-    one-token kernel runs in, fp32 or bf16, whichever one row of the largest such layer runs
-    faster here (cached with the layouts' timings), and switch the layers to it
+    one-token kernel runs in, fp32 or bf16, whichever one row of their commonest shape (the
+    most bytes) runs faster here (cached with the layouts' timings), and switch the layers to it
     (WeightOnlyLinear.kernel_in). In the torch 2.13 wheel the fp32 kernels are scalar: int8 2.4
     GB/s, int4 0.6 against 14-22 / 13-17 in bf16 (AMD EPYC); bf16 activations round to 8 bits of
     mantissa, below int8's and int4's own weight error. Logs one line when it measures."""
@@ -423,10 +424,10 @@ def choose_quantized_kernels(model: nn.Module, remeasure: bool = False, timer: O
 @torch.inference_mode()
 def _time_kernels(layer: WeightOnlyLinear, probes: list, timer: Optional[Callable]) -> list:
     """Seconds of one row through a random layer of `layer`'s shape and bits, per probe's dtype."""
-    w = torch.randn(layer.out_features, layer.in_features) * 0.02
+    base = WeightOnlyLinear(torch.randn(layer.out_features, layer.in_features) * 0.02, None, layer.bits, layer.group)
     runs = []
     for p in probes:
-        q = WeightOnlyLinear(w, None, layer.bits, layer.group)
+        q = copy.deepcopy(base)                       # quantized once; each probe its own scales
         if p.dtype != "float32":
             q.kernel_in(getattr(torch, p.dtype))
         x = torch.randn(1, layer.in_features)
