@@ -65,8 +65,11 @@ demo: $(VENV)/.core
 	$(PYTHON) basic_demo/cli_demo_sat.py --from_pretrained "$(DEMO_MODEL)" \
 	    --image "$(DEMO_IMAGE)" --query "$$DEMO_QUERY" --top_k 1 --output_dir grounding_output
 
+# pytest-xdist: one worker per core, at most TEST_WORKERS (each test file runs in one worker; the
+# suite's tests of 2 to 8 processes share the cores either way). TEST_WORKERS=0: no workers.
+TEST_WORKERS ?= 2
 test: $(VENV)/.dev chromium java iproute2 cxx
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n $$(n=$$(nproc); echo $$(( n < $(TEST_WORKERS) ? n : $(TEST_WORKERS) ))) --dist loadfile
 
 bench: $(VENV)/.core
 	$(PYTHON) bench/decode.py --json bench/results_decode.json

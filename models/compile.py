@@ -31,7 +31,8 @@ import time
 
 import torch
 
-from .cogvlm import CrossAttention, VisionExpertAttention, decode_attention, single_query_attention
+from .cogvlm import (CrossAttention, VisionExpertAttention, decode_attention, fused_single_query_attention,
+                     single_query_attention)
 from .generate import forward_one_token
 from .machine import release_free_memory
 
@@ -160,50 +161,55 @@ LONG_CONTEXT = 512
 class LongContextAttention:
     """One row's one-token attention (single_query_attention's arguments, one row): every row's
     on the batch-invariant path (the CPU default), a single-row step's without it on CPU
-    (measured_single_rows). Eager bf16 matmuls copy the strided cache views
-    before reading them (at 1,299 cached tokens 2.5x inductor's time on the AMD EPYC; fp32 about
-    even), so rows of `from_tokens` tokens or more (LONG_CONTEXT; 1 in the server, through
-    invariant.compile_every_row) run whichever is faster here: the first such row compiles
-    (seconds, one log line) and times both on its shape; the timings are cached per machine,
-    shape kind and length class (short / long: per-call overheads weigh differently) beside the
-    kernel timings, so later processes decide alike without compiling first when eager won.
-    Where inductor cannot compile, every row runs eagerly (nothing logged)."""
+    (measured_single_rows). Which kernel reads a long cache fastest depends on the CPU and dtype:
+    eager bf16 matmuls copy the strided cache views first (at 1,299 cached tokens 2.5x
+    inductor's time on an AVX-512 AMD EPYC), while in fp32 on an AVX2-only one PyTorch's fused
+    kernel beats both (1.4x). So rows of `from_tokens` tokens or more (LONG_CONTEXT; 1 in the
+    server, through invariant.compile_every_row) run whichever of eager, fused and compiled
+    (where inductor can compile) is faster here: the first such row times them on its shape
+    (compiling for seconds, one log line); the timings are cached per machine, shape kind and
+    length class (short / long: per-call overheads weigh differently) beside the kernel
+    timings, so later processes decide alike without compiling first when it lost."""
 
     def __init__(self, model):
         self.possible = can_compile(model, warn=False)
-        self.from_tokens = LONG_CONTEXT        # rows this long or longer may run compiled
+        self.from_tokens = LONG_CONTEXT        # rows this long or longer run the measured kernel
         self.compiled = None                   # Compiled(single_query_attention), once chosen
-        self.choice = {}                       # shape kind -> "eager" | "compiled"
+        self.choice = {}                       # shape kind -> "eager" | "fused" | "compiled"
 
     def __call__(self, q, k, v, mask=None):
         # Inside a graph being compiled (--compile's decode step) inductor compiles this too.
-        if not self.possible or k.shape[2] < self.from_tokens or torch.compiler.is_compiling():
+        if k.shape[2] < self.from_tokens or torch.compiler.is_compiling():
             return single_query_attention(q, k, v, mask)
         kind = _attention_kind(q, k, v)
         if kind not in self.choice:
             self.choice[kind] = self._choose(kind, q, k, v, mask)
-        fn = self.compiled if self.choice[kind] == "compiled" else single_query_attention
-        return fn(q, k, v, mask)
+        return self._kernel(self.choice[kind])(q, k, v, mask)
+
+    def _kernel(self, which: str):
+        return {"eager": single_query_attention, "fused": fused_single_query_attention,
+                "compiled": self.compiled}[which]
 
     def _choose(self, kind: str, q, k, v, mask) -> str:
-        """Time eager and compiled on this row (cached per machine); the faster one wins."""
+        """Time every candidate on this row (cached per machine); the fastest wins."""
         from .kernels import cache_path, machine_id, read_cache, write_cache
         path, ident = cache_path().with_name("attention.json"), machine_id()
         cached = read_cache(path, ident)
-        keys = {w: f"{w} {kind} threads={torch.get_num_threads()}" for w in ("eager", "compiled")}
+        which = ["eager", "fused"] + (["compiled"] if self.possible else [])
+        keys = {w: f"{w} {kind} threads={torch.get_num_threads()}" for w in which}
         if not all(key in cached for key in keys.values()):
-            self._compile()
-            self.compiled(q, k, v, mask)                                   # compiles
-            if self.compiled.failed:
-                return "eager"
-            eager, compiled = _alternate_medians([lambda: single_query_attention(q, k, v, mask),
-                                                  lambda: self.compiled(q, k, v, mask)])
-            cached.update({keys["eager"]: eager / k.shape[2], keys["compiled"]: compiled / k.shape[2]})
+            if self.possible:
+                self._compile()
+                self.compiled(q, k, v, mask)                               # compiles
+                if self.compiled.failed:
+                    which.remove("compiled")
+            times = _alternate_medians([functools.partial(self._kernel(w), q, k, v, mask) for w in which])
+            cached.update({keys[w]: t / k.shape[2] for w, t in zip(which, times)})
             write_cache(path, ident, cached)
-        winner = min(keys, key=lambda w: cached[keys[w]])
+        winner = min(which, key=lambda w: cached[keys[w]])
         mb = 2 * k[0].numel() * k.element_size() / 1e6                      # this row's K and V
-        log.info("one-row attention (%s): %s (eager %.1f GB/s, compiled %.1f GB/s at %d tokens)", kind, winner,
-                 *(mb / 1e3 / (cached[keys[w]] * k.shape[2]) for w in keys), k.shape[2])
+        log.info("one-row attention (%s): %s (%s at %d tokens)", kind, winner, ", ".join(
+            f"{w} {mb / 1e3 / (cached[keys[w]] * k.shape[2]):.1f} GB/s" for w in which), k.shape[2])
         if winner == "compiled":
             self._compile()
         return winner

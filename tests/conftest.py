@@ -8,7 +8,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
+
+# Under pytest-xdist (`make test` runs a worker per core, at most TEST_WORKERS) the workers share
+# the cores: each process, and each subprocess it starts, gets its share of threads.
+_CORES = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", str(min(2, _CORES)))
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -19,7 +25,7 @@ os.environ.setdefault("COGVLM_DTYPE", "float32")
 # user's (~/.cache/cogvlm/kernels.json); the Hugging Face cache stays where it was.
 os.environ.setdefault("HF_HOME", str(Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "huggingface"))
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="cogvlm-test-cache-")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(min(2, _CORES))
 
 from utils.tiny.create_test_model import CORPUS  # noqa: E402
 

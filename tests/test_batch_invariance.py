@@ -160,35 +160,43 @@ def _long_rows(n_rows=3, S=40):
     return q, k, v
 
 
+KERNELS = ("eager", "fused", "compiled")
+
+
 def _timed_cache(cache_dir, timings: dict):
-    """attention.json as LongContextAttention writes it: {shape kind: (eager s, compiled s)}."""
+    """attention.json as LongContextAttention writes it: {shape kind: (eager s, fused s, compiled s)}."""
     from models.kernels import CACHE_VERSION, machine_id
     n = torch.get_num_threads()
-    entries = {f"{w} {kind} threads={n}": t for kind, pair in timings.items() for w, t in zip(("eager", "compiled"), pair)}
+    entries = {f"{w} {kind} threads={n}": t for kind, times in timings.items() for w, t in zip(KERNELS, times)}
     (cache_dir / "cogvlm").mkdir(parents=True, exist_ok=True)
     (cache_dir / "cogvlm" / "attention.json").write_text(json.dumps(
         {"version": CACHE_VERSION, "machine": machine_id(), "timings": entries}))
 
 
-@pytest.mark.parametrize("faster", ["eager", "compiled"])
+def _winning(faster: str) -> tuple:
+    """Timings (eager, fused, compiled) in which `faster` wins."""
+    return tuple(1.0 if w == faster else 2.0 + i for i, w in enumerate(KERNELS))
+
+
+@pytest.mark.parametrize("faster", KERNELS)
 def test_long_rows_follow_the_cached_timings(faster, cogvlm_ckpt, monkeypatch, tmp_path):
-    """Injected timings decide; eager winning compiles nothing; short rows never ask."""
+    """Injected timings decide; eager or fused winning compiles nothing; short rows never ask."""
     import models.compile as mc
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(mc, "LONG_CONTEXT", 32)
     q, k, v = _long_rows()
-    _timed_cache(tmp_path, {mc._attention_kind(q[:1], k[:1], v[:1]): (1.0, 2.0) if faster == "eager" else (2.0, 1.0)})
+    _timed_cache(tmp_path, {mc._attention_kind(q[:1], k[:1], v[:1]): _winning(faster)})
     model, _ = load_model(str(cogvlm_ckpt), BF16)
     one = model.model.layers[0].self_attn.decode_attention.keywords["one"]
     assert isinstance(one, mc.LongContextAttention) and one.possible
     one(q[:1], k[:1, :, :8], v[:1, :, :8])                                  # short: nothing decided
     assert one.choice == {} and one.compiled is None
     out = attention_by_row(q, k, v, one=one)
-    assert list(one.choice.values()) == [faster] and (one.compiled is None) == (faster == "eager")
+    assert list(one.choice.values()) == [faster] and (one.compiled is None) == (faster != "compiled")
     assert torch.allclose(out.float(), attention_by_row(q, k, v).float(), atol=2e-2)
 
 
-@pytest.mark.parametrize("faster", ["eager", "compiled"])
+@pytest.mark.parametrize("faster", KERNELS)
 def test_a_server_decides_short_rows_on_their_own_timings(faster, cogvlm_ckpt, monkeypatch, tmp_path):
     """compile_every_row (what the server calls): short rows decide too, from the timings of
     their own length class (the long class's, injected the other way round, are not read)."""
@@ -198,17 +206,15 @@ def test_a_server_decides_short_rows_on_their_own_timings(faster, cogvlm_ckpt, m
     monkeypatch.setattr(mc, "LONG_CONTEXT", 32)
     q, k, v = _long_rows()
     short, long = (q[:1], k[:1, :, :8], v[:1, :, :8]), (q[:1], k[:1], v[:1])
-    wins, loses = (1.0, 2.0), (2.0, 1.0)
-    if faster == "compiled":
-        wins, loses = loses, wins
-    _timed_cache(tmp_path, {mc._attention_kind(*short): wins, mc._attention_kind(*long): loses})
+    _timed_cache(tmp_path, {mc._attention_kind(*short): _winning(faster), mc._attention_kind(*long): (3.0, 2.0, 1.0)
+                            if faster == "eager" else (1.0, 2.0, 3.0)})
     model, _ = load_model(str(cogvlm_ckpt), BF16)
     one = model.model.layers[0].self_attn.decode_attention.keywords["one"]
     one(*short)
     assert one.choice == {}                                                   # not yet asked
     assert compile_every_row(model) and one.from_tokens == 1
     out = one(*short)
-    assert list(one.choice.values()) == [faster] and (one.compiled is None) == (faster == "eager")
+    assert list(one.choice.values()) == [faster] and (one.compiled is None) == (faster != "compiled")
     assert torch.allclose(out.float(), single_query_attention(*short).float(), atol=2e-2)
     make_batch_invariant(model, 0)
     assert not compile_every_row(model)                                       # invariance off
@@ -222,7 +228,7 @@ def test_a_single_stream_without_invariance_runs_the_measured_row_attention(cogv
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(mc, "LONG_CONTEXT", 32)
     q, k, v = _long_rows()
-    _timed_cache(tmp_path, {mc._attention_kind(q[:1], k[:1], v[:1]): (1.0, 2.0)})        # eager wins
+    _timed_cache(tmp_path, {mc._attention_kind(q[:1], k[:1], v[:1]): _winning("eager")})
     model, _ = load_model(str(cogvlm_ckpt), LoadOptions(dtype=torch.bfloat16, deterministic=False))
     fn = model.model.layers[0].self_attn.decode_attention
     one = fn.keywords["one"]
@@ -234,8 +240,9 @@ def test_a_single_stream_without_invariance_runs_the_measured_row_attention(cogv
 
 
 def test_long_rows_measured_once_and_exact_batched(monkeypatch, tmp_path, cogvlm_ckpt, caplog):
-    """No timings cached: the first long row compiles and times both (cached, one log line);
-    rows batched get the bits they get alone whichever wins."""
+    """No timings cached: the first long row compiles and times the three (cached, one log
+    line); rows batched get the bits they get alone whichever wins. Without a compiler the
+    eager and fused kernels are still timed."""
     import logging
     import models.compile as mc
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -248,10 +255,17 @@ def test_long_rows_measured_once_and_exact_batched(monkeypatch, tmp_path, cogvlm
     with caplog.at_level(logging.INFO, logger="models.compile"):
         out = attention_by_row(q, k, v, mask[:, None, None, :], one=one)
     timings = json.loads((tmp_path / "cogvlm" / "attention.json").read_text())["timings"]
-    assert sorted(w.split()[0] for w in timings) == ["compiled", "eager"]
+    assert sorted(w.split()[0] for w in timings) == ["compiled", "eager", "fused"]
     assert sum("one-row attention (" in r.message for r in caplog.records) == 1
     for i, s in enumerate(starts):
         assert torch.equal(out[i], one(q[i:i + 1], k[i:i + 1, :, s:], v[i:i + 1, :, s:])[0])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "none"))
+    monkeypatch.setattr(mc.shutil, "which", lambda name: None)                   # no C++ compiler
+    monkeypatch.delenv("CXX", raising=False)
+    plain = mc.LongContextAttention(model)
+    assert not plain.possible and plain(q[:1], k[:1], v[:1]) is not None and plain.compiled is None
+    timings = json.loads((tmp_path / "none" / "cogvlm" / "attention.json").read_text())["timings"]
+    assert sorted(w.split()[0] for w in timings) == ["eager", "fused"]
 
 
 # ----- the server, as users start it (default flags but the dtype), one process and 2 TP ranks --

@@ -152,8 +152,10 @@ def test_merged_lora_model_gives_the_lora_model_logits(lora_run, merged, image_f
 def test_lora_checkpoint_keeps_its_adapter_packed_or_quantized(opts, lora_run, merged, base, image_file):
     """A LoRA checkpoint's adapter is a hook on its linear layer: replacing the layer by its
     oneDNN-packed or quantized form must carry it (both once dropped it silently, answering
-    like the base model). Quantized, the adapter model answers like the merged model
-    quantized: both within that quantization's own error of the fp32 adapter model."""
+    like the base model). The adapter model so loaded in bf16 stays within twice the larger of
+    two errors from the fp32 adapter model: the merged model's under the same options (the
+    quantization's own error) and the adapter model's with plain bf16 layers (the rounding of
+    its extra products, which the merged model lacks: 2.6x the merged model's in one CI run)."""
     from models.quantize import QuantConfig
     save = lora_run[0]
     if "quant" in opts:
@@ -161,8 +163,10 @@ def test_lora_checkpoint_keeps_its_adapter_packed_or_quantized(opts, lora_run, m
     ref = logits(save, image_file, dtype=torch.float32)
     adapter = (logits(base, image_file, dtype=torch.float32) - ref).abs().max()      # what it adds
     got = (logits(save, image_file, dtype=torch.bfloat16, **opts) - ref).abs().max()
-    want = (logits(merged, image_file, dtype=torch.bfloat16, **opts) - ref).abs().max()
-    assert adapter > 1 and got < 0.2 * adapter and got <= 2 * want, (adapter, got, want)
+    merged_err = (logits(merged, image_file, dtype=torch.bfloat16, **opts) - ref).abs().max()
+    rounding = (logits(save, image_file, dtype=torch.bfloat16, kernels="plain") - ref).abs().max()
+    assert adapter > 1 and got < 0.2 * adapter, (adapter, got)
+    assert got <= 2 * max(merged_err, rounding), (got, merged_err, rounding)
 
 
 def test_model_parallel_training_equals_one_process(base, captchas, tmp_path):
