@@ -67,9 +67,12 @@ demo: $(VENV)/.core
 
 # pytest-xdist: one worker per core, at most TEST_WORKERS (each test file runs in one worker; the
 # suite's tests of 2 to 8 processes share the cores either way). TEST_WORKERS=0: no workers.
+# The multi-node tests run alone afterwards: beside them a 4-process torchrun evaluation hung.
 TEST_WORKERS ?= 2
 test: $(VENV)/.dev chromium java iproute2 cxx
-	$(PYTHON) -m pytest -n $$(n=$$(nproc); echo $$(( n < $(TEST_WORKERS) ? n : $(TEST_WORKERS) ))) --dist loadfile
+	$(PYTHON) -m pytest -n $$(n=$$(nproc); echo $$(( n < $(TEST_WORKERS) ? n : $(TEST_WORKERS) ))) \
+	    --dist loadfile --ignore=tests/test_multinode.py
+	$(PYTHON) -m pytest tests/test_multinode.py
 
 bench: $(VENV)/.core
 	$(PYTHON) bench/decode.py --json bench/results_decode.json

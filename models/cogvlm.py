@@ -76,8 +76,9 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def fused_single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """single_query_attention through PyTorch's fused kernel, same shapes. Where it wins depends
-    on the CPU (fp32 on an AVX2-only AMD EPYC: 1.4x the two products at 1,299 cached tokens;
-    bf16 on AVX-512 it lost), so compile.LongContextAttention times it there."""
+    on the CPU and the layout (fp32 on an AVX2-only AMD EPYC: 1.5x the two products on
+    CogAgent's contiguous cross K/V, even on the cache views; bf16 on AVX-512 it lost), so
+    compile.LongContextAttention times it there."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
