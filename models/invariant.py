@@ -57,7 +57,7 @@ def make_batch_invariant(model: nn.Module, rows: int = ROWS, measure: bool = Tru
     """Pad the decode-time linear layers' products and swap in row-by-row one-token attention
     (CogVLM and the HF classes alike); rows 0: back to the batched kernels. measure: find per
     layer kind the fewest rows that round like `rows` rows on this machine (padding_rows); else
-    pad to `rows` (tensor-parallel ranks: measuring would run collectives out of step)."""
+    pad to `rows`."""
     for handle in model.runtime.invariant_hooks:
         handle.remove()
     model.runtime.invariant_hooks, model.runtime.batch_invariant = [], rows
@@ -92,6 +92,12 @@ def padding_rows(model: nn.Module, names: list, rows: int = ROWS) -> dict:
     from .kernels import cache_path, machine_id, read_cache, write_cache
     path, ident = cache_path().with_name("batch_invariance.json"), machine_id()
     cached = read_cache(path, ident)
+    if model.runtime.tp_world > 1:
+        # A split layer's products are collectives, so its ranks must measure the same layers:
+        # one view of the cache (two model-parallel groups measuring at once deadlocked when a
+        # rank read the file after the other group wrote a key and skipped it).
+        from .tp import from_group_leader
+        cached = from_group_leader(cached)
     dtype, out = model.model.compute_dtype, {}
     for name in names:
         mod = model.get_submodule(name)

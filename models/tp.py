@@ -140,6 +140,15 @@ def group_rank_world() -> tuple[int, int]:
     return dist.get_rank(_GROUP), dist.get_world_size(_GROUP)
 
 
+def from_group_leader(obj):
+    """`obj` as the first rank of the model's group has it (a collective: every rank of the group
+    calls it). For rank-local state that decides which collectives run, such as a cache file
+    that another group's ranks may be writing while this group reads it."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(_GROUP, 0) if _GROUP is not None else 0, group=_GROUP)
+    return box[0]
+
+
 # Collectives with the gradients of Megatron's f/g operators, so that training works too.
 class _AllReduce(torch.autograd.Function):
     """Forward: sum over ranks. Backward: identity (the output is replicated)."""
