@@ -68,7 +68,7 @@ demo: $(VENV)/.core
 # pytest-xdist: one worker per core, at most TEST_WORKERS (each test file runs in one worker; the
 # suite's tests of 2 to 8 processes share the cores either way). TEST_WORKERS=0: no workers.
 # The multi-node tests run alone afterwards (beside them a 4-process model-parallel evaluation
-# hung, 3 of 3: two groups raced on the kernel cache, fixed in models/invariant.py).
+# hung, 3 of 3: two groups raced on batch_invariance.json, fixed in models/invariant.py).
 TEST_WORKERS ?= 2
 test: $(VENV)/.dev chromium java iproute2 cxx
 	$(PYTHON) -m pytest -n $$(n=$$(nproc); echo $$(( n < $(TEST_WORKERS) ? n : $(TEST_WORKERS) ))) \

@@ -164,12 +164,13 @@ class LongContextAttention:
     (measured_single_rows). Which kernel reads a long cache fastest depends on the CPU and dtype:
     eager bf16 matmuls copy the strided cache views first (at 1,299 cached tokens 2.5x
     inductor's time on an AVX-512 AMD EPYC), while in fp32 on an AVX2-only one PyTorch's fused
-    kernel reads CogAgent's contiguous cross K/V 1.5x faster than both. So rows of `from_tokens` tokens or more (LONG_CONTEXT; 1 in the
-    server, through invariant.compile_every_row) run whichever of eager, fused and compiled
-    (where inductor can compile) is faster here: the first such row times them on its shape
-    (compiling for seconds, one log line); the timings are cached per machine, shape kind and
-    length class (short / long: per-call overheads weigh differently) beside the kernel
-    timings, so later processes decide alike without compiling first when it lost."""
+    kernel reads CogAgent's contiguous cross K/V 1.5x faster than both. So rows of `from_tokens`
+    tokens or more (LONG_CONTEXT; 1 in the server, through invariant.compile_every_row) run
+    whichever of eager, fused and compiled (where inductor can compile) is faster here: the
+    first such row times them on its shape (compiling for seconds, one log line); the timings
+    are cached per machine, shape kind and length class (short / long: per-call overheads weigh
+    differently) beside the kernel timings, so later processes decide alike without compiling
+    first when it lost."""
 
     def __init__(self, model):
         self.possible = can_compile(model, warn=False)
