@@ -145,7 +145,9 @@ def test_merged_lora_model_gives_the_lora_model_logits(lora_run, merged, image_f
     ref = logits(save, image_file, dtype=torch.float32)
     assert (logits(merged, image_file, dtype=torch.float32) - ref).abs().max() < 1e-4
     noise = (logits(save, image_file, dtype=torch.bfloat16) - ref).abs().max()
-    assert 0 < (logits(merged, image_file, dtype=torch.bfloat16) - ref).abs().max() <= 2 * noise
+    # 3x: two bf16 roundings of one model differ by up to 2.1x either way (0.1146 vs 0.0554 in a
+    # CI run); a merge that lost the adapter is off by what it adds (> 1)
+    assert 0 < (logits(merged, image_file, dtype=torch.bfloat16) - ref).abs().max() <= 3 * noise
 
 
 @pytest.mark.parametrize("opts", [{"kernels": "packed"}, {"quant": 8}, {"quant": 4}], ids=str)
