@@ -35,6 +35,7 @@ from .cogvlm import (CrossAttention, VisionExpertAttention, decode_attention, fu
                      single_query_attention)
 from .generate import forward_one_token
 from .machine import release_free_memory
+from .quantize import WeightOnlyLinear
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,11 @@ def compile_decode(model) -> bool:
     # attention's score reduction and recomputes it for every cached token; realizing pointwise
     # results of more than 8 ops keeps it in a buffer (measured: half the cost per cached token).
     inductor_config.realize_cpu_opcount_threshold = 8
+    if any(isinstance(m, WeightOnlyLinear) and m.kernel_dtype != m.dtype for m in model.modules()):
+        # Weight-only layers of an fp32 model computing in bf16 (kernels.choose_quantized_kernels):
+        # torch 2.13's C++ GEMM template fails to fuse the conversion back into its output
+        # ("AssertionError: wrong ndim"), so no epilogue is fused into a template.
+        inductor_config.epilogue_fusion = False
     model.runtime.decode_step = Compiled(forward_one_token, "the decode step", "the first step takes about a minute",
                                          INT8_MAX_ROWS if model.runtime.quant_bits == 8 else None,
                                          mode="max-autotune")

@@ -187,10 +187,11 @@ def prepare_for_inference(model: nn.Module, opts: LoadOptions) -> nn.Module:
         kernels = "packed" if opts.world > 1 and opts.kernels == "auto" else opts.kernels
         apply_layouts(model, choose_layouts(model, kernels, opts.cpu_layout, opts.remeasure_kernels,
                                             single_row=not deterministic))
-        if kernels == "auto":
-            choose_quantized_kernels(model, opts.remeasure_kernels)
     elif opts.cpu_layout:
         use_fast_cpu_layout(model)
+    if cpu and opts.kernels == "auto" and opts.world == 1 and (opts.pack or compiled):
+        # The compiled step calls the same weight-only kernels: fp32 ones are scalar (5x slower).
+        choose_quantized_kernels(model, opts.remeasure_kernels)
     if compiled:
         from .compile import compile_decode
         compile_decode(model)

@@ -17,6 +17,7 @@ from models import Cache, LoadOptions, QuantConfig, load_model
 from models.compile import compile_decode
 from models.generate import decode_one_token, prefill
 from models.loading import resolve_dtype
+from models.quantize import WeightOnlyLinear
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,6 +51,10 @@ def test_compiled_decode_matches_eager(name, quant, caplog, monkeypatch):
     monkeypatch.setattr(mc.LongContextAttention, "_choose", lambda self, *a: self._compile() or "compiled")
     dtype = resolve_dtype("auto", "cpu")           # bf16 where the CPU has it, else fp32
     model, cfg = load_model(name, LoadOptions(dtype=dtype, quant=QuantConfig(bits=quant)))
+    if quant:              # as the apps run an fp32 model's int8 layers where bf16 measured faster
+        for m in model.modules():
+            if isinstance(m, WeightOnlyLinear):
+                m.kernel_in(torch.bfloat16)
     eager = _decode_logits(model, cfg)
     with caplog.at_level(logging.INFO, logger="models.compile"):
         assert compile_decode(model)
@@ -61,7 +66,8 @@ def test_compiled_decode_matches_eager(name, quant, caplog, monkeypatch):
     # Same greedy tokens; logits within the rounding of the compute dtype.
     assert torch.equal(eager.argmax(-1), compiled.argmax(-1))
     err = (eager - compiled).abs().max() / eager.abs().max()
-    assert err < (0.03 if dtype == torch.bfloat16 else 1e-4), f"relative logit error {err:.4f}"
+    bf16 = dtype == torch.bfloat16 or quant            # int8 kernels on bf16 activations
+    assert err < (0.03 if bf16 else 1e-4), f"relative logit error {err:.4f}"
 
 
 def test_without_a_compiler_decoding_stays_eager(monkeypatch, caplog):
