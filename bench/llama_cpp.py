@@ -1,8 +1,9 @@
 """llama.cpp, type for type, on this machine: the language model of bench/decode.py's mid-size
 config (hidden 2048, 16 layers, 16 heads, MLP 5632, vocab 32000) as a random-weight LLaMA GGUF,
 measured by llama.cpp's own `llama-bench` (prefill of 283 text tokens, decode at 283 tokens of
-context), interleaved round by round with the project's model of the same type (bf16 oneDNN-packed,
-int8 per row against Q8_0, int4 per 64 against Q4_0), so the box's drift hits both alike. Decode is
+context), interleaved round by round with the project's model of the same type as the apps run it
+here (unquantized in --dtype auto against BF16 or F32, int8 per row against Q8_0, int4 per 64
+against Q4_0, each layer's kernel measured on this CPU), so the box's drift hits both alike. Decode is
 reported against the memory read bandwidth (a plain reduction) and the best PyTorch GEMV measured
 in the same process. llama.cpp has no visual expert: its model is the language model alone and its
 prefill is text only, while ours includes the image encoder and the 257 image tokens' expert.
@@ -30,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from bench.common import (bench_parser, best_gemv, median_time, medians, pack_or_compile,  # noqa: E402
-                          random_model, read_bandwidth, write_json)
+from bench.common import (bench_parser, best_gemv, cpu_start, median_time, medians, pack_or_compile,  # noqa: E402
+                          random_model, read_bandwidth, write_cpu_json)
 from bench.decode import MID  # noqa: E402
 
 
@@ -85,9 +86,12 @@ def decode_bytes(path: Path, gguf, ctx: int, cfg=MID) -> int:
     return total + cfg.num_layers * 2 * ctx * cfg.hidden_size * 2
 
 
-# llama.cpp type -> the project's scheme with the same bytes per weight (bf16; int8 per row =
-# 8 bits + a row scale against Q8_0's 8.5; int4 per 64 with scale and zero = Q4_0's 4.5 bits).
-OURS = {"bf16": None, "q8_0": 8, "q4_0": 4}
+# llama.cpp type -> the project's scheme with the same bytes per weight (unquantized; int8 per
+# row = 8 bits + a row scale against Q8_0's 8.5; int4 per 64 with scale and zero = Q4_0's 4.5
+# bits). Ours unquantized is in --dtype (auto: bf16 where the CPU has it, else fp32), and is
+# matched with llama.cpp's type of that dtype.
+OURS = {"bf16": None, "f32": None, "q8_0": 8, "q4_0": 4}
+UNQUANTIZED = {"torch.bfloat16": "bf16", "torch.float32": "f32"}
 
 
 def llama_bench(binary: Path, model: Path, threads: int, repeat: int, args: list[str]) -> float:
@@ -104,14 +108,15 @@ def run_tool(cmd: list[str]) -> str:
     return p.stdout
 
 
-def our_model(bits, ctx: int, compiled: bool = False):
-    """bench/decode.py's mid-size CogVLM in bf16 (oneDNN-packed), or weight-only int8/int4 with
-    the image encoder int8, as the demos build it on CPU; and the bytes a decode step reads.
-    compiled: plain weights and the inductor-compiled decode step (--compile)."""
+def our_model(bits, ctx: int, dtype, compiled: bool = False):
+    """bench/decode.py's mid-size CogVLM in `dtype`, unquantized or weight-only int8/int4 with
+    the image encoder int8, laid out as the demos load it on this CPU (kernels measured here);
+    and the bytes a decode step reads. compiled: plain weights and the inductor-compiled decode
+    step (--compile)."""
     import torch
     from bench.decode import decode_bytes as step_bytes
     torch.manual_seed(0)
-    model = random_model(MID, torch.bfloat16, bits)
+    model = random_model(MID, dtype, bits)
     nbytes = step_bytes(model, MID, ctx)                # before packing: packed tensors hide their size
     return pack_or_compile(model, not compiled, compiled, single_stream=True), nbytes
 
@@ -124,10 +129,12 @@ def our_prefill_s(model) -> float:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = bench_parser(__doc__, raw=True, threads=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())),
-                     compile=dict(help="ours with the inductor-compiled decode step"))
+                     dtype="auto", compile=dict(help="ours with the inductor-compiled decode step"))
     p.add_argument("--llama_cpp", type=Path, required=True,
                    help="llama.cpp source folder with build/bin/llama-bench and llama-quantize built")
-    p.add_argument("--types", default="bf16,f16,q8_0,q4_0", help="llama.cpp weight types, comma-separated")
+    p.add_argument("--types", default="bf16,f16,q8_0,q4_0",
+                   help="llama.cpp weight types, comma-separated (f32 too: ours unquantized is matched "
+                        "with the type of its dtype)")
     p.add_argument("--repack", default="1", help="llama-bench --repack values to try, e.g. 0,1")
     p.add_argument("--rounds", type=int, default=3,
                    help="interleaved rounds (llama.cpp, then ours, per type); medians are reported")
@@ -161,8 +168,9 @@ class Contenders:
     ours_bytes: dict = field(default_factory=dict)
 
 
-def prepare_contenders(args, gguf, bin_dir: Path) -> Contenders:
-    """The bf16 GGUF written once, each type quantized from it by llama-quantize, ours built."""
+def prepare_contenders(args, gguf, bin_dir: Path, dtype) -> Contenders:
+    """The bf16 GGUF written once, each type quantized from it by llama-quantize, ours built in
+    `dtype` for the quantized types and for the unquantized type of `dtype`."""
     work = args.workdir or Path(tempfile.mkdtemp(prefix="llama_cpp_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     base = work / "mid-bf16.gguf"
@@ -176,9 +184,9 @@ def prepare_contenders(args, gguf, bin_dir: Path) -> Contenders:
             print(f"llama-quantize {typ}")
             run_tool([str(bin_dir / "llama-quantize"), str(base), str(c.files[typ]), typ.upper()])
         c.theirs_bytes[typ] = decode_bytes(c.files[typ], gguf, args.prompt)
-        if typ in OURS:
+        if typ in OURS and (OURS[typ] or typ == UNQUANTIZED[str(dtype)]):
             print(f"building ours for {typ}")
-            c.ours[typ], c.ours_bytes[typ] = our_model(OURS[typ], args.prompt, args.compile)
+            c.ours[typ], c.ours_bytes[typ] = our_model(OURS[typ], args.prompt, dtype, args.compile)
     return c
 
 
@@ -223,10 +231,9 @@ def table_rows(args, c: Contenders, bench_bin: Path, runs: dict, read: float, ge
 def main(argv=None) -> None:
     args = parse_args(argv)
     gguf = import_gguf(args.llama_cpp)
-    import torch
-    torch.set_num_threads(args.threads)
+    dtype = cpu_start(args)                            # threads set; the CPU line printed
     bin_dir = args.llama_cpp / "build" / "bin"
-    c = prepare_contenders(args, gguf, bin_dir)
+    c = prepare_contenders(args, gguf, bin_dir, dtype)
     runs, reads, gemvs = decode_rounds(args, c, bin_dir / "llama-bench")
     read, gemv = statistics.median(reads), statistics.median(gemvs)
     rows = table_rows(args, c, bin_dir / "llama-bench", runs, read, gemv)
@@ -237,8 +244,8 @@ def main(argv=None) -> None:
         print(f"| {row['who']}{' repack ' + row['repack'] if row['repack'] else ''} | {row['type']} | "
               f"{row['prefill_s']:.2f} | {row['decode_tok_s']:.2f} | {row['gb_per_token']:.2f} | "
               f"{row['frac_read']:.0%} | {row['frac_best_gemv']:.0%} |")
-    write_json(args.json, {"threads": args.threads, "prompt": args.prompt, "read_gbps": read / 1e9,
-                           "best_gemv_gbps": gemv / 1e9, "rows": rows})
+    write_cpu_json(args.json, dtype, {"threads": args.threads, "prompt": args.prompt, "read_gbps": read / 1e9,
+                                      "best_gemv_gbps": gemv / 1e9, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -413,6 +413,9 @@ def choose_quantized_kernels(model: nn.Module, remeasure: bool = False, timer: O
         gbs = [big.out_features * big.in_features * bits / 8 / t / 1e9 for t in secs]
         figures.append(f"int{bits} {big.out_features}x{big.in_features}: fp32 {gbs[0]:.1f}, bf16 {gbs[1]:.1f} GB/s "
                        f"-> {str(chosen[bits]).replace('torch.', '')}")
+    if model.runtime.tp_world > 1:                   # split layers: every rank computes alike
+        from .tp import from_group_leader
+        chosen = from_group_leader(chosen)
     for m in layers:
         if chosen[m.bits] != torch.float32:
             m.kernel_in(chosen[m.bits])

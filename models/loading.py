@@ -189,7 +189,7 @@ def prepare_for_inference(model: nn.Module, opts: LoadOptions) -> nn.Module:
                                             single_row=not deterministic))
     elif opts.cpu_layout:
         use_fast_cpu_layout(model)
-    if cpu and opts.kernels == "auto" and opts.world == 1 and (opts.pack or compiled):
+    if cpu and opts.kernels == "auto" and (opts.pack or compiled):
         # The compiled step calls the same weight-only kernels: fp32 ones are scalar (5x slower).
         choose_quantized_kernels(model, opts.remeasure_kernels)
     if compiled:

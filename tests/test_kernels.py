@@ -411,6 +411,20 @@ def test_quantized_layers_of_fp32_models_run_the_kernel_dtype_measured_faster(fa
     assert timed == []
 
 
+def test_tensor_parallel_ranks_take_their_group_leaders_kernel_dtype(monkeypatch):
+    """Split layers must compute alike on every rank: each rank measures, then all take the
+    choice of their group's first rank (models.tp.from_group_leader, a broadcast)."""
+    from models import tp
+    from models.quantize import WeightOnlyLinear, quantize
+    model = quantize(tiny(), 8)
+    model.runtime.tp_world = 2
+    offered = []
+    monkeypatch.setattr(tp, "from_group_leader", lambda obj: offered.append(obj) or {8: torch.bfloat16})
+    kernels.choose_quantized_kernels(model, remeasure=True, timer=by_kernel_dtype("float32"))
+    assert offered == [{8: torch.float32}]                  # this rank measured fp32 faster...
+    assert {m.kernel_dtype for m in model.modules() if type(m) is WeightOnlyLinear} == {torch.bfloat16}  # ...its leader bf16
+
+
 def test_an_fp32_app_load_switches_its_quantized_kernels_and_still_answers(monkeypatch):
     from models.quantize import QuantConfig, WeightOnlyLinear
     from utils.chat import ImageContext, chat
