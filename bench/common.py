@@ -143,8 +143,13 @@ def read_bandwidth(nbytes: int = 1 << 30, repeat: int = 9, device="cpu") -> floa
 
 
 def gemm_flops(n: int = 2048, repeat: int = 7, dtype=torch.float32, device="cpu") -> float:
+    """FLOP/s of an n x n product in `dtype`: in fp32 for bf16 on a CPU whose oneDNN has no bf16
+    (its prefill products run in fp32 there: models.layout.UpcastLinear)."""
+    from models.layout import can_upcast
     if torch.device(device).type == "cuda":
         n = 8192                                      # a GPU needs a bigger product to reach its peak
+    elif can_upcast(dtype):
+        dtype = torch.float32
     a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     t = median_time(lambda: a @ b, repeat, warmup=2)
     return 2 * n ** 3 / t

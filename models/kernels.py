@@ -10,6 +10,10 @@ Candidates for a CPU nn.Linear in fp32 / bf16, each a weight layout (layout.LAYO
   gemv      row-major; a single row through ATen's own matrix-vector kernel (oneDNN off for
             that call, layout.GemvLinear), more rows as plain. Not a candidate under
             batch-invariant decoding, which pads single rows to several (models/invariant.py)
+  upcast    bf16 where oneDNN has no bf16 kernels (AVX2-only CPUs), the only layout of bf16
+            layers there (any forced one included): row-major bf16, products of more than 16
+            rows in fp32 on the weight converted chunk by chunk (layout.UpcastLinear), fewer
+            as plain
 Quantized layers keep their weight-only int8 / int4 kernels (quantize.WeightOnlyLinear, which
 picks the kernel or a dequantized GEMM by row count itself), except int8 layers only prefill
 uses: their prefill dequantizes the whole weight either way, so they choose between packed (the
@@ -55,7 +59,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from .layout import LAYOUTS, can_pack, relayout
+from .layout import LAYOUTS, UPCAST_FROM_ROWS, can_pack, can_upcast, relayout
 from .lora import has_adapter
 from .quantize import WeightOnlyLinear
 from .machine import cpu_flags, last_level_cache_bytes
@@ -184,6 +188,8 @@ class ShapeClass:
     def probe(self, layout: str, regime: str) -> Probe:
         if layout == "gemv" and REGIMES[regime] > 1:   # gemv is plain beyond one row: plain's figure
             layout = "plain"
+        if layout == "upcast" and REGIMES[regime] <= UPCAST_FROM_ROWS:   # upcast is plain up to there
+            layout = "plain"
         return Probe(layout, str(self.dtype).replace("torch.", ""), self.out, self.inp, REGIMES[regime],
                      torch.get_num_threads(), regime)
 
@@ -200,8 +206,13 @@ def _int8_prefill_only(name: str, mod: nn.Module, devices: tuple) -> bool:
 def available_layouts(dtype: torch.dtype, cpu_layout: bool = True, single_row: bool = True) -> tuple:
     """The layouts a CPU weight of `dtype` can take here (cpu_layout False: no re-striding;
     single_row False: decode products never have a single row, so gemv is plain)."""
+    if can_upcast(dtype):
+        # upcast runs plain's kernel up to 16 rows (gemv's one too: without bf16 in oneDNN a
+        # single bf16 row goes to ATen either way) and fp32 GEMMs beyond, where the others run
+        # bf16 GEMMs 4-6x slower (colmajor 20x): timing those took 86 s at load (AVX2 EPYC).
+        return ("upcast",)
     return tuple(x for x in LAYOUTS if (x != "packed" or can_pack(dtype)) and (x != "colmajor" or cpu_layout)
-                 and (x != "gemv" or single_row))
+                 and (x != "gemv" or single_row) and x != "upcast")
 
 
 def shape_classes(model: nn.Module, cpu_layout: bool = True, weight_of: Optional[Callable] = None,
@@ -240,11 +251,16 @@ def measure_class(cls: ShapeClass, timings: dict, timer: Callable) -> None:
         lin.weight = nn.Parameter(cls.weight(), requires_grad=False)   # relayout copies, never writes it
         mods[layout] = relayout(lin, layout)
     for regime in cls.regimes():
-        probes = list({p.key: p for p in (cls.probe(x, regime) for x in cls.layouts) if p.key not in timings}.values())
-        if not probes:
+        wanted = {}                        # probe key -> (probe, a layout it stands for)
+        for layout in cls.layouts:
+            p = cls.probe(layout, regime)
+            if p.key not in timings:
+                wanted.setdefault(p.key, (p, layout))
+        if not wanted:
             continue
         x = torch.randn(REGIMES[regime], cls.inp).to(cls.dtype)
-        seconds = timer(probes, [lambda m=mods[p.layout]: m(x) for p in probes])
+        probes = [p for p, _ in wanted.values()]
+        seconds = timer(probes, [lambda m=mods[layout]: m(x) for _, layout in wanted.values()])
         timings.update({p.key: float(t) for p, t in zip(probes, seconds)})
 
 
@@ -295,6 +311,8 @@ def default_layout(cls: ShapeClass) -> str:
     (the previous fixed choice), else column-major fp32 weights of more outputs than inputs."""
     if cls.int8:
         return "plain"                                     # as quantized: row-major codes
+    if cls.layouts == ("upcast",):
+        return "upcast"
     if "packed" in cls.layouts:
         return "packed"
     return "colmajor" if "colmajor" in cls.layouts and cls.dtype == torch.float32 and cls.out > cls.inp else "plain"

@@ -136,6 +136,48 @@ def test_gemv_runs_one_row_without_onednn_and_turns_it_back_on(dtype):
     assert torch._C._get_mkldnn_enabled()
 
 
+def test_upcast_runs_many_rows_in_fp32_on_the_shared_bf16_weight(monkeypatch):
+    """upcast (bf16 where oneDNN has no bf16): up to 16 rows plain bf16 F.linear; more rows the
+    fp32 product of the weight converted chunk by chunk (4 chunks here), rounded to bf16 once."""
+    import models.layout as layout
+    monkeypatch.setattr(layout, "SCRATCH_BYTES", 96 * 4 * 64)          # 64 output rows a chunk
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 200).to(torch.bfloat16)
+    up = layout.UpcastLinear(lin)
+    assert up.weight is lin.weight and set(up.state_dict()) == {"weight", "bias"}
+    few, many = torch.randn(1, 16, 96, dtype=torch.bfloat16), torch.randn(2, 9, 96, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(up(few), lin(few))
+        want = (many.float() @ lin.weight.float().t() + lin.bias.float()).to(torch.bfloat16)
+        got = up(many)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=8e-3)   # at most an ulp apart
+
+
+def test_bf16_layers_run_upcast_where_onednn_has_no_bf16(monkeypatch):
+    """Where oneDNN has no bf16 (forced here, to run on any CPU) every bf16 linear layer takes
+    upcast, a forced layout too, and only upcast's figures are timed (its few-row ones are
+    plain's); the bundled model still answers."""
+    from models.layout import UpcastLinear
+    from utils.chat import ImageContext, chat
+    from utils.chat.tokenizer import Tokenizer
+    from models.generate import GenerationConfig
+    monkeypatch.setattr(kernels, "can_upcast", lambda dtype: dtype == torch.bfloat16)
+    timer = MockTimer(winners("plain", "plain", "upcast"))
+    monkeypatch.setattr(kernels, "median_seconds", timer)
+    model, cfg = load_model("tiny-cogvlm", LoadOptions(dtype=torch.bfloat16, pack=True, deterministic=False))
+    linears = {n: type(m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, UpcastLinear))}
+    assert "lm_head" in linears and set(linears.values()) == {UpcastLinear}
+    assert {(p.layout, p.regime) for p in timer.calls} == {("plain", "decode"), ("plain", "batch"),
+                                                          ("upcast", "prefill")}
+    tok = Tokenizer(ROOT / "assets" / "checkpoints" / "tiny-cogvlm" / "tokenizer")
+    said = chat(model, tok, "How many shapes are there?", [], ImageContext(ROOT / "assets" / "scene.png", cfg),
+                gen=GenerationConfig(max_new_tokens=8))[0]
+    assert said == "3"
+    forced, _ = load_model("tiny-cogvlm", LoadOptions(dtype=torch.bfloat16, kernels="colmajor"))
+    assert isinstance(forced.get_submodule("lm_head"), UpcastLinear)
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_gemv_is_no_candidate_where_decoding_pads_single_rows(deterministic, monkeypatch):
     """Batch-invariant decoding pads a single row to several, so gemv's one-row kernel would
@@ -219,7 +261,7 @@ def test_a_forced_choice_measures_nothing(cache_dir, monkeypatch):
         raise AssertionError("a forced choice timed a kernel")
     monkeypatch.setattr(kernels, "median_seconds", no_timing)
     for layout in kernels.LAYOUTS:
-        if layout == "packed" and not can_pack(torch.float32):
+        if (layout == "packed" and not can_pack(torch.float32)) or layout == "upcast":   # upcast: bf16 only
             continue
         model, _ = load_model("tiny-cogvlm", LoadOptions(dtype=torch.float32, kernels=layout))
         held = linear_layouts(model)

@@ -54,9 +54,10 @@ def add_loading_args(g, single_stream: bool = False) -> None:
     g.add_argument("--kernels", default="auto", choices=KERNEL_CHOICES,
                    help="CPU linear layers: auto = each layer shape in the layout measured fastest on "
                         "this CPU (timed once at load, a few seconds; cached in "
-                        "$XDG_CACHE_HOME/cogvlm/kernels.json); packed / plain / colmajor / gemv = that layout "
-                        "everywhere (oneDNN-blocked; row-major or column-major F.linear; row-major with "
-                        "single rows through ATen's GEMV), nothing measured; "
+                        "$XDG_CACHE_HOME/cogvlm/kernels.json); packed / plain / colmajor / gemv / upcast = "
+                        "that layout everywhere (oneDNN-blocked; row-major or column-major F.linear; "
+                        "row-major with single rows through ATen's GEMV; bf16 on CPUs without native bf16, "
+                        "prompts' products in fp32: there every bf16 layer takes it), nothing measured; "
                         "overrides --cpu_weights")
     g.add_argument("--remeasure_kernels", action="store_true",
                    help="time the --kernels auto candidates again instead of reading the cache")
