@@ -149,7 +149,18 @@ def _packed_scratch(rows: int, K: int, dtype: torch.dtype) -> tuple:
 _ONEDNN_SWITCH = threading.Lock()         # GemvLinear's process-wide oneDNN off / on
 
 
-class GemvLinear(nn.Module):
+class _SharedRowMajor(nn.Module):
+    """A layer computing on the row-major weight and bias of the nn.Linear it replaces (the
+    same storage and state_dict keys)."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = lin.in_features, lin.out_features
+        lin.weight.data = lin.weight.data.contiguous()
+        self.weight, self.bias = lin.weight, lin.bias
+
+
+class GemvLinear(_SharedRowMajor):
     """A linear layer whose single-row products run PyTorch's own CPU matrix-vector kernel
     (ATen's, taken when oneDNN is switched off) and whose many-row products run F.linear as
     `plain` does, on the same row-major weight (shared with the nn.Linear it replaces: one
@@ -157,12 +168,6 @@ class GemvLinear(nn.Module):
     goes to oneDNN, whose matrix-vector path is fp32-only (models/kernels.py times both).
     oneDNN is switched off process-wide for that one call, under a lock: concurrent calls (the
     composite demo's sessions run in threads) could otherwise restore each other's "off"."""
-
-    def __init__(self, lin: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = lin.in_features, lin.out_features
-        lin.weight.data = lin.weight.data.contiguous()
-        self.weight, self.bias = lin.weight, lin.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() != x.shape[-1]:                   # more than one row
@@ -176,19 +181,13 @@ class GemvLinear(nn.Module):
                 torch._C._set_mkldnn_enabled(on)
 
 
-class UpcastLinear(nn.Module):
+class UpcastLinear(_SharedRowMajor):
     """A bf16 linear layer for CPUs without native bf16 (AVX2 only: oneDNN has no bf16 there
     and a bf16 GEMM of 283 rows ran 3.6x slower than fp32, while a bf16 matrix-vector product
     read its weights 1.5x faster per weight than fp32, AMD EPYC Zen 3): products of more than
     UPCAST_FROM_ROWS rows convert the weight to fp32, a chunk of output rows at a time into one
     reused scratch buffer, and run the fp32 GEMM; fewer rows run F.linear in bf16 as `plain`.
     The weight stays bf16, row-major, shared with the nn.Linear it replaces."""
-
-    def __init__(self, lin: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = lin.in_features, lin.out_features
-        lin.weight.data = lin.weight.data.contiguous()
-        self.weight, self.bias = lin.weight, lin.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)                                        # T,K
