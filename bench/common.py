@@ -142,14 +142,18 @@ def read_bandwidth(nbytes: int = 1 << 30, repeat: int = 9, device="cpu") -> floa
     return max(one(torch.float32), one(torch.bfloat16))
 
 
-def gemm_flops(n: int = 2048, repeat: int = 7, dtype=torch.float32, device="cpu") -> float:
-    """FLOP/s of an n x n product in `dtype`: in fp32 for bf16 on a CPU whose oneDNN has no bf16
-    (its prefill products run in fp32 there: models.layout.UpcastLinear)."""
+def gemm_dtype(dtype: torch.dtype, device="cpu") -> torch.dtype:
+    """The dtype a model in `dtype` runs its prefill products in: fp32 for bf16 on a CPU whose
+    oneDNN has no bf16 (models.layout.UpcastLinear), else `dtype`."""
     from models.layout import can_upcast
+    return torch.float32 if torch.device(device).type == "cpu" and can_upcast(dtype) else dtype
+
+
+def gemm_flops(n: int = 2048, repeat: int = 7, dtype=torch.float32, device="cpu") -> float:
+    """FLOP/s of an n x n product in gemm_dtype(dtype): the rate a prefill in `dtype` can reach."""
+    dtype = gemm_dtype(dtype, device)
     if torch.device(device).type == "cuda":
         n = 8192                                      # a GPU needs a bigger product to reach its peak
-    elif can_upcast(dtype):
-        dtype = torch.float32
     a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     t = median_time(lambda: a @ b, repeat, warmup=2)
     return 2 * n ** 3 / t

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import (best_gemv, bench_parser, cpu_features, gemm_flops, image_prompt,  # noqa: E402
+from bench.common import (best_gemv, bench_parser, cpu_features, gemm_dtype, gemm_flops, image_prompt,  # noqa: E402
                           median_time, medians, pack_or_compile, random_model, read_bandwidth, write_json)
 from models import Cache, CogVLM, CrossConfig, EVAConfig, ModelConfig  # noqa: E402
 from models.generate import ModelInputs, decode_one_token, prefill  # noqa: E402
@@ -214,7 +214,7 @@ def report_prefill(res: dict, med: dict, gemv: dict, dtype, T: int, n_vis: int) 
     res.update(gemv_GBps=bw / 1e9, gemm_GFLOPs=flops / 1e9, read_GBps=read / 1e9)
     print(f"medians of {med['rounds']} measurements taken between the runs: best GEMV {bw / 1e9:.1f} GB/s "
           f"({', '.join(f'{k} {v / 1e9:.1f}' for k, v in gemv.items())} at start), memory read "
-          f"{read / 1e9:.1f} GB/s, GEMM ({dtype}) {flops / 1e9:.0f} GFLOP/s")
+          f"{read / 1e9:.1f} GB/s, GEMM ({gemm_dtype(dtype, res['device'])}) {flops / 1e9:.0f} GFLOP/s")
     with torch.device("meta"):                         # parameter counts, whatever the layout
         counted = CogVLM(MID)
     f = prefill_flops(counted, MID, T, n_vis)

@@ -181,6 +181,11 @@ class GemvLinear(_SharedRowMajor):
                 torch._C._set_mkldnn_enabled(on)
 
 
+# More rows than a decode step ever holds (16: the server's batch, invariant.ROWS) take the
+# fp32 path: decode steps, padded or batched, keep bf16's faster matrix-vector products.
+UPCAST_FROM_ROWS = 16
+
+
 class UpcastLinear(_SharedRowMajor):
     """A bf16 linear layer for CPUs without native bf16 (AVX2 only: oneDNN has no bf16 there
     and a bf16 GEMM of 283 rows ran 3.6x slower than fp32, while a bf16 matrix-vector product
@@ -203,11 +208,6 @@ class UpcastLinear(_SharedRowMajor):
         if self.bias is not None:
             y += self.bias
         return y.to(x.dtype).view(*x.shape[:-1], N)
-
-
-# More rows than a decode step ever holds (16: the server's batch, invariant.ROWS) take the
-# fp32 path: decode steps, padded or batched, keep bf16's faster matrix-vector products.
-UPCAST_FROM_ROWS = 16
 
 
 def pack_weight(w: torch.Tensor) -> torch.Tensor:
