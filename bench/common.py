@@ -159,6 +159,19 @@ def gemm_flops(n: int = 2048, repeat: int = 7, dtype=torch.float32, device="cpu"
     return 2 * n ** 3 / t
 
 
+def held_bytes(mod: torch.nn.Module) -> int:
+    """Bytes a leaf module holds: its tensors (quantized codes and scales included), a
+    oneDNN-packed weight as its plain size (packed tensors do not report theirs), an
+    FBGEMM-packed fp16 one (models.layout.HalfLinear) as fp16."""
+    n = sum(t.numel() * t.element_size() for t in list(mod.parameters()) + list(mod.buffers())
+            if t.layout == torch.strided)
+    if hasattr(mod, "half_packed"):
+        return mod.in_features * mod.out_features * 2 + n
+    if hasattr(mod, "packed"):
+        return mod.in_features * mod.out_features * (2 if mod.packed.dtype == torch.bfloat16 else 4) + n
+    return n
+
+
 def image_prompt(cfg, n_text: int, generator=None, device="cpu"):
     """A random prompt laid out as the templates lay it out: <s>, boi, image patches, eoi, then
     n_text text tokens. Returns (input_ids, position_ids, vision_mask, image_mask), each 1,T."""
@@ -174,10 +187,14 @@ def image_prompt(cfg, n_text: int, generator=None, device="cpu"):
 
 def random_model(cfg, dtype: torch.dtype, bits: Optional[int] = None, device="cpu", backend=None):
     """A random-weight model as the demos hold it (fp32 column-major on CPU), weight-only
-    int8/int4 with the image encoder int8 where `bits` (backend: the device's default)."""
+    int8/int4 with the image encoder int8 where `bits` (backend: the device's default). Its
+    weights are bf16 values in any dtype, as a released checkpoint's are."""
     from models.loading import build_model
     from models.quantize import quantize
     model = build_model(cfg, device, dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16())
     if bits:
         quantize(model, bits, vision_bits=8, backend=backend)
     return model

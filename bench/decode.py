@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import (best_gemv, bench_parser, cpu_features, gemm_dtype, gemm_flops, image_prompt,  # noqa: E402
-                          median_time, medians, pack_or_compile, random_model, read_bandwidth, write_json)
+from bench.common import (best_gemv, bench_parser, cpu_features, gemm_dtype, gemm_flops, held_bytes,  # noqa: E402
+                          image_prompt, median_time, medians, pack_or_compile, random_model, read_bandwidth, write_json)
 from models import Cache, CogVLM, CrossConfig, EVAConfig, ModelConfig  # noqa: E402
 from models.generate import ModelInputs, decode_one_token, prefill  # noqa: E402
 from models.layout import use_fast_cpu_layout  # noqa: E402
@@ -73,13 +73,12 @@ def _bytes(tensors) -> int:
 
 
 def decode_bytes(model: CogVLM, cfg: ModelConfig, ctx: int) -> float:
-    """Bytes a decode step must read, as stored (quantized weights and their scales included):
-    language weights, LM head, norms, one embedding row, and the K/V cache of `ctx` tokens.
-    Call before packing (oneDNN's packed tensors do not report their size)."""
-    layers = model.model.layers
-    lang = _bytes(t for n, t in list(layers.named_parameters()) + list(layers.named_buffers())
-                  if "language" in n or "layernorm" in n and "cross" not in n)
-    head = _bytes(list(model.lm_head.parameters()) + list(model.lm_head.buffers()))
+    """Bytes a decode step must read, as held (common.held_bytes: quantized weights with their
+    scales, fp16 copies as fp16): language weights, LM head, norms, one embedding row, and the
+    K/V cache of `ctx` tokens."""
+    lang = sum(held_bytes(m) for n, m in model.model.layers.named_modules()
+               if not list(m.children()) and ("language" in n or "layernorm" in n and "cross" not in n))
+    head = held_bytes(model.lm_head)
     e = model.model.compute_dtype.itemsize
     kv = cfg.num_layers * 2 * ctx * cfg.hidden_size * e
     return lang + head + cfg.hidden_size * 2 * e + kv
@@ -164,11 +163,11 @@ def build(dev: torch.device, dtype: torch.dtype, bits, backend: str, packed: boo
         quantize(agent, bits, vision_bits=8, backend=backend)
         quantize(model, bits, vision_bits=8, backend=backend)
     T = prompt.input_ids.shape[1]
-    step_bytes = {c: decode_bytes(model, MID, c) for c in (T, T + 1016)}
     agent_extra = _bytes(t for n, t in list(agent.model.layers.named_parameters()) +
                          list(agent.model.layers.named_buffers()) if "cross" in n)
     for m in (model, agent):                           # after sharing: the agent packs its own
         pack_or_compile(m, packed, compiled, deterministic, single_stream=True)
+    step_bytes = {c: decode_bytes(model, MID, c) for c in (T, T + 1016)}     # as the layouts hold them
     with torch.inference_mode():
         ckv = agent.cross_kv(torch.randn(1, 3, MID_CROSS.image_size, MID_CROSS.image_size, device=dev))
     return Measured(model, agent, prompt, run_prefill, step_bytes, agent_extra, ckv,

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import (bench_parser, best_gemv, cpu_features, gemm_flops, image_prompt, logits,  # noqa: E402
+from bench.common import (bench_parser, best_gemv, cpu_features, gemm_flops, held_bytes, image_prompt, logits,  # noqa: E402
                           now, pack_or_compile, peak_rss, write_json)
 from models import Cache, CogVLM  # noqa: E402
 from models.checkpoint import is_derived, materialize  # noqa: E402
@@ -75,11 +75,6 @@ def build(name: str, dtype: torch.dtype, quant, quant_vision, device="cpu", pack
     return model.eval()
 
 
-def stored_bytes(mod: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(mod.parameters()) + list(mod.buffers())
-               if t.layout == torch.strided)
-
-
 def decode_bytes(model: CogVLM, ctx: int) -> int:
     """What one decode step must read: the language path of every layer (weights as stored,
     scales included), CogAgent's cross query/output and cached K/V, the LM head, the KV cache."""
@@ -88,8 +83,8 @@ def decode_bytes(model: CogVLM, ctx: int) -> int:
     for layer in model.model.layers:
         for mod_name, mod in layer.named_modules():
             if not list(mod.children()) and "vision" not in mod_name and "key_value" not in mod_name:
-                n += packed_or_stored(mod)
-    n += packed_or_stored(model.lm_head)
+                n += held_bytes(mod)
+    n += held_bytes(model.lm_head)
     e = model.model.compute_dtype.itemsize
     n += cfg.num_layers * 2 * ctx * cfg.hidden_size * e
     if cfg.cross is not None:
@@ -100,15 +95,7 @@ def decode_bytes(model: CogVLM, ctx: int) -> int:
 def weights_bytes(model: CogVLM) -> int:
     """Every weight as held in memory (quantized with its scales; oneDNN-packed as its plain size:
     models.quantize.weight_bytes sees parameters and buffers only, not the packed tensors)."""
-    return sum(packed_or_stored(m) for m in model.modules() if not list(m.children()))
-
-
-def packed_or_stored(mod: torch.nn.Module) -> int:
-    """Bytes of a leaf module; a oneDNN-packed linear counts as its plain weight."""
-    if hasattr(mod, "packed"):
-        e = 2 if mod.packed.dtype == torch.bfloat16 else 4
-        return mod.in_features * mod.out_features * e + stored_bytes(mod)
-    return stored_bytes(mod)
+    return sum(held_bytes(m) for m in model.modules() if not list(m.children()))
 
 
 def ttft_flops(cfg, T: int) -> float:

@@ -10,10 +10,13 @@ Candidates for a CPU nn.Linear in fp32 / bf16, each a weight layout (layout.LAYO
   gemv      row-major; a single row through ATen's own matrix-vector kernel (oneDNN off for
             that call, layout.GemvLinear), more rows as plain. Not a candidate under
             batch-invariant decoding, which pads single rows to several (models/invariant.py)
-  upcast    bf16 where oneDNN has no bf16 kernels (AVX2-only CPUs), the only layout of bf16
-            layers there (any forced one included): row-major bf16, products of more than 16
-            rows in fp32 on the weight converted chunk by chunk (layout.UpcastLinear), fewer
-            as plain
+  upcast    bf16 where oneDNN has no bf16 kernels (AVX2-only CPUs), where bf16 layers have no
+            other layout but half (a forced one takes upcast): row-major bf16, products of
+            more than 16 rows in fp32 on the weight converted chunk by chunk
+            (layout.UpcastLinear), fewer as plain
+  half      weights fp16 holds exactly (bf16 ones, and every bf16 checkpoint loaded in fp32):
+            an fp16 copy in FBGEMM's packed layout, the product in fp32 (layout.HalfLinear);
+            half the bytes of fp32 to read
 Quantized layers keep their weight-only int8 / int4 kernels (quantize.WeightOnlyLinear, which
 picks the kernel or a dequantized GEMM by row count itself), except int8 layers only prefill
 uses: their prefill dequantizes the whole weight either way, so they choose between packed (the
@@ -59,7 +62,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from .layout import LAYOUTS, UPCAST_FROM_ROWS, can_pack, can_upcast, relayout
+from .layout import LAYOUTS, UPCAST_FROM_ROWS, can_half, can_pack, can_upcast, fp16_exact, relayout
 from .lora import has_adapter
 from .quantize import WeightOnlyLinear
 from .machine import cpu_flags, last_level_cache_bytes
@@ -203,16 +206,19 @@ def _int8_prefill_only(name: str, mod: nn.Module, devices: tuple) -> bool:
         and can_pack(mod.dtype) and not has_adapter(mod)
 
 
-def available_layouts(dtype: torch.dtype, cpu_layout: bool = True, single_row: bool = True) -> tuple:
+def available_layouts(dtype: torch.dtype, cpu_layout: bool = True, single_row: bool = True,
+                      half: bool = False) -> tuple:
     """The layouts a CPU weight of `dtype` can take here (cpu_layout False: no re-striding;
-    single_row False: decode products never have a single row, so gemv is plain)."""
+    single_row False: decode products never have a single row, so gemv is plain; half: a
+    weight fp16 holds exactly)."""
+    half = ("half",) if half and dtype in (torch.float32, torch.bfloat16) and can_half() else ()
     if can_upcast(dtype):
         # upcast runs plain's kernel up to 16 rows (gemv's one too: without bf16 in oneDNN a
         # single bf16 row goes to ATen either way) and fp32 GEMMs beyond, where the others run
         # bf16 GEMMs 4-6x slower (colmajor 20x): timing those took 86 s at load (AVX2 EPYC).
-        return ("upcast",)
+        return ("upcast",) + half
     return tuple(x for x in LAYOUTS if (x != "packed" or can_pack(dtype)) and (x != "colmajor" or cpu_layout)
-                 and (x != "gemv" or single_row) and x != "upcast")
+                 and (x != "gemv" or single_row) and x not in ("upcast", "half")) + half
 
 
 def shape_classes(model: nn.Module, cpu_layout: bool = True, weight_of: Optional[Callable] = None,
@@ -232,8 +238,11 @@ def shape_classes(model: nn.Module, cpu_layout: bool = True, weight_of: Optional
             w = getattr(mod, "weight", None)
             if type(mod) is not nn.Linear or w.device.type not in devices or not w.dtype.is_floating_point:
                 continue
-            key, layouts = (w.dtype, mod.out_features, mod.in_features), available_layouts(w.dtype, cpu_layout,
-                                                                                            single_row)
+            # (a benchmark's model on the meta device stands in for released bf16 weights)
+            half = w.dtype in (torch.float32, torch.bfloat16) and can_half() \
+                and (w.device.type == "meta" or fp16_exact(w))
+            key = (w.dtype, mod.out_features, mod.in_features) + (("fp16-exact",) if half else ())
+            layouts = available_layouts(w.dtype, cpu_layout, single_row, half)
         if key not in classes:
             classes[key] = ShapeClass(*key[:3], {}, layouts, lambda m=mod: weight_of(m), key[3:] == ("int8",))
         classes[key].layers[name] = role(name)
@@ -311,7 +320,7 @@ def default_layout(cls: ShapeClass) -> str:
     (the previous fixed choice), else column-major fp32 weights of more outputs than inputs."""
     if cls.int8:
         return "plain"                                     # as quantized: row-major codes
-    if cls.layouts == ("upcast",):
+    if "upcast" in cls.layouts:
         return "upcast"
     if "packed" in cls.layouts:
         return "packed"
@@ -331,7 +340,7 @@ def unit(rows: int) -> str:
 def rate(probe: Probe, seconds: float) -> float:
     """A timing as the figure that compares kernels (unit(rows)): GB/s of weight read for a
     few rows, TFLOP/s for many."""
-    size = 2 if probe.dtype in ("bfloat16", "float16") else 4
+    size = 2 if probe.dtype in ("bfloat16", "float16") or probe.layout == "half" else 4
     if probe.rows <= REGIMES["batch"]:
         return probe.out * probe.inp * size / seconds / 1e9
     return 2 * probe.rows * probe.out * probe.inp / seconds / 1e12

@@ -18,11 +18,12 @@ from models import LoadOptions, load_model
 from models import kernels
 from models.config import MODEL_CONFIGS
 from models.kernels import REGIMES, choose_layouts, role
-from models.layout import GemvLinear, PackedLinear, apply_layouts, can_pack
+from models.layout import GemvLinear, HalfLinear, PackedLinear, apply_layouts, can_half, can_pack, fp16_exact
 from models.loading import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_packing = pytest.mark.skipif(not can_pack(torch.float32), reason="PyTorch without oneDNN")
+needs_fbgemm = pytest.mark.skipif(not can_half(), reason="PyTorch without FBGEMM's fp16-weight linear")
 
 
 @pytest.fixture(autouse=True)
@@ -66,6 +67,8 @@ def linear_layouts(model) -> dict:
             out[name] = "packed"
         elif isinstance(m, GemvLinear):
             out[name] = "gemv"
+        elif isinstance(m, HalfLinear):
+            out[name] = "half"
         elif type(m) is nn.Linear:
             w = m.weight
             out[name] = "plain" if w.is_contiguous() else "colmajor" if w.t().is_contiguous() else "other"
@@ -156,8 +159,9 @@ def test_upcast_runs_many_rows_in_fp32_on_the_shared_bf16_weight(monkeypatch):
 
 def test_bf16_layers_run_upcast_where_onednn_has_no_bf16(monkeypatch):
     """Where oneDNN has no bf16 (forced here, to run on any CPU) every bf16 linear layer takes
-    upcast, a forced layout too, and only upcast's figures are timed (its few-row ones are
-    plain's); the bundled model still answers."""
+    upcast (half, the other candidate, is slower here), a forced layout too, and only upcast's
+    and half's figures are timed (upcast's few-row ones are plain's); the bundled model still
+    answers."""
     from models.layout import UpcastLinear
     from utils.chat import ImageContext, chat
     from utils.chat.tokenizer import Tokenizer
@@ -168,8 +172,9 @@ def test_bf16_layers_run_upcast_where_onednn_has_no_bf16(monkeypatch):
     model, cfg = load_model("tiny-cogvlm", LoadOptions(dtype=torch.bfloat16, pack=True, deterministic=False))
     linears = {n: type(m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, UpcastLinear))}
     assert "lm_head" in linears and set(linears.values()) == {UpcastLinear}
+    half = {("half", r) for r in REGIMES} if can_half() else set()        # the other candidate there
     assert {(p.layout, p.regime) for p in timer.calls} == {("plain", "decode"), ("plain", "batch"),
-                                                          ("upcast", "prefill")}
+                                                          ("upcast", "prefill")} | half
     tok = Tokenizer(ROOT / "assets" / "checkpoints" / "tiny-cogvlm" / "tokenizer")
     said = chat(model, tok, "How many shapes are there?", [], ImageContext(ROOT / "assets" / "scene.png", cfg),
                 gen=GenerationConfig(max_new_tokens=8))[0]
@@ -261,12 +266,13 @@ def test_a_forced_choice_measures_nothing(cache_dir, monkeypatch):
         raise AssertionError("a forced choice timed a kernel")
     monkeypatch.setattr(kernels, "median_seconds", no_timing)
     for layout in kernels.LAYOUTS:
-        if (layout == "packed" and not can_pack(torch.float32)) or layout == "upcast":   # upcast: bf16 only
+        if (layout == "packed" and not can_pack(torch.float32)) or layout == "upcast" \
+                or (layout == "half" and not can_half()):                # upcast: bf16 only
             continue
         model, _ = load_model("tiny-cogvlm", LoadOptions(dtype=torch.float32, kernels=layout))
         held = linear_layouts(model)
-        assert held and set(held.values()) == {layout}, held
-        assert model.runtime.packed == (layout == "packed")
+        assert held and set(held.values()) == {layout}, held    # (the bundled weights are bf16 values)
+        assert model.runtime.packed == (layout in ("packed", "half"))
     assert not cache_dir.exists()
     # A layout the layer cannot take falls back as before: without oneDNN packing, column-major
     # fp32 where there are more outputs than inputs, else row-major.
@@ -274,6 +280,70 @@ def test_a_forced_choice_measures_nothing(cache_dir, monkeypatch):
     model = tiny()
     layouts = choose_layouts(model, "packed")
     assert layouts["lm_head"] == "colmajor" and layouts["model.layers.0.mlp.language_mlp.down_proj"] == "plain"
+
+
+def test_fp16_holds_bf16_and_fp16_weights_and_nothing_else():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 200, generator=gen) * 0.02
+    assert not fp16_exact(w)                                 # fp32 values: 13 more bits than fp16's
+    assert fp16_exact(w.bfloat16().float()) and fp16_exact(w.half().float())
+    tiny_values = (w * 1e-4).bfloat16().float()          # below fp16's normal range: within 2^-25
+    assert fp16_exact(tiny_values) and not torch.equal(tiny_values.half().float(), tiny_values)
+    big = w.bfloat16().float()
+    big[7, 3] = 70000.0                                      # beyond fp16's range
+    assert not fp16_exact(big) and not fp16_exact(-big)
+    assert fp16_exact(w.bfloat16().float(), chunk=1000)      # checked in chunks
+    off = w.bfloat16().float()
+    off[-1, -1] = 0.1                                        # one value in the last chunk
+    assert not fp16_exact(off, chunk=1000)
+
+
+@needs_fbgemm
+def test_half_layout_computes_the_fp32_product_of_the_same_weight():
+    """HalfLinear holds the bf16-valued fp32 weight as fp16 exactly (FBGEMM unpacks it back
+    bit for bit) and multiplies in fp32: F.linear's result up to the order of the sums."""
+    gen = torch.Generator().manual_seed(0)
+    lin = nn.Linear(192, 80)
+    with torch.no_grad():
+        lin.weight.copy_((torch.randn(80, 192, generator=gen) * 0.05).bfloat16())
+    h = HalfLinear(lin)
+    assert torch.equal(torch.ops.quantized.linear_unpack_fp16(h.half_packed)[0], lin.weight)
+    assert [n for n, _ in h.named_parameters()] == ["bias"]             # the fp32 weight is not kept
+    with torch.inference_mode():
+        for shape in [(1, 1, 192), (3, 7, 192), (300, 192)]:
+            x = torch.randn(*shape, generator=gen)
+            got, want = h(x), lin(x)
+            assert got.shape == want.shape and got.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_fbgemm
+def test_only_weights_fp16_holds_are_offered_the_half_layout():
+    """Random fp32 weights never take it (fp16 would round them); the same model with bf16
+    values, as released checkpoints hold, does, and the (mock) timings decide; bf16 models too
+    (their output rounded to bf16 once)."""
+    model = tiny()
+    assert all("half" not in c.layouts for c in kernels.shape_classes(model).values())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16())
+    assert all("half" in c.layouts for c in kernels.shape_classes(model).values())
+    layouts = choose_layouts(model, timer=MockTimer(winners("half", "half", "half")))
+    assert set(layouts.values()) == {"half"}
+    apply_layouts(model, layouts)
+    assert set(linear_layouts(model).values()) == {"half"} and model.runtime.packed
+    assert not any(type(m) is nn.Linear for m in model.modules())          # no fp32 copy left
+    bf16 = tiny(torch.bfloat16)                                            # bf16 weights: always
+    assert all("half" in c.layouts for c in kernels.shape_classes(bf16).values())
+    apply_layouts(bf16, choose_layouts(bf16, timer=MockTimer(winners("half", "half", "half"))))
+    h = bf16.get_submodule("lm_head")
+    assert isinstance(h, HalfLinear)
+    x = torch.randn(2, 3, h.in_features, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = F.linear(x.float(), torch.ops.quantized.linear_unpack_fp16(h.half_packed)[0].float())
+        got = h(x)
+    assert got.dtype == torch.bfloat16                             # the fp32 product rounded once:
+    torch.testing.assert_close(got.float(), want, rtol=4e-3, atol=1e-5)     # within half a bf16 ulp
 
 
 def weight_ptr(mod: nn.Module) -> int:

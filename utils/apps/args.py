@@ -54,11 +54,11 @@ def add_loading_args(g, single_stream: bool = False) -> None:
     g.add_argument("--kernels", default="auto", choices=KERNEL_CHOICES,
                    help="CPU linear layers: auto = each layer shape in the layout measured fastest on "
                         "this CPU (timed once at load, a few seconds; cached in "
-                        "$XDG_CACHE_HOME/cogvlm/kernels.json); packed / plain / colmajor / gemv / upcast = "
+                        "$XDG_CACHE_HOME/cogvlm/kernels.json); packed / plain / colmajor / gemv / upcast / half = "
                         "that layout everywhere (oneDNN-blocked; row-major or column-major F.linear; "
                         "row-major with single rows through ATen's GEMV; bf16 on CPUs without native bf16, "
-                        "prompts' products in fp32: there every bf16 layer takes it), nothing measured; "
-                        "overrides --cpu_weights")
+                        "prompts' products in fp32: there any other but half means it; weights fp16 holds "
+                        "exactly as fp16, FBGEMM's fp16-weight GEMM), nothing measured; overrides --cpu_weights")
     g.add_argument("--remeasure_kernels", action="store_true",
                    help="time the --kernels auto candidates again instead of reading the cache")
     g.add_argument("--compile", action="store_true",
