@@ -11,6 +11,10 @@ of the language weights in bf16 and int8 (the eager model keeps its own for pref
 shares them), and it needs a C++ compiler. Without one, or when compilation fails, decoding
 goes on eagerly with one warning.
 
+Layers whose measured layout is `half` (models/layout.HalfLinear: fp16 weights in FBGEMM's
+GEMM, half the bytes of fp32) keep it: the compiled step calls them through an operator inductor
+keeps opaque (kernels.compiled_layouts); every other weight is left plain for inductor to pack.
+
 Prefill (many rows, vision-expert routing with data-dependent shapes) stays eager: it already
 runs at the GEMM rate. Every compiled graph holds its own frozen weights; single-stream
 generation (models.generate.decode_one_token) compiles one. The server's batch engine compiles

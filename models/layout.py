@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import logging
 import threading
+import weakref
 
 import torch
 import torch.nn as nn
@@ -228,16 +230,39 @@ class HalfLinear(nn.Module):
         self.in_features, self.out_features = lin.in_features, lin.out_features
         self.half_packed = torch.ops.quantized.linear_prepack_fp16(lin.weight.detach().float(), None)
         self.bias = lin.bias
+        self.key = next(_HALF_KEYS)             # how a compiled graph names the packed weight
+        _HALF_WEIGHTS[self.key] = self.half_packed
+        weakref.finalize(self, _HALF_WEIGHTS.pop, self.key, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features).float().contiguous(),
-                                                    self.half_packed)                      # T,N fp32
+        x2 = x.reshape(-1, self.in_features).float().contiguous()                          # T,K fp32
+        if torch.compiler.is_compiling():
+            y = half_linear(x2, self.key, self.out_features)                                # T,N fp32
+        else:
+            y = torch.ops.quantized.linear_dynamic_fp16(x2, self.half_packed)
         if self.bias is not None:
             y += self.bias
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, fp16 weight packed by FBGEMM"
+
+
+# A compiled graph cannot take FBGEMM's packed weight (a TorchScript object) as an argument:
+# the operator below, opaque to inductor, finds it by its layer's key.
+_HALF_WEIGHTS = {}
+_HALF_KEYS = itertools.count()
+
+
+@torch.library.custom_op("cogvlm::half_linear", mutates_args=())
+def half_linear(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    """x [T, K] fp32 times the fp16 weight of HalfLinear `key`: [T, out_features] fp32."""
+    return torch.ops.quantized.linear_dynamic_fp16(x, _HALF_WEIGHTS[key])
+
+
+@half_linear.register_fake
+def _(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
 
 
 @functools.lru_cache(maxsize=None)
@@ -348,6 +373,6 @@ def apply_layouts(model: nn.Module, layouts: dict) -> nn.Module:
         if new is not lin:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
-    # weights no longer plain parameters (inductor cannot take them)
-    model.runtime.packed = model.runtime.packed or bool({"packed", "half"} & set(layouts.values()))
+    # oneDNN-packed weights are no parameters inductor can take (half ones it calls opaquely)
+    model.runtime.packed = model.runtime.packed or "packed" in layouts.values()
     return model

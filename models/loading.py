@@ -172,15 +172,18 @@ def load_weights(model: nn.Module, sd: dict, source: str, dtype: torch.dtype, op
 def prepare_for_inference(model: nn.Module, opts: LoadOptions) -> nn.Module:
     """The CPU weight layout of every linear layer, then the compiled decode step. Layouts
     (kernels.py): kernels auto with pack, measured on this machine; a forced layout; without
-    pack (--cpu_weights plain), column-major fp32 where it has more outputs than inputs."""
+    pack (--cpu_weights plain), column-major fp32 where it has more outputs than inputs.
+    Compiled: `half` where measured fastest (kernels.compiled_layouts), plain weights elsewhere."""
     from .invariant import deterministic_on, make_batch_invariant
-    from .kernels import choose_layouts, choose_quantized_kernels
+    from .kernels import choose_layouts, choose_quantized_kernels, compiled_layouts
     from .layout import apply_layouts
     cpu = torch.device(opts.device).type == "cpu"
     deterministic = deterministic_on(opts.deterministic, opts.device, opts.compile, opts.single_stream)
     compiled = opts.compile and not deterministic       # batch-invariant steps run eagerly
     if compiled and opts.kernels != "auto":             # inductor lays out and packs its own copy
         log.info("--kernels %s is left to --compile, which lays the weights out itself", opts.kernels)
+    if cpu and compiled and opts.kernels == "auto" and opts.world == 1:
+        apply_layouts(model, compiled_layouts(model, opts.remeasure_kernels))    # fp16 weights inductor calls
     if cpu and not compiled and (opts.pack or opts.kernels != "auto"):
         # Tensor-parallel ranks would time each other's load and might lay their replicated
         # layers out differently: they keep the fixed choice (packed where it can be).

@@ -41,16 +41,24 @@ def _decode_logits(model, cfg, steps: int = 6) -> torch.Tensor:
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("name,quant", [("tiny-cogvlm", None), ("tiny-cogagent", 8)])
-def test_compiled_decode_matches_eager(name, quant, caplog, monkeypatch):
+@pytest.mark.parametrize("name,quant,layout", [("tiny-cogvlm", None, None), ("tiny-cogagent", 8, None),
+                                               ("tiny-cogvlm", None, "half")])
+def test_compiled_decode_matches_eager(name, quant, layout, caplog, monkeypatch):
     """Every row's attention on the default (batch-invariant) path is taken as long and as
     faster compiled: inside the compiled step it must not call its own compiled function (a
-    CI failure: dynamo cannot trace the timing around it)."""
+    CI failure: dynamo cannot trace the timing around it). layout half: the step calls FBGEMM's
+    fp16 weights through an operator inductor keeps opaque."""
     import models.compile as mc
+    from models.kernels import choose_layouts
+    from models.layout import apply_layouts, can_half
+    if layout == "half" and not can_half():
+        pytest.skip("PyTorch without FBGEMM's fp16-weight linear")
     monkeypatch.setattr(mc, "LONG_CONTEXT", 1)
     monkeypatch.setattr(mc.LongContextAttention, "_choose", lambda self, *a: self._compile() or "compiled")
     dtype = resolve_dtype("auto", "cpu")           # bf16 where the CPU has it, else fp32
     model, cfg = load_model(name, LoadOptions(dtype=dtype, quant=QuantConfig(bits=quant)))
+    if layout:
+        apply_layouts(model, choose_layouts(model, layout))
     if quant:              # as the apps run an fp32 model's int8 layers where bf16 measured faster
         for m in model.modules():
             if isinstance(m, WeightOnlyLinear):

@@ -272,7 +272,7 @@ def test_a_forced_choice_measures_nothing(cache_dir, monkeypatch):
         model, _ = load_model("tiny-cogvlm", LoadOptions(dtype=torch.float32, kernels=layout))
         held = linear_layouts(model)
         assert held and set(held.values()) == {layout}, held    # (the bundled weights are bf16 values)
-        assert model.runtime.packed == (layout in ("packed", "half"))
+        assert model.runtime.packed == (layout == "packed")              # what inductor cannot take
     assert not cache_dir.exists()
     # A layout the layer cannot take falls back as before: without oneDNN packing, column-major
     # fp32 where there are more outputs than inputs, else row-major.
@@ -331,7 +331,7 @@ def test_only_weights_fp16_holds_are_offered_the_half_layout():
     layouts = choose_layouts(model, timer=MockTimer(winners("half", "half", "half")))
     assert set(layouts.values()) == {"half"}
     apply_layouts(model, layouts)
-    assert set(linear_layouts(model).values()) == {"half"} and model.runtime.packed
+    assert set(linear_layouts(model).values()) == {"half"} and not model.runtime.packed   # compilable
     assert not any(type(m) is nn.Linear for m in model.modules())          # no fp32 copy left
     bf16 = tiny(torch.bfloat16)                                            # bf16 weights: always
     assert all("half" in c.layouts for c in kernels.shape_classes(bf16).values())
@@ -344,6 +344,21 @@ def test_only_weights_fp16_holds_are_offered_the_half_layout():
         got = h(x)
     assert got.dtype == torch.bfloat16                             # the fp32 product rounded once:
     torch.testing.assert_close(got.float(), want, rtol=4e-3, atol=1e-5)     # within half a bf16 ulp
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("faster", ["half", "plain"])
+def test_a_compiled_model_keeps_the_half_layers_measured_faster(faster, monkeypatch):
+    """--compile leaves every layer's weight plain for inductor to pack, except the fp32 layers
+    whose measured choice is half: inductor calls those as they are (tests/test_compile.py runs
+    such a step)."""
+    import models.compile as mc
+    monkeypatch.setattr(mc, "compile_decode", lambda model: True)          # the layouts only
+    monkeypatch.setattr(kernels, "median_seconds", MockTimer(winners(faster, faster, faster)))
+    model, _ = load_model("tiny-cogvlm", LoadOptions(dtype=torch.float32, compile=True, deterministic=False))
+    held = set(linear_layouts(model).values())
+    assert held == ({"half"} if faster == "half" else {"plain", "colmajor"}), held
+    assert not model.runtime.packed                                       # nothing inductor cannot take
 
 
 def weight_ptr(mod: nn.Module) -> int:
