@@ -89,7 +89,7 @@ def padding_rows(model: nn.Module, names: list, rows: int = ROWS) -> dict:
     timings (batch_invariance.json): the kernel a library picks depends on the shape, never on
     the values (bf16 oneDNN on the AMD EPYC: 1 or 2; fp32 MKL: 12). A layer whose rows depend
     on their place in the batch gets `rows` and a warning (padding cannot fix it)."""
-    from .kernels import cache_path, machine_id, read_cache, write_cache
+    from .kernels import cache_path, machine_id, read_cache
     path, ident = cache_path().with_name("batch_invariance.json"), machine_id()
     cached = read_cache(path, ident)
     if model.runtime.tp_world > 1:
@@ -98,16 +98,24 @@ def padding_rows(model: nn.Module, names: list, rows: int = ROWS) -> dict:
         # rank read the file after the other group wrote a key and skipped it).
         from .tp import from_group_leader
         cached = from_group_leader(cached)
-    dtype, out = model.model.compute_dtype, {}
-    for name in names:
-        mod = model.get_submodule(name)
-        key = f"rows alike {_describe(mod)} as {rows} in {str(dtype).replace('torch.', '')} " \
-              f"threads={torch.get_num_threads()}"
-        if key not in cached:
-            cached[key] = _fewest_rows(mod, rows, dtype)
-            write_cache(path, ident, cached)
-        out[name] = int(cached[key])
-    return out
+    dtype = model.model.compute_dtype
+    return {name: rows_alike(model.get_submodule(name), dtype, rows, (path, ident, cached)) for name in names}
+
+
+def rows_alike(mod: nn.Module, dtype: torch.dtype, rows: int = ROWS, cache: Optional[tuple] = None) -> int:
+    """padding_rows for one layer computing in `dtype`, from the cache (path, machine, read
+    contents; default: this machine's file) or measured and written to it."""
+    from .kernels import cache_path, machine_id, read_cache, write_cache
+    if cache is None:
+        path, ident = cache_path().with_name("batch_invariance.json"), machine_id()
+        cache = (path, ident, read_cache(path, ident))
+    path, ident, cached = cache
+    key = f"rows alike {_describe(mod)} as {rows} in {str(dtype).replace('torch.', '')} " \
+          f"threads={torch.get_num_threads()}"
+    if key not in cached:
+        cached[key] = _fewest_rows(mod, rows, dtype)
+        write_cache(path, ident, cached)
+    return int(cached[key])
 
 
 @torch.inference_mode()

@@ -16,7 +16,8 @@ Candidates for a CPU nn.Linear in fp32 / bf16, each a weight layout (layout.LAYO
             (layout.UpcastLinear), fewer as plain
   half      weights fp16 holds exactly (bf16 ones, and every bf16 checkpoint loaded in fp32):
             an fp16 copy in FBGEMM's packed layout, the product in fp32 (layout.HalfLinear);
-            half the bytes of fp32 to read
+            half the bytes of fp32 to read. Under batch-invariant decoding not a candidate for
+            layers that decode where its single rows need padding (half_pads)
 Quantized layers keep their weight-only int8 / int4 kernels (quantize.WeightOnlyLinear, which
 picks the kernel or a dequantized GEMM by row count itself), except int8 layers only prefill
 uses: their prefill dequantizes the whole weight either way, so they choose between packed (the
@@ -306,13 +307,28 @@ def seconds_of(cls: ShapeClass, timings: dict) -> dict:
             for x in cls.layouts}
 
 
-def fastest(cls: ShapeClass, timings: dict, layer_role: str, decode: str = "decode") -> Optional[str]:
-    """The layout of least cost for layers of `layer_role` (ties: LAYOUTS order), None unmeasured."""
+def fastest(cls: ShapeClass, timings: dict, layer_role: str, decode: str = "decode",
+            exclude: tuple = ()) -> Optional[str]:
+    """The layout of least cost for layers of `layer_role` (ties: LAYOUTS order) among those not
+    excluded, None unmeasured."""
     secs = seconds_of(cls, timings)
+    layouts = [x for x in cls.layouts if x not in exclude]
     needed = {r for r in ROLE_REGIMES[layer_role] if r in ("prefill", decode)}   # what cost() reads
-    if any(not needed <= set(secs[x]) for x in cls.layouts):
+    if any(not needed <= set(secs[x]) for x in layouts):
         return None
-    return min(cls.layouts, key=lambda x: (cost(secs[x], layer_role, decode), LAYOUTS.index(x)))
+    return min(layouts, key=lambda x: (cost(secs[x], layer_role, decode), LAYOUTS.index(x)))
+
+
+@torch.inference_mode()
+def half_pads(cls: ShapeClass) -> bool:
+    """Whether batch-invariant decoding must pad a single row through `half` (FBGEMM) of this
+    shape to several here (invariant.rows_alike: measured once, cached). On the AVX2 EPYC it
+    pads to 15 rows, and the padded product (2.5-2.7 ms, mid-size shapes) lost to oneDNN-packed
+    fp32's unpadded single row (2.0 ms), which the few-row timings cannot tell."""
+    from .invariant import rows_alike
+    lin = nn.Linear(cls.inp, cls.out, bias=False, device="meta")
+    lin.weight = nn.Parameter(torch.randn(cls.out, cls.inp).to(torch.bfloat16).to(cls.dtype), requires_grad=False)
+    return rows_alike(relayout(lin, "half"), cls.dtype) > 1
 
 
 def default_layout(cls: ShapeClass) -> str:
@@ -396,10 +412,13 @@ def choose_layouts(model: nn.Module, kernels: str = "auto", cpu_layout: bool = T
     took = time.perf_counter() - start
     if timings != before:
         write_cache(path, ident, timings)
-    # Batch-invariant decoding pads a single row to a few: its steps cost what the few-row regime does.
+    # Batch-invariant decoding pads a single row to a few: its steps cost what the few-row regime
+    # does, but for half, whose padding may be many rows (layers that decode then do without it).
     decode = "decode" if single_row else "batch"
-    layouts = {name: fastest(cls, timings, r, decode) or default_layout(cls)
-               for cls in classes.values() for name, r in cls.layers.items()}
+    padded = {k for k, cls in classes.items() if not single_row and "half" in cls.layouts
+              and any(r != "prefill" for r in cls.layers.values()) and half_pads(cls)}
+    layouts = {name: fastest(cls, timings, r, decode, ("half",) if k in padded and r != "prefill" else ())
+               or default_layout(cls) for k, cls in classes.items() for name, r in cls.layers.items()}
     how = f"measured in {took:.1f} s, saved to" if timings != before else "timings cached in"
     note = f"; {len(skipped)} shape classes over the {budget:.0f} s budget take the default until the next load" \
         if skipped else ""

@@ -347,6 +347,32 @@ def test_only_weights_fp16_holds_are_offered_the_half_layout():
 
 
 @needs_fbgemm
+@pytest.mark.parametrize("pads", [True, False])
+def test_decoding_layers_do_without_half_where_invariance_pads_it(pads, monkeypatch):
+    """Batch-invariant decoding pads a single row to the rows that round like 16: where half
+    needs that (FBGEMM: 15 rows on the AVX2 EPYC), layers that decode take the best other
+    layout however fast the (mock) few-row timings make half; prefill-only layers keep it.
+    Without invariance, or where half needs no padding, every layer takes it."""
+    monkeypatch.setattr(kernels, "median_seconds", MockTimer(winners("half", "half", "half")))
+    monkeypatch.setattr(kernels, "half_pads", lambda cls: pads)
+    model, _ = load_model("tiny-cogvlm", LoadOptions(dtype=torch.float32, pack=True, deterministic=True))
+    held = linear_layouts(model)
+    assert {x for n, x in held.items() if role(n) == "prefill"} == {"half"}
+    assert ({x for n, x in held.items() if role(n) != "prefill"} == {"half"}) != pads, held
+    single, _ = load_model("tiny-cogvlm", LoadOptions(dtype=torch.float32, pack=True, deterministic=False))
+    assert set(linear_layouts(single).values()) == {"half"}
+
+
+@needs_fbgemm
+def test_half_pads_is_measured_once_and_cached(cache_dir):
+    cls = kernels.shape_classes(tiny()).popitem()[1]
+    first = kernels.half_pads(cls)
+    written = json.loads(cache_dir.with_name("batch_invariance.json").read_text())["timings"]
+    assert any("HalfLinear" in k for k in written)
+    assert kernels.half_pads(cls) == first
+
+
+@needs_fbgemm
 @pytest.mark.parametrize("faster", ["half", "plain"])
 def test_a_compiled_model_keeps_the_half_layers_measured_faster(faster, monkeypatch):
     """--compile leaves every layer's weight plain for inductor to pack, except the fp32 layers
