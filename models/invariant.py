@@ -102,6 +102,18 @@ def padding_rows(model: nn.Module, names: list, rows: int = ROWS) -> dict:
     return {name: rows_alike(model.get_submodule(name), dtype, rows, (path, ident, cached)) for name in names}
 
 
+@torch.inference_mode()
+def half_pads(dtype: torch.dtype, out: int, inp: int) -> bool:
+    """Whether a single row through the `half` layout (FBGEMM, layout.HalfLinear) of this shape
+    must be padded to several here to round like ROWS rows (rows_alike: measured once, cached).
+    On the AVX2 EPYC it pads to 15 rows, and the padded product (2.5-2.7 ms, mid-size shapes)
+    lost to oneDNN-packed fp32's unpadded single row (2.0 ms), which few-row timings cannot tell."""
+    from .layout import relayout
+    lin = nn.Linear(inp, out, bias=False, device="meta")
+    lin.weight = nn.Parameter(torch.randn(out, inp).to(torch.bfloat16).to(dtype), requires_grad=False)
+    return rows_alike(relayout(lin, "half"), dtype) > 1
+
+
 def rows_alike(mod: nn.Module, dtype: torch.dtype, rows: int = ROWS, cache: Optional[tuple] = None) -> int:
     """padding_rows for one layer computing in `dtype`, from the cache (path, machine, read
     contents; default: this machine's file) or measured and written to it."""

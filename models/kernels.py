@@ -17,7 +17,7 @@ Candidates for a CPU nn.Linear in fp32 / bf16, each a weight layout (layout.LAYO
   half      weights fp16 holds exactly (bf16 ones, and every bf16 checkpoint loaded in fp32):
             an fp16 copy in FBGEMM's packed layout, the product in fp32 (layout.HalfLinear);
             half the bytes of fp32 to read. Under batch-invariant decoding not a candidate for
-            layers that decode where its single rows need padding (half_pads)
+            layers that decode where its single rows need padding (invariant.half_pads)
 Quantized layers keep their weight-only int8 / int4 kernels (quantize.WeightOnlyLinear, which
 picks the kernel or a dequantized GEMM by row count itself), except int8 layers only prefill
 uses: their prefill dequantizes the whole weight either way, so they choose between packed (the
@@ -319,18 +319,6 @@ def fastest(cls: ShapeClass, timings: dict, layer_role: str, decode: str = "deco
     return min(layouts, key=lambda x: (cost(secs[x], layer_role, decode), LAYOUTS.index(x)))
 
 
-@torch.inference_mode()
-def half_pads(cls: ShapeClass) -> bool:
-    """Whether batch-invariant decoding must pad a single row through `half` (FBGEMM) of this
-    shape to several here (invariant.rows_alike: measured once, cached). On the AVX2 EPYC it
-    pads to 15 rows, and the padded product (2.5-2.7 ms, mid-size shapes) lost to oneDNN-packed
-    fp32's unpadded single row (2.0 ms), which the few-row timings cannot tell."""
-    from .invariant import rows_alike
-    lin = nn.Linear(cls.inp, cls.out, bias=False, device="meta")
-    lin.weight = nn.Parameter(torch.randn(cls.out, cls.inp).to(torch.bfloat16).to(cls.dtype), requires_grad=False)
-    return rows_alike(relayout(lin, "half"), cls.dtype) > 1
-
-
 def default_layout(cls: ShapeClass) -> str:
     """What a layer takes unmeasured, or forced to a layout it cannot take: packed where it can
     (the previous fixed choice), else column-major fp32 weights of more outputs than inputs."""
@@ -382,12 +370,16 @@ def describe(classes: dict, timings: dict, layouts: dict) -> str:
 
 
 def choose_layouts(model: nn.Module, kernels: str = "auto", cpu_layout: bool = True, remeasure: bool = False,
-                   timer: Optional[Callable] = None, budget: float = BUDGET_S, single_row: bool = True) -> dict:
+                   timer: Optional[Callable] = None, budget: float = BUDGET_S, single_row: bool = True,
+                   half_pads: Optional[Callable] = None) -> dict:
     """name -> layout for every plain CPU linear layer of `model` (apply with
     layout.apply_layouts). kernels: auto = measured here (cached; remeasure: time again),
     or one of LAYOUTS forced on every layer that can take it. timer(probes, runs) -> seconds
     (default median_seconds); single_row False: decoding pads single rows (batch-invariant),
-    so gemv is no candidate and decode steps are costed at the few-row regime. Logs one line: the choice and the figures that chose it."""
+    so gemv is no candidate and decode steps are costed at the few-row regime, and
+    half_pads(dtype, out, inp) says where half's single rows need padding too (then layers that
+    decode do without it: invariant.half_pads). Logs one line: the choice and the figures that
+    chose it."""
     if kernels not in CHOICES:
         raise ValueError(f"--kernels takes {', '.join(CHOICES)}, not {kernels!r}")
     classes = shape_classes(model, cpu_layout, single_row=single_row or kernels != "auto")   # forced: as asked
@@ -415,8 +407,8 @@ def choose_layouts(model: nn.Module, kernels: str = "auto", cpu_layout: bool = T
     # Batch-invariant decoding pads a single row to a few: its steps cost what the few-row regime
     # does, but for half, whose padding may be many rows (layers that decode then do without it).
     decode = "decode" if single_row else "batch"
-    padded = {k for k, cls in classes.items() if not single_row and "half" in cls.layouts
-              and any(r != "prefill" for r in cls.layers.values()) and half_pads(cls)}
+    padded = {k for k, cls in classes.items() if not single_row and half_pads and "half" in cls.layouts
+              and any(r != "prefill" for r in cls.layers.values()) and half_pads(cls.dtype, cls.out, cls.inp)}
     layouts = {name: fastest(cls, timings, r, decode, ("half",) if k in padded and r != "prefill" else ())
                or default_layout(cls) for k, cls in classes.items() for name, r in cls.layers.items()}
     how = f"measured in {took:.1f} s, saved to" if timings != before else "timings cached in"

@@ -174,7 +174,7 @@ def prepare_for_inference(model: nn.Module, opts: LoadOptions) -> nn.Module:
     (kernels.py): kernels auto with pack, measured on this machine; a forced layout; without
     pack (--cpu_weights plain), column-major fp32 where it has more outputs than inputs.
     Compiled: `half` where measured fastest (kernels.compiled_layouts), plain weights elsewhere."""
-    from .invariant import deterministic_on, make_batch_invariant
+    from .invariant import deterministic_on, half_pads, make_batch_invariant
     from .kernels import choose_layouts, choose_quantized_kernels, compiled_layouts
     from .layout import apply_layouts
     cpu = torch.device(opts.device).type == "cpu"
@@ -189,7 +189,7 @@ def prepare_for_inference(model: nn.Module, opts: LoadOptions) -> nn.Module:
         # layers out differently: they keep the fixed choice (packed where it can be).
         kernels = "packed" if opts.world > 1 and opts.kernels == "auto" else opts.kernels
         apply_layouts(model, choose_layouts(model, kernels, opts.cpu_layout, opts.remeasure_kernels,
-                                            single_row=not deterministic))
+                                            single_row=not deterministic, half_pads=half_pads))
     elif opts.cpu_layout:
         use_fast_cpu_layout(model)
     if cpu and opts.kernels == "auto" and (opts.pack or compiled):

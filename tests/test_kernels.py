@@ -354,7 +354,8 @@ def test_decoding_layers_do_without_half_where_invariance_pads_it(pads, monkeypa
     layout however fast the (mock) few-row timings make half; prefill-only layers keep it.
     Without invariance, or where half needs no padding, every layer takes it."""
     monkeypatch.setattr(kernels, "median_seconds", MockTimer(winners("half", "half", "half")))
-    monkeypatch.setattr(kernels, "half_pads", lambda cls: pads)
+    from models import invariant
+    monkeypatch.setattr(invariant, "half_pads", lambda dtype, out, inp: pads)
     model, _ = load_model("tiny-cogvlm", LoadOptions(dtype=torch.float32, pack=True, deterministic=True))
     held = linear_layouts(model)
     assert {x for n, x in held.items() if role(n) == "prefill"} == {"half"}
@@ -365,11 +366,12 @@ def test_decoding_layers_do_without_half_where_invariance_pads_it(pads, monkeypa
 
 @needs_fbgemm
 def test_half_pads_is_measured_once_and_cached(cache_dir):
+    from models.invariant import half_pads
     cls = kernels.shape_classes(tiny()).popitem()[1]
-    first = kernels.half_pads(cls)
+    first = half_pads(cls.dtype, cls.out, cls.inp)
     written = json.loads(cache_dir.with_name("batch_invariance.json").read_text())["timings"]
     assert any("HalfLinear" in k for k in written)
-    assert kernels.half_pads(cls) == first
+    assert half_pads(cls.dtype, cls.out, cls.inp) == first
 
 
 @needs_fbgemm
