@@ -210,9 +210,9 @@ def _int8_prefill_only(name: str, mod: nn.Module, devices: tuple) -> bool:
 def available_layouts(dtype: torch.dtype, cpu_layout: bool = True, single_row: bool = True,
                       half: bool = False) -> tuple:
     """The layouts a CPU weight of `dtype` can take here (cpu_layout False: no re-striding;
-    single_row False: decode products never have a single row, so gemv is plain; half: a
-    weight fp16 holds exactly)."""
-    half = ("half",) if half and dtype in (torch.float32, torch.bfloat16) and can_half() else ()
+    single_row False: decode products never have a single row, so gemv is plain; half: an fp32
+    or bf16 weight fp16 holds exactly, where FBGEMM runs: half_offered)."""
+    half = ("half",) if half else ()
     if can_upcast(dtype):
         # upcast runs plain's kernel up to 16 rows (gemv's one too: without bf16 in oneDNN a
         # single bf16 row goes to ATen either way) and fp32 GEMMs beyond, where the others run
@@ -220,6 +220,12 @@ def available_layouts(dtype: torch.dtype, cpu_layout: bool = True, single_row: b
         return ("upcast",) + half
     return tuple(x for x in LAYOUTS if (x != "packed" or can_pack(dtype)) and (x != "colmajor" or cpu_layout)
                  and (x != "gemv" or single_row) and x not in ("upcast", "half")) + half
+
+
+def half_offered(w: torch.Tensor) -> bool:
+    """Whether the half layout is a candidate for weight `w`: fp32 or bf16, fp16 holds its values
+    (a benchmark's model on the meta device stands in for released bf16 weights), FBGEMM runs."""
+    return w.dtype in (torch.float32, torch.bfloat16) and can_half() and (w.device.type == "meta" or fp16_exact(w))
 
 
 def shape_classes(model: nn.Module, cpu_layout: bool = True, weight_of: Optional[Callable] = None,
@@ -239,9 +245,7 @@ def shape_classes(model: nn.Module, cpu_layout: bool = True, weight_of: Optional
             w = getattr(mod, "weight", None)
             if type(mod) is not nn.Linear or w.device.type not in devices or not w.dtype.is_floating_point:
                 continue
-            # (a benchmark's model on the meta device stands in for released bf16 weights)
-            half = w.dtype in (torch.float32, torch.bfloat16) and can_half() \
-                and (w.device.type == "meta" or fp16_exact(w))
+            half = half_offered(w)
             key = (w.dtype, mod.out_features, mod.in_features) + (("fp16-exact",) if half else ())
             layouts = available_layouts(w.dtype, cpu_layout, single_row, half)
         if key not in classes:
@@ -425,9 +429,8 @@ def compiled_layouts(model: nn.Module, remeasure: bool = False) -> dict:
     weights for inductor to pack: its kernels read an fp32 weight at best at the memory rate
     (mid-size fp32 step 94% of memory read, AVX2 EPYC), which `half`'s half the bytes beat."""
     chosen = choose_layouts(model, "auto", remeasure=remeasure)
-    return {name: x for name, x in chosen.items() if x == "half"
-            and (model.get_submodule(name).weight.dtype == torch.float32
-                 or can_upcast(model.get_submodule(name).weight.dtype))}
+    dtype = {name: model.get_submodule(name).weight.dtype for name, x in chosen.items() if x == "half"}
+    return {name: "half" for name, d in dtype.items() if d == torch.float32 or can_upcast(d)}
 
 
 # ---------------------------------------------------------------------------------------
