@@ -200,18 +200,26 @@ def random_model(cfg, dtype: torch.dtype, bits: Optional[int] = None, device="cp
     return model
 
 
+def load_options(device, packed: bool, compiled: bool, deterministic: Optional[bool] = None,
+                 single_stream: bool = False, quant=None):
+    """The models.loading.LoadOptions the apps load with, for pack_or_compile's arguments."""
+    from models.loading import LoadOptions, QuantConfig
+    return LoadOptions(device=device, pack=packed, compile=compiled, deterministic=deterministic,
+                       single_stream=single_stream, quant=quant or QuantConfig())
+
+
 def pack_or_compile(model, packed: bool, compiled: bool, deterministic: Optional[bool] = None,
-                    single_stream: bool = False):
+                    single_stream: bool = False, layouts: Optional[dict] = None):
     """`model` prepared as the apps prepare it (models.loading.prepare_for_inference): packed:
     each CPU linear layer in the layout measured fastest here (--kernels auto, cached);
     compiled: the compiled decode step, or the run ends (measuring the eager step under a
     "compiled" label would mislead); deterministic (None: the apps' default for the device,
     on for CPU eager decoding unless single_stream, as the CLIs and demos run it):
-    batch-invariant decoding (models/invariant.py)."""
-    from models.loading import LoadOptions, prepare_for_inference
+    batch-invariant decoding (models/invariant.py); layouts: those chosen before the weights
+    were made (bench/full_size.py, as models.loading.load_model does), else chosen here."""
+    from models.loading import prepare_for_inference
     dev = next(model.parameters()).device
-    prepare_for_inference(model, LoadOptions(device=dev, pack=packed, compile=compiled, deterministic=deterministic,
-                                             single_stream=single_stream))
+    prepare_for_inference(model, load_options(dev, packed, compiled, deterministic, single_stream), layouts)
     if compiled and deterministic is not True and model.runtime.decode_step is None:
         sys.exit("--compile: the decode step cannot be compiled here (see the warning above)")
     return model

@@ -17,19 +17,20 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import (bench_parser, best_gemv, cpu_features, gemm_flops, held_bytes, image_prompt, logits,  # noqa: E402
-                          now, pack_or_compile, peak_rss, write_json)
+from bench.common import (bench_parser, best_gemv, cpu_features, gemm_flops, held_bytes, image_prompt,  # noqa: E402
+                          load_options, logits, now, pack_or_compile, peak_rss, write_json)
 from models import Cache, CogVLM  # noqa: E402
 from models.checkpoint import is_derived, materialize  # noqa: E402
 from models.config import MODEL_CONFIGS, get_config  # noqa: E402
 from models.generate import ModelInputs, decode_one_token, prefill  # noqa: E402
-from models.layout import can_pack, pack_for_cpu_inference  # noqa: E402
-from models.loading import memory_returned_to_os, resolve_dtype  # noqa: E402
+from models.loading import (LoadOptions, half_layers, layouts_after_loading, layouts_before_loading,  # noqa: E402
+                            memory_returned_to_os, resolve_dtype)
 from models.quantize import GROUP, GROUPS, VISION_BITS, QuantConfig, plan_quantization  # noqa: E402
 
 
@@ -45,15 +46,15 @@ def rss_gb() -> float:
 
 def random_tensors(model: torch.nn.Module, dtype: torch.dtype, device, seed: int = 0):
     """(key, tensor) for every weight of a meta-built model, one at a time, in the target
-    dtype on the target device: N(0, 0.02) matrices and learned embeddings, zero biases, unit
-    norm weights."""
+    dtype on the target device, holding bf16 values as a released checkpoint does: N(0, 0.02)
+    matrices and learned embeddings, zero biases, unit norm weights."""
     g = torch.Generator(device=device).manual_seed(seed)
     for name, t in model.state_dict().items():
         if is_derived(name):
             continue
         if t.dim() >= 2 or name.endswith(("boi", "eoi", "cls_embedding", "cls_token", "pos_embed")):
-            out = torch.empty(t.shape, dtype=dtype, device=device)
-            out.normal_(0.0, 0.02, generator=g)
+            out = torch.empty(t.shape, dtype=torch.bfloat16, device=device)
+            out = out.normal_(0.0, 0.02, generator=g).to(dtype)
         elif name.endswith("bias"):
             out = torch.zeros(t.shape, dtype=dtype, device=device)
         else:
@@ -61,18 +62,28 @@ def random_tensors(model: torch.nn.Module, dtype: torch.dtype, device, seed: int
         yield name, out
 
 
-def build(name: str, dtype: torch.dtype, quant, quant_vision, device="cpu", pack: bool = True,
-          group=None) -> CogVLM:
-    cfg = get_config(name)
+def model_config(name: str):
+    """A released or tiny config by name, or "mid": the mid-size model of bench/decode.py."""
+    if name == "mid":
+        from bench.decode import MID
+        return MID
+    return get_config(name)
+
+
+def build(name: str, dtype: torch.dtype, opts: LoadOptions, stream: bool = True) -> tuple[CogVLM, Optional[dict]]:
+    """The model of config `name` with random weights, made as models.loading.load_model reads
+    a checkpoint under `opts`: quantized, or the layers whose layout will be `half` converted,
+    one layer at a time as its tensors arrive (stream False: after every weight is made, as
+    before, for comparison). Returns (model, the layouts left to give it)."""
     with torch.device("meta"):
-        model = CogVLM(cfg)
-    plan = plan_quantization(model, QuantConfig(quant, quant_vision, group), device) if quant else None
+        model = CogVLM(model_config(name))
+    plan = plan_quantization(model, opts.quant, opts.device) if opts.quant.bits else None
+    chosen = layouts_before_loading(model, dtype, opts) if stream else None
     total = len(model.state_dict())
     with memory_returned_to_os():
-        materialize(model, random_tensors(model, dtype, device), total, device, plan)
-    if pack and can_pack(dtype, device):
-        pack_for_cpu_inference(model)                  # the linear layers left unquantized
-    return model.eval()
+        materialize(model, random_tensors(model, dtype, opts.device), total, opts.device, plan,
+                    half=half_layers(chosen))
+    return model.eval(), layouts_after_loading(model, chosen, dtype)
 
 
 def decode_bytes(model: CogVLM, ctx: int) -> int:
@@ -202,12 +213,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                      threads=dict(default=None, help="default: every core"),
                      compile=dict(help="inductor-compiled decode step (models/compile.py; first_step_s is "
                                        "its compile time)"))
-    p.add_argument("--model", default="cogvlm-chat-v1.1", choices=sorted(MODEL_CONFIGS),
-                   help="a released config (cogvlm-chat-v1.1, cogagent-chat, ...) or a tiny one")
+    p.add_argument("--model", default="cogvlm-chat-v1.1", choices=sorted(MODEL_CONFIGS) + ["mid"],
+                   help="a released config (cogvlm-chat-v1.1, cogagent-chat, ...), a tiny one, or mid "
+                        "(bench/decode.py's mid-size model)")
     p.add_argument("--quant_vision", type=int, choices=[4, 8, 16], default=VISION_BITS,
                    help="image encoders' bits (16 = unquantized; default 8)")
     p.add_argument("--quant_group", type=int, choices=GROUPS, default=GROUP,
                    help=f"inputs per int4 scale (default {GROUP})")
+    p.add_argument("--layouts_after_build", action="store_true",
+                   help="give the layers their layouts once every weight is made (the way before the half "
+                        "layout streamed in): the peak memory that saves")
     p.add_argument("--text_tokens", type=int, default=30)
     p.add_argument("--decode_steps", type=int, default=8)
     p.add_argument("--qlora_step", action="store_true",
@@ -251,9 +266,12 @@ def main(argv=None) -> int:
     gemv = best_gemv(n=4096 if tiny else 8192, device=a.device)["best"]
     gemm = gemm_flops(n=512 if tiny else 2048, dtype=dtype, device=a.device)
     t = time.perf_counter()
-    model = build(a.model, dtype, a.quant or None, a.quant_vision, a.device, pack=False, group=a.quant_group)
+    quant = QuantConfig(a.quant or None, a.quant_vision, a.quant_group)
+    model, layouts = build(a.model, dtype, load_options(a.device, not a.compile, a.compile, single_stream=True,
+                                                        quant=quant), not a.layouts_after_build)
     build_s = time.perf_counter() - t
-    pack_or_compile(model, not a.compile, a.compile, single_stream=True)   # as the CLIs load it
+    pack_or_compile(model, not a.compile, a.compile, single_stream=True, layouts=layouts)   # as the CLIs load it
+    ready_s = time.perf_counter() - t
     build_rss = round(peak_rss_gb(), 3)
     print(f"built in {build_s:.1f} s, peak RSS {build_rss:.2f} GB (now {rss_gb():.2f} GB)", flush=True)
     r = measure(model, a.text_tokens, a.decode_steps)
@@ -261,6 +279,7 @@ def main(argv=None) -> int:
            **summary(model, r, gemv, gemm, build_s),
            "threads": torch.get_num_threads(), "cpu_flags": flags, "device": a.device,
            "compiled": a.compile, "first_step_s": round(r["first_step_s"], 2),
+           "ready_s": round(ready_s, 2),               # weights made and laid out (compile: before its first step)
            # where the peak happens: ru_maxrss after each phase
            "peak_rss_build_gb": build_rss, "peak_rss_image_gb": r["peak_rss_image_gb"],
            "peak_rss_prefill_gb": r["peak_rss_prefill_gb"]}

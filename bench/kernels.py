@@ -29,7 +29,7 @@ def select(dtype: torch.dtype) -> tuple[dict, dict, dict, float]:
     """(classes, timings, layouts, seconds measuring) of the mid-size model in `dtype`."""
     with torch.device("meta"):
         model = CogVLM(MID).to(dtype)
-    classes = kernels.shape_classes(model, weight_of=lambda m: (torch.randn(m.weight.shape) * 0.02).to(dtype))
+    classes = kernels.shape_classes(model, weight_of=kernels.random_weight)
     timings, start = {}, time.perf_counter()
     kernels.measure(classes, timings, kernels.median_seconds, budget=float("inf"))
     took = time.perf_counter() - start

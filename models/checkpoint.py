@@ -11,6 +11,8 @@ import pickle
 import re
 import shutil
 import tempfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -244,13 +246,13 @@ def cut_for_rank(sat_sd: dict, names: dict, own: dict, rank: int, world: int) ->
 
 
 def load_state_into(model: nn.Module, sat_sd: dict, source: str, dtype: Optional[torch.dtype] = None,
-                    device="cpu", rank: int = 0, world: int = 1, quant=None) -> None:
+                    device="cpu", rank: int = 0, world: int = 1, quant=None, half: frozenset = frozenset()) -> None:
     """Load a SAT-named state dict into a model built on any device (meta included), one
     tensor at a time (assign, no second copy). Every key must match by name and shape.
     Under tensor parallelism (world > 1, the model already cut by tp.py) a full-size tensor
     is cut to this rank's piece as it is read. quant (a quantize.QuantPlan):
     those linear layers are replaced by their quantized form as soon as their tensors are read,
-    and the full-precision copy is dropped."""
+    and the full-precision copy is dropped; half (layer names): the same with the `half` layout."""
     own = model.state_dict(keep_vars=True)
     names = sat_key_map(model, own.keys())
     if world > 1:
@@ -268,42 +270,73 @@ def load_state_into(model: nn.Module, sat_sd: dict, source: str, dtype: Optional
             t = t.to(device=device, dtype=dtype or t.dtype)
             check_finite(t, skey, source)
             yield okey, t
-    materialize(model, tensors(), len(names), device, quant, show=rank == 0)
+    materialize(model, tensors(), len(names), device, quant, show=rank == 0, half=half)
 
 
-def materialize(model: nn.Module, tensors, total: int, device="cpu", quant=None, show: bool = True) -> None:
+# FBGEMM packs an fp16 weight on one thread (about 10 ms per million weights, AVX2 EPYC) and
+# releases the GIL: `half` layers are packed on this many threads while the next are read.
+HALF_THREADS = 8
+
+
+def materialize(model: nn.Module, tensors, total: int, device="cpu", quant=None, show: bool = True,
+                half: frozenset = frozenset()) -> None:
     """Fill a model built on the meta device from (our key, tensor) pairs, one at a time: the
     linear layers named in the quant plan (quantize.QuantPlan) are replaced by their quantized
-    form as soon as their tensors have arrived, so only one full-precision layer exists at a
-    time; everything else is assigned as is. Used by checkpoint loading and by the full-size
-    benchmark's random-weight source alike."""
-    new_sd, pending = {}, {}
+    form, those named in `half` by their `half` layout (layout.HalfLinear, where fp16 holds the
+    weight; packed on a few threads), as soon as their tensors have arrived, so only a few
+    full-precision layers of them exist at a time; everything else is assigned as is. Used by
+    checkpoint loading and by the full-size benchmark's random-weight source alike."""
+    from .layout import half_from
+    from .quantize import quantized_form
+    new_sd, pending, packing = {}, {}, deque()
     layers = quant.layers if quant is not None else {}
-    for okey, t in tqdm(tensors, total=total, desc="loading weights", unit="tensor",
-                        disable=total < 200 or not show, leave=False):
-        mod_name, _, attr = okey.rpartition(".")
-        if mod_name in layers:
-            stream_quantize(model, mod_name, attr, t, pending, layers[mod_name], quant)
-        else:
-            new_sd[okey] = t
+    threads = max(1, min(HALF_THREADS, torch.get_num_threads()))
+    with ThreadPoolExecutor(threads) as pool:
+        for okey, t in tqdm(tensors, total=total, desc="loading weights", unit="tensor",
+                            disable=total < 200 or not show, leave=False):
+            name, _, attr = okey.rpartition(".")
+            if name not in layers and name not in half:
+                new_sd[okey] = t
+                continue
+            got = collect_layer(model, name, attr, t, pending)
+            if got is not None and name in layers:
+                new_sd.update(put_layer(model, name, quantized_form(model, name, got, quant), got))
+            elif got is not None:
+                packing.append((name, got, pool.submit(half_from, got["weight"], got.get("bias"))))
+            while len(packing) > threads or (packing and packing[0][2].done()):
+                name, got, new = packing.popleft()
+                new_sd.update(put_layer(model, name, new.result(), got))
+        for name, got, new in packing:
+            new_sd.update(put_layer(model, name, new.result(), got))
     model.load_state_dict(new_sd, strict=False, assign=True)
     regenerate_derived(model, device)
 
 
-def stream_quantize(model: nn.Module, name: str, attr: str, t: torch.Tensor, pending: dict,
-                    bits: int, quant) -> None:
-    """Collect linear layer `name`'s tensors as they are read; once it has all (weight, bias
-    if it has one, LoRA adapter if it has one) replace it by its quantized form, adapter kept."""
-    from .lora import carry_adapter, has_adapter
-    from .quantize import replace_quantized
+def collect_layer(model: nn.Module, name: str, attr: str, t: torch.Tensor, pending: dict) -> Optional[dict]:
+    """Gather linear layer `name`'s tensors as they are read: all of them (weight, bias if it
+    has one, LoRA adapter if it has one) once the last has arrived, else None."""
+    from .lora import has_adapter
     got, mod = pending.setdefault(name, {}), model.get_submodule(name)
     got[attr] = t
     needs = ["weight"] + ["bias"] * (getattr(mod, "bias", None) is not None) + ["lora_A", "lora_B"] * has_adapter(mod)
-    if all(k in got for k in needs):
-        del pending[name]
-        replace_quantized(model, name, got["weight"], got.get("bias"), bits, quant.backend, quant.group)
-        if has_adapter(mod):
-            carry_adapter(mod, model.get_submodule(name), got["lora_A"], got["lora_B"])
+    if not all(k in got for k in needs):
+        return None
+    return pending.pop(name)
+
+
+def put_layer(model: nn.Module, name: str, new: Optional[nn.Module], got: dict) -> dict:
+    """Put `new`, the quantized or `half` form of linear layer `name` made from its tensors
+    `got`, in its place, LoRA adapter kept. Returns what is left to assign as read: the
+    layer's tensors where there is no such form (new None: fp16 does not hold the weight)."""
+    from .lora import carry_adapter, has_adapter
+    from .quantize import replace_module
+    if new is None:
+        return {f"{name}.{k}": v for k, v in got.items()}
+    old = model.get_submodule(name)
+    replace_module(model, name, new)
+    if has_adapter(old):
+        carry_adapter(old, new, got["lora_A"], got["lora_B"])
+    return {}
 
 
 def check_finite(t: torch.Tensor, key: str, source: str) -> None:

@@ -228,6 +228,11 @@ def half_offered(w: torch.Tensor) -> bool:
     return w.dtype in (torch.float32, torch.bfloat16) and can_half() and (w.device.type == "meta" or fp16_exact(w))
 
 
+def random_weight(mod: nn.Module) -> torch.Tensor:
+    """A weight of `mod`'s shape and dtype to time kernels on, for a model on the meta device."""
+    return (torch.randn(mod.weight.shape) * 0.02).to(mod.weight.dtype)
+
+
 def shape_classes(model: nn.Module, cpu_layout: bool = True, weight_of: Optional[Callable] = None,
                   single_row: bool = True) -> dict:
     """(dtype, out, in) -> ShapeClass of every plain floating-point CPU nn.Linear of `model`,
@@ -366,7 +371,8 @@ def describe(classes: dict, timings: dict, layouts: dict) -> str:
             ", ".join(f"{r}-only {x}" if r != "both" else x for r, x in by_role.items())
         figures = "; ".join(f"{REGIMES[r]} row{'s' if REGIMES[r] > 1 else ''} {unit(REGIMES[r])} " + " ".join(
             f"{x} {rate(cls.probe(x, r), timings[cls.probe(x, r).key]):.{1 if REGIMES[r] <= 4 else 2}f}"
-            for x in cls.layouts if cls.probe(x, r).key in timings) for r in cls.regimes())
+            for x in cls.layouts if cls.probe(x, r).key in timings) for r in cls.regimes()
+            if any(cls.probe(x, r).key in timings for x in cls.layouts))
         dtype = ("int8 -> " if cls.int8 else "") + str(cls.dtype).replace("torch.", "")
         parts.append(f"{dtype} {cls.out}x{cls.inp} (x{len(cls.layers)}) -> {chosen}"
                      + (f" [{figures}]" if figures else ""))
@@ -375,18 +381,18 @@ def describe(classes: dict, timings: dict, layouts: dict) -> str:
 
 def choose_layouts(model: nn.Module, kernels: str = "auto", cpu_layout: bool = True, remeasure: bool = False,
                    timer: Optional[Callable] = None, budget: float = BUDGET_S, single_row: bool = True,
-                   half_pads: Optional[Callable] = None) -> dict:
+                   half_pads: Optional[Callable] = None, weight_of: Optional[Callable] = None) -> dict:
     """name -> layout for every plain CPU linear layer of `model` (apply with
     layout.apply_layouts). kernels: auto = measured here (cached; remeasure: time again),
     or one of LAYOUTS forced on every layer that can take it. timer(probes, runs) -> seconds
     (default median_seconds); single_row False: decoding pads single rows (batch-invariant),
     so gemv is no candidate and decode steps are costed at the few-row regime, and
     half_pads(dtype, out, inp) says where half's single rows need padding too (then layers that
-    decode do without it: invariant.half_pads). Logs one line: the choice and the figures that
-    chose it."""
+    decode do without it: invariant.half_pads); weight_of: as shape_classes' (a model on the
+    meta device: random_weight). Logs one line: the choice and the figures that chose it."""
     if kernels not in CHOICES:
         raise ValueError(f"--kernels takes {', '.join(CHOICES)}, not {kernels!r}")
-    classes = shape_classes(model, cpu_layout, single_row=single_row or kernels != "auto")   # forced: as asked
+    classes = shape_classes(model, cpu_layout, weight_of, single_row=single_row or kernels != "auto")   # forced: as asked
     quantized = sum(1 for m in model.modules() if hasattr(m, "qweight")) \
         - sum(len(c.layers) for c in classes.values() if c.int8)
     tail = f"; {quantized} quantized layers keep their weight-only kernels" if quantized else ""
@@ -423,12 +429,12 @@ def choose_layouts(model: nn.Module, kernels: str = "auto", cpu_layout: bool = T
     return layouts
 
 
-def compiled_layouts(model: nn.Module, remeasure: bool = False) -> dict:
+def compiled_layouts(model: nn.Module, remeasure: bool = False, weight_of: Optional[Callable] = None) -> dict:
     """name -> "half" for the layers a compiled model keeps in that layout: those whose measured
     choice it is, in fp32 (or bf16 where oneDNN has no bf16). Every other layer keeps plain
     weights for inductor to pack: its kernels read an fp32 weight at best at the memory rate
     (mid-size fp32 step 94% of memory read, AVX2 EPYC), which `half`'s half the bytes beat."""
-    chosen = choose_layouts(model, "auto", remeasure=remeasure)
+    chosen = choose_layouts(model, "auto", remeasure=remeasure, weight_of=weight_of)
     dtype = {name: model.get_submodule(name).weight.dtype for name, x in chosen.items() if x == "half"}
     return {name: "half" for name, d in dtype.items() if d == torch.float32 or can_upcast(d)}
 

@@ -14,6 +14,7 @@ import itertools
 import logging
 import threading
 import weakref
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -246,6 +247,19 @@ class HalfLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, fp16 weight packed by FBGEMM"
+
+
+def half_from(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[HalfLinear]:
+    """The `half` layout of a linear layer straight from the tensors a checkpoint gave it (weight
+    [out, in]), so a load holds no full-precision copy of it; None where fp16 does not hold the
+    weight (fp16_exact)."""
+    if not fp16_exact(weight):
+        return None
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias, requires_grad=False)
+    return HalfLinear(lin)
 
 
 # A compiled graph cannot take FBGEMM's packed weight (a TorchScript object) as an argument:

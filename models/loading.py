@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -126,8 +126,11 @@ def load_model(from_pretrained: str, opts: Optional[LoadOptions] = None,
     log.info("loading %s (%s, %d layers, hidden %d) on %s as %s%s%s", ckpt, cfg.model_class,
              cfg.num_layers, cfg.hidden_size, opts.device, dtype, quant, split)
     model = build_on_meta(cfg, opts, arch or CogVLM)
-    load_weights(model, sd, str(ckpt), dtype, opts)
-    return prepare_for_inference(model, opts), cfg
+    chosen = layouts_before_loading(model, dtype, opts)
+    layouts = load_weights(model, sd, str(ckpt), dtype, opts, chosen)
+    if chosen is not None:                             # timed (again, if asked) before loading
+        opts = replace(opts, remeasure_kernels=False)
+    return prepare_for_inference(model, opts, layouts), cfg
 
 
 def read_checkpoint(ckpt: Path, opts: LoadOptions) -> tuple[ModelConfig, dict]:
@@ -156,41 +159,100 @@ def build_on_meta(cfg: ModelConfig, opts: LoadOptions, arch: Callable[[ModelConf
     return model
 
 
-def load_weights(model: nn.Module, sd: dict, source: str, dtype: torch.dtype, opts: LoadOptions) -> None:
-    """Fill the meta model from `sd`, quantizing each planned layer as it arrives."""
-    q = opts.quant
-    if not q.bits:
-        load_state_into(model, sd, source, dtype=dtype, device=opts.device, rank=opts.rank, world=opts.world)
-        return
-    plan = plan_quantization(model, q, opts.device)
+def load_weights(model: nn.Module, sd: dict, source: str, dtype: torch.dtype, opts: LoadOptions,
+                 chosen: Optional[dict] = None) -> Optional[dict]:
+    """Fill the meta model from `sd`, quantizing each planned layer as it arrives; the layers
+    whose layout is `chosen` (layouts_before_loading) to be `half` take it as they arrive.
+    Returns the layouts left to give the loaded model (None: to be chosen on it)."""
+    plan = plan_quantization(model, opts.quant, opts.device) if opts.quant.bits else None
     with memory_returned_to_os():
         load_state_into(model, sd, source, dtype=dtype, device=opts.device, rank=opts.rank, world=opts.world,
-                        quant=plan)
-    model.runtime.quant_bits = q.bits
+                        quant=plan, half=half_layers(chosen))
+    if plan is not None:
+        model.runtime.quant_bits = opts.quant.bits
+    return layouts_after_loading(model, chosen, dtype)
 
 
-def prepare_for_inference(model: nn.Module, opts: LoadOptions) -> nn.Module:
+def half_layers(chosen: Optional[dict]) -> frozenset:
+    """The layers whose chosen layout is `half` (converted as their weights are read)."""
+    return frozenset(name for name, x in (chosen or {}).items() if x == "half")
+
+
+def layouts_after_loading(model: nn.Module, chosen: Optional[dict], dtype: torch.dtype) -> Optional[dict]:
+    """What is left of the layouts chosen before loading once the `half` layers took theirs
+    (logged); None where some weight fp16 does not hold refused it: the loaded model's layouts
+    are then chosen again."""
+    half = half_layers(chosen)
+    declined = [name for name in half if not hasattr(model.get_submodule(name), "half_packed")]
+    if half:
+        log.info("%d linear layers took the half layout (fp16 weights) as they were read, so their %s weights "
+                 "were never all held%s", len(half) - len(declined), str(dtype).replace("torch.", ""),
+                 f"; {len(declined)} hold values fp16 does not: their layout is chosen again" if declined else "")
+    if chosen is None or declined:
+        return None
+    return {name: x for name, x in chosen.items() if name not in half}
+
+
+def layouts_before_loading(model: nn.Module, dtype: torch.dtype, opts: LoadOptions) -> Optional[dict]:
+    """planned_layouts of the meta-built `model` in `dtype`, timed on random weights before
+    any is read (the same cached timings), so that the `half` layers can be converted as they
+    arrive: an fp32 load of a bf16 checkpoint then peaks near the fp16 size, never the fp32 one.
+    None where no layer could take `half` (not CPU, no FBGEMM) or the load quantizes (it streams
+    its own conversion; the few layers it leaves are chosen after loading)."""
+    from .kernels import random_weight
+    from .layout import can_half
+    if torch.device(opts.device).type != "cpu" or not can_half() or opts.quant.bits:
+        return None
+    model.to(dtype)                                    # on meta: what the classes are timed in
+    return planned_layouts(model, opts, weight_of=random_weight)
+
+
+def modes(opts: LoadOptions) -> tuple[bool, bool]:
+    """(deterministic, compiled): batch-invariant decoding, and the compiled step (never both)."""
+    from .invariant import deterministic_on
+    deterministic = deterministic_on(opts.deterministic, opts.device, opts.compile, opts.single_stream)
+    return deterministic, opts.compile and not deterministic       # batch-invariant steps run eagerly
+
+
+def measured_layouts(opts: LoadOptions) -> bool:
+    """Whether each CPU linear layer's layout is chosen (measured or forced) rather than fixed."""
+    return torch.device(opts.device).type == "cpu" and not modes(opts)[1] and (opts.pack or opts.kernels != "auto")
+
+
+def planned_layouts(model: nn.Module, opts: LoadOptions, weight_of: Optional[Callable] = None) -> dict:
+    """name -> layout of the CPU linear layers (kernels.py): measured with kernels auto and pack,
+    forced by --kernels, a compiled model's `half` layers (kernels.compiled_layouts); {} where
+    none is chosen. weight_of: see kernels.shape_classes."""
+    from .invariant import half_pads
+    from .kernels import choose_layouts, compiled_layouts
+    deterministic, compiled = modes(opts)
+    if torch.device(opts.device).type == "cpu" and compiled and opts.kernels == "auto" and opts.world == 1:
+        return compiled_layouts(model, opts.remeasure_kernels, weight_of)   # fp16 weights inductor calls
+    if not measured_layouts(opts):
+        return {}
+    # Tensor-parallel ranks would time each other's load and might lay their replicated layers
+    # out differently: they keep the fixed choice (packed where it can be).
+    kernels = "packed" if opts.world > 1 and opts.kernels == "auto" else opts.kernels
+    return choose_layouts(model, kernels, opts.cpu_layout, opts.remeasure_kernels, single_row=not deterministic,
+                          half_pads=half_pads, weight_of=weight_of)
+
+
+def prepare_for_inference(model: nn.Module, opts: LoadOptions, layouts: Optional[dict] = None) -> nn.Module:
     """The CPU weight layout of every linear layer, then the compiled decode step. Layouts
-    (kernels.py): kernels auto with pack, measured on this machine; a forced layout; without
-    pack (--cpu_weights plain), column-major fp32 where it has more outputs than inputs.
-    Compiled: `half` where measured fastest (kernels.compiled_layouts), plain weights elsewhere."""
-    from .invariant import deterministic_on, half_pads, make_batch_invariant
-    from .kernels import choose_layouts, choose_quantized_kernels, compiled_layouts
+    (kernels.py, planned_layouts, unless given): kernels auto with pack, measured on this
+    machine; a forced layout; without pack (--cpu_weights plain), column-major fp32 where it has
+    more outputs than inputs. Compiled: `half` where measured fastest, plain weights elsewhere."""
+    from .invariant import make_batch_invariant
+    from .kernels import choose_quantized_kernels
     from .layout import apply_layouts
     cpu = torch.device(opts.device).type == "cpu"
-    deterministic = deterministic_on(opts.deterministic, opts.device, opts.compile, opts.single_stream)
-    compiled = opts.compile and not deterministic       # batch-invariant steps run eagerly
+    deterministic, compiled = modes(opts)
     if compiled and opts.kernels != "auto":             # inductor lays out and packs its own copy
         log.info("--kernels %s is left to --compile, which lays the weights out itself", opts.kernels)
-    if cpu and compiled and opts.kernels == "auto" and opts.world == 1:
-        apply_layouts(model, compiled_layouts(model, opts.remeasure_kernels))    # fp16 weights inductor calls
-    if cpu and not compiled and (opts.pack or opts.kernels != "auto"):
-        # Tensor-parallel ranks would time each other's load and might lay their replicated
-        # layers out differently: they keep the fixed choice (packed where it can be).
-        kernels = "packed" if opts.world > 1 and opts.kernels == "auto" else opts.kernels
-        apply_layouts(model, choose_layouts(model, kernels, opts.cpu_layout, opts.remeasure_kernels,
-                                            single_row=not deterministic, half_pads=half_pads))
-    elif opts.cpu_layout:
+    layouts = planned_layouts(model, opts) if layouts is None else layouts
+    if layouts:
+        apply_layouts(model, layouts)
+    if opts.cpu_layout and not measured_layouts(opts):
         use_fast_cpu_layout(model)
     if cpu and opts.kernels == "auto" and (opts.pack or compiled):
         # The compiled step calls the same weight-only kernels: fp32 ones are scalar (5x slower).

@@ -415,15 +415,11 @@ def quantized_module(weight: torch.Tensor, bias: Optional[torch.Tensor], bits: i
     return bnb_linear(weight, bias, bits, group)
 
 
-def replace_quantized(model: nn.Module, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      bits: int, backend: str, group: Optional[int] = None) -> None:
-    """Put the quantized form of module `name` (a linear layer, or the token embedding: int8
-    rows) in its place, from its full-precision tensors."""
+def quantized_form(model: nn.Module, name: str, got: dict, plan: QuantPlan) -> nn.Module:
+    """The quantized form the plan gives module `name`, from its tensors as read (weight, bias)."""
     if isinstance(model.get_submodule(name), nn.Embedding):
-        new = Int8Embedding(weight)
-    else:
-        new = quantized_module(weight, bias, bits, backend, group)
-    replace_module(model, name, new)
+        return Int8Embedding(got["weight"])
+    return quantized_module(got["weight"], got.get("bias"), plan.layers[name], plan.backend, plan.group)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -436,9 +432,11 @@ def quantize(model: nn.Module, bits: int, vision_bits: Optional[int] = None,
              backend: Optional[str] = None, group: Optional[int] = None) -> nn.Module:
     """Quantize a loaded model in place (see the module docstring for what and how)."""
     backend = backend or default_backend(next(model.parameters()).device)
-    for name, b in quant_plan(model, bits, vision_bits, backend, group).items():
+    plan = QuantPlan(quant_plan(model, bits, vision_bits, backend, group), backend, group)
+    for name in plan.layers:
         mod = model.get_submodule(name)
-        replace_quantized(model, name, mod.weight, getattr(mod, "bias", None), b, backend, group)
+        got = {"weight": mod.weight, "bias": getattr(mod, "bias", None)}
+        replace_module(model, name, quantized_form(model, name, got, plan))
     model.runtime.quant_bits = bits
     return model
 

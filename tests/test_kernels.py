@@ -389,6 +389,88 @@ def test_a_compiled_model_keeps_the_half_layers_measured_faster(faster, monkeypa
     assert not model.runtime.packed                                       # nothing inductor cannot take
 
 
+def image_logits(model, cfg, seed: int = 0) -> torch.Tensor:
+    """Logits of one random image prompt (the bench's layout of it), no cache."""
+    from bench.common import image_prompt
+    from models.generate import ModelInputs
+    g = torch.Generator().manual_seed(seed)
+    ids, pos, vision, slots = image_prompt(cfg, 6, generator=g)
+    img = torch.randn(1, 3, cfg.eva.image_size, cfg.eva.image_size, generator=g)
+    with torch.inference_mode():
+        return model(ModelInputs(ids, pos, vision, slots, image_embeds=model.encode_images(img)))
+
+
+@needs_fbgemm
+def test_half_layers_take_their_layout_as_their_weights_are_read():
+    """Loading converts each `half` layer once its tensors have arrived (packed on a few
+    threads: at most that many layers wait): while the rest is read, no layer holds its
+    full-precision weight in the model (an fp32 load of CogVLM-17B would otherwise hold 68 GB
+    before converting), and the result is the layout applied after loading."""
+    from models import CogVLM
+    from models.checkpoint import HALF_THREADS, is_derived, materialize
+    cfg = MODEL_CONFIGS["tiny-test-cogvlm"]
+    source = tiny()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.copy_(p.bfloat16())                       # the values of a released bf16 checkpoint
+    sd = {k: v for k, v in source.state_dict().items() if not is_derived(k)}
+    with torch.device("meta"):
+        model = CogVLM(cfg)
+    half = frozenset(n for n, m in model.named_modules() if type(m) is nn.Linear)
+    needs = {n: {f"{n}.weight"} | ({f"{n}.bias"} if model.get_submodule(n).bias is not None else set())
+             for n in half}
+    read, checked = set(), 0
+
+    def tensors():
+        nonlocal checked
+        for key, t in sd.items():
+            waiting = [n for n in half if needs[n] <= read and not isinstance(model.get_submodule(n), HalfLinear)]
+            assert len(waiting) <= HALF_THREADS, waiting                     # converted as they arrive
+            for n in half:
+                mod = model.get_submodule(n)
+                assert isinstance(mod, HalfLinear) or mod.weight.device.type == "meta", n
+                assert not isinstance(mod, HalfLinear) or needs[n] <= read, n
+            checked += 1
+            read.add(key)
+            yield key, t.clone()
+    materialize(model, tensors(), len(sd), half=half)
+    assert checked and {type(model.get_submodule(n)) for n in half} == {HalfLinear}
+    apply_layouts(source, {n: "half" for n in half})
+    assert torch.equal(image_logits(model.eval(), cfg), image_logits(source, cfg))
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_load_streams_half_where_fp16_holds_the_weight_and_chooses_again_elsewhere(dtype, tmp_path,
+                                                                                     monkeypatch, caplog):
+    """A checkpoint of bf16 values with one layer of fp32 values (a finetune saved in fp32),
+    `half` measured fastest: loaded in fp32 every other layer takes `half` as it is read and that
+    one its next best layout; in bf16 its values are rounded on reading and it takes `half` too.
+    The logits are those of the same checkpoint given the same layouts after loading."""
+    from models.checkpoint import save_sat_checkpoint
+    cfg = MODEL_CONFIGS["tiny-test-cogvlm"]
+    model = tiny()
+    odd = "model.layers.1.mlp.language_mlp.up_proj"
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith(odd):
+                p.copy_(p.bfloat16())
+    ckpt = save_sat_checkpoint(model, cfg, tmp_path / "ckpt")
+    monkeypatch.setattr(kernels, "median_seconds", MockTimer(winners("half", "half", "half")))
+    with caplog.at_level(logging.INFO, logger="models.loading"):
+        loaded, _ = load_model(str(ckpt), LoadOptions(dtype=dtype, pack=True, deterministic=False))
+    held = linear_layouts(loaded)
+    declined = {n for n, x in held.items() if x != "half"}
+    assert declined == ({odd} if dtype == torch.float32 else set()), declined
+    took = [r.getMessage() for r in caplog.records if "took the half layout" in r.getMessage()]
+    assert len(took) == 1 and f"{len(held) - len(declined)} linear layers" in took[0], took
+    assert ("1 hold values fp16 does not" in took[0]) == bool(declined)
+    after, _ = load_model(str(ckpt), LoadOptions(dtype=dtype))           # the layouts given afterwards
+    apply_layouts(after, held)
+    assert linear_layouts(after) == held
+    assert torch.equal(image_logits(loaded, cfg), image_logits(after, cfg))
+
+
 def weight_ptr(mod: nn.Module) -> int:
     return torch.ops.mkldnn.data_ptr(mod.packed) if isinstance(mod, PackedLinear) else mod.weight.data_ptr()
 
