@@ -4,11 +4,13 @@ whatever else is in the batch (greedy answers then never depend on other users' 
 A batched product's row results depend on the row count on most CPUs and GPUs: the library
 picks another kernel (or another split of the reduction) for 1 row than for several; fp32
 MKL on an AMD EPYC has three classes of row counts (1; 2-3; 4, 8 and 12 on), bf16 oneDNN two
-(1; 2 and more). So, once `make_batch_invariant` has run:
+(1; 2 and more), FBGEMM's fp16 GEMM rounds a row by the size of the block of rows it falls in
+(blocks of 1 and 2 rows differ from larger ones). So, once `make_batch_invariant` has run:
 - every linear layer a decode step runs (language model, LM head) rounds each row as among
-  ROWS rows: fewer rows are padded with zero rows up to the fewest that round alike, measured
-  once per machine and kind of layer (bf16 oneDNN on the AMD EPYC: 2, so 1 row runs as 2;
-  fp32 MKL: 12);
+  ROWS rows: a call of a row count that does not round so is padded with zero rows to the next
+  count that does, measured once per machine and kind of layer (bf16 oneDNN on the AMD EPYC:
+  1 row runs as 2; fp32 MKL on the AVX2 one: 1-3 as 4, 5-7 as 8, 9-11 as 12; FBGEMM: 1-2 as 3,
+  7 as 8, 14 as 15);
   more rows (a prompt) run as they are, and each prompt is prefilled alone;
 - one-token attention runs row by row over exactly that row's own K/V slots (a batch holds
   other rows' padding and longer histories, which change the reductions' grouping);
@@ -56,7 +58,7 @@ def deterministic_on(flag: Optional[bool], device, compile: bool = False, single
 def make_batch_invariant(model: nn.Module, rows: int = ROWS, measure: bool = True) -> nn.Module:
     """Pad the decode-time linear layers' products and swap in row-by-row one-token attention
     (CogVLM and the HF classes alike); rows 0: back to the batched kernels. measure: find per
-    layer kind the fewest rows that round like `rows` rows on this machine (padding_rows); else
+    layer kind the row counts that round like `rows` rows on this machine (padding_rows); else
     pad to `rows`."""
     for handle in model.runtime.invariant_hooks:
         handle.remove()
@@ -67,28 +69,29 @@ def make_batch_invariant(model: nn.Module, rows: int = ROWS, measure: bool = Tru
         return model
     names = [n for n, _ in model.named_modules()
              if n == "lm_head" or (n.startswith("model.layers.") and n.endswith(_DECODE_LINEARS))]
-    fewest = padding_rows(model, names, rows) if measure else {n: rows for n in names}
-    for name, n in fewest.items():
-        if n > 1:                                  # 1: every row count already rounds alike
-            model.runtime.invariant_hooks += _pad_rows(model.get_submodule(name), n)
+    safe = padding_rows(model, names, rows) if measure else {n: [rows] for n in names}
+    for name, counts in safe.items():
+        if counts[:rows - 1] != list(range(1, rows)):      # else every row count rounds alike
+            model.runtime.invariant_hooks += _pad_rows(model.get_submodule(name), counts)
     model.runtime.row_attention = LongContextAttention(model)
     set_decode_attention(model, functools.partial(attention_by_row, one=model.runtime.row_attention))
     if model.runtime.decode_step is not None:
         log.info("batch-invariant decoding runs eagerly: the compiled decode step is not used")
         model.runtime.decode_step = None
-    log.info("batch-invariant decoding: attention and prompts row by row; decode products padded "
-             "to the fewest rows that round like %d (%s)", rows, ", ".join(sorted(
-                 {f"{_describe(model.get_submodule(n))} -> {r}" for n, r in fewest.items()})))
+    log.info("batch-invariant decoding: attention and prompts row by row; decode products of fewer "
+             "rows padded to the next count that rounds like %d (%s)", rows, "; ".join(sorted(
+                 {f"{_describe(model.get_submodule(n))}: {_padding(c, rows)}" for n, c in safe.items()})))
     return model
 
 
 def padding_rows(model: nn.Module, names: list, rows: int = ROWS) -> dict:
-    """name -> the fewest rows n such that every count from n to `rows` gives each row, at the
-    start or at the end of the batch, the bits it gets among `rows` rows. Measured once per kind
-    of layer (type, shape, dtype, layout, adapters) on this machine, cached beside the kernel
-    timings (batch_invariance.json): the kernel a library picks depends on the shape, never on
-    the values (bf16 oneDNN on the AMD EPYC: 1 or 2; fp32 MKL: 12). A layer whose rows depend
-    on their place in the batch gets `rows` and a warning (padding cannot fix it)."""
+    """name -> the row counts up to `rows` at which each row, at the start or at the end of
+    the batch, gets the bits it gets among `rows` rows (safe_rows); a call of another count is
+    padded to the next of them. Measured once per kind of layer (type, shape, dtype, layout,
+    adapters) on this machine, cached beside the kernel timings (batch_invariance.json): the
+    kernel a library picks depends on the shape, never on the values (on the AVX2 EPYC fp32
+    MKL rounds alike at 4, 8 and 12-16 rows, FBGEMM's fp16 GEMM at all but 1, 2, 7 and 14). A
+    layer whose rows depend on their place in the batch gets [rows] and a warning."""
     from .kernels import cache_path, machine_id, read_cache
     path, ident = cache_path().with_name("batch_invariance.json"), machine_id()
     cached = read_cache(path, ident)
@@ -99,22 +102,22 @@ def padding_rows(model: nn.Module, names: list, rows: int = ROWS) -> dict:
         from .tp import from_group_leader
         cached = from_group_leader(cached)
     dtype = model.model.compute_dtype
-    return {name: rows_alike(model.get_submodule(name), dtype, rows, (path, ident, cached)) for name in names}
+    return {name: safe_rows(model.get_submodule(name), dtype, rows, (path, ident, cached)) for name in names}
 
 
 @torch.inference_mode()
 def half_pads(dtype: torch.dtype, out: int, inp: int) -> bool:
     """Whether a single row through the `half` layout (FBGEMM, layout.HalfLinear) of this shape
-    must be padded to several here to round like ROWS rows (rows_alike: measured once, cached).
-    On the AVX2 EPYC it pads to 15 rows, and the padded product (2.5-2.7 ms, mid-size shapes)
-    lost to oneDNN-packed fp32's unpadded single row (2.0 ms), which few-row timings cannot tell."""
+    must be padded beyond the few rows (kernels.REGIMES["batch"]) its decode cost is timed at to
+    round like ROWS rows (safe_rows: measured once, cached). On the AVX2 EPYC it pads to 3."""
+    from .kernels import REGIMES
     from .layout import relayout
     lin = nn.Linear(inp, out, bias=False, device="meta")
     lin.weight = nn.Parameter(torch.randn(out, inp).to(torch.bfloat16).to(dtype), requires_grad=False)
-    return rows_alike(relayout(lin, "half"), dtype) > 1
+    return safe_rows(relayout(lin, "half"), dtype)[0] > REGIMES["batch"]
 
 
-def rows_alike(mod: nn.Module, dtype: torch.dtype, rows: int = ROWS, cache: Optional[tuple] = None) -> int:
+def safe_rows(mod: nn.Module, dtype: torch.dtype, rows: int = ROWS, cache: Optional[tuple] = None) -> list:
     """padding_rows for one layer computing in `dtype`, from the cache (path, machine, read
     contents; default: this machine's file) or measured and written to it."""
     from .kernels import cache_path, machine_id, read_cache, write_cache
@@ -122,16 +125,16 @@ def rows_alike(mod: nn.Module, dtype: torch.dtype, rows: int = ROWS, cache: Opti
         path, ident = cache_path().with_name("batch_invariance.json"), machine_id()
         cache = (path, ident, read_cache(path, ident))
     path, ident, cached = cache
-    key = f"rows alike {_describe(mod)} as {rows} in {str(dtype).replace('torch.', '')} " \
+    key = f"row counts alike {_describe(mod)} as {rows} in {str(dtype).replace('torch.', '')} " \
           f"threads={torch.get_num_threads()}"
     if key not in cached:
-        cached[key] = _fewest_rows(mod, rows, dtype)
+        cached[key] = _safe_rows(mod, rows, dtype)
         write_cache(path, ident, cached)
-    return int(cached[key])
+    return [int(n) for n in cached[key]]
 
 
 @torch.inference_mode()
-def _fewest_rows(mod: nn.Module, rows: int, dtype: torch.dtype, trials: int = TRIALS) -> int:
+def _safe_rows(mod: nn.Module, rows: int, dtype: torch.dtype, trials: int = TRIALS) -> list:
     """padding_rows for one layer. Two kernels that accumulate in another order differ after
     rounding to bf16 in only a few outputs in a thousand, so each row count is tried on
     `trials` random batches, the rows at the start and at the end of the batch."""
@@ -142,14 +145,21 @@ def _fewest_rows(mod: nn.Module, rows: int, dtype: torch.dtype, trials: int = TR
     if not all(torch.equal(mod(x.flip(0)), full.flip(0)) for x, full in zip(xs, fulls)):
         log.warning("%s: a row's result depends on its place in the batch here; batch invariance "
                     "is not guaranteed for it", _describe(mod))
-        return rows
-    fewest = rows
-    for n in range(rows - 1, 0, -1):
-        if not all(torch.equal(mod(x[:n]), full[:n]) and torch.equal(mod(x[rows - n:]), full[rows - n:])
-                   for x, full in zip(xs, fulls)):
-            break
-        fewest = n
-    return fewest
+        return [rows]
+    return [n for n in range(1, rows + 1)
+            if all(torch.equal(mod(x[:n]), full[:n]) and torch.equal(mod(x[rows - n:]), full[rows - n:])
+                   for x, full in zip(xs, fulls))]
+
+
+def _padding(safe: list, rows: int) -> str:
+    """How calls of fewer than `rows` rows are padded, e.g. "1-2 -> 3, 7 -> 8, 14 -> 15"."""
+    parts, n = [], 1
+    while n < rows:
+        to = next(s for s in safe if s >= n)
+        if to > n:
+            parts.append(f"{n}-{to - 1} -> {to}" if to - 1 > n else f"{n} -> {to}")
+        n = to + 1
+    return ", ".join(parts) or "none"
 
 
 def _probe_rows(rows: int, width: int, g: torch.Generator, dev) -> torch.Tensor:
@@ -189,20 +199,22 @@ def compile_every_row(model: nn.Module) -> bool:
     return True
 
 
-def _pad_rows(mod: nn.Module, rows: int) -> list:
-    """Hooks around `mod` (no weight touched, state_dict keys unchanged): inputs of fewer than
-    `rows` rows run padded with zero rows, and the output is cut back. -> the hook handles."""
+def _pad_rows(mod: nn.Module, safe: list) -> list:
+    """Hooks around `mod` (no weight touched, state_dict keys unchanged): inputs of a row count
+    not in `safe` (ascending) run padded with zero rows to the next count in it, and the output
+    is cut back; more rows than its last run as they are. -> the hook handles."""
     real = []                                     # the shape of the call in flight (None: not padded)
 
     def before(_mod, args):
         x = args[0]
         width = x.shape[-1]
         n = x.numel() // width                    # rows = every dimension but the last
-        if n >= rows:
+        to = next((s for s in safe if s >= n), n)
+        if to == n:
             real.append(None)
             return None
         real.append(x.shape)
-        return (torch.cat((x.reshape(n, width), x.new_zeros(rows - n, width))), *args[1:])   # rows,in
+        return (torch.cat((x.reshape(n, width), x.new_zeros(to - n, width))), *args[1:])     # to,in
 
     def after(_mod, _args, out):
         shape = real.pop()

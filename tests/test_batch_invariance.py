@@ -328,24 +328,37 @@ def test_server_greedy_streams_alone_and_concurrent_are_identical(ranks, cogvlm_
         assert "every row's runs eager or compiled" in log and "one-row attention (" in log, log[-3000:]
 
 
-@pytest.mark.parametrize("layout", ["plain", "colmajor", "packed", "gemv"])
+@pytest.mark.parametrize("layout", ["plain", "colmajor", "packed", "gemv", "half"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_padded_products_do_not_depend_on_the_row_count(dtype, layout):
     """A language-model-wide product (4096 inputs, where CPU libraries switch kernels by row
-    count: fp32 MKL pads to 12 rows on the CI's AMD EPYC, bf16 oneDNN to 2), in each weight
-    layout, padded to the fewest rows measured here: every row count from 1 to ROWS gives each
-    row the bits it gets among ROWS rows."""
-    from models.invariant import _fewest_rows, _pad_rows
-    from models.layout import can_pack, relayout
+    count: fp32 MKL rounds alike at 4, 8 and 12-16 rows on the AVX2 EPYC, bf16 oneDNN from 2,
+    FBGEMM's fp16 GEMM at all counts but 1, 2, 7 and 14), in each weight layout, each row count
+    padded to the next count measured to round like ROWS rows here: every row count from 1 to
+    ROWS gives each row the bits it gets among ROWS rows."""
+    from models.invariant import _pad_rows, _safe_rows
+    from models.layout import can_half, can_pack, relayout
     if layout == "packed" and not can_pack(dtype):
         pytest.skip(f"oneDNN cannot pack {dtype} here")
+    if layout == "half" and not can_half():
+        pytest.skip("PyTorch without FBGEMM's fp16-weight linear")
     g = torch.Generator().manual_seed(0)
-    lin = relayout(torch.nn.Linear(4096, 1024, bias=False).to(dtype), layout)
+    lin = torch.nn.Linear(4096, 1024, bias=False).to(torch.bfloat16).to(dtype)    # bf16 values: half takes them
+    lin = relayout(lin, layout)
     x = torch.randn(ROWS, 4096, generator=g).to(dtype)
-    fewest = _fewest_rows(lin, ROWS, dtype)
-    _pad_rows(lin, fewest)
+    safe = _safe_rows(lin, ROWS, dtype)
+    assert safe[-1] == ROWS and safe == sorted(safe)
+    _pad_rows(lin, safe)
     with torch.inference_mode():
         full = lin(x)
         for n in range(1, ROWS + 1):
-            assert torch.equal(lin(x[:n]), full[:n]), (n, fewest)
+            assert torch.equal(lin(x[:n]), full[:n]), (n, safe)
+            assert torch.equal(lin(x[ROWS - n:]), full[ROWS - n:]), (n, safe)   # the rows at the end too
             assert torch.equal(lin(x[n - 1:n][None]), full[n - 1:n][None])     # any leading shape
+
+
+def test_padding_is_described_by_the_counts_it_skips():
+    from models.invariant import _padding
+    assert _padding([3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 15, 16], 16) == "1-2 -> 3, 7 -> 8, 14 -> 15"
+    assert _padding([4, 8, 12, 13, 14, 15, 16], 16) == "1-3 -> 4, 5-7 -> 8, 9-11 -> 12"
+    assert _padding(list(range(1, 17)), 16) == "none" and _padding([16], 16) == "1-15 -> 16"

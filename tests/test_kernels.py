@@ -350,7 +350,7 @@ def test_only_weights_fp16_holds_are_offered_the_half_layout():
 @pytest.mark.parametrize("pads", [True, False])
 def test_decoding_layers_do_without_half_where_invariance_pads_it(pads, monkeypatch):
     """Batch-invariant decoding pads a single row to the rows that round like 16: where half
-    needs that (FBGEMM: 15 rows on the AVX2 EPYC), layers that decode take the best other
+    needs more than the few rows its decode is timed at, layers that decode take the best other
     layout however fast the (mock) few-row timings make half; prefill-only layers keep it.
     Without invariance, or where half needs no padding, every layer takes it."""
     monkeypatch.setattr(kernels, "median_seconds", MockTimer(winners("half", "half", "half")))
