@@ -128,6 +128,8 @@ def safe_rows(mod: nn.Module, dtype: torch.dtype, rows: int = ROWS, cache: Optio
     key = f"row counts alike {_describe(mod)} as {rows} in {str(dtype).replace('torch.', '')} " \
           f"threads={torch.get_num_threads()}"
     if key not in cached:
+        log.info("measuring which row counts round like %d rows for %s (once on this machine, seconds)",
+                 rows, _describe(mod))
         cached[key] = _safe_rows(mod, rows, dtype)
         write_cache(path, ident, cached)
     return [int(n) for n in cached[key]]
