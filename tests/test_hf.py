@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,3 +163,22 @@ def test_auto_classes(pair):
     _, hf = pair
     m = AutoModelForCausalLM.from_pretrained(hf)
     assert type(m).__name__ in ("CogVLMForCausalLM", "CogAgentForCausalLM")
+
+
+def test_an_hf_checkpoint_streams_half_layers_like_a_sat_one(tmp_path):
+    """The bundled model (bf16 values) written in the released HF layout, sharded, loaded in
+    fp32 with every layer `half`: each layer takes its fp16 weight as the shards are read, and
+    the logits are the SAT directory's, bit for bit."""
+    from models import LoadOptions
+    from models.layout import HalfLinear, can_half
+    from tests.test_kernels import image_logits
+    if not can_half():
+        pytest.skip("PyTorch without FBGEMM's fp16-weight linear")
+    sat = Path(__file__).resolve().parent.parent / "assets" / "checkpoints" / "tiny-cogvlm"
+    hf = sat_to_hf(sat, tmp_path / "hf", shard_bytes=200_000)
+    opts = LoadOptions(dtype=torch.float32, kernels="half", deterministic=False)
+    a, cfg = load_model(str(sat), opts)
+    b, _ = load_model(str(hf), opts)
+    halves = [n for n, m in b.named_modules() if isinstance(m, HalfLinear)]
+    assert halves and halves == [n for n, m in a.named_modules() if isinstance(m, HalfLinear)]
+    assert torch.equal(image_logits(a, cfg), image_logits(b, cfg))
