@@ -78,12 +78,14 @@ def build(name: str, dtype: torch.dtype, opts: LoadOptions, stream: bool = True)
     with torch.device("meta"):
         model = CogVLM(model_config(name))
     plan = plan_quantization(model, opts.quant, opts.device) if opts.quant.bits else None
-    chosen = layouts_before_loading(model, dtype, opts) if stream else None
+    chosen = layouts_before_loading(model, dtype, opts, frozenset(plan.layers) if plan else frozenset()) \
+        if stream else None
     total = len(model.state_dict())
     with memory_returned_to_os():
         materialize(model, random_tensors(model, dtype, opts.device), total, opts.device, plan,
                     half=half_layers(chosen))
-    return model.eval(), layouts_after_loading(model, chosen, dtype)
+    left = layouts_after_loading(model, chosen, dtype)
+    return model.eval(), left if plan is None else None         # quantized: its int8 layers chosen after
 
 
 def decode_bytes(model: CogVLM, ctx: int) -> int:

@@ -234,14 +234,16 @@ def random_weight(mod: nn.Module) -> torch.Tensor:
 
 
 def shape_classes(model: nn.Module, cpu_layout: bool = True, weight_of: Optional[Callable] = None,
-                  single_row: bool = True) -> dict:
-    """(dtype, out, in) -> ShapeClass of every plain floating-point CPU nn.Linear of `model`,
-    the largest (most bytes held) first. weight_of(layer): the weight timed (default the
-    layer's own; a benchmark times random ones for a model built on the meta device)."""
+                  single_row: bool = True, skip: frozenset = frozenset()) -> dict:
+    """(dtype, out, in) -> ShapeClass of every plain floating-point CPU nn.Linear of `model`
+    not named in `skip`, the largest (most bytes held) first. weight_of(layer): the weight timed
+    (default the layer's own; random ones for a model built on the meta device)."""
     devices = ("cpu", "meta") if weight_of else ("cpu",)
     weight_of = weight_of or (lambda m: m.weight.detach() if type(m) is nn.Linear else m.dequantize())
     classes = {}
     for name, mod in model.named_modules():
+        if name in skip:
+            continue
         if type(mod) is WeightOnlyLinear:
             if not _int8_prefill_only(name, mod, devices):
                 continue
@@ -381,18 +383,20 @@ def describe(classes: dict, timings: dict, layouts: dict) -> str:
 
 def choose_layouts(model: nn.Module, kernels: str = "auto", cpu_layout: bool = True, remeasure: bool = False,
                    timer: Optional[Callable] = None, budget: float = BUDGET_S, single_row: bool = True,
-                   half_pads: Optional[Callable] = None, weight_of: Optional[Callable] = None) -> dict:
+                   half_pads: Optional[Callable] = None, weight_of: Optional[Callable] = None,
+                   skip: frozenset = frozenset()) -> dict:
     """name -> layout for every plain CPU linear layer of `model` (apply with
     layout.apply_layouts). kernels: auto = measured here (cached; remeasure: time again),
     or one of LAYOUTS forced on every layer that can take it. timer(probes, runs) -> seconds
     (default median_seconds); single_row False: decoding pads single rows (batch-invariant),
     so gemv is no candidate and decode steps are costed at the few-row regime, and
     half_pads(dtype, out, inp) says where half's single rows need padding too (then layers that
-    decode do without it: invariant.half_pads); weight_of: as shape_classes' (a model on the
-    meta device: random_weight). Logs one line: the choice and the figures that chose it."""
+    decode do without it: invariant.half_pads); weight_of, skip: as shape_classes' (a model on
+    the meta device: random_weight, less the layers a load quantizes). Logs one line: the
+    choice and the figures that chose it."""
     if kernels not in CHOICES:
         raise ValueError(f"--kernels takes {', '.join(CHOICES)}, not {kernels!r}")
-    classes = shape_classes(model, cpu_layout, weight_of, single_row=single_row or kernels != "auto")   # forced: as asked
+    classes = shape_classes(model, cpu_layout, weight_of, single_row or kernels != "auto", skip)   # forced: as asked
     quantized = sum(1 for m in model.modules() if hasattr(m, "qweight")) \
         - sum(len(c.layers) for c in classes.values() if c.int8)
     tail = f"; {quantized} quantized layers keep their weight-only kernels" if quantized else ""
@@ -429,12 +433,13 @@ def choose_layouts(model: nn.Module, kernels: str = "auto", cpu_layout: bool = T
     return layouts
 
 
-def compiled_layouts(model: nn.Module, remeasure: bool = False, weight_of: Optional[Callable] = None) -> dict:
+def compiled_layouts(model: nn.Module, remeasure: bool = False, weight_of: Optional[Callable] = None,
+                     skip: frozenset = frozenset()) -> dict:
     """name -> "half" for the layers a compiled model keeps in that layout: those whose measured
     choice it is, in fp32 (or bf16 where oneDNN has no bf16). Every other layer keeps plain
     weights for inductor to pack: its kernels read an fp32 weight at best at the memory rate
     (mid-size fp32 step 94% of memory read, AVX2 EPYC), which `half`'s half the bytes beat."""
-    chosen = choose_layouts(model, "auto", remeasure=remeasure, weight_of=weight_of)
+    chosen = choose_layouts(model, "auto", remeasure=remeasure, weight_of=weight_of, skip=skip)
     dtype = {name: model.get_submodule(name).weight.dtype for name, x in chosen.items() if x == "half"}
     return {name: "half" for name, d in dtype.items() if d == torch.float32 or can_upcast(d)}
 

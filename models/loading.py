@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -15,7 +15,7 @@ from .checkpoint import (CheckpointError, load_sat_config, load_state_into, read
 from .cogvlm import CogVLM
 from .config import ALIASES, MODEL_CONFIGS, ModelConfig
 from .layout import use_fast_cpu_layout
-from .quantize import QuantConfig, plan_quantization
+from .quantize import QuantConfig, QuantPlan, plan_quantization
 from .machine import (cpu_flags, default_dtype, memory_returned_to_os, release_free_memory,  # noqa: F401
                       resolve_dtype)
 
@@ -126,10 +126,9 @@ def load_model(from_pretrained: str, opts: Optional[LoadOptions] = None,
     log.info("loading %s (%s, %d layers, hidden %d) on %s as %s%s%s", ckpt, cfg.model_class,
              cfg.num_layers, cfg.hidden_size, opts.device, dtype, quant, split)
     model = build_on_meta(cfg, opts, arch or CogVLM)
-    chosen = layouts_before_loading(model, dtype, opts)
-    layouts = load_weights(model, sd, str(ckpt), dtype, opts, chosen)
-    if chosen is not None:                             # timed (again, if asked) before loading
-        opts = replace(opts, remeasure_kernels=False)
+    plan = plan_quantization(model, opts.quant, opts.device) if opts.quant.bits else None
+    chosen = layouts_before_loading(model, dtype, opts, frozenset(plan.layers) if plan else frozenset())
+    layouts = load_weights(model, sd, str(ckpt), dtype, opts, plan, chosen)
     return prepare_for_inference(model, opts, layouts), cfg
 
 
@@ -160,17 +159,19 @@ def build_on_meta(cfg: ModelConfig, opts: LoadOptions, arch: Callable[[ModelConf
 
 
 def load_weights(model: nn.Module, sd: dict, source: str, dtype: torch.dtype, opts: LoadOptions,
-                 chosen: Optional[dict] = None) -> Optional[dict]:
-    """Fill the meta model from `sd`, quantizing each planned layer as it arrives; the layers
+                 plan: Optional[QuantPlan] = None, chosen: Optional[dict] = None) -> Optional[dict]:
+    """Fill the meta model from `sd`, quantizing each layer of `plan` as it arrives; the layers
     whose layout is `chosen` (layouts_before_loading) to be `half` take it as they arrive.
-    Returns the layouts left to give the loaded model (None: to be chosen on it)."""
-    plan = plan_quantization(model, opts.quant, opts.device) if opts.quant.bits else None
+    Returns the layouts left to give the loaded model (None: to be chosen on it, as a quantized
+    one's are: its int8 layers take theirs then)."""
     with memory_returned_to_os():
         load_state_into(model, sd, source, dtype=dtype, device=opts.device, rank=opts.rank, world=opts.world,
                         quant=plan, half=half_layers(chosen))
-    if plan is not None:
-        model.runtime.quant_bits = opts.quant.bits
-    return layouts_after_loading(model, chosen, dtype)
+    left = layouts_after_loading(model, chosen, dtype)
+    if plan is None:
+        return left
+    model.runtime.quant_bits = opts.quant.bits
+    return None
 
 
 def half_layers(chosen: Optional[dict]) -> frozenset:
@@ -193,18 +194,19 @@ def layouts_after_loading(model: nn.Module, chosen: Optional[dict], dtype: torch
     return {name: x for name, x in chosen.items() if name not in half}
 
 
-def layouts_before_loading(model: nn.Module, dtype: torch.dtype, opts: LoadOptions) -> Optional[dict]:
-    """planned_layouts of the meta-built `model` in `dtype`, timed on random weights before
-    any is read (the same cached timings), so that the `half` layers can be converted as they
-    arrive: an fp32 load of a bf16 checkpoint then peaks near the fp16 size, never the fp32 one.
-    None where no layer could take `half` (not CPU, no FBGEMM) or the load quantizes (it streams
-    its own conversion; the few layers it leaves are chosen after loading)."""
+def layouts_before_loading(model: nn.Module, dtype: torch.dtype, opts: LoadOptions,
+                           quantized: frozenset = frozenset()) -> Optional[dict]:
+    """planned_layouts of the meta-built `model` in `dtype` (less the layers the load
+    quantizes), timed on random weights before any is read (the same cached timings), so that
+    the `half` layers can be converted as they arrive: an fp32 load of a bf16 checkpoint then
+    peaks near the fp16 size, never the fp32 one. None where no layer could take `half` (not
+    CPU, no FBGEMM)."""
     from .kernels import random_weight
     from .layout import can_half
-    if torch.device(opts.device).type != "cpu" or not can_half() or opts.quant.bits:
+    if torch.device(opts.device).type != "cpu" or not can_half():
         return None
     model.to(dtype)                                    # on meta: what the classes are timed in
-    return planned_layouts(model, opts, weight_of=random_weight)
+    return planned_layouts(model, opts, random_weight, quantized)
 
 
 def modes(opts: LoadOptions) -> tuple[bool, bool]:
@@ -219,22 +221,23 @@ def measured_layouts(opts: LoadOptions) -> bool:
     return torch.device(opts.device).type == "cpu" and not modes(opts)[1] and (opts.pack or opts.kernels != "auto")
 
 
-def planned_layouts(model: nn.Module, opts: LoadOptions, weight_of: Optional[Callable] = None) -> dict:
+def planned_layouts(model: nn.Module, opts: LoadOptions, weight_of: Optional[Callable] = None,
+                    skip: frozenset = frozenset()) -> dict:
     """name -> layout of the CPU linear layers (kernels.py): measured with kernels auto and pack,
     forced by --kernels, a compiled model's `half` layers (kernels.compiled_layouts); {} where
-    none is chosen. weight_of: see kernels.shape_classes."""
+    none is chosen. weight_of, skip: see kernels.shape_classes."""
     from .invariant import half_pads
     from .kernels import choose_layouts, compiled_layouts
     deterministic, compiled = modes(opts)
     if torch.device(opts.device).type == "cpu" and compiled and opts.kernels == "auto" and opts.world == 1:
-        return compiled_layouts(model, opts.remeasure_kernels, weight_of)   # fp16 weights inductor calls
+        return compiled_layouts(model, opts.remeasure_kernels, weight_of, skip)   # fp16 weights inductor calls
     if not measured_layouts(opts):
         return {}
     # Tensor-parallel ranks would time each other's load and might lay their replicated layers
     # out differently: they keep the fixed choice (packed where it can be).
     kernels = "packed" if opts.world > 1 and opts.kernels == "auto" else opts.kernels
     return choose_layouts(model, kernels, opts.cpu_layout, opts.remeasure_kernels, single_row=not deterministic,
-                          half_pads=half_pads, weight_of=weight_of)
+                          half_pads=half_pads, weight_of=weight_of, skip=skip)
 
 
 def prepare_for_inference(model: nn.Module, opts: LoadOptions, layouts: Optional[dict] = None) -> nn.Module:

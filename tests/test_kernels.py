@@ -471,6 +471,27 @@ def test_a_load_streams_half_where_fp16_holds_the_weight_and_chooses_again_elsew
     assert torch.equal(image_logits(loaded, cfg), image_logits(after, cfg))
 
 
+@needs_fbgemm
+def test_a_quantized_load_streams_half_into_the_layers_it_leaves(caplog):
+    """--quant 8 --quant_vision 16 (the image encoder unquantized), `half` forced: the decoder's
+    layers are quantized as they are read and the encoder's take `half` as they are read; the
+    logits are those of the same load given `half` afterwards."""
+    from models.quantize import QuantConfig, WeightOnlyLinear
+    quant = QuantConfig(bits=8, vision_bits=16)
+    with caplog.at_level(logging.INFO, logger="models.loading"):
+        model, cfg = load_model("tiny-cogvlm", LoadOptions(dtype=torch.float32, kernels="half", quant=quant,
+                                                           deterministic=False))
+    encoder = {n: type(m) for n, m in model.named_modules() if n.startswith("model.vision.transformer.")
+               and isinstance(m, (nn.Linear, HalfLinear, WeightOnlyLinear))}
+    assert encoder and set(encoder.values()) == {HalfLinear}
+    assert isinstance(model.get_submodule("model.layers.0.mlp.language_mlp.up_proj"), WeightOnlyLinear)
+    assert f"{len(linear_layouts(model))} linear layers took the half layout" in caplog.text
+    after, _ = load_model("tiny-cogvlm", LoadOptions(dtype=torch.float32, quant=quant, deterministic=False))
+    apply_layouts(after, {n: "half" for n in linear_layouts(model)})
+    assert linear_layouts(after) == linear_layouts(model)
+    assert torch.equal(image_logits(model, cfg), image_logits(after, cfg))
+
+
 def weight_ptr(mod: nn.Module) -> int:
     return torch.ops.mkldnn.data_ptr(mod.packed) if isinstance(mod, PackedLinear) else mod.weight.data_ptr()
 
