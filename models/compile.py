@@ -32,6 +32,7 @@ import os
 import shutil
 import sysconfig
 import time
+from typing import Optional
 
 import torch
 
@@ -142,6 +143,12 @@ def compile_decode(model) -> bool:
         # torch 2.13's C++ GEMM template fails to fuse the conversion back into its output
         # ("AssertionError: wrong ndim"), so no epilogue is fused into a template.
         inductor_config.epilogue_fusion = False
+    # A single row's attention over a long cache: the kernel measured fastest here, inductor's
+    # own or an eager one it calls opaquely (row_attention below).
+    if model.runtime.row_attention is None:
+        model.runtime.row_attention = LongContextAttention(model)
+        set_decode_attention(model, functools.partial(decode_attention, one=model.runtime.row_attention))
+    model.runtime.row_attention.measure_long_rows(model)
     model.runtime.decode_step = Compiled(forward_one_token, "the decode step", "the first step takes about a minute",
                                          INT8_MAX_ROWS if model.runtime.quant_bits == 8 else None,
                                          mode="max-autotune")
@@ -189,8 +196,12 @@ class LongContextAttention:
         self.choice = {}                       # shape kind -> "eager" | "fused" | "compiled"
 
     def __call__(self, q, k, v, mask=None):
-        # Inside a graph being compiled (--compile's decode step) inductor compiles this too.
-        if k.shape[2] < self.from_tokens or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():          # --compile's decode step, every length alike
+            which = self.choice.get(_attention_kind(q, k, v, long=True))
+            if which in ("eager", "fused"):
+                return torch.ops.cogvlm.row_attention(q, k, v, mask, which)
+            return single_query_attention(q, k, v, mask)                # inductor compiles it
+        if k.shape[2] < self.from_tokens:
             return single_query_attention(q, k, v, mask)
         kind = _attention_kind(q, k, v)
         if kind not in self.choice:
@@ -225,6 +236,23 @@ class LongContextAttention:
             self._compile()
         return winner
 
+    def measure_long_rows(self, model) -> None:
+        """Choose the kernels of the long rows a compiled decode step will see (its self
+        attention over cache views; CogAgent's cross attention over its whole K/V), timed on
+        random ones of LONG_CONTEXT tokens and more, before the step is compiled (tracing
+        cannot time): inductor's attention, inlined in the step, read a 1,299-token cache
+        slower than eager on the AVX2 EPYC."""
+        cfg, dtype = model.config, model.model.compute_dtype
+        H, S = cfg.num_attention_heads, 2 * LONG_CONTEXT
+        shapes = [(cfg.hidden_size // H, 64)] + ([(cfg.cross.attn_hidden_size // H, 0)] if cfg.cross else [])
+        g = torch.Generator().manual_seed(0)
+        for D, spare in shapes:                    # spare slots: a view into a longer cache
+            q = torch.randn(1, H, 1, D, generator=g).to(dtype)
+            k, v = (torch.randn(1, H, S + spare, D, generator=g).to(dtype)[:, :, :S] for _ in range(2))
+            kind = _attention_kind(q, k, v)
+            if kind not in self.choice:
+                self.choice[kind] = self._choose(kind, q, k, v, None)
+
     def _compile(self) -> None:
         if self.compiled is None:                      # one graph for every shape kind and length
             self.compiled = Compiled(single_query_attention, "the one-row attention",
@@ -240,12 +268,27 @@ def measured_single_rows(model) -> None:
     set_decode_attention(model, functools.partial(decode_attention, one=model.runtime.row_attention))
 
 
-def _attention_kind(q, k, v) -> str:
+def _attention_kind(q, k, v, long: Optional[bool] = None) -> str:
     """What decides the attention kernel's speed: dtype, heads, head size, K/V views or whole,
-    and the length class (under LONG_CONTEXT tokens the per-call overheads dominate)."""
+    and the length class (under LONG_CONTEXT tokens the per-call overheads dominate; long:
+    given, not read from k)."""
     whole = "contiguous" if k.is_contiguous() and v.is_contiguous() else "cache views"
-    length = "long" if k.shape[2] >= LONG_CONTEXT else "short"
+    length = "long" if (k.shape[2] >= LONG_CONTEXT if long is None else long) else "short"
     return f"{str(q.dtype).replace('torch.', '')} heads={q.shape[1]} dim={q.shape[-1]} {whole} {length}"
+
+
+@torch.library.custom_op("cogvlm::row_attention", mutates_args=())
+def row_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                  kernel: str) -> torch.Tensor:
+    """One row's one-token attention through an eager kernel ("eager": the two products,
+    "fused": PyTorch's), opaque to inductor: a compiled step calls it on the K/V views in place."""
+    fn = fused_single_query_attention if kernel == "fused" else single_query_attention
+    return fn(q, k, v, mask).contiguous()                                         # B,H,1,D
+
+
+@row_attention.register_fake
+def _(q, k, v, mask, kernel):
+    return q.new_empty(q.shape)
 
 
 def _alternate_medians(runs: list, repeat: int = 9) -> list:

@@ -78,6 +78,26 @@ def test_compiled_decode_matches_eager(name, quant, layout, caplog, monkeypatch)
     assert err < (0.03 if bf16 else 1e-4), f"relative logit error {err:.4f}"
 
 
+@pytest.mark.parametrize("kernel", ["fused", "compiled"])
+def test_a_compiled_step_calls_the_long_row_kernel_measured_fastest(kernel, monkeypatch):
+    """The compiled decode step's single-row attention: where an eager kernel read long caches
+    faster (timed before compiling: tracing cannot time), the step calls it through an operator
+    inductor keeps opaque, on the cache views in place; where inductor's won, it is inlined.
+    Same greedy tokens, logits within fp32 rounding."""
+    import models.compile as mc
+    monkeypatch.setattr(mc.LongContextAttention, "_choose", lambda self, *a: kernel)
+    calls, fused = [], mc.fused_single_query_attention
+    monkeypatch.setattr(mc, "fused_single_query_attention", lambda *a: calls.append(1) or fused(*a))
+    model, cfg = load_model("tiny-cogvlm", LoadOptions(dtype=torch.float32, deterministic=False))
+    eager = _decode_logits(model, cfg)                 # short rows: no fused call
+    assert not calls and compile_decode(model)
+    compiled = _decode_logits(model, cfg)
+    assert model.runtime.decode_step.calls > 0 and not model.runtime.decode_step.failed
+    assert bool(calls) == (kernel == "fused"), len(calls)
+    assert torch.equal(eager.argmax(-1), compiled.argmax(-1))
+    assert (eager - compiled).abs().max() / eager.abs().max() < 1e-4
+
+
 def test_without_a_compiler_decoding_stays_eager(monkeypatch, caplog):
     from models import compile as comp
     model, cfg = load_model("tiny-cogvlm", LoadOptions(dtype=torch.float32))
