@@ -15,6 +15,13 @@ Layers whose measured layout is `half` (models/layout.HalfLinear: fp16 weights i
 GEMM, half the bytes of fp32) keep it: the compiled step calls them through an operator inductor
 keeps opaque (kernels.compiled_layouts); every other weight is left plain for inductor to pack.
 
+A single row's attention over a long cache runs the kernel measured fastest here
+(`LongContextAttention.measure_long_rows`, timed before the step is compiled): inductor's,
+inlined, or an eager one through the operator `cogvlm::row_attention`, which inductor keeps
+opaque and which reads the cache views in place (fp32 on the AVX2 EPYC: eager 0.95 against
+inductor's 1.16 us a cached token; compiled int8 slowdown 283 -> 1,299 tokens 1.38x -> 1.33x,
+bytes 1.28x).
+
 Prefill (many rows, vision-expert routing with data-dependent shapes) stays eager: it already
 runs at the GEMM rate. Every compiled graph holds its own frozen weights; single-stream
 generation (models.generate.decode_one_token) compiles one. The server's batch engine compiles
