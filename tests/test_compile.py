@@ -22,6 +22,13 @@ from models.quantize import WeightOnlyLinear
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles its own models: dynamo's recompile limit per function (8) would count
+    every model this process compiled before (a CI worker runs the whole file)."""
+    torch._dynamo.reset()
+
+
 def _decode_logits(model, cfg, steps: int = 6) -> torch.Tensor:
     """Prefill an image + text prompt, then `steps` greedy decode steps: their logits, steps,V."""
     from bench.common import image_prompt
