@@ -29,9 +29,9 @@ from models import Cache, CogVLM  # noqa: E402
 from models.checkpoint import is_derived, materialize  # noqa: E402
 from models.config import MODEL_CONFIGS, get_config  # noqa: E402
 from models.generate import ModelInputs, decode_one_token, prefill  # noqa: E402
-from models.loading import (LoadOptions, half_layers, layouts_after_loading, layouts_before_loading,  # noqa: E402
-                            memory_returned_to_os, resolve_dtype)
-from models.quantize import GROUP, GROUPS, VISION_BITS, QuantConfig, plan_quantization  # noqa: E402
+from models.loading import (LoadOptions, half_layers, layouts_after_loading, memory_returned_to_os,  # noqa: E402
+                            resolve_dtype, stream_plans)
+from models.quantize import GROUP, GROUPS, VISION_BITS, QuantConfig  # noqa: E402
 
 
 def peak_rss_gb() -> float:
@@ -77,15 +77,12 @@ def build(name: str, dtype: torch.dtype, opts: LoadOptions, stream: bool = True)
     before, for comparison). Returns (model, the layouts left to give it)."""
     with torch.device("meta"):
         model = CogVLM(model_config(name))
-    plan = plan_quantization(model, opts.quant, opts.device) if opts.quant.bits else None
-    chosen = layouts_before_loading(model, dtype, opts, frozenset(plan.layers) if plan else frozenset()) \
-        if stream else None
+    plan, chosen = stream_plans(model, dtype, opts, stream)
     total = len(model.state_dict())
     with memory_returned_to_os():
         materialize(model, random_tensors(model, dtype, opts.device), total, opts.device, plan,
                     half=half_layers(chosen))
-    left = layouts_after_loading(model, chosen, dtype)
-    return model.eval(), left if plan is None else None         # quantized: its int8 layers chosen after
+    return model.eval(), layouts_after_loading(model, chosen, dtype, plan)
 
 
 def decode_bytes(model: CogVLM, ctx: int) -> int:

@@ -126,8 +126,7 @@ def load_model(from_pretrained: str, opts: Optional[LoadOptions] = None,
     log.info("loading %s (%s, %d layers, hidden %d) on %s as %s%s%s", ckpt, cfg.model_class,
              cfg.num_layers, cfg.hidden_size, opts.device, dtype, quant, split)
     model = build_on_meta(cfg, opts, arch or CogVLM)
-    plan = plan_quantization(model, opts.quant, opts.device) if opts.quant.bits else None
-    chosen = layouts_before_loading(model, dtype, opts, frozenset(plan.layers) if plan else frozenset())
+    plan, chosen = stream_plans(model, dtype, opts)
     layouts = load_weights(model, sd, str(ckpt), dtype, opts, plan, chosen)
     return prepare_for_inference(model, opts, layouts), cfg
 
@@ -167,11 +166,19 @@ def load_weights(model: nn.Module, sd: dict, source: str, dtype: torch.dtype, op
     with memory_returned_to_os():
         load_state_into(model, sd, source, dtype=dtype, device=opts.device, rank=opts.rank, world=opts.world,
                         quant=plan, half=half_layers(chosen))
-    left = layouts_after_loading(model, chosen, dtype)
-    if plan is None:
-        return left
-    model.runtime.quant_bits = opts.quant.bits
-    return None
+    if plan is not None:
+        model.runtime.quant_bits = opts.quant.bits
+    return layouts_after_loading(model, chosen, dtype, plan)
+
+
+def stream_plans(model: nn.Module, dtype: torch.dtype, opts: LoadOptions,
+                 stream: bool = True) -> tuple[Optional[QuantPlan], Optional[dict]]:
+    """What a load of the meta-built `model` converts as each layer is read: (the quantization
+    plan or None, the layouts chosen before reading or None: layouts_before_loading; stream
+    False: none, every layout is given after loading)."""
+    plan = plan_quantization(model, opts.quant, opts.device) if opts.quant.bits else None
+    skip = frozenset(plan.layers) if plan else frozenset()
+    return plan, layouts_before_loading(model, dtype, opts, skip) if stream else None
 
 
 def half_layers(chosen: Optional[dict]) -> frozenset:
@@ -179,17 +186,18 @@ def half_layers(chosen: Optional[dict]) -> frozenset:
     return frozenset(name for name, x in (chosen or {}).items() if x == "half")
 
 
-def layouts_after_loading(model: nn.Module, chosen: Optional[dict], dtype: torch.dtype) -> Optional[dict]:
+def layouts_after_loading(model: nn.Module, chosen: Optional[dict], dtype: torch.dtype,
+                          plan: Optional[QuantPlan] = None) -> Optional[dict]:
     """What is left of the layouts chosen before loading once the `half` layers took theirs
-    (logged); None where some weight fp16 does not hold refused it: the loaded model's layouts
-    are then chosen again."""
+    (logged); None where some weight fp16 does not hold refused it, or the load quantized (its
+    int8 layers take theirs after loading): the loaded model's layouts are then chosen again."""
     half = half_layers(chosen)
     declined = [name for name in half if not hasattr(model.get_submodule(name), "half_packed")]
     if half:
         log.info("%d linear layers took the half layout (fp16 weights) as they were read, so their %s weights "
                  "were never all held%s", len(half) - len(declined), str(dtype).replace("torch.", ""),
                  f"; {len(declined)} hold values fp16 does not: their layout is chosen again" if declined else "")
-    if chosen is None or declined:
+    if chosen is None or declined or plan is not None:
         return None
     return {name: x for name, x in chosen.items() if name not in half}
 
