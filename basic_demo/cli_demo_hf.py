@@ -60,6 +60,7 @@ def load(args):
     if args.compile:
         raise ValueError("--compile compiles our decode loop (cli_demo_sat.py); transformers' generate() "
                          "runs eagerly: drop --compile")
+    args.compile = False                               # nothing here would call a compiled step
     path = resolve_hf_dir(args.from_pretrained)
     return load_with_tokenizer(str(path), options_from_args(args), args.local_tokenizer, hf_architecture)
 

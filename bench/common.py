@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -23,7 +24,10 @@ FLAGS = {
     "device": dict(help="cpu or cuda (default %(default)s)"),
     "repeat": dict(type=int, help="measurements (or rounds); medians are reported (default %(default)s)"),
     "steps": dict(type=int, help="decode steps per measurement (default %(default)s)"),
-    "compile": dict(action="store_true", help="inductor-compiled decode step (models/compile.py)"),
+    "compile": dict(action=argparse.BooleanOptionalAction,
+                    help="inductor-compiled decode step (models/compile.py); default: as the apps (the "
+                         "single-stream ones compile it in the background where it pays; the benchmark "
+                         "waits for it and its timing against eager)"),
     "deterministic": dict(action=argparse.BooleanOptionalAction,
                           help="batch-invariant decoding (models/invariant.py; default: as the apps, "
                                "on for CPU eager decoding where rows are batched, off for a single "
@@ -81,6 +85,12 @@ def write_json(path: Optional[Path], results: dict) -> None:
 def peak_rss() -> int:
     """Bytes: the process's peak resident memory so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def rss_gb() -> float:
+    """Resident memory now (GB)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
 
 
 def now() -> float:
@@ -222,7 +232,16 @@ def pack_or_compile(model, packed: bool, compiled: bool, deterministic: Optional
     prepare_for_inference(model, load_options(dev, packed, compiled, deterministic, single_stream), layouts)
     if compiled and deterministic is not True and model.runtime.decode_step is None:
         sys.exit("--compile: the decode step cannot be compiled here (see the warning above)")
+    if hasattr(model.runtime.decode_step, "decide"):   # compiling in the background: what users get once done
+        print(f"decode step: {model.runtime.decode_step.decide(wait=True)} (compiled in the background, "
+              f"timed against eager)")
     return model
+
+
+def step_kind(model) -> str:
+    """How `model` decodes: "compiled" or "eager" (for the JSON)."""
+    step = model.runtime.decode_step
+    return getattr(step, "choice", None) or ("eager" if step is None else "compiled")
 
 
 def load(path, dtype: Optional[torch.dtype] = None, bits: Optional[int] = None, group: Optional[int] = None,

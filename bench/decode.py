@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.common import (best_gemv, bench_parser, cpu_features, gemm_dtype, gemm_flops, held_bytes,  # noqa: E402
-                          image_prompt, median_time, medians, pack_or_compile, random_model, read_bandwidth, write_json)
+                          image_prompt, median_time, medians, pack_or_compile, random_model, read_bandwidth, step_kind,
+                          write_json)
 from models import Cache, CogVLM, CrossConfig, EVAConfig, ModelConfig  # noqa: E402
 from models.generate import ModelInputs, decode_one_token, prefill  # noqa: E402
 from models.layout import use_fast_cpu_layout  # noqa: E402
@@ -132,8 +133,9 @@ class Measured:
 def parse_args(argv=None) -> argparse.Namespace:
     p = bench_parser(__doc__, threads=2, repeat=5, steps=12, dtype="auto", device="cpu", deterministic=None,
                      quant=dict(help="weight-only int8/int4, image encoder int8"),
-                     compile=dict(help="inductor-compiled decode step with frozen weights "
-                                       "(models/compile.py; plain weights)"))
+                     compile=dict(help="inductor-compiled decode step with frozen weights (models/compile.py; "
+                                       "plain weights); default: as the CLIs, compiled in the background "
+                                       "where it pays and used if timed faster; --no-compile: eager"))
     p.add_argument("--packed", action=argparse.BooleanOptionalAction, default=True,
                    help="CPU: each linear layer in the layout measured fastest on this CPU, as every app "
                         "loads it (--kernels auto; default); --no-packed: PyTorch's own layout")
@@ -267,8 +269,7 @@ def main(argv=None) -> int:
     res = {"device": str(dev), "backend": backend if a.quant else None, "packed": a.packed,
            "dtype": str(dtype).split(".")[-1], "quant": a.quant, "cpu_flags": flags,
            "gemv_GBps_by_kernel": {k: v / 1e9 for k, v in gemv.items()}}
-    if a.compile:
-        res["compiled"] = True
+    res["decode_step"] = step_kind(m.model)            # eager, or compiled (--compile, or in the background)
     med = measure_rounds(m, a.repeat, a.steps, dev, dtype, start)
     report_prefill(res, med, gemv, dtype, m.prompt.input_ids.shape[1], int(m.prompt.vision_mask.sum()))
     report_decode(res, med, m)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.common import (bench_parser, best_gemv, cpu_features, gemm_flops, held_bytes, image_prompt,  # noqa: E402
-                          load_options, logits, now, pack_or_compile, peak_rss, write_json)
+                          load_options, logits, now, pack_or_compile, peak_rss, rss_gb, step_kind,
+                          write_json)
 from models import Cache, CogVLM  # noqa: E402
 from models.checkpoint import is_derived, materialize  # noqa: E402
 from models.config import MODEL_CONFIGS, get_config  # noqa: E402
@@ -36,12 +36,6 @@ from models.quantize import GROUP, GROUPS, VISION_BITS, QuantConfig  # noqa: E40
 
 def peak_rss_gb() -> float:
     return peak_rss() / 1e9
-
-
-def rss_gb() -> float:
-    """Resident memory now (GB)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
 
 
 def random_tensors(model: torch.nn.Module, dtype: torch.dtype, device, seed: int = 0):
@@ -277,7 +271,7 @@ def main(argv=None) -> int:
     out = {"model": a.model, "precision": f"{precision} ({str(dtype).split('.')[-1]})",
            **summary(model, r, gemv, gemm, build_s),
            "threads": torch.get_num_threads(), "cpu_flags": flags, "device": a.device,
-           "compiled": a.compile, "first_step_s": round(r["first_step_s"], 2),
+           "decode_step": step_kind(model), "first_step_s": round(r["first_step_s"], 2),
            "ready_s": round(ready_s, 2),               # weights made and laid out (compile: before its first step)
            # where the peak happens: ru_maxrss after each phase
            "peak_rss_build_gb": build_rss, "peak_rss_image_gb": r["peak_rss_image_gb"],

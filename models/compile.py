@@ -38,15 +38,16 @@ import logging
 import os
 import shutil
 import sysconfig
+import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from .cogvlm import (CrossAttention, VisionExpertAttention, decode_attention, fused_single_query_attention,
+from .cogvlm import (Cache, CrossAttention, VisionExpertAttention, decode_attention, fused_single_query_attention,
                      single_query_attention)
 from .generate import forward_one_token
-from .machine import release_free_memory
+from .machine import available_memory, release_free_memory
 from .quantize import WeightOnlyLinear
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,17 @@ class Compiled:
         return out
 
 
+def compiler_missing() -> Optional[str]:
+    """Why inductor cannot build its C++ kernels here, None where it can."""
+    if cxx_compiler() is None:
+        return "--compile needs a C++ compiler (g++ or clang++; $CXX) and none was found; running eagerly"
+    include = sysconfig.get_paths()["include"]
+    if not os.path.exists(os.path.join(include, "Python.h")):
+        return f"--compile needs Python's C headers (Debian: apt-get install python3-dev) and {include} has " \
+               f"none; running eagerly"
+    return None
+
+
 def can_compile(model, warn: bool = True) -> bool:
     """Whether inductor can compile for `model` here; the reason is logged when not (warn)."""
     say = log.warning if warn else log.debug
@@ -105,14 +117,10 @@ def can_compile(model, warn: bool = True) -> bool:
     if p.device.type != "cpu":
         say("--compile is measured and supported on CPU only; running eagerly on %s", p.device)
         return False
-    if cxx_compiler() is None:
-        say("--compile needs a C++ compiler (g++ or clang++; $CXX) and none was found; running eagerly")
-        return False
-    if not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
-        say("--compile needs Python's C headers (Debian: apt-get install python3-dev) and %s has "
-            "none; running eagerly", sysconfig.get_paths()["include"])
-        return False
-    return True
+    why = compiler_missing()
+    if why:
+        say(why)
+    return why is None
 
 
 def freeze_weights():
@@ -132,14 +140,11 @@ def set_decode_attention(model, fn) -> None:
             mod.decode_attention = fn
 
 
-def compile_decode(model) -> bool:
-    """Give `model` a compiled decode step (models.generate.decode_one_token uses it). Returns
-    False, with the reason logged, where it does not apply."""
+def _prepare_inductor(model) -> None:
+    """inductor's settings for the decode step, and the long rows' attention kernels chosen."""
     if model.runtime.packed:
         raise ValueError("compile_decode needs plain weights, not packed ones (load with pack=False: "
                          "inductor packs them itself)")
-    if not can_compile(model):
-        return False
     inductor_config = freeze_weights()
     # Left to itself inductor inlines the query's rotary (cos, sin of the position) into the
     # attention's score reduction and recomputes it for every cached token; realizing pointwise
@@ -156,10 +161,169 @@ def compile_decode(model) -> bool:
         model.runtime.row_attention = LongContextAttention(model)
         set_decode_attention(model, functools.partial(decode_attention, one=model.runtime.row_attention))
     model.runtime.row_attention.measure_long_rows(model)
+
+
+def compile_decode(model) -> bool:
+    """Give `model` a compiled decode step (models.generate.decode_one_token uses it), compiled
+    by its first call (--compile). Returns False, with the reason logged, where it does not apply."""
+    if not can_compile(model):
+        return False
+    _prepare_inductor(model)
     model.runtime.decode_step = Compiled(forward_one_token, "the decode step", "the first step takes about a minute",
                                          INT8_MAX_ROWS if model.runtime.quant_bits == 8 else None,
                                          mode="max-autotune")
     return True
+
+
+# --compile unset (the single-stream apps on CPU): a decode step this slow or slower is worth
+# compiling in the background; a faster one saves too little per token to repay about a minute
+# of the CPU's time (the bundled models' steps take 1-3 ms, the mid-size model's 70-100 ms).
+BACKGROUND_MIN_STEP_S = 0.02
+# What the compiler itself holds while it works, beyond the weights it freezes (measured: mid-size
+# int8 RSS 2.5 -> 4.2 GB with 0.7 GB of frozen weights).
+COMPILER_BYTES = 1 << 30
+
+
+def compile_in_background(model, on_eager: Callable[[], None]) -> bool:
+    """Give `model` a decode step compiled in a background thread (BackgroundCompiled), where it
+    can pay: the eager step takes BACKGROUND_MIN_STEP_S or more, and the weights inductor will
+    freeze plus the compiler take at most half the memory available (CogVLM-17B int4 on a 16 GB
+    machine: about 1.6 GB of 3 left: eager, within its 13 GiB). Returns False, with the reason logged, where not; the
+    caller then lays the model out for eager decoding (on_eager, also called if the compiled
+    step fails or loses when timed)."""
+    if not can_compile(model, warn=False):
+        return False
+    args = dummy_step_args(model)
+    with torch.inference_mode():
+        eager = _alternate_medians([functools.partial(forward_one_token, *args)], repeat=3)[0]
+    if eager < BACKGROUND_MIN_STEP_S:
+        log.info("decode step %.1f ms eagerly: too fast to repay compiling it (--compile compiles it anyway)",
+                 eager * 1e3)
+        return False
+    need, free = frozen_bytes(model) + COMPILER_BYTES, available_memory()
+    if free is not None and need > free / 2:          # the other half stays for requests' activations
+        log.info("not compiling the decode step: inductor would hold %.1f GB more (its frozen weights and "
+                 "itself), more than half of the %.1f GB available", need / 1e9, free / 1e9)
+        return False
+    _prepare_inductor(model)
+    model.runtime.decode_step = BackgroundCompiled(model, on_eager, eager)
+    return True
+
+
+def frozen_bytes(model) -> int:
+    """Bytes of the weights a compiled decode step freezes into copies of its own: the plain
+    linear weights and int8 codes a text token reads (`half` layers are called as they are and
+    int4 ones share their codes)."""
+    total = 0
+    for name, mod in model.named_modules():
+        if "vision" in name or "eva" in name:          # image encoders and vision experts: prefill only
+            continue
+        if type(mod) is torch.nn.Linear:
+            total += mod.weight.nbytes
+        elif isinstance(mod, WeightOnlyLinear) and mod.bits == 8:
+            total += mod.qweight.nbytes
+    return total
+
+
+def dummy_step_args(model, length: int = 11, cross_tokens: int = 37) -> tuple:
+    """forward_one_token's arguments on a short cache shaped as a single-stream request's
+    (CogAgent's with an image's cross K/V), so that the graph compiled on it serves real
+    requests. Sizes are dynamic in that graph, but equal sizes share one symbol (a cross K/V
+    of as many tokens as the cache would tie them): the lengths are primes no other size takes."""
+    cfg, dtype = model.config, model.model.compute_dtype
+    with torch.inference_mode():                       # as generation makes its tensors (guarded on)
+        cache = Cache.allocate(cfg, 1, 2 * length + 1, dtype, "cpu", heads=model.num_kv_heads)
+        cache.length, cache.next_position = length, torch.full((1,), length)
+        cache.decode_kind = "dummy"                    # the attribute a request's cache carries too
+        if cfg.cross is not None:
+            enc = torch.zeros(1, cross_tokens, model.model.layers[0].cross_attn.key_value.in_features, dtype=dtype)
+            # cross_rows stays None: a single row with an image
+            cache.cross_kv = [layer.cross_attn.compute_kv(enc) for layer in model.model.layers]
+        return model, torch.zeros(1, dtype=torch.long), cache.next_position[:, None], cache
+
+
+class BackgroundCompiled:
+    """The decode step while --compile is unset: inductor compiles it in a thread on a dummy
+    request while decoding goes on eagerly; the first request that starts after it is ready
+    times both steps on that dummy (alternating) and every later request decodes with the
+    faster one (one log line). A request keeps the step it started with, so an answer never
+    mixes the two; a request the compiled graph does not fit (CogAgent without an image) runs
+    eagerly rather than compiling again in the foreground."""
+
+    def __init__(self, model, on_eager: Callable[[], None], eager_s: float):
+        self.model, self.on_eager, self.eager_s = model, on_eager, eager_s
+        self.compiled = torch.compile(forward_one_token, dynamic=True, fullgraph=True, mode="max-autotune")
+        self.choice: Optional[str] = None              # "compiled" | "eager", once timed
+        self.timed: tuple = ()                         # (eager s, compiled s) that chose it
+        self.error: Optional[str] = None
+        self.ready, self.deciding = threading.Event(), threading.Lock()
+        log.info("compiling the decode step in the background (about a minute of CPU; the eager step takes "
+                 "%.0f ms; decoding runs eagerly until it is ready, then with whichever is faster)", eager_s * 1e3)
+        threading.Thread(target=self._compile, name="compile-decode-step", daemon=True).start()
+
+    def _compile(self) -> None:
+        start = time.perf_counter()
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)   # this thread (Linux) and
+        except (AttributeError, OSError):                # the compilers it starts yield to decoding
+            pass
+        try:
+            with torch.inference_mode():
+                self.compiled(*dummy_step_args(self.model))
+            log.info("the decode step compiled in the background in %.0f s", time.perf_counter() - start)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: decode eagerly
+            self.error = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        finally:
+            self.ready.set()
+
+    def __call__(self, model, tokens, positions, cache, attn_mask=None):
+        kind = getattr(cache, "decode_kind", None)
+        if kind is None:                                # a request's first step: its kind throughout
+            kind = cache.decode_kind = self.decide() if self.ready.is_set() else "eager"
+        if kind == "compiled":
+            try:
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    return self.compiled(model, tokens, positions, cache, attn_mask)
+            except Exception as e:  # noqa: BLE001 - a request the graph does not fit: eager
+                log.debug("this request decodes eagerly: %s", e)
+                cache.decode_kind = "eager"
+        return forward_one_token(model, tokens, positions, cache, attn_mask)
+
+    def decide(self, wait: bool = False) -> str:
+        """"compiled" or "eager" (timing them the first time); wait: until the compile ends."""
+        if wait:
+            self.ready.wait()
+        with self.deciding:                             # sessions of a web demo may ask at once
+            if self.choice is None:
+                self.choice = self._choose()
+        return self.choice
+
+    def _time(self) -> tuple[float, float]:
+        """Seconds of one eager and one compiled step on a dummy request (medians, alternating)."""
+        args = dummy_step_args(self.model)
+        with torch.inference_mode(), torch.compiler.set_stance("fail_on_recompile"):
+            eager, compiled = _alternate_medians([functools.partial(forward_one_token, *args),
+                                                  functools.partial(self.compiled, *args)], repeat=5)
+        return eager, compiled
+
+    def _choose(self) -> str:
+        if self.error is None:
+            try:
+                eager, compiled = self.timed = self._time()
+            except Exception as e:  # noqa: BLE001 - the dummy itself does not fit
+                self.error = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        if self.error is not None:
+            log.warning("compiling the decode step failed (%s); decoding eagerly", self.error)
+        else:
+            log.info("decode step: compiled %.1f ms, eager %.1f ms: decoding %s from now on", compiled * 1e3,
+                     eager * 1e3, "compiled" if compiled < eager else "eagerly (the compiled step is dropped)")
+            if compiled < eager:
+                return "compiled"
+        self.compiled = None
+        torch._dynamo.reset()                          # its frozen weights
+        release_free_memory()
+        self.on_eager()
+        return "eager"
 
 
 def compile_attention(model) -> bool:

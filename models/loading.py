@@ -1,9 +1,10 @@
 """`load_model`: the one loader every demo, test and script uses."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -87,7 +88,9 @@ class LoadOptions:
     speed: with kernels "auto", in the layout its shape runs fastest in on this machine
     (kernels.py: measured once, cached; remeasure_kernels: time again). kernels "packed" /
     "plain" / "colmajor" / "gemv": that layout for every layer that can take it (pack or not), nothing
-    measured. compile: an inductor-compiled decode step (compile.py; the weights stay plain).
+    measured. compile: an inductor-compiled decode step (compile.py; the weights stay plain):
+    True, compiled by the first step; None, compiled in the background where it applies
+    (background_compile) and used once measured faster; False, never.
     deterministic: batch-invariant decoding (invariant.py: each row's logits as alone); None:
     invariant.deterministic_on's default (on for CPU unless compiled or single_stream).
     single_stream: the caller decodes one row per step, never more (the CLIs, the web and
@@ -102,7 +105,7 @@ class LoadOptions:
     pack: bool = False
     kernels: str = "auto"
     remeasure_kernels: bool = False
-    compile: bool = False
+    compile: Optional[bool] = None
     deterministic: Optional[bool] = None
     single_stream: bool = False
 
@@ -220,8 +223,19 @@ def layouts_before_loading(model: nn.Module, dtype: torch.dtype, opts: LoadOptio
 def modes(opts: LoadOptions) -> tuple[bool, bool]:
     """(deterministic, compiled): batch-invariant decoding, and the compiled step (never both)."""
     from .invariant import deterministic_on
-    deterministic = deterministic_on(opts.deterministic, opts.device, opts.compile, opts.single_stream)
-    return deterministic, opts.compile and not deterministic       # batch-invariant steps run eagerly
+    deterministic = deterministic_on(opts.deterministic, opts.device, bool(opts.compile), opts.single_stream)
+    compiled = background_compile(opts) if opts.compile is None else opts.compile
+    return deterministic, compiled and not deterministic       # batch-invariant steps run eagerly
+
+
+def background_compile(opts: LoadOptions) -> bool:
+    """Whether --compile left unset compiles the decode step in the background: the single-stream
+    apps on CPU in one process, weights laid out by measurement (kernels auto, packed), where
+    inductor can build C++ (models/compile.py decides after loading whether the step is slow
+    enough to pay and fits in memory)."""
+    from .compile import compiler_missing
+    return torch.device(opts.device).type == "cpu" and opts.single_stream and opts.world == 1 \
+        and opts.kernels == "auto" and opts.pack and compiler_missing() is None
 
 
 def measured_layouts(opts: LoadOptions) -> bool:
@@ -269,11 +283,27 @@ def prepare_for_inference(model: nn.Module, opts: LoadOptions, layouts: Optional
         # The compiled step calls the same weight-only kernels: fp32 ones are scalar (5x slower).
         choose_quantized_kernels(model, opts.remeasure_kernels)
     if compiled:
-        from .compile import compile_decode
-        compile_decode(model)
+        from .compile import compile_decode, compile_in_background
+        if opts.compile:
+            compile_decode(model)
+        elif not compile_in_background(model, functools.partial(lay_out_for_eager, model, opts)):
+            return lay_out_for_eager(model, opts).eval()     # (compiled steps are never batch-invariant)
     if deterministic:
         make_batch_invariant(model)
     elif cpu and not compiled:
         from .compile import measured_single_rows
         measured_single_rows(model)
     return model.eval()
+
+
+def lay_out_for_eager(model: nn.Module, opts: LoadOptions) -> bool:
+    """A model laid out for a compiled step that will decode eagerly after all (the background
+    compile did not apply, failed or measured slower): its plain layers take the layouts eager
+    decoding measures fastest, its long rows the eager attention kernels."""
+    from .compile import measured_single_rows
+    from .layout import apply_layouts
+    layouts = planned_layouts(model, replace(opts, compile=False))
+    if layouts:
+        apply_layouts(model, layouts)
+    measured_single_rows(model)
+    return model

@@ -6,7 +6,7 @@ import contextlib
 import ctypes
 import logging
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -59,6 +59,18 @@ def default_dtype(device: Union[str, torch.device], fp16: bool = False, bf16: bo
     if bf16:
         return torch.bfloat16
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def available_memory() -> Optional[int]:
+    """Bytes the OS can still give this process (MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def release_free_memory() -> None:

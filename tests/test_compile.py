@@ -151,6 +151,7 @@ def test_every_inference_entry_point_takes_compile(tmp_path):
     from composite_demo.registry import parse as composite_args
     from openai_api import parse_args as server_args
     assert web_args(["--compile"]).compile and composite_args(["--compile"]).compile
+    assert web_args([]).compile is None and composite_args(["--no-compile"]).compile is False   # None: background
     assert server_args(["--compile"]).compile and not server_args([]).compile
 
 
@@ -199,3 +200,104 @@ def test_compiled_attention_in_the_batch_engine(cogagent_ckpt, tokenizer, image_
     assert fn is model.model.layers[0].cross_attn.decode_attention and fn.calls > 0 and not fn.failed
     assert "decode attention compiled" in caplog.text
     assert compiled == eager and all(compiled)
+
+
+# ----- --compile unset: the single-stream apps compile the step in the background -------------
+def _app_model(name: str, *flags):
+    """`name` loaded with the options cli_demo_sat.py gives it (its flags' defaults)."""
+    from basic_demo.cli_demo_sat import parse_args
+    from utils.apps.args import options_from_args
+    return load_model(name, options_from_args(parse_args(["--from_pretrained", name, *flags])))
+
+
+def _request(model, cfg, image: bool = True):
+    """A request's prompt prefilled into its own cache: (cache, logits)."""
+    from bench.common import image_prompt
+    from models.generate import ModelInputs
+    torch.manual_seed(0)
+    ids, pos, vision, slots = image_prompt(cfg, 5)
+    with torch.inference_mode():
+        emb = model.encode_images(torch.randn(1, 3, cfg.eva.image_size, cfg.eva.image_size))
+        ckv = model.cross_kv(torch.randn(1, 3, cfg.cross.image_size, cfg.cross.image_size)) \
+            if cfg.cross is not None and image else None
+        cache = Cache.allocate(cfg, 1, ids.shape[1] + 16, emb.dtype, "cpu")
+        return cache, prefill(model, ModelInputs(ids, pos, vision, slots, image_embeds=emb, cross_kv=ckv), cache)
+
+
+def _steps(model, cache, logits, n: int) -> torch.Tensor:
+    out = []
+    with torch.inference_mode():
+        for _ in range(n):
+            logits = decode_one_token(model, logits.argmax(-1), cache)
+            out.append(logits[0].float())
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("faster", ["compiled", "eager"])
+def test_the_single_stream_apps_compile_the_step_in_the_background(faster, monkeypatch, caplog):
+    """CogAgent as cli_demo_sat.py loads it with no --compile: a request started while the
+    step compiles decodes eagerly to its end; the next one times both steps (injected here) and
+    decodes with the faster one: compiled, with the eager tokens (fp32 logits within 1e-4);
+    eager, with the compiled step dropped and the layers laid out again for eager decoding. A
+    request without an image, which the compiled graph does not fit, decodes eagerly without
+    compiling again."""
+    import threading
+    import models.compile as mc
+    monkeypatch.setattr(mc, "BACKGROUND_MIN_STEP_S", 0.0)            # the bundled model's step is fast
+    hold, compile_now = threading.Event(), mc.BackgroundCompiled._compile
+    monkeypatch.setattr(mc.BackgroundCompiled, "_compile", lambda self: hold.wait() and compile_now(self))
+    monkeypatch.setattr(mc.BackgroundCompiled, "_time", lambda self: (1.0, 0.5) if faster == "compiled" else (0.5, 1.0))
+    relaid = []
+    with caplog.at_level(logging.INFO, logger="models.compile"):
+        model, cfg = _app_model("tiny-cogagent")
+        step = model.runtime.decode_step
+        assert isinstance(step, mc.BackgroundCompiled) and "compiling the decode step in the background" in caplog.text
+        early, logits = _request(model, cfg)
+        eager = _steps(model, early, logits, 3)              # while compiling
+        hold.set()
+        step.ready.wait(300)
+        assert step.error is None, step.error
+        lay_out = step.on_eager
+        monkeypatch.setattr(step, "on_eager", lambda: relaid.append(lay_out()))
+        eager = torch.cat([eager, _steps(model, early, eager[-1:], 3)])
+        assert early.decode_kind == "eager" and step.choice is None            # not asked yet
+        late, logits = _request(model, cfg)
+        late_logits = _steps(model, late, logits, 6)
+    assert late.decode_kind == faster and step.choice == faster
+    assert caplog.text.count("decode step: compiled 500.0 ms, eager 1000.0 ms") == (faster == "compiled")
+    assert torch.equal(eager.argmax(-1), late_logits.argmax(-1))
+    assert (eager - late_logits).abs().max() / eager.abs().max() < 1e-4
+    if faster == "eager":
+        assert step.compiled is None and len(relaid) == 1 and "the compiled step is dropped" in caplog.text
+        return
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    text_only, logits = _request(model, cfg, image=False)
+    _steps(model, text_only, logits, 3)
+    assert text_only.decode_kind == "eager" and torch._dynamo.utils.counters["frames"]["ok"] == frames
+
+
+def test_a_fast_step_or_too_little_memory_decodes_eagerly(monkeypatch, caplog):
+    """The bundled model's step (a few ms) does not repay a compile, nor does one whose frozen
+    weights would take more than half the memory available: no background compile, and the
+    layers take the layouts eager decoding measures (those of --no-compile)."""
+    import models.compile as mc
+    from models.loading import LoadOptions as Opts, modes
+    from utils.apps.args import options_from_args
+    from basic_demo.cli_demo_sat import parse_args
+    opts = options_from_args(parse_args(["--from_pretrained", "tiny-cogvlm"]))
+    assert opts.compile is None and modes(opts)[1] == (mc.compiler_missing() is None)
+    assert options_from_args(parse_args(["--no-compile"])).compile is False
+    assert not modes(Opts(single_stream=False))[1]             # the server, the evaluation runner
+    layouts = lambda m: [type(x).__name__ for x in m.modules()]
+    eager, _ = _app_model("tiny-cogvlm", "--no-compile")
+    with caplog.at_level(logging.INFO, logger="models.compile"):
+        monkeypatch.setattr(mc, "BACKGROUND_MIN_STEP_S", 10.0)     # (its step takes 1-3 ms: not timed here)
+        fast, _ = _app_model("tiny-cogvlm")
+        monkeypatch.setattr(mc, "BACKGROUND_MIN_STEP_S", 0.0)
+        monkeypatch.setattr(mc, "available_memory", lambda: 1 << 30)
+        short, _ = _app_model("tiny-cogvlm")
+    if mc.compiler_missing() is not None:
+        pytest.skip("no C++ compiler here: the background compile never applies")
+    assert "too fast to repay compiling it" in caplog.text and "more than half of the 1.1 GB available" in caplog.text
+    for m in (fast, short):
+        assert m.runtime.decode_step is None and layouts(m) == layouts(eager)

@@ -61,12 +61,14 @@ def add_loading_args(g, single_stream: bool = False) -> None:
                         "exactly as fp16, FBGEMM's fp16-weight GEMM), nothing measured; overrides --cpu_weights")
     g.add_argument("--remeasure_kernels", action="store_true",
                    help="time the --kernels auto candidates again instead of reading the cache")
-    g.add_argument("--compile", action="store_true",
-                   help="CPU: compile the decode step with inductor (needs a C++ compiler; the first "
-                        "step compiles for about a minute; measured 1.2-2.1x faster decoding; bf16/int8: "
-                        "one more copy of the language weights in memory); the OpenAI server compiles "
-                        "only its batch engine's attention (seconds; 16 rows decode 1.3-1.5x "
-                        "faster). bench/RESULTS.md")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="CPU: the decode step compiled by inductor (needs a C++ compiler). Default in the "
+                        "single-stream apps (CLI, web and composite demos): compiled in the background "
+                        "where the eager step is slow enough to repay it and memory allows, then timed "
+                        "against eager and used if faster; --compile: compiled by the first step (about "
+                        "a minute); --no-compile: never. bf16/int8: one more copy of the language "
+                        "weights in memory. The OpenAI server's --compile compiles only its batch "
+                        "engine's attention (seconds; 16 rows decode 1.3-1.5x faster). bench/RESULTS.md")
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
                    help="batch-invariant greedy decoding: each request's answer is the one it gets "
                         "alone, whatever else runs in the batch (default: on for CPU without --compile "
@@ -160,7 +162,7 @@ def check_load_flags(args, world: int = 1) -> None:
         raise ValueError("--quant_vision and --quant_group apply to quantized weights: add --quant 4 or --quant 8")
     if args.quant_group and 4 not in (args.quant, args.quant_vision):
         raise ValueError("--quant_group sets the group size of 4-bit weights: it needs --quant 4 or --quant_vision 4")
-    if world > 1 and args.compile:
+    if world > 1 and args.compile:                  # (None, the default, stays eager there)
         raise ValueError("--compile is not supported with model parallelism yet; run it in one process")
 
 
