@@ -1,5 +1,7 @@
-"""`--compile`: the single-token decode step compiled by inductor with frozen weights, applied
-after the model is loaded (quantized or not), on CPU.
+"""The single-token decode step compiled by inductor with frozen weights, applied after the
+model is loaded (quantized or not), on CPU: by its first step with `--compile`
+(`compile_decode`), or, the single-stream apps' default, in a background thread while requests
+decode eagerly, then kept only if timed faster than eager (`compile_in_background`).
 
 Why: a decode step reads every weight once, and PyTorch's eager single-row kernels read them
 well below the machine's memory bandwidth. Inductor with `freezing` treats the weights as

@@ -302,7 +302,7 @@ def lay_out_for_eager(model: nn.Module, opts: LoadOptions) -> bool:
     decoding measures fastest, its long rows the eager attention kernels."""
     from .compile import measured_single_rows
     from .layout import apply_layouts
-    layouts = planned_layouts(model, replace(opts, compile=False))
+    layouts = planned_layouts(model, replace(opts, compile=False, remeasure_kernels=False))   # (timed at load)
     if layouts:
         apply_layouts(model, layouts)
     measured_single_rows(model)
