@@ -18,7 +18,7 @@ from utils.apps.tool import run_tool  # noqa: E402
 
 from utils.apps.args import add_generation_args, add_model_args, generation_config, load_or_report, setup_logging  # noqa: E402
 from utils.chat import ImageContext, stream_chat  # noqa: E402
-from utils.apps.cli import add_cli_args, print_answer, run  # noqa: E402
+from utils.apps.cli import add_cli_args, one_shot, print_answer, run  # noqa: E402
 from utils.serving.lockstep import Lockstep  # noqa: E402
 
 
@@ -33,6 +33,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
+    if args.compile is None and one_shot(args):
+        args.compile = False                   # one answer, then exit: a background compile would go unused
     loaded = load_or_report(args)
     if loaded is None:
         return 1

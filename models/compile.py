@@ -35,6 +35,8 @@ measured faster: the attention of a row with a long context, or of every row in 
 """
 from __future__ import annotations
 
+import atexit
+import ctypes
 import functools
 import logging
 import os
@@ -177,30 +179,33 @@ def compile_decode(model) -> bool:
     return True
 
 
-# --compile unset (the single-stream apps on CPU): a decode step this slow or slower is worth
-# compiling in the background; a faster one saves too little per token to repay about a minute
-# of the CPU's time (the bundled models' steps take 1-3 ms, the mid-size model's 70-100 ms).
-BACKGROUND_MIN_STEP_S = 0.02
+# --compile unset (the single-stream apps on CPU): a model whose decode step reads this many
+# weights or more is worth compiling in the background; a smaller one's step takes a few ms on any
+# CPU and saves too little per token to repay about a minute of compiling (the bundled models read
+# 3 M, the mid-size model of bench/decode.py 0.9 G, CogVLM-17B 6.5 G).
+BACKGROUND_MIN_WEIGHTS = 100_000_000
 # What the compiler itself holds while it works, beyond the weights it freezes (measured: mid-size
 # int8 RSS 2.5 -> 4.2 GB with 0.7 GB of frozen weights).
 COMPILER_BYTES = 1 << 30
+# At exit, how long the compile thread may take to stop (it stops at its next Python bytecode; a
+# C++ compiler it waits for finishes first): a thread left inside torch's C++ code while the
+# process tears down aborts it ("terminate called without an active exception").
+STOP_WAIT_S = 60
 
 
 def compile_in_background(model, on_eager: Callable[[], None]) -> bool:
     """Give `model` a decode step compiled in a background thread (BackgroundCompiled), where it
-    can pay: the eager step takes BACKGROUND_MIN_STEP_S or more, and the weights inductor will
-    freeze plus the compiler take at most half the memory available (CogVLM-17B int4 on a 16 GB
-    machine: about 1.6 GB of 3 left: eager, within its 13 GiB). Returns False, with the reason logged, where not; the
-    caller then lays the model out for eager decoding (on_eager, also called if the compiled
-    step fails or loses when timed)."""
+    can pay: the step reads BACKGROUND_MIN_WEIGHTS or more, and the weights inductor will freeze
+    plus the compiler take at most half the memory available (CogVLM-17B int4 on a 16 GB
+    machine: about 1.6 GB of 3 left: eager, within its 13 GiB). Returns False, with the reason
+    logged, where not; the caller then lays the model out for eager decoding (on_eager, also
+    called if the compiled step fails or loses when timed)."""
     if not can_compile(model, warn=False):
         return False
-    args = dummy_step_args(model)
-    with torch.inference_mode():
-        eager = _alternate_medians([functools.partial(forward_one_token, *args)], repeat=3)[0]
-    if eager < BACKGROUND_MIN_STEP_S:
-        log.info("decode step %.1f ms eagerly: too fast to repay compiling it (--compile compiles it anyway)",
-                 eager * 1e3)
+    weights = decode_weights(model)
+    if weights < BACKGROUND_MIN_WEIGHTS:
+        log.info("decode step of %.0f M weights: too small to repay compiling it (--compile compiles it anyway)",
+                 weights / 1e6)
         return False
     need, free = frozen_bytes(model) + COMPILER_BYTES, available_memory()
     if free is not None and need > free / 2:          # the other half stays for requests' activations
@@ -208,8 +213,16 @@ def compile_in_background(model, on_eager: Callable[[], None]) -> bool:
                  "itself), more than half of the %.1f GB available", need / 1e9, free / 1e9)
         return False
     _prepare_inductor(model)
-    model.runtime.decode_step = BackgroundCompiled(model, on_eager, eager)
+    model.runtime.decode_step = BackgroundCompiled(model, on_eager)
     return True
+
+
+def decode_weights(model) -> int:
+    """How many weights a decode step reads: those of the linear layers a text token passes
+    (image encoders and vision experts left out), the LM head included."""
+    return sum(m.in_features * m.out_features for name, m in model.named_modules()
+               if hasattr(m, "out_features") and "vision" not in name
+               and not any(hasattr(c, "out_features") for c in m.children()))     # wrappers: their inner layer
 
 
 def frozen_bytes(model) -> int:
@@ -218,7 +231,7 @@ def frozen_bytes(model) -> int:
     int4 ones share their codes)."""
     total = 0
     for name, mod in model.named_modules():
-        if "vision" in name or "eva" in name:          # image encoders and vision experts: prefill only
+        if "vision" in name:                           # image encoders and vision experts: prefill only
             continue
         if type(mod) is torch.nn.Linear:
             total += mod.weight.nbytes
@@ -244,6 +257,10 @@ def dummy_step_args(model, length: int = 11, cross_tokens: int = 37) -> tuple:
         return model, torch.zeros(1, dtype=torch.long), cache.next_position[:, None], cache
 
 
+class _Stopped(BaseException):
+    """Raised in the compile thread when the process exits before it is done."""
+
+
 class BackgroundCompiled:
     """The decode step while --compile is unset: inductor compiles it in a thread on a dummy
     request while decoding goes on eagerly; the first request that starts after it is ready
@@ -252,16 +269,18 @@ class BackgroundCompiled:
     mixes the two; a request the compiled graph does not fit (CogAgent without an image) runs
     eagerly rather than compiling again in the foreground."""
 
-    def __init__(self, model, on_eager: Callable[[], None], eager_s: float):
-        self.model, self.on_eager, self.eager_s = model, on_eager, eager_s
+    def __init__(self, model, on_eager: Callable[[], None]):
+        self.model, self.on_eager = model, on_eager
         self.compiled = torch.compile(forward_one_token, dynamic=True, fullgraph=True, mode="max-autotune")
         self.choice: Optional[str] = None              # "compiled" | "eager", once timed
         self.timed: tuple = ()                         # (eager s, compiled s) that chose it
         self.error: Optional[str] = None
         self.ready, self.deciding = threading.Event(), threading.Lock()
-        log.info("compiling the decode step in the background (about a minute of CPU; the eager step takes "
-                 "%.0f ms; decoding runs eagerly until it is ready, then with whichever is faster)", eager_s * 1e3)
-        threading.Thread(target=self._compile, name="compile-decode-step", daemon=True).start()
+        log.info("compiling the decode step in the background (about a minute of CPU; decoding runs eagerly "
+                 "until it is ready, then with whichever is faster)")
+        self.thread = threading.Thread(target=self._compile, name="compile-decode-step", daemon=True)
+        self.thread.start()
+        atexit.register(self._stop)
 
     def _compile(self) -> None:
         start = time.perf_counter()
@@ -275,8 +294,16 @@ class BackgroundCompiled:
             log.info("the decode step compiled in the background in %.0f s", time.perf_counter() - start)
         except Exception as e:  # noqa: BLE001 - any compiler failure: decode eagerly
             self.error = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        except _Stopped:
+            self.error = "the process exited first"
         finally:
             self.ready.set()
+
+    def _stop(self) -> None:
+        """At exit: the compile thread stopped (an exception raised in it) and awaited."""
+        if self.thread.is_alive():
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread.ident), ctypes.py_object(_Stopped))
+            self.thread.join(STOP_WAIT_S)
 
     def __call__(self, model, tokens, positions, cache, attn_mask=None):
         kind = getattr(cache, "decode_kind", None)

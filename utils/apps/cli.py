@@ -118,6 +118,11 @@ def save_boxes(response: str, image, out_dir: str = "grounding_output") -> None:
         print(f"[boxes drawn: {path.resolve()}]")
 
 
+def one_shot(args) -> bool:
+    """Whether the CLI answers once and exits (--image or --query given) rather than chatting."""
+    return args.query is not None or args.image is not None
+
+
 def run(args, answer: Callable, open_image: Callable) -> int:
     """One-shot mode when --image or --query is given (exit status 0/1/2), else the loop."""
     on_answer = lambda response, image: save_boxes(response, image, args.output_dir)  # noqa: E731
@@ -129,7 +134,7 @@ def run(args, answer: Callable, open_image: Callable) -> int:
     if not os.access(args.output_dir, os.W_OK):
         print(f"error: --output_dir {args.output_dir} is not writable", file=sys.stderr)
         return 1
-    if args.query is not None or args.image is not None:
+    if one_shot(args):
         if args.query is None:
             print("error: --image needs --query", file=sys.stderr)
             return 2
