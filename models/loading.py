@@ -231,8 +231,8 @@ def modes(opts: LoadOptions) -> tuple[bool, bool]:
 def background_compile(opts: LoadOptions) -> bool:
     """Whether --compile left unset compiles the decode step in the background: the single-stream
     apps on CPU in one process, weights laid out by measurement (kernels auto, packed), where
-    inductor can build C++ (models/compile.py decides after loading whether the step is slow
-    enough to pay and fits in memory)."""
+    inductor can build C++ (compile.compile_in_background decides after loading whether a step
+    reads enough weights to repay it and whether it fits in memory)."""
     from .compile import compiler_missing
     return torch.device(opts.device).type == "cpu" and opts.single_stream and opts.world == 1 \
         and opts.kernels == "auto" and opts.pack and compiler_missing() is None
@@ -296,7 +296,7 @@ def prepare_for_inference(model: nn.Module, opts: LoadOptions, layouts: Optional
     return model.eval()
 
 
-def lay_out_for_eager(model: nn.Module, opts: LoadOptions) -> bool:
+def lay_out_for_eager(model: nn.Module, opts: LoadOptions) -> nn.Module:
     """A model laid out for a compiled step that will decode eagerly after all (the background
     compile did not apply, failed or measured slower): its plain layers take the layouts eager
     decoding measures fastest, its long rows the eager attention kernels."""
