@@ -53,9 +53,8 @@ def eager_rate(chain, group: int, repeat: int) -> dict:
 def compiled_rate(shapes, repeat: int) -> dict:
     """The same chain as nn.Modules, compiled whole with frozen weights (inductor chooses
     between its int4 template and the ATen kernel by timing both)."""
-    from models.compile import freeze_weights
+    from models.compile import frozen_settings, inductor_settings
     from models.quantize import GROUP, WeightOnlyLinear
-    freeze_weights()
     layers = torch.nn.ModuleList(WeightOnlyLinear(torch.randn(n, k).to(torch.bfloat16) * 0.02, None, 4)
                                  for n, k in shapes).eval()
 
@@ -65,7 +64,8 @@ def compiled_rate(shapes, repeat: int) -> dict:
     with torch.inference_mode():
         eager_t = median_time(lambda: chain(x), repeat, warmup=3)
         compiled = torch.compile(chain, mode="max-autotune", fullgraph=True)
-        compiled(x)
+        with inductor_settings(frozen_settings()):
+            compiled(x)
         t = median_time(lambda: compiled(x), repeat, warmup=3)
     weights = sum(n * k for n, k in shapes)
     nbytes = sum(n * k // 2 + k // GROUP * n * 4 for n, k in shapes)

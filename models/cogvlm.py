@@ -93,7 +93,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     contiguous = k.is_contiguous() and v.is_contiguous()
     if B == 1:
         return one(q, k, v, mask)
-    if contiguous or k.device.type != "cpu" or torch.compiler.is_compiling():
+    if contiguous or k.device.type != "cpu" or torch.compiler.is_dynamo_compiling():
         return single_query_attention(q, k, v, mask)
     rows = max(1, DECODE_CHUNK_BYTES // max(1, k[0].numel() * k.element_size()))
     if rows >= B:

@@ -44,6 +44,7 @@ import shutil
 import sysconfig
 import threading
 import time
+from contextlib import contextmanager
 from typing import Callable, Optional
 
 import torch
@@ -74,10 +75,12 @@ INT8_MAX_ROWS = 6
 class Compiled:
     """Calls `fn` compiled by inductor; the first failure (no compiler, an unsupported operator)
     logs one warning and every later call runs `fn` eagerly. max_rows: calls with more rows
-    (second argument's first dimension) run eagerly (None: no limit)."""
+    (second argument's first dimension) run eagerly (None: no limit). settings: inductor's
+    config while it compiles (inductor_settings), whichever thread calls first."""
 
-    def __init__(self, fn, what: str, first_call: str, max_rows=None, **options):
+    def __init__(self, fn, what: str, first_call: str, max_rows=None, settings: Optional[dict] = None, **options):
         self.fn, self.what, self.first_call, self.max_rows = fn, what, first_call, max_rows
+        self.settings = settings or {}
         self.compiled = torch.compile(fn, dynamic=True, fullgraph=True, **options)
         self.failed = False
         self.calls = 0
@@ -89,7 +92,8 @@ class Compiled:
         if self.calls == 0:
             log.info("compiling %s with inductor (%s)", self.what, self.first_call)
         try:
-            out = self.compiled(*args)
+            with inductor_settings(self.settings):
+                out = self.compiled(*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure: run eagerly instead
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             log.warning("--compile: compiling %s failed (%s); running it eagerly", self.what, first[:300])
@@ -127,14 +131,21 @@ def can_compile(model, warn: bool = True) -> bool:
     return why is None
 
 
-def freeze_weights():
+def frozen_settings() -> dict:
     """inductor's settings for graphs whose weights are constants (packed once, max-autotune
-    silent); returns its config module."""
+    silent), applied around each call that may compile (`inductor_settings`): torch 2.13 keeps
+    inductor's config per thread, so a setting made once would not reach a graph compiled in
+    another thread (the background compile, a web demo's request thread). Measured on an AMX
+    Xeon, the background compile without them (weights not frozen, int8 layers left to ATen's
+    kernel): mid-size int8 step 77 against 58 ms."""
+    return {"freezing": True, "autotune_num_choices_displayed": 0,         # no timing tables on stderr
+            "max_autotune_report_choices_stats": False}
+
+
+def inductor_settings(settings: dict):
+    """A context in which inductor compiles with `settings` (in this thread only)."""
     import torch._inductor.config as inductor_config
-    inductor_config.freezing = True
-    inductor_config.autotune_num_choices_displayed = 0  # no timing tables on stderr
-    inductor_config.max_autotune_report_choices_stats = False
-    return inductor_config
+    return inductor_config.patch(settings)
 
 
 def set_decode_attention(model, fn) -> None:
@@ -144,27 +155,27 @@ def set_decode_attention(model, fn) -> None:
             mod.decode_attention = fn
 
 
-def _prepare_inductor(model) -> None:
-    """inductor's settings for the decode step, and the long rows' attention kernels chosen."""
+def _prepare_inductor(model) -> dict:
+    """The long rows' attention kernels chosen, and inductor's settings for the decode step."""
     if model.runtime.packed:
         raise ValueError("compile_decode needs plain weights, not packed ones (load with pack=False: "
                          "inductor packs them itself)")
-    inductor_config = freeze_weights()
     # Left to itself inductor inlines the query's rotary (cos, sin of the position) into the
     # attention's score reduction and recomputes it for every cached token; realizing pointwise
     # results of more than 8 ops keeps it in a buffer (measured: half the cost per cached token).
-    inductor_config.realize_cpu_opcount_threshold = 8
+    settings = {**frozen_settings(), "realize_cpu_opcount_threshold": 8}
     if any(isinstance(m, WeightOnlyLinear) and m.kernel_dtype != m.dtype for m in model.modules()):
         # Weight-only layers of an fp32 model computing in bf16 (kernels.choose_quantized_kernels):
         # torch 2.13's C++ GEMM template fails to fuse the conversion back into its output
         # ("AssertionError: wrong ndim"), so no epilogue is fused into a template.
-        inductor_config.epilogue_fusion = False
+        settings["epilogue_fusion"] = False
     # A single row's attention over a long cache: the kernel measured fastest here, inductor's
     # own or an eager one it calls opaquely (row_attention below).
     if model.runtime.row_attention is None:
         model.runtime.row_attention = LongContextAttention(model)
         set_decode_attention(model, functools.partial(decode_attention, one=model.runtime.row_attention))
     model.runtime.row_attention.measure_long_rows(model)
+    return settings
 
 
 def compile_decode(model) -> bool:
@@ -172,9 +183,9 @@ def compile_decode(model) -> bool:
     by its first call (--compile). Returns False, with the reason logged, where it does not apply."""
     if not can_compile(model):
         return False
-    _prepare_inductor(model)
+    settings = _prepare_inductor(model)
     model.runtime.decode_step = Compiled(forward_one_token, "the decode step", "the first step takes about a minute",
-                                         INT8_MAX_ROWS if model.runtime.quant_bits == 8 else None,
+                                         INT8_MAX_ROWS if model.runtime.quant_bits == 8 else None, settings,
                                          mode="max-autotune")
     return True
 
@@ -212,8 +223,7 @@ def compile_in_background(model, on_eager: Callable[[], None]) -> bool:
         log.info("not compiling the decode step: inductor would hold %.1f GB more (its frozen weights and "
                  "itself), more than half of the %.1f GB available", need / 1e9, free / 1e9)
         return False
-    _prepare_inductor(model)
-    model.runtime.decode_step = BackgroundCompiled(model, on_eager)
+    model.runtime.decode_step = BackgroundCompiled(model, on_eager, _prepare_inductor(model))
     return True
 
 
@@ -257,6 +267,77 @@ def dummy_step_args(model, length: int = 11, cross_tokens: int = 37) -> tuple:
         return model, torch.zeros(1, dtype=torch.long), cache.next_position[:, None], cache
 
 
+class QuietTimings:
+    """Decoding pauses while inductor times candidate kernels (max-autotune) in a compile thread:
+    timed beside an eager step its choices are noise (AMX Xeon, mid-size int8, compiled in the
+    background while decoding: step 82 ms, against 58 ms compiled with the box quiet, because
+    ATen's int8 kernel won timings the template had lost to contention). Each timing waits for
+    the steps under way and holds new ones back (about 0.1 s a candidate, a few seconds in all)."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.timing = self.stepping = 0
+
+    @contextmanager
+    def step(self):
+        """Around an eager step: waits while a timing runs."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.timing == 0)
+            self.stepping += 1
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.stepping -= 1
+                self.cond.notify_all()
+
+    @contextmanager
+    def timings(self):
+        """Around one of inductor's timings: waits for the steps under way."""
+        with self.cond:
+            self.timing += 1
+            self.cond.wait_for(lambda: self.stepping == 0)
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.timing -= 1
+                self.cond.notify_all()
+
+    @contextmanager
+    def in_this_thread(self):
+        """inductor's timings of kernels compiled in this thread go through timings()."""
+        _QUIET[threading.get_ident()] = self
+        _route_cpu_timings()
+        try:
+            yield
+        finally:
+            _QUIET.pop(threading.get_ident(), None)
+
+
+_QUIET: dict = {}                      # compile thread's ident -> its QuietTimings
+
+
+def _route_cpu_timings() -> None:
+    """Wrap inductor's CPU timer (once) so that a compile thread's timings run quietly."""
+    try:
+        from torch._inductor.runtime.benchmarking import benchmarker
+    except ImportError:                                # another torch: timings as they are
+        return
+    timer = getattr(benchmarker, "benchmark_cpu", None)
+    if timer is None or getattr(timer, "quiet", False):
+        return
+
+    def quiet_timer(*args, **kwargs):
+        quiet = _QUIET.get(threading.get_ident())
+        if quiet is None:
+            return timer(*args, **kwargs)
+        with quiet.timings():
+            return timer(*args, **kwargs)
+    quiet_timer.quiet = True
+    benchmarker.benchmark_cpu = quiet_timer
+
+
 class _Stopped(BaseException):
     """Raised in the compile thread when the process exits before it is done."""
 
@@ -269,8 +350,9 @@ class BackgroundCompiled:
     mixes the two; a request the compiled graph does not fit (CogAgent without an image) runs
     eagerly rather than compiling again in the foreground."""
 
-    def __init__(self, model, on_eager: Callable[[], None]):
-        self.model, self.on_eager = model, on_eager
+    def __init__(self, model, on_eager: Callable[[], None], settings: dict):
+        self.model, self.on_eager, self.settings = model, on_eager, settings
+        self.quiet = QuietTimings()
         self.compiled = torch.compile(forward_one_token, dynamic=True, fullgraph=True, mode="max-autotune")
         self.choice: Optional[str] = None              # "compiled" | "eager", once timed
         self.timed: tuple = ()                         # (eager s, compiled s) that chose it
@@ -289,7 +371,7 @@ class BackgroundCompiled:
         except (AttributeError, OSError):                # the compilers it starts yield to decoding
             pass
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), inductor_settings(self.settings), self.quiet.in_this_thread():
                 self.compiled(*dummy_step_args(self.model))
             log.info("the decode step compiled in the background in %.0f s", time.perf_counter() - start)
         except Exception as e:  # noqa: BLE001 - any compiler failure: decode eagerly
@@ -316,7 +398,10 @@ class BackgroundCompiled:
             except Exception as e:  # noqa: BLE001 - a request the graph does not fit: eager
                 log.debug("this request decodes eagerly: %s", e)
                 cache.decode_kind = "eager"
-        return forward_one_token(model, tokens, positions, cache, attn_mask)
+        if self.ready.is_set():
+            return forward_one_token(model, tokens, positions, cache, attn_mask)
+        with self.quiet.step():                         # not while the compile thread times kernels
+            return forward_one_token(model, tokens, positions, cache, attn_mask)
 
     def decide(self, wait: bool = False) -> str:
         """"compiled" or "eager" (timing them the first time); wait: until the compile ends."""
@@ -396,7 +481,7 @@ class LongContextAttention:
         self.choice = {}                       # shape kind -> "eager" | "fused" | "compiled"
 
     def __call__(self, q, k, v, mask=None):
-        if torch.compiler.is_compiling():          # --compile's decode step, every length alike
+        if torch.compiler.is_dynamo_compiling():          # --compile's decode step, every length alike
             which = self.choice.get(_attention_kind(q, k, v, long=True))
             if which in ("eager", "fused"):
                 return torch.ops.cogvlm.row_attention(q, k, v, mask, which)

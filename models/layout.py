@@ -237,7 +237,7 @@ class HalfLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float().contiguous()                          # T,K fp32
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_dynamo_compiling():
             y = half_linear(x2, self.key, self.out_features)                                # T,N fp32
         else:
             y = torch.ops.quantized.linear_dynamic_fp16(x2, self.half_packed)
