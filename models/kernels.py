@@ -4,7 +4,10 @@ bf16 was the fastest single-row kernel on an AMD EPYC with AVX-512 BF16 and the 
 Intel Xeon with AMX (the torch 2.13 wheel's oneDNN has an fp32-only matrix-vector path).
 
 Candidates for a CPU nn.Linear in fp32 / bf16, each a weight layout (layout.LAYOUTS):
-  packed    oneDNN's blocked layout (layout.PackedLinear), where layout.can_pack allows
+  packed    oneDNN's blocked layout (layout.PackedLinear) laid out for a decode step's rows,
+            where layout.can_pack allows
+  packed_many  the same, laid out for a prefill's rows (layout.MANY_ROWS): on a Xeon with AMX
+            1.5x row-major F.linear at 257-288 rows where `packed` ran 0.6x, as fast for one row
   plain     F.linear on the weight row-major (PyTorch's own layout)
   colmajor  F.linear on the weight column-major (same shape, transposed strides)
   gemv      row-major; a single row through ATen's own matrix-vector kernel (oneDNN off for
@@ -20,8 +23,8 @@ Candidates for a CPU nn.Linear in fp32 / bf16, each a weight layout (layout.LAYO
             layers that decode where its single rows need padding (invariant.half_pads)
 Quantized layers keep their weight-only int8 / int4 kernels (quantize.WeightOnlyLinear, which
 picks the kernel or a dequantized GEMM by row count itself), except int8 layers only prefill
-uses: their prefill dequantizes the whole weight either way, so they choose between packed (the
-codes kept in oneDNN's blocked order, layout.PackedInt8Linear) and plain (row-major codes) by
+uses: their prefill dequantizes the whole weight either way, so they choose between packed or
+packed_many (the codes kept in that blocked order, layout.PackedInt8Linear) and plain (row-major codes) by
 the bf16 / fp32 GEMM of their shape, the same probes as an nn.Linear of that shape. Modules that
 are not exactly an nn.Linear or a WeightOnlyLinear (tensor-parallel pieces) are left alone.
 
@@ -30,7 +33,7 @@ shape, whether PyTorch's one-token kernel gets fp32 or bf16 activations
 (choose_quantized_kernels): the wheel's fp32 weight-only kernels are scalar.
 
 Each shape class (dtype, outputs, inputs) is timed per regime: decode (1 row), batch (4 rows:
-batched decoding) and prefill (256 rows, standing in for prompts of 300-1300 rows and the image
+batched decoding) and prefill (283 rows, standing in for prompts of 300-1300 rows and the image
 encoders), with one layer's own weight, the median of a few calls, the layouts taking turns
 (each holds its own copy of that one layer meanwhile), every call with the CPU caches flushed
 first as a real step finds them (a weight that stays cached between calls favours other
@@ -42,7 +45,7 @@ A layer holds one layout (no weight stored twice: at full size memory binds). Th
 prefill uses (image encoders and adapter, the vision experts, CogAgent's cross key/value) take
 the prefill regime's fastest; the LM head (prefill computes only the last row) the decode
 regime's; every other layer the layout of least cost over a typical request: one prefill of
-TYPICAL_PREFILL_ROWS rows (its time scaled linearly from the 256 measured) plus
+TYPICAL_PREFILL_ROWS rows (its time scaled linearly from the 283 measured) plus
 TYPICAL_DECODE_STEPS decode steps. Decode steps are costed at one row, or at the batch regime
 where batch-invariant decoding pads single rows to a few (models/invariant.py): every step of a
 batching app (the server, the evaluation runner) then runs several rows.
@@ -53,7 +56,6 @@ import copy
 import json
 import logging
 import os
-import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -63,7 +65,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from .layout import LAYOUTS, UPCAST_FROM_ROWS, can_half, can_pack, can_upcast, fp16_exact, relayout
+from .layout import LAYOUTS, PACKED, UPCAST_FROM_ROWS, can_half, can_pack, can_upcast, fp16_exact, relayout, role
 from .lora import has_adapter
 from .quantize import WeightOnlyLinear
 from .machine import cpu_flags, last_level_cache_bytes
@@ -71,7 +73,10 @@ from .machine import cpu_flags, last_level_cache_bytes
 log = logging.getLogger(__name__)
 
 CHOICES = ("auto",) + LAYOUTS                     # --kernels
-REGIMES = {"decode": 1, "batch": 4, "prefill": 256}    # regime -> rows timed
+# A prefill is timed on 283 rows, no multiple of a kernel's row block, as real prompts are
+# not: on a Xeon with AMX a weight packed for one row ran exactly 256 rows 1.7x faster than
+# 257-288 (those timings chose it for the image tokens, then 0.8 TFLOP/s against 1.3 plain).
+REGIMES = {"decode": 1, "batch": 4, "prefill": 283}    # regime -> rows timed
 # The typical request the single layout of a layer used by both prefill and decode is chosen
 # for: a prompt of 300-1300 tokens (an image is 1,227 of CogVLM-17B's), 100-200 new tokens.
 TYPICAL_PREFILL_ROWS = 800
@@ -81,17 +86,10 @@ BUDGET_S = 4.0              # measuring stops starting new shape classes after t
 REPEAT = {"decode": 7, "batch": 5, "prefill": 3}     # timed calls per probe (after one warm-up)
 # 2: timings taken with the caches flushed before each call (version 1's were partly from cache:
 # a 2048x2048 bf16 weight read 98 GB/s packed from the AMD EPYC's L3, 15 GB/s from memory).
-CACHE_VERSION = 2
+# 3: prefill timed on 283 rows, not 256; the packed_many layout.
+CACHE_VERSION = 3
 
-_PREFILL_ONLY = re.compile(r"model\.(vision|cross_vision)\.|.*\.vision_expert_|.*\.vision_mlp\.|"
-                           r".*\.cross_attn\.key_value$")
-_DECODE_ONLY = re.compile(r"lm_head$")
 ROLE_REGIMES = {"prefill": ("prefill",), "decode": ("decode", "batch"), "both": ("decode", "batch", "prefill")}
-
-
-def role(name: str) -> str:
-    """Which steps use layer `name`: prefill only, decode only (a single row per step), or both."""
-    return "prefill" if _PREFILL_ONLY.match(name) else "decode" if _DECODE_ONLY.match(name) else "both"
 
 
 @dataclass(frozen=True)
@@ -218,7 +216,7 @@ def available_layouts(dtype: torch.dtype, cpu_layout: bool = True, single_row: b
         # single bf16 row goes to ATen either way) and fp32 GEMMs beyond, where the others run
         # bf16 GEMMs 4-6x slower (colmajor 20x): timing those took 86 s at load (AVX2 EPYC).
         return ("upcast",) + half
-    return tuple(x for x in LAYOUTS if (x != "packed" or can_pack(dtype)) and (x != "colmajor" or cpu_layout)
+    return tuple(x for x in LAYOUTS if (x not in PACKED or can_pack(dtype)) and (x != "colmajor" or cpu_layout)
                  and (x != "gemv" or single_row) and x not in ("upcast", "half")) + half
 
 
@@ -247,7 +245,7 @@ def shape_classes(model: nn.Module, cpu_layout: bool = True, weight_of: Optional
         if type(mod) is WeightOnlyLinear:
             if not _int8_prefill_only(name, mod, devices):
                 continue
-            key, layouts = (mod.dtype, mod.out_features, mod.in_features, "int8"), ("packed", "plain")
+            key, layouts = (mod.dtype, mod.out_features, mod.in_features, "int8"), ("packed", "packed_many", "plain")
         else:
             w = getattr(mod, "weight", None)
             if type(mod) is not nn.Linear or w.device.type not in devices or not w.dtype.is_floating_point:
@@ -437,13 +435,17 @@ def choose_layouts(model: nn.Module, kernels: str = "auto", cpu_layout: bool = T
 
 def compiled_layouts(model: nn.Module, remeasure: bool = False, weight_of: Optional[Callable] = None,
                      skip: frozenset = frozenset()) -> dict:
-    """name -> "half" for the layers a compiled model keeps in that layout: those whose measured
-    choice it is, in fp32 (or bf16 where oneDNN has no bf16). Every other layer keeps plain
-    weights for inductor to pack: its kernels read an fp32 weight at best at the memory rate
-    (mid-size fp32 step 94% of memory read, AVX2 EPYC), which `half`'s half the bytes beat."""
+    """name -> layout for the layers a compiled model lays out itself: those only prefill runs
+    (the decode step never reads them) take their measured choice, as eagerly; of the others,
+    those whose measured choice is "half", in fp32 (or bf16 where oneDNN has no bf16), keep it.
+    Every other layer keeps plain weights for inductor to pack: its kernels read an fp32 weight
+    at best at the memory rate (mid-size fp32 step 94% of memory read, AVX2 EPYC), which
+    `half`'s half the bytes beat."""
     chosen = choose_layouts(model, "auto", remeasure=remeasure, weight_of=weight_of, skip=skip)
-    dtype = {name: model.get_submodule(name).weight.dtype for name, x in chosen.items() if x == "half"}
-    return {name: "half" for name, d in dtype.items() if d == torch.float32 or can_upcast(d)}
+    dtype = {name: model.get_submodule(name).weight.dtype for name, x in chosen.items()
+             if x == "half" and role(name) != "prefill"}
+    return {**{name: x for name, x in chosen.items() if role(name) == "prefill"},
+            **{name: "half" for name, d in dtype.items() if d == torch.float32 or can_upcast(d)}}
 
 
 # ---------------------------------------------------------------------------------------

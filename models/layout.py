@@ -12,6 +12,7 @@ import ctypes
 import functools
 import itertools
 import logging
+import re
 import threading
 import weakref
 from typing import Optional
@@ -38,15 +39,18 @@ def use_fast_cpu_layout(model: nn.Module) -> nn.Module:
 
 class PackedLinear(nn.Module):
     """A linear layer whose fp32 or bf16 weight is packed once into oneDNN's blocked layout, for
-    CPU inference only (no training, no state_dict). Measured on the 2-core machine for the
-    mid-size shapes (bench/RESULTS.md): fp32, against column-major F.linear, equal at 1 row,
-    faster at 4-16 rows, equal or faster for prefill; bf16, against row-major F.linear, faster
-    for single-row and few-row steps, prefill GEMMs equal."""
+    CPU inference only (no training, no state_dict). oneDNN lays the weight out for a row count
+    (`rows`, pack_weight): the `packed` layout for decode steps, `packed_many` (MANY_ROWS) for
+    prefills. Measured on the 2-core machines for the mid-size shapes (bench/RESULTS.md): on an
+    AMD EPYC (AVX-512 BF16) bf16 `packed` beat row-major F.linear for one and a few rows and
+    matched it for prefill; on a Xeon with AMX, `packed` ran 257-288 rows at 0.7-0.85 TFLOP/s,
+    `packed_many` at 1.7-1.9, row-major F.linear at 1.2-1.35."""
 
-    def __init__(self, lin: nn.Linear):
+    def __init__(self, lin: nn.Linear, rows: Optional[int] = None):
         super().__init__()
         self.in_features, self.out_features = lin.in_features, lin.out_features
-        self.packed = pack_weight(lin.weight.detach())
+        self.rows = rows
+        self.packed = pack_weight(lin.weight.detach(), rows)
         self.bias = lin.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,6 +58,9 @@ class PackedLinear(nn.Module):
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]).contiguous(), self.packed,
                                                self.bias, "none", [], "")
         return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, oneDNN-packed for {self.rows or 'few'} rows"
 
 
 class PackedInt8Linear(nn.Module):
@@ -64,18 +71,19 @@ class PackedInt8Linear(nn.Module):
     plain buffer that oneDNN reorders again on every call. Same codes and bytes (1 per weight),
     the per-row scales applied to the outputs as before, the same products. The blocked order
     is found by packing the codes themselves (-128..127 are exact in bf16 and fp32) and checked
-    once per shape by unpacking it. CPU inference only; no decode kernel reads this layout."""
+    once per shape by unpacking it. CPU inference only; no decode kernel reads this layout.
+    rows: the row count oneDNN lays the weight out for (pack_weight; None: `packed`'s)."""
 
-    def __init__(self, q: WeightOnlyLinear):
+    def __init__(self, q: WeightOnlyLinear, rows: Optional[int] = None):
         super().__init__()
         N, K = self.out_features, self.in_features = q.out_features, q.in_features
-        self.dtype = q.dtype
+        self.dtype, self.hint = q.dtype, rows
         # Equal chunks of rows (the last padded with zero rows): one scratch weight per shape.
         chunks = -(-N * K * q.dtype.itemsize // SCRATCH_BYTES)
         self.rows = -(-N // chunks)
         self.register_buffer("scales", q.scales)
         self.bias = q.bias
-        parts = [_blocked(q.qweight[r:r + self.rows], self.rows, self.dtype) for r in range(0, N, self.rows)]
+        parts = [_blocked(q.qweight[r:r + self.rows], self.rows, self.dtype, rows) for r in range(0, N, self.rows)]
         self.register_buffer("codes", torch.cat(parts))                   # chunks x blocked size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +91,7 @@ class PackedInt8Linear(nn.Module):
         N = self.out_features
         y = None if self.rows == N else x2.new_empty(x2.shape[0], N)               # T,N
         with _SCRATCH_LOCK:                        # one scratch per shape in the process
-            w, raw = _packed_scratch(self.rows, self.in_features, self.dtype)
+            w, raw = _packed_scratch(self.rows, self.in_features, self.dtype, self.hint)
             for i, r0 in enumerate(range(0, N, self.rows)):
                 raw.copy_(self.codes[i * raw.numel():(i + 1) * raw.numel()])   # int8 -> compute dtype
                 part = torch.ops.mkldnn._linear_pointwise(x2, w, None, "none", [], "")  # T,rows
@@ -101,7 +109,8 @@ class PackedInt8Linear(nn.Module):
         return self.in_features * self.out_features
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int8 in oneDNN's blocked layout, {self.dtype}"
+        return (f"in={self.in_features}, out={self.out_features}, int8 in oneDNN's blocked layout for "
+                f"{self.hint or 'few'} rows, {self.dtype}")
 
 
 def _raw(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -111,14 +120,14 @@ def _raw(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer((ctypes.c_uint8 * n).from_address(torch.ops.mkldnn.data_ptr(packed)), dtype=dtype)
 
 
-def _blocked(codes: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+def _blocked(codes: torch.Tensor, rows: int, dtype: torch.dtype, hint: Optional[int]) -> torch.Tensor:
     """int8 codes [n <= rows, K] -> the same codes in the blocked order oneDNN packs a weight of
-    [rows, K] in `dtype` (flat int8, padding included; rows beyond n are zero)."""
+    [rows, K] in `dtype` for `hint` rows (flat int8, padding included; rows beyond n are zero)."""
     w = torch.zeros(rows, codes.shape[1], dtype=dtype)
     w[:codes.shape[0]] = codes
-    packed = pack_weight(w)
+    packed = pack_weight(w, hint)
     flat = _raw(packed, dtype).to(torch.int8)              # (the view is valid while `packed` lives)
-    key = (rows, codes.shape[1], dtype)
+    key = (rows, codes.shape[1], dtype, hint)
     with _SCRATCH_LOCK:
         if key not in _CHECKED:                     # filled with these codes, the scratch unpacks to w
             scratch, raw = _packed_scratch(*key)
@@ -135,17 +144,18 @@ def _unpacked(scratch: torch.Tensor, raw: torch.Tensor, flat: torch.Tensor) -> t
 
 
 _CHECKED = set()                               # shapes whose blocked order was checked
-_SCRATCH = {}                                  # (rows, K, dtype) -> (packed weight, its memory)
+_SCRATCH = {}                                  # (rows, K, dtype, hint) -> (packed weight, its memory)
 _SCRATCH_LOCK = threading.Lock()               # concurrent prefills (threads) take turns per layer
 
 
-def _packed_scratch(rows: int, K: int, dtype: torch.dtype) -> tuple:
-    """A packed weight of [rows, K] in `dtype` to convert codes into, and its memory as a flat
-    tensor: one per shape in the process (at most SCRATCH_BYTES each), kept. Under _SCRATCH_LOCK."""
-    key = (rows, K, dtype)
+def _packed_scratch(rows: int, K: int, dtype: torch.dtype, hint: Optional[int]) -> tuple:
+    """A packed weight of [rows, K] in `dtype` (laid out for `hint` rows) to convert codes into,
+    and its memory as a flat tensor: one per shape in the process (at most SCRATCH_BYTES each),
+    kept. Under _SCRATCH_LOCK."""
+    key = (rows, K, dtype, hint)
     if key not in _SCRATCH:
         with torch.inference_mode(False):
-            w = pack_weight(torch.zeros(rows, K, dtype=dtype))
+            w = pack_weight(torch.zeros(rows, K, dtype=dtype), hint)
             _SCRATCH[key] = (w, _raw(w, dtype))
     return _SCRATCH[key]
 
@@ -308,10 +318,17 @@ def fp16_exact(w: torch.Tensor, chunk: int = 1 << 22) -> bool:
     return True
 
 
-def pack_weight(w: torch.Tensor) -> torch.Tensor:
-    """w [out, in] in oneDNN's blocked layout, laid out for a row count of 16 (fp32: batched
-    decoding) or 1 (bf16: measured faster single-row, equal at 4-283 rows)."""
-    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 16 if w.dtype == torch.float32 else 1)
+# The row count a `packed_many` weight is laid out for: a prefill's. On a Xeon with AMX, layouts
+# for 64-1024 rows ran 257-1300 rows alike (1.6-2.0 TFLOP/s), and one and four rows as fast as
+# the one-row layout; the one-row layout ran 257-288 rows at 0.7-0.85 (exactly 256: 1.3).
+MANY_ROWS = 256
+
+
+def pack_weight(w: torch.Tensor, rows: Optional[int] = None) -> torch.Tensor:
+    """w [out, in] in oneDNN's blocked layout, laid out for `rows` rows; by default (`packed`)
+    16 for fp32 (batched decoding) or 1 for bf16 (one row measured faster on an AMD EPYC)."""
+    rows = rows or (16 if w.dtype == torch.float32 else 1)
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows)
 
 
 def can_upcast(dtype: torch.dtype) -> bool:
@@ -341,14 +358,28 @@ def pack_for_cpu_inference(model: nn.Module) -> nn.Module:
 
 
 # The layouts a plain CPU linear layer can take (models/kernels.py chooses among them):
-# oneDNN-packed, F.linear on a row-major weight, F.linear on a column-major weight, a
+# oneDNN-packed for a decode step's rows or for a prefill's (MANY_ROWS), F.linear on a
+# row-major weight, F.linear on a column-major weight, a
 # row-major weight whose single-row products skip oneDNN (GemvLinear), for bf16 where
 # oneDNN has no bf16 a row-major bf16 weight whose many-row products run in fp32 (UpcastLinear),
 # and for weights fp16 holds exactly an fp16 copy packed by FBGEMM (HalfLinear).
-LAYOUTS = ("packed", "plain", "colmajor", "gemv", "upcast", "half")
+LAYOUTS = ("packed", "packed_many", "plain", "colmajor", "gemv", "upcast", "half")
+PACKED = {"packed": None, "packed_many": MANY_ROWS}        # oneDNN's layouts -> the rows they are laid out for
+
+_MODULES = {"packed": PackedLinear, "packed_many": functools.partial(PackedLinear, rows=MANY_ROWS),
+            "gemv": GemvLinear, "upcast": UpcastLinear, "half": HalfLinear}
+
+# Layers only a prefill runs (image encoders and adapter, the vision experts, CogAgent's cross
+# key/value) and the one only decode steps run in full (the LM head: a prefill computes its
+# last row alone); every other layer runs in both.
+_PREFILL_ONLY = re.compile(r"model\.(vision|cross_vision)\.|.*\.vision_expert_|.*\.vision_mlp\.|"
+                           r".*\.cross_attn\.key_value$")
+_DECODE_ONLY = re.compile(r"lm_head$")
 
 
-_MODULES = {"packed": PackedLinear, "gemv": GemvLinear, "upcast": UpcastLinear, "half": HalfLinear}
+def role(name: str) -> str:
+    """"prefill", "decode" or "both": which products the linear layer `name` runs."""
+    return "prefill" if _PREFILL_ONLY.match(name) else "decode" if _DECODE_ONLY.match(name) else "both"
 
 
 def relayout(lin: nn.Linear, layout: str) -> nn.Module:
@@ -357,10 +388,10 @@ def relayout(lin: nn.Linear, layout: str) -> nn.Module:
     UpcastLinear or HalfLinear in its place. One weight either way: the old one is released when the caller drops it.
     An int8 quantize.WeightOnlyLinear takes packed (a PackedInt8Linear) or stays as it is."""
     if isinstance(lin, WeightOnlyLinear):
-        if layout != "packed":
+        if layout not in PACKED:
             return lin
         try:
-            return PackedInt8Linear(lin)
+            return PackedInt8Linear(lin, PACKED[layout])
         except RuntimeError as e:                   # a layout this code cannot fill: keep row-major
             log.warning("%s; the int8 layer keeps its row-major codes", e)
             return lin
@@ -387,6 +418,7 @@ def apply_layouts(model: nn.Module, layouts: dict) -> nn.Module:
         if new is not lin:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
-    # oneDNN-packed weights are no parameters inductor can take (half ones it calls opaquely)
-    model.runtime.packed = model.runtime.packed or "packed" in layouts.values()
+    # oneDNN-packed weights are no parameters inductor can take (half ones it calls opaquely);
+    # a compiled decode step never reads the layers only prefill runs
+    model.runtime.packed = model.runtime.packed or any(x in PACKED and role(n) != "prefill" for n, x in layouts.items())
     return model

@@ -87,7 +87,7 @@ class LoadOptions:
     (off when the weights are laid out for speed next). pack: lay each CPU linear layer out for
     speed: with kernels "auto", in the layout its shape runs fastest in on this machine
     (kernels.py: measured once, cached; remeasure_kernels: time again). kernels "packed" /
-    "plain" / "colmajor" / "gemv": that layout for every layer that can take it (pack or not), nothing
+    "packed_many" / "plain" / "colmajor" / "gemv": that layout for every layer that can take it (pack or not), nothing
     measured. compile: an inductor-compiled decode step (compile.py; the weights stay plain):
     True, compiled by the first step; None, compiled in the background where it applies
     (background_compile) and used once measured faster; False, never.

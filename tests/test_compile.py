@@ -105,6 +105,35 @@ def test_a_compiled_step_calls_the_long_row_kernel_measured_fastest(kernel, monk
     assert (eager - compiled).abs().max() / eager.abs().max() < 1e-4
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch without oneDNN")
+def test_the_layers_only_prefill_runs_keep_their_measured_layout_under_a_compiled_step(tmp_path, monkeypatch):
+    """A compiled step never reads the image encoder's or the vision experts' weights, so those
+    take the layout measured fastest for prefill (here, by mock timings, oneDNN packed for many
+    rows) while every layer a step reads stays plain for inductor; the step compiles and gives
+    the eager model's greedy tokens."""
+    from models import kernels
+    from models.layout import MANY_ROWS, PackedLinear
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))             # the mock timings stay here
+    best = {"decode": "packed", "batch": "packed", "prefill": "packed_many"}
+    monkeypatch.setattr(kernels, "median_seconds",
+                        lambda probes, runs: [1e-3 if p.layout == best[p.regime] else 2e-3 for p in probes])
+    dtype = resolve_dtype("auto", "cpu")
+    opts = dict(dtype=dtype, deterministic=False)
+    model, cfg = load_model("tiny-cogvlm", LoadOptions(**opts, compile=True))
+    eager_model, _ = load_model("tiny-cogvlm", LoadOptions(**opts, compile=False))
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, (PackedLinear, torch.nn.Linear))}
+    prefill_only = {n for n in linears if kernels.role(n) == "prefill"}
+    assert prefill_only and all(isinstance(linears[n], PackedLinear) and linears[n].rows == MANY_ROWS
+                                for n in prefill_only)
+    assert all(type(m) is torch.nn.Linear for n, m in linears.items() if n not in prefill_only)
+    assert not model.runtime.packed
+    eager, compiled = _decode_logits(eager_model, cfg), _decode_logits(model, cfg)
+    assert model.runtime.decode_step.calls > 0 and not model.runtime.decode_step.failed
+    assert torch.equal(eager.argmax(-1), compiled.argmax(-1))
+    err = (eager - compiled).abs().max() / eager.abs().max()
+    assert err < (0.03 if dtype == torch.bfloat16 else 1e-4), f"relative logit error {err:.4f}"
+
+
 def test_without_a_compiler_decoding_stays_eager(monkeypatch, caplog):
     from models import compile as comp
     model, cfg = load_model("tiny-cogvlm", LoadOptions(dtype=torch.float32))

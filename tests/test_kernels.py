@@ -18,7 +18,7 @@ from models import LoadOptions, load_model
 from models import kernels
 from models.config import MODEL_CONFIGS
 from models.kernels import REGIMES, choose_layouts, role
-from models.layout import GemvLinear, HalfLinear, PackedLinear, apply_layouts, can_half, can_pack, fp16_exact
+from models.layout import PACKED, GemvLinear, HalfLinear, PackedLinear, apply_layouts, can_half, can_pack, fp16_exact
 from models.loading import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +64,7 @@ def linear_layouts(model) -> dict:
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, PackedLinear):
-            out[name] = "packed"
+            out[name] = "packed" if m.rows is None else "packed_many"
         elif isinstance(m, GemvLinear):
             out[name] = "gemv"
         elif isinstance(m, HalfLinear):
@@ -266,13 +266,13 @@ def test_a_forced_choice_measures_nothing(cache_dir, monkeypatch):
         raise AssertionError("a forced choice timed a kernel")
     monkeypatch.setattr(kernels, "median_seconds", no_timing)
     for layout in kernels.LAYOUTS:
-        if (layout == "packed" and not can_pack(torch.float32)) or layout == "upcast" \
+        if (layout in PACKED and not can_pack(torch.float32)) or layout == "upcast" \
                 or (layout == "half" and not can_half()):                # upcast: bf16 only
             continue
         model, _ = load_model("tiny-cogvlm", LoadOptions(dtype=torch.float32, kernels=layout))
         held = linear_layouts(model)
         assert held and set(held.values()) == {layout}, held    # (the bundled weights are bf16 values)
-        assert model.runtime.packed == (layout == "packed")              # what inductor cannot take
+        assert model.runtime.packed == (layout in PACKED)                # what inductor cannot take
     assert not cache_dir.exists()
     # A layout the layer cannot take falls back as before: without oneDNN packing, column-major
     # fp32 where there are more outputs than inputs, else row-major.
@@ -543,7 +543,7 @@ def test_greedy_answers_do_not_depend_on_the_layout(monkeypatch):
                      gen=GenerationConfig(max_new_tokens=40))[0] for q in questions]
     reference = answers(LoadOptions(dtype=torch.float32))
     assert reference[0] == "3"                          # what the bundled model was trained to say
-    forced = [x for x in kernels.LAYOUTS if x != "packed" or can_pack(torch.float32)]
+    forced = [x for x in kernels.LAYOUTS if x not in PACKED or can_pack(torch.float32)]
     for layout in forced:
         assert answers(LoadOptions(dtype=torch.float32, kernels=layout)) == reference, layout
     monkeypatch.setattr(kernels, "median_seconds", MockTimer(winners("plain", "packed", "colmajor")))
@@ -556,10 +556,12 @@ def pytorch_kernel(q, x: torch.Tensor) -> torch.Tensor:
     return (torch._weight_int8pack_mm(x2, q.qweight, q.scales) + q.bias).view(*x.shape[:-1], -1)
 
 
+@pytest.mark.parametrize("hint", [None, 256], ids=["packed", "packed_many"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_int8_codes_in_onednn_order_compute_what_pytorchs_kernel_does(dtype, monkeypatch):
+def test_int8_codes_in_onednn_order_compute_what_pytorchs_kernel_does(dtype, hint, monkeypatch):
     """A prefill-only int8 layer with its codes in oneDNN's blocked order (several chunks, the
-    last padded) computes what PyTorch's weight-only kernel computes from the same weights."""
+    last padded), laid out for a decode step's rows or a prefill's, computes what PyTorch's
+    weight-only kernel computes from the same weights."""
     from models import layout
     from models.quantize import WeightOnlyLinear
     if not can_pack(dtype):
@@ -568,8 +570,8 @@ def test_int8_codes_in_onednn_order_compute_what_pytorchs_kernel_does(dtype, mon
     monkeypatch.setattr(layout, "SCRATCH_BYTES", N * K * dtype.itemsize // 3 + 1)    # 3 chunks, the last padded
     gen = torch.Generator().manual_seed(0)
     q = WeightOnlyLinear(torch.randn(N, K, generator=gen).to(dtype), torch.randn(N, generator=gen).to(dtype), 8)
-    p = layout.PackedInt8Linear(q)
-    assert p.rows == 14 and p.codes.dtype == torch.int8
+    p = layout.PackedInt8Linear(q, hint)
+    assert p.rows == 14 and p.codes.dtype == torch.int8 and p.hint == hint
     x = torch.randn(2, 9, K, generator=gen).to(dtype)
     want = pytorch_kernel(q, x)
     got = p(x)
@@ -585,7 +587,7 @@ def test_int8_codes_in_onednn_order_compute_what_pytorchs_kernel_does(dtype, mon
 
 @needs_packing
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("prefill", ["packed", "plain"])
+@pytest.mark.parametrize("prefill", ["packed", "packed_many", "plain"])
 def test_int8_prefill_only_layers_follow_the_gemm_of_their_shape(prefill, bits):
     """The int8 layers only prefill uses (the image encoder; under --quant 8 the vision experts
     too) keep their codes in the layout whose GEMM the (mock) timings made faster; layers decode
@@ -599,14 +601,16 @@ def test_int8_prefill_only_layers_follow_the_gemm_of_their_shape(prefill, bits):
     apply_layouts(model, layouts)
     held = {n: (type(m), m.bits if hasattr(m, "bits") else 8) for n, m in model.named_modules()
             if isinstance(m, (WeightOnlyLinear, PackedInt8Linear))}
-    blocked = PackedInt8Linear if prefill == "packed" else WeightOnlyLinear
+    hints = {m.hint for m in model.modules() if isinstance(m, PackedInt8Linear)}
+    assert hints == ({PACKED[prefill]} if prefill in PACKED else set())      # laid out for the rows chosen
+    blocked = PackedInt8Linear if prefill in PACKED else WeightOnlyLinear
     assert held["model.vision.transformer.layers.0.mlp.fc1"][0] is blocked
     for name in ("model.layers.0.mlp.vision_mlp.up_proj", "model.layers.0.self_attn.vision_expert_query_key_value"):
         assert held[name][0] is (blocked if bits == 8 else WeightOnlyLinear), name
     for name in ("model.layers.0.mlp.language_mlp.up_proj", "lm_head"):
         assert held[name][0] is WeightOnlyLinear, name
     assert sum(t is PackedInt8Linear for t, _ in held.values()) == (
-        sum(role(n) == "prefill" and b == 8 for n, (_, b) in held.items()) if prefill == "packed" else 0)
+        sum(role(n) == "prefill" and b == 8 for n, (_, b) in held.items()) if prefill in PACKED else 0)
 
 
 @needs_packing
@@ -632,9 +636,11 @@ def test_greedy_answers_do_not_depend_on_the_int8_layout(dtype, bits):
                      gen=GenerationConfig(max_new_tokens=40))[0] for q in questions]
         return said, len(calls)
     plain, none = answers("plain")
-    packed, calls = answers("packed")
-    assert none == 0 and calls > 0                     # the image went through the blocked codes
-    assert packed == plain
+    assert none == 0
+    for blocked in PACKED:
+        packed, calls = answers(blocked)
+        assert calls > 0                               # the image went through the blocked codes
+        assert packed == plain, blocked
 
 
 def by_kernel_dtype(faster: str):

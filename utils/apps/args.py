@@ -54,8 +54,9 @@ def add_loading_args(g, single_stream: bool = False) -> None:
     g.add_argument("--kernels", default="auto", choices=KERNEL_CHOICES,
                    help="CPU linear layers: auto = each layer shape in the layout measured fastest on "
                         "this CPU (timed once at load, a few seconds; cached in "
-                        "$XDG_CACHE_HOME/cogvlm/kernels.json); packed / plain / colmajor / gemv / upcast / half = "
-                        "that layout everywhere (oneDNN-blocked; row-major or column-major F.linear; "
+                        "$XDG_CACHE_HOME/cogvlm/kernels.json); packed / packed_many / plain / colmajor / gemv / upcast / "
+                        "half = that layout everywhere (oneDNN-blocked for one or many rows; row-major or "
+                        "column-major F.linear; "
                         "row-major with single rows through ATen's GEMV; bf16 on CPUs without native bf16, "
                         "prompts' products in fp32: there any other but half means it; weights fp16 holds "
                         "exactly as fp16, FBGEMM's fp16-weight GEMM), nothing measured; overrides --cpu_weights")

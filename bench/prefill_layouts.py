@@ -1,0 +1,80 @@
+"""The layers only prefill uses (image encoder and adapter, vision experts; int8 ones too) in
+each layout they can take, in one process, alternating: the mid-size random-weight CogVLM of
+bench/decode.py (optionally quantized as `--quant N` quantizes it), one copy per layout of
+those layers: row-major (`plain`: what a compiled decode step left them in before they took
+their measured layout), oneDNN-packed for a decode step's rows (`packed`) and for a prefill's
+(`packed_many`). Every other layer takes the layout measured here (models/kernels.py), the same
+in every copy. Times the image encoder + a 283-token prefill; medians over --repeat rounds,
+each against the same process's bf16 / fp32 GEMM (a busy box drifts 2x between processes).
+
+  python bench/prefill_layouts.py [--quant 8|4] --json bench/results_prefill_layouts.json
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from bench.common import (bench_parser, cpu_start, gemm_dtype, gemm_flops, median_time, medians,  # noqa: E402
+                          random_model, write_cpu_json)
+from bench.decode import MID, make_inputs, prefill_flops, prefill_run  # noqa: E402
+from models import CogVLM  # noqa: E402
+from models.kernels import choose_layouts, role  # noqa: E402
+from models.layout import PACKED, apply_layouts  # noqa: E402
+from models.quantize import quantize  # noqa: E402
+
+VARIANTS = ("plain",) + tuple(PACKED)
+
+
+def variants(bits: int, dtype: torch.dtype) -> tuple[dict, dict]:
+    """layout -> a copy of the model whose prefill-only layers take it; and the measured choice."""
+    base = random_model(MID, dtype)
+    if bits:
+        quantize(base, bits, vision_bits=8)
+    chosen = choose_layouts(base)
+    shared = {n: x for n, x in chosen.items() if role(n) != "prefill"}
+    models = {}
+    for layout in VARIANTS:
+        m = copy.deepcopy(base)
+        apply_layouts(m, {**shared, **{n: layout for n in chosen if role(n) == "prefill"}})
+        models[layout] = m
+    return models, {n: x for n, x in chosen.items() if role(n) == "prefill"}
+
+
+def main(argv=None) -> int:
+    p = bench_parser(__doc__, threads=2, repeat=7, dtype="auto")
+    p.add_argument("--quant", type=int, default=0, choices=[0, 4, 8], help="language model bits (0: none)")
+    a = p.parse_args(argv)
+    dtype = cpu_start(a)
+    models, chosen = variants(a.quant, dtype)
+    prompt = make_inputs(MID, 24, models["plain"], False)
+    fns = {name: prefill_run(m, prompt, "cpu") for name, m in models.items()}
+    for fn in fns.values():                             # warm-up: oneDNN's kernels, the scratch weights
+        fn()
+    runs = {"gemm": []}
+    for _ in range(a.repeat):
+        runs["gemm"].append(gemm_flops(repeat=3, dtype=gemm_dtype(dtype)))
+        for name, fn in fns.items():
+            runs.setdefault(name, []).append(median_time(fn, 1, 0))
+    med = medians(runs)
+    with torch.device("meta"):
+        counted = CogVLM(MID)
+    T = prompt.input_ids.shape[1]
+    flops = prefill_flops(counted, MID, T, int(prompt.vision_mask.sum()))
+    picked = sorted(set(chosen.values()))
+    print(f"--quant {a.quant or 'none'}, {dtype}: the measured choice for the {len(chosen)} prefill-only "
+          f"layers: {', '.join(picked)}; GEMM {med['gemm'] / 1e12:.2f} TFLOP/s")
+    for name in VARIANTS:
+        print(f"  prefill-only layers {name:12s}: {med[name]:.3f} s = {flops / med[name] / med['gemm']:.0%} of "
+              f"GEMM, {med[name] / med['plain']:.2f}x plain")
+    write_cpu_json(a.json, dtype, {"quant": a.quant, "chosen": picked, "median_s": med, "rounds_s": runs,
+                                   "prefill_gflop": flops / 1e9})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
