@@ -239,3 +239,36 @@ def test_decode_attention_by_row_groups_is_exact(monkeypatch):
     cogvlm.decode_attention(q, k, v, row_mask)
     cogvlm.decode_attention(q, k.contiguous(), v.contiguous(), row_mask)  # no copy to avoid: one product
     assert calls == [2, 2, 1, 5]
+
+
+@pytest.mark.parametrize("rows", ["one image", "two runs", "batch of two", "no image", "all vision"])
+def test_each_token_takes_its_experts_projection_however_the_vision_tokens_lie(rows):
+    """expert_linear against the definition, token by token: a vision token through the vision
+    copy, every other through the language copy; one run of vision tokens is routed as a slice
+    (no gather), other layouts by row indices."""
+    from models.cogvlm import Routing, expert_linear
+    g = torch.Generator().manual_seed(0)
+    mask = torch.zeros(2 if rows == "batch of two" else 1, 9, dtype=torch.bool)
+    if rows in ("one image", "batch of two"):
+        mask[0, 2:6] = True
+    if rows == "two runs":
+        mask[0, 1:3] = mask[0, 5:8] = True
+    if rows == "batch of two":
+        mask[1, 0:4] = True
+    if rows == "all vision":
+        mask[:] = True
+    language, vision = torch.nn.Linear(16, 12), torch.nn.Linear(16, 12)
+    x = torch.randn(*mask.shape, 16, generator=g)
+    routing = Routing.of(mask)
+    assert (routing is None) == (rows == "no image")
+    if routing is not None:
+        assert isinstance(routing.vision, slice) == (rows in ("one image", "all vision")), routing
+    with torch.no_grad():
+        got = expert_linear(x, routing, language, vision)
+        want = torch.stack([torch.stack([(vision if mask[b, t] else language)(x[b, t]) for t in range(mask.shape[1])])
+                            for b in range(mask.shape[0])])
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want)
+    x.requires_grad_(True)                        # training: the gradient reaches every token
+    expert_linear(x, routing, language, vision).sum().backward()
+    assert x.grad is not None and bool((x.grad != 0).all())
