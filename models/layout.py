@@ -40,17 +40,17 @@ def use_fast_cpu_layout(model: nn.Module) -> nn.Module:
 class PackedLinear(nn.Module):
     """A linear layer whose fp32 or bf16 weight is packed once into oneDNN's blocked layout, for
     CPU inference only (no training, no state_dict). oneDNN lays the weight out for a row count
-    (`rows`, pack_weight): the `packed` layout for decode steps, `packed_many` (MANY_ROWS) for
+    (`hint`, pack_weight): the `packed` layout for decode steps, `packed_many` (MANY_ROWS) for
     prefills. Measured on the 2-core machines for the mid-size shapes (bench/RESULTS.md): on an
     AMD EPYC (AVX-512 BF16) bf16 `packed` beat row-major F.linear for one and a few rows and
     matched it for prefill; on a Xeon with AMX, `packed` ran 257-288 rows at 0.7-0.85 TFLOP/s,
     `packed_many` at 1.7-1.9, row-major F.linear at 1.2-1.35."""
 
-    def __init__(self, lin: nn.Linear, rows: Optional[int] = None):
+    def __init__(self, lin: nn.Linear, hint: Optional[int] = None):
         super().__init__()
         self.in_features, self.out_features = lin.in_features, lin.out_features
-        self.rows = rows
-        self.packed = pack_weight(lin.weight.detach(), rows)
+        self.hint = hint
+        self.packed = pack_weight(lin.weight.detach(), hint)
         self.bias = lin.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,7 @@ class PackedLinear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, oneDNN-packed for {self.rows or 'few'} rows"
+        return f"in={self.in_features}, out={self.out_features}, oneDNN-packed for {self.hint or 'few'} rows"
 
 
 class PackedInt8Linear(nn.Module):
@@ -72,18 +72,18 @@ class PackedInt8Linear(nn.Module):
     the per-row scales applied to the outputs as before, the same products. The blocked order
     is found by packing the codes themselves (-128..127 are exact in bf16 and fp32) and checked
     once per shape by unpacking it. CPU inference only; no decode kernel reads this layout.
-    rows: the row count oneDNN lays the weight out for (pack_weight; None: `packed`'s)."""
+    hint: the row count oneDNN lays the weight out for (pack_weight; None: `packed`'s)."""
 
-    def __init__(self, q: WeightOnlyLinear, rows: Optional[int] = None):
+    def __init__(self, q: WeightOnlyLinear, hint: Optional[int] = None):
         super().__init__()
         N, K = self.out_features, self.in_features = q.out_features, q.in_features
-        self.dtype, self.hint = q.dtype, rows
+        self.dtype, self.hint = q.dtype, hint
         # Equal chunks of rows (the last padded with zero rows): one scratch weight per shape.
         chunks = -(-N * K * q.dtype.itemsize // SCRATCH_BYTES)
         self.rows = -(-N // chunks)
         self.register_buffer("scales", q.scales)
         self.bias = q.bias
-        parts = [_blocked(q.qweight[r:r + self.rows], self.rows, self.dtype, rows) for r in range(0, N, self.rows)]
+        parts = [_blocked(q.qweight[r:r + self.rows], self.rows, self.dtype, hint) for r in range(0, N, self.rows)]
         self.register_buffer("codes", torch.cat(parts))                   # chunks x blocked size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -366,7 +366,7 @@ def pack_for_cpu_inference(model: nn.Module) -> nn.Module:
 LAYOUTS = ("packed", "packed_many", "plain", "colmajor", "gemv", "upcast", "half")
 PACKED = {"packed": None, "packed_many": MANY_ROWS}        # oneDNN's layouts -> the rows they are laid out for
 
-_MODULES = {"packed": PackedLinear, "packed_many": functools.partial(PackedLinear, rows=MANY_ROWS),
+_MODULES = {"packed": PackedLinear, "packed_many": functools.partial(PackedLinear, hint=MANY_ROWS),
             "gemv": GemvLinear, "upcast": UpcastLinear, "half": HalfLinear}
 
 # Layers only a prefill runs (image encoders and adapter, the vision experts, CogAgent's cross

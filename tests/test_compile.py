@@ -123,7 +123,7 @@ def test_the_layers_only_prefill_runs_keep_their_measured_layout_under_a_compile
     eager_model, _ = load_model("tiny-cogvlm", LoadOptions(**opts, compile=False))
     linears = {n: m for n, m in model.named_modules() if isinstance(m, (PackedLinear, torch.nn.Linear))}
     prefill_only = {n for n in linears if kernels.role(n) == "prefill"}
-    assert prefill_only and all(isinstance(linears[n], PackedLinear) and linears[n].rows == MANY_ROWS
+    assert prefill_only and all(isinstance(linears[n], PackedLinear) and linears[n].hint == MANY_ROWS
                                 for n in prefill_only)
     assert all(type(m) is torch.nn.Linear for n, m in linears.items() if n not in prefill_only)
     assert not model.runtime.packed

@@ -64,7 +64,7 @@ def linear_layouts(model) -> dict:
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, PackedLinear):
-            out[name] = "packed" if m.rows is None else "packed_many"
+            out[name] = "packed" if m.hint is None else "packed_many"
         elif isinstance(m, GemvLinear):
             out[name] = "gemv"
         elif isinstance(m, HalfLinear):
