@@ -38,8 +38,8 @@ def variants(bits: int, dtype: torch.dtype) -> tuple[dict, dict]:
     chosen = choose_layouts(base)
     shared = {n: x for n, x in chosen.items() if role(n) != "prefill"}
     models = {}
-    for layout in VARIANTS:
-        m = copy.deepcopy(base)
+    for i, layout in enumerate(VARIANTS):
+        m = base if i == len(VARIANTS) - 1 else copy.deepcopy(base)     # the last takes the original
         apply_layouts(m, {**shared, **{n: layout for n in chosen if role(n) == "prefill"}})
         models[layout] = m
     return models, {n: x for n, x in chosen.items() if role(n) == "prefill"}
