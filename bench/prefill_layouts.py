@@ -4,7 +4,10 @@ bench/decode.py (optionally quantized as `--quant N` quantizes it), one copy per
 those layers: row-major (`plain`: what a compiled decode step left them in before they took
 their measured layout), oneDNN-packed for a decode step's rows (`packed`) and for a prefill's
 (`packed_many`). Every other layer takes the layout measured here (models/kernels.py), the same
-in every copy. Times the image encoder + a 283-token prefill; medians over --repeat rounds,
+in every copy. With `--quant 4` those copies keep the int4 prefill-only layers (vision experts) in
+PyTorch's int4 kernel layout, and two more copies take the measured layouts: `measured` with
+those int4 layers in the kernel's layout, `measured+split` split by rows as the apps load them
+(quantize.SplitInt4Linear). Times the image encoder + a 283-token prefill; medians over --repeat rounds,
 each against the same process's bf16 / fp32 GEMM (a busy box drifts 2x between processes).
 
   python bench/prefill_layouts.py [--quant 8|4] --json bench/results_prefill_layouts.json
@@ -24,7 +27,7 @@ from bench.common import (bench_parser, cpu_start, gemm_dtype, gemm_flops, media
 from bench.decode import MID, make_inputs, prefill_flops, prefill_run  # noqa: E402
 from models import CogVLM  # noqa: E402
 from models.kernels import choose_layouts, role  # noqa: E402
-from models.layout import PACKED, apply_layouts  # noqa: E402
+from models.layout import PACKED, apply_layouts, split_prefill_int4  # noqa: E402
 from models.quantize import quantize  # noqa: E402
 
 VARIANTS = ("plain",) + tuple(PACKED)
@@ -38,6 +41,11 @@ def variants(bits: int, dtype: torch.dtype) -> tuple[dict, dict]:
     chosen = choose_layouts(base)
     shared = {n: x for n, x in chosen.items() if role(n) != "prefill"}
     models = {}
+    if bits == 4:      # as measured, the int4 prefill-only layers in the kernel's layout / split by rows (the apps')
+        for name in ("measured", "measured+split"):
+            models[name] = copy.deepcopy(base)
+            apply_layouts(models[name], chosen)
+        split_prefill_int4(models["measured+split"])
     for i, layout in enumerate(VARIANTS):
         m = base if i == len(VARIANTS) - 1 else copy.deepcopy(base)     # the last takes the original
         apply_layouts(m, {**shared, **{n: layout for n in chosen if role(n) == "prefill"}})
@@ -68,8 +76,8 @@ def main(argv=None) -> int:
     picked = sorted(set(chosen.values()))
     print(f"--quant {a.quant or 'none'}, {dtype}: the measured choice for the {len(chosen)} prefill-only "
           f"layers: {', '.join(picked)}; GEMM {med['gemm'] / 1e12:.2f} TFLOP/s")
-    for name in VARIANTS:
-        print(f"  prefill-only layers {name:12s}: {med[name]:.3f} s = {flops / med[name] / med['gemm']:.0%} of "
+    for name in fns:
+        print(f"  prefill-only layers {name:14s}: {med[name]:.3f} s = {flops / med[name] / med['gemm']:.0%} of "
               f"GEMM, {med[name] / med['plain']:.2f}x plain")
     write_cpu_json(a.json, dtype, {"quant": a.quant, "chosen": picked, "median_s": med, "rounds_s": runs,
                                    "prefill_gflop": flops / 1e9})

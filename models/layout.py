@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .lora import carry_adapter, has_adapter
-from .quantize import SCRATCH_BYTES, WeightOnlyLinear, _buffer
+from .quantize import SCRATCH_BYTES, SplitInt4Linear, WeightOnlyLinear, _buffer, int4_row_block
 
 log = logging.getLogger(__name__)
 
@@ -422,3 +422,19 @@ def apply_layouts(model: nn.Module, layouts: dict) -> nn.Module:
     # a compiled decode step never reads the layers only prefill runs
     model.runtime.packed = model.runtime.packed or any(x in PACKED and role(n) != "prefill" for n, x in layouts.items())
     return model
+
+
+@torch.no_grad()
+def split_prefill_int4(model: nn.Module) -> int:
+    """Give every int4 CPU layer only prefill runs (role) the codes of quantize.SplitInt4Linear:
+    its prefills dequantize the same weight in fewer passes. Returns how many layers changed
+    (none where PyTorch's int4 block layout is unknown here, and none carrying an adapter)."""
+    if not int4_row_block():
+        return 0
+    names = [n for n, m in model.named_modules() if type(m) is WeightOnlyLinear and m.bits == 4
+             and role(n) == "prefill" and m.qweight.device.type == "cpu" and not has_adapter(m)]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, SplitInt4Linear(getattr(owner, child)))
+    return len(names)

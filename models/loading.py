@@ -83,8 +83,9 @@ def init_weights(model: CogVLM, std: float = 0.02) -> None:
 @dataclass
 class LoadOptions:
     """How load_model builds a model. dtype None: default_dtype(device). rank/world: this
-    process's piece under tensor parallelism. cpu_layout: the column-major fp32 re-layout
-    (off when the weights are laid out for speed next). pack: lay each CPU linear layer out for
+    process's piece under tensor parallelism. cpu_layout: the CPU inference re-layouts (off for
+    training): the column-major fp32 one (unless the weights are laid out for speed next), and
+    the int4 layers only prefill runs split by rows (layout.split_prefill_int4). pack: lay each CPU linear layer out for
     speed: with kernels "auto", in the layout its shape runs fastest in on this machine
     (kernels.py: measured once, cached; remeasure_kernels: time again). kernels "packed" /
     "packed_many" / "plain" / "colmajor" / "gemv": that layout for every layer that can take it (pack or not), nothing
@@ -269,7 +270,7 @@ def prepare_for_inference(model: nn.Module, opts: LoadOptions, layouts: Optional
     more outputs than inputs. Compiled: `half` where measured fastest, plain weights elsewhere."""
     from .invariant import make_batch_invariant
     from .kernels import choose_quantized_kernels
-    from .layout import apply_layouts
+    from .layout import apply_layouts, split_prefill_int4
     cpu = torch.device(opts.device).type == "cpu"
     deterministic, compiled = modes(opts)
     if compiled and opts.kernels != "auto":             # inductor lays out and packs its own copy
@@ -282,6 +283,8 @@ def prepare_for_inference(model: nn.Module, opts: LoadOptions, layouts: Optional
     if cpu and opts.kernels == "auto" and (opts.pack or compiled):
         # The compiled step calls the same weight-only kernels: fp32 ones are scalar (5x slower).
         choose_quantized_kernels(model, opts.remeasure_kernels)
+    if cpu and opts.cpu_layout and split_prefill_int4(model):     # (training loads keep the kernel layout)
+        log.info("int4 layers only prefill runs: codes split by rows, dequantized in fewer passes")
     if compiled:
         from .compile import compile_decode, compile_in_background
         if opts.compile:

@@ -202,6 +202,7 @@ class _DequantMatmul(torch.autograd.Function):
 
 class WeightOnlyLinear(nn.Module):
     """int8 (per-row scales) or int4 (per-64 scale + zero) weights, computing in `dtype`."""
+    few_row_kernel = True                    # few rows run PyTorch's weight-only kernel
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], bits: int, group: Optional[int] = None):
         super().__init__()
@@ -280,8 +281,12 @@ class WeightOnlyLinear(nn.Module):
             buf = _buffer((n, K), self.dtype, 0, self.qweight.device)
             yield r0, self.dequantize(buf, slice(r0, r0 + n), scaled, offset)
 
+    def group_zeros(self, rows: slice) -> torch.Tensor:
+        """int4: the per-group zeros of output rows `rows`, K/G,n."""
+        return self.scales[:, rows, 1]
+
     def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        if x2.shape[0] <= KERNEL_ROWS[self.bits]:
+        if x2.shape[0] <= KERNEL_ROWS[self.bits] and self.few_row_kernel:
             xk = x2.to(self.kernel_dtype)
             if self.bits == 8:
                 return torch._weight_int8pack_mm(xk, self.qweight, self.scales).to(x2.dtype)
@@ -296,7 +301,7 @@ class WeightOnlyLinear(nn.Module):
 
         def product(r0: int, w: torch.Tensor) -> torch.Tensor:
             y = F.linear(x2, w)
-            return y.addmm_(x_groups, self.scales[:, r0:r0 + w.shape[0], 1].to(y.dtype)) if int4 else y
+            return y.addmm_(x_groups, self.group_zeros(slice(r0, r0 + w.shape[0])).to(y.dtype)) if int4 else y
         chunks = self.dequantized_chunks(scaled=int4, offset=not int4)
         r0, w = next(chunks)
         if w.shape[0] == self.out_features:                                      # one chunk: no copy
@@ -322,6 +327,59 @@ class WeightOnlyLinear(nn.Module):
     def extra_repr(self) -> str:
         kernel = f" (one-token kernel in {self.kernel_dtype})" if self.kernel_dtype != self.dtype else ""
         return f"in={self.in_features}, out={self.out_features}, int{self.bits}, {self.dtype}{kernel}"
+
+
+class SplitInt4Linear(WeightOnlyLinear):
+    """An int4 layer only prefill runs (vision experts; image encoders under `--quant_vision 4`),
+    its codes stored ready to expand: PyTorch's int4 kernel never reads them, so they need not be
+    in its layout. Per block of b rows (int4_row_block) the kernel's bytes are transposed once,
+    at load, to b/2 rows of K bytes (low nibble: row j, high nibble: row j + b/2), each nibble
+    xor 8 (read as a signed 4-bit number: q - 8). Expanding is then two shifts of int8 bytes: the
+    high nibbles by an arithmetic right shift, the low ones by a left shift alone, which leaves
+    16 (q - 8), so those rows' scales are stored divided by 16 (exact, a power of two). The
+    dequantized weight is bit for bit the one WeightOnlyLinear makes, with three passes over it
+    fewer (the byte transpose, the xor, the shift back). Same bytes: the codes, one scale per
+    group (N,K/G) and one zero per group (K/G,N, applied to the outputs). CPU inference only."""
+    few_row_kernel = False
+
+    def __init__(self, q: WeightOnlyLinear):
+        nn.Module.__init__(self)
+        N, K, b = q.out_features, q.in_features, int4_row_block()
+        if q.bits != 4 or not b or N % b:
+            raise ValueError(f"SplitInt4Linear takes an int4 layer in a known block layout, not int{q.bits} {N}x{K}")
+        self.out_features, self.in_features, self.bits, self.dtype, self.group = N, K, 4, q.dtype, q.group
+        self.kernel_dtype, self.block, self.bias = q.kernel_dtype, b, q.bias
+        codes = q.qweight.view(N // b, K, b // 2).transpose(1, 2).contiguous()         # N/b,b/2,K
+        codes.view(-1).view(torch.int64).bitwise_xor_(_XOR_8)
+        scales = q.scales[..., 0].t().contiguous()                                       # N,K/G
+        scales.view(N // b, 2, b // 2, -1)[:, 0].div_(16)                               # the low nibbles' rows
+        self.register_buffer("qweight", codes.view(torch.int8))
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", q.scales[..., 1].contiguous())                    # K/G,N
+
+    def kernel_in(self, dtype: torch.dtype) -> None:
+        """No few-row kernel reads these codes: nothing to switch."""
+
+    def group_zeros(self, rows: slice) -> torch.Tensor:
+        return self.zeros[:, rows]
+
+    def dequantize(self, out: Optional[torch.Tensor] = None, rows: Optional[slice] = None,
+                   scaled: bool = True, offset: bool = True) -> torch.Tensor:
+        rows = rows or slice(0, self.out_features)
+        b, K = self.block, self.in_features
+        N = rows.stop - rows.start
+        codes = self.qweight[rows.start // b:rows.stop // b]                            # n/b,b/2,K
+        out = out if out is not None else torch.empty(N, K, dtype=self.dtype, device=codes.device)
+        expanded = _buffer((N, K), torch.int8)
+        o = expanded.view(N // b, 2, b // 2, K)                                         # n/b,2,b/2,K
+        torch.bitwise_left_shift(codes, 4, out=o[:, 0])                                 # 16 (q - 8)
+        torch.bitwise_right_shift(codes, 4, out=o[:, 1])                                # q - 8
+        w = out.copy_(expanded).view(N, K // self.group, self.group)                    # n,K/G,G
+        w.mul_(self.scales[rows, :, None])
+        return w.add_(self.zeros[:, rows].t()[..., None]).view(N, K) if offset else out
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int4 split by rows for prefill, {self.dtype}"
 
 
 class Int8Embedding(nn.Module):

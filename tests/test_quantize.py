@@ -258,12 +258,14 @@ def test_token_embeddings_int8_with_the_torch_back_end(ckpt):
     assert model.model.compute_dtype == torch.bfloat16 and model.model.device.type == "cpu"
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["kernel-layout", "split-by-rows"])
 @pytest.mark.parametrize("group", [64, 128])
-def test_int4_many_rows_match_the_kernels_weights(group):
+def test_int4_many_rows_match_the_kernels_weights(group, split):
     """The weights are what PyTorch's int4 kernel multiplies by ((q - 8) * scale + zero, read
     back through it with an identity matrix); a step of many rows (dequantized, the zeros
     applied to x summed per group) gives x W^T of those weights within bf16 rounding, also for
-    inputs far from zero mean, where the zeros matter most."""
+    inputs far from zero mean, where the zeros matter most. Split by rows (the layout of the
+    int4 layers only prefill runs), the same, and a few rows too (no kernel reads that layout)."""
     import models.quantize as mq
     torch.manual_seed(0)
     K = 512
@@ -271,10 +273,59 @@ def test_int4_many_rows_match_the_kernels_weights(group):
     w = torch._weight_int4pack_mm_for_cpu(torch.eye(K, dtype=torch.bfloat16), lin.qweight, group,
                                           lin.scales).t().float()                        # N,K
     step = lin.scales[..., 0].t().float().repeat_interleave(group, 1)               # N,K
+    if split:
+        lin = mq.SplitInt4Linear(lin)
     assert ((lin.dequantize().float() - w).abs() <= step / 8).all()      # bf16 roundings, not steps
-    x = torch.randn(200, K).bfloat16() + 0.5
-    assert x.shape[0] > mq.KERNEL_ROWS[4]
-    exact = x.float() @ w.t()
+    for rows in (200, 3) if split else (200,):
+        x = torch.randn(rows, K).bfloat16() + 0.5
+        assert (rows > mq.KERNEL_ROWS[4]) or split
+        exact = x.float() @ w.t()
+        with torch.inference_mode():
+            y = lin(x).float()
+        assert float((y - exact).norm() / exact.norm()) < 3e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(448, 512, 64), (192, 256, 32), (128, 1024, 256)])
+def test_int4_split_by_rows_dequantizes_the_same_bits(shape, dtype):
+    """SplitInt4Linear (the codes of an int4 layer only prefill runs, transposed and xor-ed once
+    at load, the low nibbles' scales divided by 16) dequantizes bit for bit the weight of the
+    layer it was made from, with and without the group zeros, so a prefill's many-row product is
+    unchanged to the bit; bias included, in both compute dtypes."""
+    import models.quantize as mq
+    torch.manual_seed(0)
+    N, K, group = shape
+    lin = mq.WeightOnlyLinear((torch.randn(N, K) * 0.02 + 0.003).to(dtype), torch.randn(N).to(dtype), 4, group)
+    split = mq.SplitInt4Linear(lin)
+    assert split.qweight.numel() == lin.qweight.numel()
+    assert split.scales.numel() + split.zeros.numel() == lin.scales.numel()          # the same bytes
+    for offset in (True, False):
+        assert torch.equal(split.dequantize(offset=offset), lin.dequantize(offset=offset))
+    x = torch.randn(2 * mq.KERNEL_ROWS[4], K).to(dtype)
     with torch.inference_mode():
-        y = lin(x).float()
-    assert float((y - exact).norm() / exact.norm()) < 3e-3
+        assert torch.equal(split(x), lin(x))
+
+
+def test_int4_inference_loads_split_the_prefill_layers_and_answer_alike(ckpt, tokenizer, image_file, monkeypatch):
+    """An int4 inference load gives the int4 layers only prefill runs (vision experts; image
+    encoders under --quant_vision 4) the split-by-rows codes and no other layer; greedy answers
+    and last logits as with every layer in PyTorch's kernel layout (fp32, both model kinds). A
+    training load (cpu_layout off) keeps the kernel layout (QLoRA saves and trains on it)."""
+    import models.layout as ml
+    from models.quantize import SplitInt4Linear, WeightOnlyLinear
+    opts = LoadOptions(dtype=torch.float32, quant=QuantConfig(bits=4, vision_bits=4))
+    split, cfg = load_model(str(ckpt), opts)
+    kinds = {n: type(m) for n, m in split.named_modules() if isinstance(m, WeightOnlyLinear) and m.bits == 4}
+    assert {n for n, k in kinds.items() if k is SplitInt4Linear} == {n for n in kinds if ml.role(n) == "prefill"}
+    assert any(".vision_expert_" in n for n in kinds) and any(n.startswith("model.vision.") for n in kinds)
+    monkeypatch.setattr(ml, "split_prefill_int4", lambda model: 0)
+    kernel, _ = load_model(str(ckpt), opts)
+    assert not any(isinstance(m, SplitInt4Linear) for m in kernel.modules())
+    gen = GenerationConfig(max_new_tokens=8)
+    answers = [chat(m, tokenizer, "Describe it.", [], image_file, gen=gen)[0] for m in (split, kernel)]
+    assert answers[0] == answers[1]
+    with torch.no_grad():
+        a, b = (m(prepare(m, tokenizer, "What is in it?", [], ImageContext(image_file, cfg)))[0, -1] for m in (split, kernel))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    trained, _ = load_model(str(ckpt), dataclasses.replace(opts, cpu_layout=False))
+    assert not any(isinstance(m, SplitInt4Linear) for m in trained.modules())
