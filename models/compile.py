@@ -44,6 +44,7 @@ import shutil
 import sysconfig
 import threading
 import time
+import types
 from contextlib import contextmanager
 from typing import Callable, Optional
 
@@ -342,6 +343,22 @@ class _Stopped(BaseException):
     """Raised in the compile thread when the process exits before it is done."""
 
 
+def own_code(fn: Callable) -> Callable:
+    """`fn` with a code object of its own. Dynamo keeps compiled graphs (and its recompile limit)
+    per code object, so graphs compiled through this copy can be dropped (`drop_graphs`) without
+    touching another model's, which torch._dynamo.reset() would drop too (a composite demo holds
+    several models in one process)."""
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__qualname__, copy.__doc__, copy.__kwdefaults__ = fn.__qualname__, fn.__doc__, fn.__kwdefaults__
+    return copy
+
+
+def drop_graphs(fn: Callable) -> None:
+    """Forget every graph dynamo compiled for `fn`'s code object, with their frozen weights."""
+    with torch._dynamo.convert_frame.compile_lock:
+        torch._dynamo.reset_code(fn.__code__)
+
+
 class BackgroundCompiled:
     """The decode step while --compile is unset: inductor compiles it in a thread on a dummy
     request while decoding goes on eagerly; the first request that starts after it is ready
@@ -353,7 +370,8 @@ class BackgroundCompiled:
     def __init__(self, model, on_eager: Callable[[], None], settings: dict):
         self.model, self.on_eager, self.settings = model, on_eager, settings
         self.quiet = QuietTimings()
-        self.compiled = torch.compile(forward_one_token, dynamic=True, fullgraph=True, mode="max-autotune")
+        self.step = own_code(forward_one_token)           # this model's graphs alone
+        self.compiled = torch.compile(self.step, dynamic=True, fullgraph=True, mode="max-autotune")
         self.choice: Optional[str] = None              # "compiled" | "eager", once timed
         self.timed: tuple = ()                         # (eager s, compiled s) that chose it
         self.error: Optional[str] = None
@@ -435,7 +453,7 @@ class BackgroundCompiled:
             if compiled < eager:
                 return "compiled"
         self.compiled = None
-        torch._dynamo.reset()                          # its frozen weights
+        drop_graphs(self.step)                         # its frozen weights (not another model's graphs)
         release_free_memory()
         self.on_eager()
         return "eager"

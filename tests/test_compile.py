@@ -305,6 +305,37 @@ def test_the_single_stream_apps_compile_the_step_in_the_background(faster, monke
     assert text_only.decode_kind == "eager" and torch._dynamo.utils.counters["frames"]["ok"] == frames
 
 
+def test_a_step_that_loses_to_eager_drops_its_own_graphs_only(monkeypatch):
+    """Two models in one process (the composite demo holds up to three), each compiling its step
+    in the background: the one whose eager step is timed faster drops its own compiled graphs,
+    and the other goes on decoding compiled, without compiling again (torch._dynamo.reset() would
+    have dropped both: the other model's requests then decoded eagerly)."""
+    import models.compile as mc
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list as entries
+    monkeypatch.setattr(mc, "BACKGROUND_MIN_WEIGHTS", 0)             # the bundled models are small
+    loaded = {name: _app_model(name) for name in ("tiny-cogvlm", "tiny-cogagent")}
+    steps = {name: m.runtime.decode_step for name, (m, _) in loaded.items()}
+    for step in steps.values():
+        assert isinstance(step, mc.BackgroundCompiled)
+        step.ready.wait(300)
+        assert step.error is None, step.error
+    monkeypatch.setattr(steps["tiny-cogvlm"], "_time", lambda: (1.0, 0.5))       # compiled faster
+    monkeypatch.setattr(steps["tiny-cogagent"], "_time", lambda: (0.5, 1.0))     # eager faster
+    kinds = []
+    for name in ("tiny-cogvlm", "tiny-cogagent", "tiny-cogvlm"):
+        model, cfg = loaded[name]
+        if name == "tiny-cogagent":
+            frames = torch._dynamo.utils.counters["frames"]["ok"]
+        cache, logits = _request(model, cfg)
+        _steps(model, cache, logits, 3)
+        kinds.append(cache.decode_kind)
+    assert kinds == ["compiled", "eager", "compiled"]
+    assert torch._dynamo.utils.counters["frames"]["ok"] == frames                 # nothing compiled again
+    assert steps["tiny-cogagent"].compiled is None and not entries(steps["tiny-cogagent"].step)
+    assert entries(steps["tiny-cogvlm"].step)
+    assert steps["tiny-cogvlm"].step.__code__ is not steps["tiny-cogagent"].step.__code__
+
+
 @pytest.mark.parametrize("where", ["background", "--compile from another thread"])
 def test_a_step_compiled_off_the_main_thread_freezes_its_weights_and_times_kernels_quietly(where, monkeypatch,
                                                                                            tmp_path):
