@@ -7,7 +7,8 @@ their measured layout), oneDNN-packed for a decode step's rows (`packed`) and fo
 in every copy. With `--quant 4` those copies keep the int4 prefill-only layers (vision experts) in
 PyTorch's int4 kernel layout, and two more copies take the measured layouts: `measured` with
 those int4 layers in the kernel's layout, `measured+split` split by rows as the apps load them
-(quantize.SplitInt4Linear). Times the image encoder + a 283-token prefill; medians over --repeat rounds,
+(quantize.SplitInt4Linear), expanded in eager passes, and the same copy again with the
+expansion compiled (`measured+split+fused`, where a C++ compiler exists). Times the image encoder + a 283-token prefill; medians over --repeat rounds,
 each against the same process's bf16 / fp32 GEMM (a busy box drifts 2x between processes).
 
   python bench/prefill_layouts.py [--quant 8|4] --json bench/results_prefill_layouts.json
@@ -28,7 +29,8 @@ from bench.decode import MID, make_inputs, prefill_flops, prefill_run  # noqa: E
 from models import CogVLM  # noqa: E402
 from models.kernels import choose_layouts, role  # noqa: E402
 from models.layout import PACKED, apply_layouts, split_prefill_int4  # noqa: E402
-from models.quantize import quantize  # noqa: E402
+from models.compile import expand_int4_in_background  # noqa: E402
+from models.quantize import FusedExpand, quantize  # noqa: E402
 
 VARIANTS = ("plain",) + tuple(PACKED)
 
@@ -53,6 +55,24 @@ def variants(bits: int, dtype: torch.dtype) -> tuple[dict, dict]:
     return models, {n: x for n, x in chosen.items() if role(n) == "prefill"}
 
 
+def fused_variants(split: torch.nn.Module, run) -> dict:
+    """The split model's prefill with its int4 expansion in eager passes ("measured+split") and,
+    where it compiles here, in inductor's single pass ("measured+split+fused"), the same model
+    either way (quantize.FusedExpand switched around each call)."""
+    thread = expand_int4_in_background(split)
+    if thread is not None:
+        thread.join()
+    fused = FusedExpand.fn
+
+    def eager_passes():
+        FusedExpand.fn = None
+        try:
+            return run()
+        finally:
+            FusedExpand.fn = fused
+    return {"measured+split": eager_passes, **({"measured+split+fused": run} if fused else {})}
+
+
 def main(argv=None) -> int:
     p = bench_parser(__doc__, threads=2, repeat=7, dtype="auto")
     p.add_argument("--quant", type=int, default=0, choices=[0, 4, 8], help="language model bits (0: none)")
@@ -61,6 +81,8 @@ def main(argv=None) -> int:
     models, chosen = variants(a.quant, dtype)
     prompt = make_inputs(MID, 24, models["plain"], False)
     fns = {name: prefill_run(m, prompt, "cpu") for name, m in models.items()}
+    if "measured+split" in models:
+        fns.update(fused_variants(models["measured+split"], fns["measured+split"]))
     for fn in fns.values():                             # warm-up: oneDNN's kernels, the scratch weights
         fn()
     runs = {"gemm": []}

@@ -54,7 +54,7 @@ from .cogvlm import (Cache, CrossAttention, VisionExpertAttention, decode_attent
                      single_query_attention)
 from .generate import forward_one_token
 from .machine import available_memory, release_free_memory
-from .quantize import WeightOnlyLinear
+from .quantize import FusedExpand, SplitInt4Linear, WeightOnlyLinear, _buffer, expand_split_int4
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +228,72 @@ def compile_in_background(model, on_eager: Callable[[], None]) -> bool:
     return True
 
 
+def expand_int4_in_background(model) -> Optional[threading.Thread]:
+    """Compile quantize.expand_split_int4 in a background thread (nice 19): one graph with dynamic
+    shapes serves every SplitInt4Linear; checked on a probe against the eager passes, bit for
+    bit, before the layers use it (quantize.FusedExpand). Where those layers hold
+    BACKGROUND_MIN_WEIGHTS or more, a C++ compiler exists and the compiler takes at most half the
+    memory available; once per process (the first model's kinds of layer: another model's other
+    kinds, if any, keep the eager passes). Returns the thread, or None."""
+    global _EXPANSION
+    layers = [m for m in model.modules() if isinstance(m, SplitInt4Linear)]
+    weights, free = sum(m.weight_count for m in layers), available_memory()
+    if FusedExpand.fn is not None or (_EXPANSION and _EXPANSION.is_alive()) or weights < BACKGROUND_MIN_WEIGHTS or compiler_missing() is not None \
+            or (free is not None and COMPILER_BYTES > free / 2):
+        return None
+    log.info("compiling the int4 expansion of %d prefill layers in the background (%.0f M weights; until "
+             "it is ready, and where it does not apply, they expand in eager passes)", len(layers), weights / 1e6)
+    kinds = sorted({(m.dtype, m.scales.dtype, m.group) for m in layers}, key=str)
+    thread = threading.Thread(target=_compile_expand, args=(kinds,),
+                              name="compile-int4-expansion", daemon=True)
+    thread.start()
+    atexit.register(stop_at_exit, thread)
+    _EXPANSION = thread
+    return thread
+
+
+_EXPANSION: Optional[threading.Thread] = None         # the compile of the int4 expansion, once started
+
+
+def _compile_expand(kinds: list) -> None:
+    """The background thread of expand_int4_in_background: compile on a probe of each kind of
+    layer (weight dtype, scales' dtype: an fp32 model's may be bf16, WeightOnlyLinear.kernel_in;
+    group) under inference mode and no_grad (both run prefills), compare with the eager passes,
+    publish."""
+    start = time.perf_counter()
+    nice_this_thread()
+    try:
+        fn = torch.compile(expand_split_int4, dynamic=True, fullgraph=True)
+        for dtype, scales, group in kinds:
+            if not _expands_alike(fn, dtype, scales, group):
+                log.warning("the compiled int4 expansion differs from the eager one here; prefill keeps the eager passes")
+                return
+        FusedExpand.fn = fn
+        release_free_memory()
+        log.info("int4 expansion compiled in the background in %.0f s", time.perf_counter() - start)
+    except Exception as e:  # noqa: BLE001 - any compiler failure: the eager passes go on
+        log.info("compiling the int4 expansion failed (%s); prefill keeps the eager passes",
+                 (str(e).strip().splitlines() or [type(e).__name__])[0][:300])
+    except _Stopped:
+        pass
+
+
+def _expands_alike(fn: Callable, dtype: torch.dtype, scales: torch.dtype, group: int) -> bool:
+    """Whether `fn` (compiling it) expands a probe layer of these dtypes and group as the eager
+    passes do, bit for bit."""
+    layer = WeightOnlyLinear(torch.randn(3 * 64, 5 * group).to(dtype), None, 4, group)
+    if scales != dtype:
+        layer.kernel_in(scales)
+    probe = SplitInt4Linear(layer)
+    want, h = probe.dequantize(offset=False), probe.block // 2
+    # dynamo guards on the bases of views too: `got` is a view of the scratch buffer, as in use
+    got = _buffer(tuple(want.shape), want.dtype).zero_()
+    # blocks, half-blocks and groups of unequal sizes: equal ones would share one dynamic symbol
+    with torch.inference_mode():                      # as SplitInt4Linear calls it, whatever the caller's mode
+        fn(probe.qweight.view(3, h, 5, group), probe.scales.view(3, 2, h, 5, 1), got.view(3, 2, h, 5, group))
+    return torch.equal(got, want)
+
+
 def decode_weights(model) -> int:
     """How many weights a decode step reads: those of the linear layers a text token passes
     (image encoders and vision experts left out), the LM head included."""
@@ -359,6 +425,22 @@ def drop_graphs(fn: Callable) -> None:
         torch._dynamo.reset_code(fn.__code__)
 
 
+def nice_this_thread() -> None:
+    """Lowest priority for this thread (Linux) and the compilers it starts: they yield to decoding."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+
+
+def stop_at_exit(thread: threading.Thread) -> None:
+    """At exit: a compile still running in `thread` stopped (an exception raised in it) and
+    awaited: a thread left inside torch's C++ code while the process tears down aborted it."""
+    if thread.is_alive():
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_Stopped))
+        thread.join(STOP_WAIT_S)
+
+
 class BackgroundCompiled:
     """The decode step while --compile is unset: inductor compiles it in a thread on a dummy
     request while decoding goes on eagerly; the first request that starts after it is ready
@@ -384,10 +466,7 @@ class BackgroundCompiled:
 
     def _compile(self) -> None:
         start = time.perf_counter()
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)   # this thread (Linux) and
-        except (AttributeError, OSError):                # the compilers it starts yield to decoding
-            pass
+        nice_this_thread()
         try:
             with torch.inference_mode(), inductor_settings(self.settings), self.quiet.in_this_thread():
                 self.compiled(*dummy_step_args(self.model))
@@ -401,10 +480,7 @@ class BackgroundCompiled:
             self.ready.set()
 
     def _stop(self) -> None:
-        """At exit: the compile thread stopped (an exception raised in it) and awaited."""
-        if self.thread.is_alive():
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread.ident), ctypes.py_object(_Stopped))
-            self.thread.join(STOP_WAIT_S)
+        stop_at_exit(self.thread)
 
     def __call__(self, model, tokens, positions, cache, attn_mask=None):
         kind = getattr(cache, "decode_kind", None)

@@ -21,15 +21,18 @@ dtype: patch embeddings, norms and the adapter's input projection.
 """
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 GROUP = 64            # int4 inputs per scale/zero pair (the default)
 # Other group sizes users may choose (--quant_group): 128 saves 0.25 bit per weight (0.40 GB of
@@ -329,6 +332,23 @@ class WeightOnlyLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int{self.bits}, {self.dtype}{kernel}"
 
 
+def expand_split_int4(codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
+    """SplitInt4Linear's codes expanded and scaled in one expression, for inductor to make one
+    pass of (compile.expand_int4_in_background); the same products as the eager passes, so the
+    same bits. codes: B,h,G,g int8 (B blocks of 2h rows, G groups of g inputs); scales: B,2,h,G,1;
+    out: B,2,h,G,g."""
+    left = torch.tensor([4, 0], dtype=torch.int8, device=codes.device).view(1, 2, 1, 1, 1)
+    right = torch.tensor([0, 4], dtype=torch.int8, device=codes.device).view(1, 2, 1, 1, 1)
+    q = (codes.unsqueeze(1) << left) >> right                                           # B,2,h,G,g
+    out.copy_(q.to(out.dtype) * scales)
+
+
+class FusedExpand:
+    """The compiled expand_split_int4, once compile.expand_int4_in_background has built and
+    checked it (None until then, or where it cannot be built: the eager passes run)."""
+    fn: Optional[Callable] = None
+
+
 class SplitInt4Linear(WeightOnlyLinear):
     """An int4 layer only prefill runs (vision experts; image encoders under `--quant_vision 4`),
     its codes stored ready to expand: PyTorch's int4 kernel never reads them, so they need not be
@@ -370,6 +390,8 @@ class SplitInt4Linear(WeightOnlyLinear):
         N = rows.stop - rows.start
         codes = self.qweight[rows.start // b:rows.stop // b]                            # n/b,b/2,K
         out = out if out is not None else torch.empty(N, K, dtype=self.dtype, device=codes.device)
+        if not offset and self._fused(codes, rows, out):
+            return out
         expanded = _buffer((N, K), torch.int8)
         o = expanded.view(N // b, 2, b // 2, K)                                         # n/b,2,b/2,K
         torch.bitwise_left_shift(codes, 4, out=o[:, 0])                                 # 16 (q - 8)
@@ -377,6 +399,23 @@ class SplitInt4Linear(WeightOnlyLinear):
         w = out.copy_(expanded).view(N, K // self.group, self.group)                    # n,K/G,G
         w.mul_(self.scales[rows, :, None])
         return w.add_(self.zeros[:, rows].t()[..., None]).view(N, K) if offset else out
+
+    def _fused(self, codes: torch.Tensor, rows: slice, out: torch.Tensor) -> bool:
+        """out = the scaled weight of `rows` by the compiled single pass, if it is ready and takes
+        these shapes without compiling again; False: the caller runs the eager passes."""
+        fn = FusedExpand.fn
+        if fn is None:
+            return False
+        B, h, G, g = codes.shape[0], self.block // 2, self.in_features // self.group, self.group
+        try:
+            # one graph: always in inference mode (dynamo guards on the grad mode; the writes into
+            # `out` need no autograd), never compiled again in the caller's thread
+            with torch.compiler.set_stance("fail_on_recompile"), torch.inference_mode():
+                fn(codes.view(B, h, G, g), self.scales[rows].view(B, 2, h, G, 1), out.view(B, 2, h, G, g))
+        except Exception:  # noqa: BLE001 - a shape or mode the graph does not take: eager passes
+            log.debug("int4 expansion: eager passes for a %s weight", tuple(out.shape), exc_info=True)
+            return False
+        return True
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int4 split by rows for prefill, {self.dtype}"

@@ -329,3 +329,33 @@ def test_int4_inference_loads_split_the_prefill_layers_and_answer_alike(ckpt, to
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     trained, _ = load_model(str(ckpt), dataclasses.replace(opts, cpu_layout=False))
     assert not any(isinstance(m, SplitInt4Linear) for m in trained.modules())
+
+
+def test_split_int4_layers_expand_in_one_compiled_pass_with_the_eager_bits(ckpt, tokenizer, image_file, monkeypatch):
+    """Where a C++ compiler exists, an inference load compiles the split layers' expansion in the
+    background (one graph, dynamic shapes); once ready, every split layer of a prefill runs it
+    (no shape compiles again) and the logits are those of the eager passes to the bit."""
+    import models.compile as mc
+    import models.quantize as mq
+    if mc.compiler_missing():
+        pytest.skip(mc.compiler_missing())
+    monkeypatch.setattr(mc, "BACKGROUND_MIN_WEIGHTS", 0)               # the test model is small
+    monkeypatch.setattr(mq.FusedExpand, "fn", None)
+    started, start = [], mc.expand_int4_in_background
+    monkeypatch.setattr(mc, "expand_int4_in_background", lambda m: started.append(start(m)) or started[-1])
+    model, cfg = load_model(str(ckpt), LoadOptions(dtype=torch.float32, quant=QuantConfig(bits=4, vision_bits=4)))
+    assert len(started) == 1 and started[0] is not None
+    started[0].join(300)
+    fused = mq.FusedExpand.fn
+    assert fused is not None
+    calls = []
+    monkeypatch.setattr(mq.FusedExpand, "fn", lambda *a: (fused(*a), calls.append(a[0].shape)))
+    split = sum(isinstance(m, mq.SplitInt4Linear) for m in model.modules())
+    inputs = prepare(model, tokenizer, "What is in it?", [], ImageContext(image_file, cfg))
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    with torch.inference_mode():
+        a = model(inputs)[0, -1]
+        assert len(calls) == split > 0 and torch._dynamo.utils.counters["frames"]["ok"] == frames
+        monkeypatch.setattr(mq.FusedExpand, "fn", None)                  # the eager passes
+        b = model(inputs)[0, -1]
+    assert torch.equal(a, b)
