@@ -7,11 +7,12 @@ their measured layout), oneDNN-packed for a decode step's rows (`packed`) and fo
 in every copy. With `--quant 4` those copies keep the int4 prefill-only layers (vision experts) in
 PyTorch's int4 kernel layout, and two more copies take the measured layouts: `measured` with
 those int4 layers in the kernel's layout, `measured+split` split by rows as the apps load them
-(quantize.SplitInt4Linear), expanded in eager passes, and the same copy again with the
-expansion compiled (`measured+split+fused`, where a C++ compiler exists). Times the image encoder + a 283-token prefill; medians over --repeat rounds,
+(quantize.SplitInt4Linear); every copy expands its int4 layers in eager passes, and
+`measured+split+fused` is the split copy again with the expansions compiled (where a C++
+compiler exists), as the apps run it. Times the image encoder + a 283-token prefill; medians over --repeat rounds,
 each against the same process's bf16 / fp32 GEMM (a busy box drifts 2x between processes).
 
-  python bench/prefill_layouts.py [--quant 8|4] --json bench/results_prefill_layouts.json
+  python bench/prefill_layouts.py [--quant 8|4] [--text N] --json bench/results_prefill_layouts.json
 """
 from __future__ import annotations
 
@@ -55,34 +56,43 @@ def variants(bits: int, dtype: torch.dtype) -> tuple[dict, dict]:
     return models, {n: x for n, x in chosen.items() if role(n) == "prefill"}
 
 
-def fused_variants(split: torch.nn.Module, run) -> dict:
-    """The split model's prefill with its int4 expansion in eager passes ("measured+split") and,
-    where it compiles here, in inductor's single pass ("measured+split+fused"), the same model
-    either way (quantize.FusedExpand switched around each call)."""
-    thread = expand_int4_in_background(split)
-    if thread is not None:
-        thread.join()
-    fused = FusedExpand.fn
-
+def with_eager_expansion(run):
+    """`run` with the int4 expansions in eager passes (quantize.FusedExpand off around the call)."""
     def eager_passes():
-        FusedExpand.fn = None
+        fused = FusedExpand.fn, FusedExpand.kernel_fn
+        FusedExpand.fn = FusedExpand.kernel_fn = None
         try:
             return run()
         finally:
-            FusedExpand.fn = fused
-    return {"measured+split": eager_passes, **({"measured+split+fused": run} if fused else {})}
+            FusedExpand.fn, FusedExpand.kernel_fn = fused
+    return eager_passes
+
+
+def prefill_runs(models: dict, prompt) -> dict:
+    """name -> the prefill of models[name]. With int4 layers (--quant 4) every variant expands
+    them in eager passes, as before session 15, and where inductor compiles here one more,
+    `measured+split+fused`, takes the compiled single passes (the split layers', and the
+    kernel-layout layers' beyond KERNEL_ROWS rows): the apps' default now."""
+    fns = {name: prefill_run(m, prompt, "cpu") for name, m in models.items()}
+    if "measured+split" not in models:
+        return fns
+    thread = expand_int4_in_background(models["measured+split"])
+    if thread is not None:
+        thread.join()
+    fused = FusedExpand.fn or FusedExpand.kernel_fn
+    return {**{name: with_eager_expansion(fn) for name, fn in fns.items()},
+            **({"measured+split+fused": fns["measured+split"]} if fused else {})}
 
 
 def main(argv=None) -> int:
     p = bench_parser(__doc__, threads=2, repeat=7, dtype="auto")
     p.add_argument("--quant", type=int, default=0, choices=[0, 4, 8], help="language model bits (0: none)")
+    p.add_argument("--text", type=int, default=24, help="text tokens of the prompt besides the image's (default 24)")
     a = p.parse_args(argv)
     dtype = cpu_start(a)
     models, chosen = variants(a.quant, dtype)
-    prompt = make_inputs(MID, 24, models["plain"], False)
-    fns = {name: prefill_run(m, prompt, "cpu") for name, m in models.items()}
-    if "measured+split" in models:
-        fns.update(fused_variants(models["measured+split"], fns["measured+split"]))
+    prompt = make_inputs(MID, a.text, models["plain"], False)
+    fns = prefill_runs(models, prompt)
     for fn in fns.values():                             # warm-up: oneDNN's kernels, the scratch weights
         fn()
     runs = {"gemm": []}
@@ -101,7 +111,7 @@ def main(argv=None) -> int:
     for name in fns:
         print(f"  prefill-only layers {name:14s}: {med[name]:.3f} s = {flops / med[name] / med['gemm']:.0%} of "
               f"GEMM, {med[name] / med['plain']:.2f}x plain")
-    write_cpu_json(a.json, dtype, {"quant": a.quant, "chosen": picked, "median_s": med, "rounds_s": runs,
+    write_cpu_json(a.json, dtype, {"quant": a.quant, "text_tokens": a.text, "chosen": picked, "median_s": med, "rounds_s": runs,
                                    "prefill_gflop": flops / 1e9})
     return 0
 

@@ -54,7 +54,8 @@ from .cogvlm import (Cache, CrossAttention, VisionExpertAttention, decode_attent
                      single_query_attention)
 from .generate import forward_one_token
 from .machine import available_memory, release_free_memory
-from .quantize import FusedExpand, SplitInt4Linear, WeightOnlyLinear, _buffer, expand_split_int4
+from .quantize import (FusedExpand, SplitInt4Linear, WeightOnlyLinear, _buffer, expand_kernel_int4,
+                       expand_split_int4)
 
 log = logging.getLogger(__name__)
 
@@ -229,46 +230,48 @@ def compile_in_background(model, on_eager: Callable[[], None]) -> bool:
 
 
 def expand_int4_in_background(model) -> Optional[threading.Thread]:
-    """Compile quantize.expand_split_int4 in a background thread (nice 19): one graph with dynamic
-    shapes serves every SplitInt4Linear; checked on a probe against the eager passes, bit for
-    bit, before the layers use it (quantize.FusedExpand). Where those layers hold
-    BACKGROUND_MIN_WEIGHTS or more, a C++ compiler exists and the compiler takes at most half the
-    memory available; once per process (the first model's kinds of layer: another model's other
-    kinds, if any, keep the eager passes). Returns the thread, or None."""
+    """Compile the int4 expansions in a background thread (nice 19): quantize.expand_split_int4
+    for the SplitInt4Linear layers and quantize.expand_kernel_int4 for the int4 layers in PyTorch's
+    kernel layout (their prefills of more than KERNEL_ROWS rows), one graph with dynamic shapes
+    each, checked on a probe of every kind of layer against the eager passes, bit for bit, before
+    the layers use it (quantize.FusedExpand). Where the int4 layers hold BACKGROUND_MIN_WEIGHTS
+    or more, a C++ compiler exists and the compiler takes at most half the memory available; once
+    per process (the first model's kinds of layer: another model's other kinds, if any, keep the
+    eager passes). Returns the thread, or None."""
     global _EXPANSION
-    layers = [m for m in model.modules() if isinstance(m, SplitInt4Linear)]
+    layers = [m for m in model.modules() if isinstance(m, WeightOnlyLinear) and m.bits == 4
+              and m.qweight.device.type == "cpu"]
     weights, free = sum(m.weight_count for m in layers), available_memory()
-    if FusedExpand.fn is not None or (_EXPANSION and _EXPANSION.is_alive()) or weights < BACKGROUND_MIN_WEIGHTS or compiler_missing() is not None \
+    if FusedExpand.fn is not None or FusedExpand.kernel_fn is not None or (_EXPANSION and _EXPANSION.is_alive()) \
+            or weights < BACKGROUND_MIN_WEIGHTS or compiler_missing() is not None \
             or (free is not None and COMPILER_BYTES > free / 2):
         return None
-    log.info("compiling the int4 expansion of %d prefill layers in the background (%.0f M weights; until "
-             "it is ready, and where it does not apply, they expand in eager passes)", len(layers), weights / 1e6)
-    kinds = sorted({(m.dtype, m.scales.dtype, m.group) for m in layers}, key=str)
-    thread = threading.Thread(target=_compile_expand, args=(kinds,),
-                              name="compile-int4-expansion", daemon=True)
+    log.info("compiling the int4 expansion of %d layers in the background (%.0f M weights; until it is ready, "
+             "and where it does not apply, many-row products expand them in eager passes)", len(layers), weights / 1e6)
+    kinds = sorted({(isinstance(m, SplitInt4Linear), m.dtype, m.scales.dtype, m.group) for m in layers}, key=str)
+    thread = threading.Thread(target=_compile_expand, args=(kinds,), name="compile-int4-expansion", daemon=True)
     thread.start()
     atexit.register(stop_at_exit, thread)
     _EXPANSION = thread
     return thread
 
 
-_EXPANSION: Optional[threading.Thread] = None         # the compile of the int4 expansion, once started
+_EXPANSION: Optional[threading.Thread] = None         # the compile of the int4 expansions, once started
 
 
 def _compile_expand(kinds: list) -> None:
-    """The background thread of expand_int4_in_background: compile on a probe of each kind of
-    layer (weight dtype, scales' dtype: an fp32 model's may be bf16, WeightOnlyLinear.kernel_in;
-    group) under inference mode and no_grad (both run prefills), compare with the eager passes,
-    publish."""
+    """The background thread of expand_int4_in_background: per layout, compile on a probe of each
+    kind of layer (weight dtype, scales' dtype: an fp32 model's may be bf16,
+    WeightOnlyLinear.kernel_in; group), compare with the eager passes, publish."""
     start = time.perf_counter()
     nice_this_thread()
     try:
-        fn = torch.compile(expand_split_int4, dynamic=True, fullgraph=True)
-        for dtype, scales, group in kinds:
-            if not _expands_alike(fn, dtype, scales, group):
-                log.warning("the compiled int4 expansion differs from the eager one here; prefill keeps the eager passes")
-                return
-        FusedExpand.fn = fn
+        for split in sorted({k[0] for k in kinds}):
+            fn = torch.compile(expand_split_int4 if split else expand_kernel_int4, dynamic=True, fullgraph=True)
+            if not all(_expands_alike(fn, *k) for k in kinds if k[0] == split):
+                log.warning("the compiled int4 expansion differs from the eager one here; it is not used")
+                continue
+            setattr(FusedExpand, "fn" if split else "kernel_fn", fn)
         release_free_memory()
         log.info("int4 expansion compiled in the background in %.0f s", time.perf_counter() - start)
     except Exception as e:  # noqa: BLE001 - any compiler failure: the eager passes go on
@@ -278,20 +281,22 @@ def _compile_expand(kinds: list) -> None:
         pass
 
 
-def _expands_alike(fn: Callable, dtype: torch.dtype, scales: torch.dtype, group: int) -> bool:
-    """Whether `fn` (compiling it) expands a probe layer of these dtypes and group as the eager
-    passes do, bit for bit."""
+def _expands_alike(fn: Callable, split: bool, dtype: torch.dtype, scales: torch.dtype, group: int) -> bool:
+    """Whether `fn` (compiling it) expands a probe layer of this layout, dtypes and group as the
+    eager passes do, bit for bit, called as the layers call it (dynamo guards on the bases of
+    views too; blocks, half-blocks and groups of unequal sizes: equal ones would share one
+    dynamic symbol)."""
     layer = WeightOnlyLinear(torch.randn(3 * 64, 5 * group).to(dtype), None, 4, group)
     if scales != dtype:
         layer.kernel_in(scales)
-    probe = SplitInt4Linear(layer)
-    want, h = probe.dequantize(offset=False), probe.block // 2
-    # dynamo guards on the bases of views too: `got` is a view of the scratch buffer, as in use
+    probe = SplitInt4Linear(layer) if split else layer
+    want = probe.dequantize(offset=False)
+    if not split:
+        return torch.equal(probe.expanded_by(fn, 0, want.shape[0], strict=False), want)
     got = _buffer(tuple(want.shape), want.dtype).zero_()
-    # blocks, half-blocks and groups of unequal sizes: equal ones would share one dynamic symbol
-    with torch.inference_mode():                      # as SplitInt4Linear calls it, whatever the caller's mode
-        fn(probe.qweight.view(3, h, 5, group), probe.scales.view(3, 2, h, 5, 1), got.view(3, 2, h, 5, group))
-    return torch.equal(got, want)
+    rows = slice(0, want.shape[0])
+    return probe._fused(probe.qweight[rows.start // probe.block:rows.stop // probe.block], rows, got, fn,
+                        strict=False) and torch.equal(got, want)
 
 
 def decode_weights(model) -> int:

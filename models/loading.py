@@ -285,9 +285,9 @@ def prepare_for_inference(model: nn.Module, opts: LoadOptions, layouts: Optional
         choose_quantized_kernels(model, opts.remeasure_kernels)
     if cpu and opts.cpu_layout and split_prefill_int4(model):     # (training loads keep the kernel layout)
         log.info("int4 layers only prefill runs: codes split by rows, dequantized in fewer passes")
-        if opts.compile is not False:
-            from .compile import expand_int4_in_background
-            expand_int4_in_background(model)
+    if cpu and opts.cpu_layout and opts.compile is not False:
+        from .compile import expand_int4_in_background
+        expand_int4_in_background(model)                  # (where int4 layers hold enough weights)
     if compiled:
         from .compile import compile_decode, compile_in_background
         if opts.compile:

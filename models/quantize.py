@@ -162,17 +162,25 @@ def _unpack_int4(packed: torch.Tensor, block: int, tmp: Optional[torch.Tensor] =
     faster measured), then split. Each nibble q xor 8, read as a signed 4-bit number, is q - 8:
     the arithmetic shifts of int8 bytes sign-extend it."""
     N, K = packed.shape[0], packed.shape[1] * 2
-    v = packed.view(N // block, K, block // 2)                                   # N/b,K,b/2
-    tmp = tmp if tmp is not None else torch.empty(N // block, block // 2, K, dtype=torch.uint8)
-    tmp.copy_(v.transpose(1, 2))                                                 # N/b,b/2,K
+    t8 = _transposed_bytes(packed, block, tmp)
     out = out if out is not None else torch.empty(N, K, dtype=torch.uint8)
-    t8 = tmp.view(torch.int8)
-    t8.view(-1).view(torch.int64).bitwise_xor_(_XOR_8)
     o = out.view(torch.int8).view(N // block, 2, block // 2, K)                 # N/b,2,b/2,K
     torch.bitwise_left_shift(t8, 4, out=o[:, 0])
     o[:, 0].bitwise_right_shift_(4)
     torch.bitwise_right_shift(t8, 4, out=o[:, 1])
     return out.view(torch.int8)
+
+
+def _transposed_bytes(packed: torch.Tensor, block: int, tmp: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The kernel's packed N,K/2 bytes, each block's transposed (N/b,b/2,K: row j's nibble low,
+    row j + b/2's high), each nibble xor 8 so that, read as a signed 4-bit number, it is q - 8:
+    as int8, into `tmp` (uint8) when given."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    tmp = tmp if tmp is not None else torch.empty(N // block, block // 2, K, dtype=torch.uint8)
+    tmp.copy_(packed.view(N // block, K, block // 2).transpose(1, 2))           # N/b,b/2,K
+    t8 = tmp.view(torch.int8)
+    t8.view(-1).view(torch.int64).bitwise_xor_(_XOR_8)
+    return t8
 
 
 _XOR_8 = int.from_bytes(b"\x88" * 8, "little", signed=True)                  # 0x88 in every byte
@@ -281,8 +289,32 @@ class WeightOnlyLinear(nn.Module):
         step = max(64, SCRATCH_BYTES // (K * self.dtype.itemsize) // 64 * 64)
         for r0 in range(0, N, step):
             n = min(step, N - r0)
-            buf = _buffer((n, K), self.dtype, 0, self.qweight.device)
-            yield r0, self.dequantize(buf, slice(r0, r0 + n), scaled, offset)
+            w = self.expanded_by(FusedExpand.kernel_fn, r0, n) if self.bits == 4 and scaled and not offset \
+                and self.few_row_kernel else None
+            if w is None:
+                w = self.dequantize(_buffer((n, K), self.dtype, 0, self.qweight.device), slice(r0, r0 + n), scaled, offset)
+            yield r0, w
+
+    def expanded_by(self, fn: Optional[Callable], r0: int, n: int, strict: bool = True) -> Optional[torch.Tensor]:
+        """int4 rows r0..r0+n of the weight, scaled, without the zeros, into the scratch: the bytes
+        transposed eagerly, then expanded by the compiled `fn` (expand_kernel_int4) in one pass;
+        None where fn is None or would compile again (strict; not strict: compile, as the
+        background probe does)."""
+        b, K, g = int4_row_block(), self.in_features, self.group
+        if fn is None or not b or n % b:
+            return None
+        try:
+            # every view made in inference mode, whatever the caller's: dynamo guards on their kind
+            with torch.compiler.set_stance("fail_on_recompile" if strict else "default"), torch.inference_mode():
+                codes = _transposed_bytes(self.qweight[r0:r0 + n], b, _buffer((n // b, b // 2, K), torch.uint8, 1))
+                out = _buffer((n, K), self.dtype, 0, self.qweight.device)
+                fn(codes.view(n // b, b // 2, K // g, g), self.scales[:, r0:r0 + n], out.view(n // b, 2, b // 2, K // g, g))
+        except Exception:  # noqa: BLE001 - a shape or mode the graph does not take: eager passes
+            if not strict:
+                raise
+            log.debug("int4 expansion: eager passes for %d x %d", n, K, exc_info=True)
+            return None
+        return out
 
     def group_zeros(self, rows: slice) -> torch.Tensor:
         """int4: the per-group zeros of output rows `rows`, K/G,n."""
@@ -343,10 +375,24 @@ def expand_split_int4(codes: torch.Tensor, scales: torch.Tensor, out: torch.Tens
     out.copy_(q.to(out.dtype) * scales)
 
 
+def expand_kernel_int4(codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
+    """expand_split_int4 for the int4 layers in PyTorch's kernel layout, once their bytes are
+    transposed (_transposed_bytes, an eager pass; a compiled transpose ran 50x slower): the low
+    nibbles shifted back, the kernel's own scales. The products of WeightOnlyLinear.dequantize,
+    so the same bits. codes: B,h,G,g int8; scales: G,n,2 (scale, zero; n = B 2h rows); out:
+    B,2,h,G,g (the zeros are left to the outputs)."""
+    B, h, G, g = codes.shape
+    left = torch.tensor([4, 0], dtype=torch.int8, device=codes.device).view(1, 2, 1, 1, 1)
+    q = (codes.unsqueeze(1) << left) >> 4                                               # B,2,h,G,g
+    out.copy_(q.to(out.dtype) * scales[..., 0].t().reshape(B, 2, h, G, 1))
+
+
 class FusedExpand:
-    """The compiled expand_split_int4, once compile.expand_int4_in_background has built and
-    checked it (None until then, or where it cannot be built: the eager passes run)."""
+    """The compiled expand_split_int4 (fn) and expand_kernel_int4 (kernel_fn), once
+    compile.expand_int4_in_background has built and checked them (None until then, or where they
+    cannot be built: the eager passes run)."""
     fn: Optional[Callable] = None
+    kernel_fn: Optional[Callable] = None
 
 
 class SplitInt4Linear(WeightOnlyLinear):
@@ -369,11 +415,10 @@ class SplitInt4Linear(WeightOnlyLinear):
             raise ValueError(f"SplitInt4Linear takes an int4 layer in a known block layout, not int{q.bits} {N}x{K}")
         self.out_features, self.in_features, self.bits, self.dtype, self.group = N, K, 4, q.dtype, q.group
         self.kernel_dtype, self.block, self.bias = q.kernel_dtype, b, q.bias
-        codes = q.qweight.view(N // b, K, b // 2).transpose(1, 2).contiguous()         # N/b,b/2,K
-        codes.view(-1).view(torch.int64).bitwise_xor_(_XOR_8)
+        codes = _transposed_bytes(q.qweight, b)                                          # N/b,b/2,K
         scales = q.scales[..., 0].t().contiguous()                                       # N,K/G
         scales.view(N // b, 2, b // 2, -1)[:, 0].div_(16)                               # the low nibbles' rows
-        self.register_buffer("qweight", codes.view(torch.int8))
+        self.register_buffer("qweight", codes)
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", q.scales[..., 1].contiguous())                    # K/G,N
 
@@ -400,19 +445,23 @@ class SplitInt4Linear(WeightOnlyLinear):
         w.mul_(self.scales[rows, :, None])
         return w.add_(self.zeros[:, rows].t()[..., None]).view(N, K) if offset else out
 
-    def _fused(self, codes: torch.Tensor, rows: slice, out: torch.Tensor) -> bool:
-        """out = the scaled weight of `rows` by the compiled single pass, if it is ready and takes
-        these shapes without compiling again; False: the caller runs the eager passes."""
-        fn = FusedExpand.fn
+    def _fused(self, codes: torch.Tensor, rows: slice, out: torch.Tensor, fn: Optional[Callable] = None,
+               strict: bool = True) -> bool:
+        """out = the scaled weight of `rows` by the compiled single pass (fn, default
+        FusedExpand.fn), if it is ready and takes these shapes without compiling again (strict;
+        not strict: compile, as the background probe does); False: the caller runs the eager passes."""
+        fn = fn or FusedExpand.fn
         if fn is None:
             return False
         B, h, G, g = codes.shape[0], self.block // 2, self.in_features // self.group, self.group
         try:
             # one graph: always in inference mode (dynamo guards on the grad mode; the writes into
             # `out` need no autograd), never compiled again in the caller's thread
-            with torch.compiler.set_stance("fail_on_recompile"), torch.inference_mode():
+            with torch.compiler.set_stance("fail_on_recompile" if strict else "default"), torch.inference_mode():
                 fn(codes.view(B, h, G, g), self.scales[rows].view(B, 2, h, G, 1), out.view(B, 2, h, G, g))
         except Exception:  # noqa: BLE001 - a shape or mode the graph does not take: eager passes
+            if not strict:
+                raise
             log.debug("int4 expansion: eager passes for a %s weight", tuple(out.shape), exc_info=True)
             return False
         return True

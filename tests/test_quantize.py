@@ -331,31 +331,39 @@ def test_int4_inference_loads_split_the_prefill_layers_and_answer_alike(ckpt, to
     assert not any(isinstance(m, SplitInt4Linear) for m in trained.modules())
 
 
-def test_split_int4_layers_expand_in_one_compiled_pass_with_the_eager_bits(ckpt, tokenizer, image_file, monkeypatch):
-    """Where a C++ compiler exists, an inference load compiles the split layers' expansion in the
-    background (one graph, dynamic shapes); once ready, every split layer of a prefill runs it
-    (no shape compiles again) and the logits are those of the eager passes to the bit."""
+def test_int4_layers_expand_in_one_compiled_pass_with_the_eager_bits(ckpt, tokenizer, image_file, monkeypatch):
+    """Where a C++ compiler exists, an inference load compiles the int4 expansions in the
+    background (one graph each, dynamic shapes): the split layers' and, for products of more
+    than KERNEL_ROWS rows, the kernel-layout layers'. Once ready, every such product of a
+    prefill runs them (no shape compiles again) and the logits are those of the eager passes to
+    the bit."""
     import models.compile as mc
     import models.quantize as mq
     if mc.compiler_missing():
         pytest.skip(mc.compiler_missing())
     monkeypatch.setattr(mc, "BACKGROUND_MIN_WEIGHTS", 0)               # the test model is small
     monkeypatch.setattr(mq.FusedExpand, "fn", None)
+    monkeypatch.setattr(mq.FusedExpand, "kernel_fn", None)
     started, start = [], mc.expand_int4_in_background
     monkeypatch.setattr(mc, "expand_int4_in_background", lambda m: started.append(start(m)) or started[-1])
     model, cfg = load_model(str(ckpt), LoadOptions(dtype=torch.float32, quant=QuantConfig(bits=4, vision_bits=4)))
     assert len(started) == 1 and started[0] is not None
     started[0].join(300)
-    fused = mq.FusedExpand.fn
-    assert fused is not None
-    calls = []
-    monkeypatch.setattr(mq.FusedExpand, "fn", lambda *a: (fused(*a), calls.append(a[0].shape)))
+    fused = {k: getattr(mq.FusedExpand, k) for k in ("fn", "kernel_fn")}
+    assert all(fused.values())
+    calls = {k: [] for k in fused}
+    for k, fn in fused.items():
+        monkeypatch.setattr(mq.FusedExpand, k, lambda *a, k=k, fn=fn: (fn(*a), calls[k].append(1)))
     split = sum(isinstance(m, mq.SplitInt4Linear) for m in model.modules())
-    inputs = prepare(model, tokenizer, "What is in it?", [], ImageContext(image_file, cfg))
+    question = "Describe every object in the picture, " * 12                  # over KERNEL_ROWS text rows
+    inputs = prepare(model, tokenizer, question, [], ImageContext(image_file, cfg))
+    assert int((~inputs.vision_mask).sum()) > mq.KERNEL_ROWS[4]
     frames = torch._dynamo.utils.counters["frames"]["ok"]
-    with torch.inference_mode():
+    with torch.no_grad():
         a = model(inputs)[0, -1]
-        assert len(calls) == split > 0 and torch._dynamo.utils.counters["frames"]["ok"] == frames
-        monkeypatch.setattr(mq.FusedExpand, "fn", None)                  # the eager passes
+        assert len(calls["fn"]) == split > 0 and len(calls["kernel_fn"]) >= 4 * cfg.num_layers
+        assert torch._dynamo.utils.counters["frames"]["ok"] == frames
+        for k in fused:                                                  # the eager passes
+            monkeypatch.setattr(mq.FusedExpand, k, None)
         b = model(inputs)[0, -1]
     assert torch.equal(a, b)
