@@ -249,7 +249,10 @@ def expand_int4_in_background(model) -> Optional[threading.Thread]:
     log.info("compiling the int4 expansion of %d layers in the background (%.0f M weights; until it is ready, "
              "and where it does not apply, many-row products expand them in eager passes)", len(layers), weights / 1e6)
     kinds = sorted({(isinstance(m, SplitInt4Linear), m.dtype, m.scales.dtype, m.group) for m in layers}, key=str)
-    thread = threading.Thread(target=_compile_expand, args=(kinds,), name="compile-int4-expansion", daemon=True)
+    largest = {split: max((m for m in layers if isinstance(m, SplitInt4Linear) == split), key=lambda m: m.weight_count)
+               for split in {k[0] for k in kinds}}
+    thread = threading.Thread(target=_compile_expand, args=(kinds, largest), name="compile-int4-expansion",
+                              daemon=True)
     thread.start()
     atexit.register(stop_at_exit, thread)
     _EXPANSION = thread
@@ -259,11 +262,12 @@ def expand_int4_in_background(model) -> Optional[threading.Thread]:
 _EXPANSION: Optional[threading.Thread] = None         # the compile of the int4 expansions, once started
 
 
-def _compile_expand(kinds: list) -> None:
+def _compile_expand(kinds: list, largest: dict) -> None:
     """The background thread of expand_int4_in_background: per layout, compile on a probe of each
     kind of layer (weight dtype, scales' dtype: an fp32 model's may be bf16,
-    WeightOnlyLinear.kernel_in; group), compare with the eager passes, publish."""
-    start = time.perf_counter()
+    WeightOnlyLinear.kernel_in; group), compare with the eager passes, time both on the layout's
+    largest layer (largest: split -> layer) and publish the compiled pass where it is faster here."""
+    start, figures = time.perf_counter(), []
     nice_this_thread()
     try:
         for split in sorted({k[0] for k in kinds}):
@@ -271,14 +275,36 @@ def _compile_expand(kinds: list) -> None:
             if not all(_expands_alike(fn, *k) for k in kinds if k[0] == split):
                 log.warning("the compiled int4 expansion differs from the eager one here; it is not used")
                 continue
-            setattr(FusedExpand, "fn" if split else "kernel_fn", fn)
+            eager, fused = _expansion_seconds(fn, largest[split])
+            layer = largest[split]
+            figures.append(f"{'split' if split else 'kernel-layout'} {layer.out_features}x{layer.in_features}: "
+                           f"eager {eager * 1e3:.1f} ms, compiled {fused * 1e3:.1f} ms")
+            if fused < eager:
+                setattr(FusedExpand, "fn" if split else "kernel_fn", fn)
         release_free_memory()
-        log.info("int4 expansion compiled in the background in %.0f s", time.perf_counter() - start)
+        log.info("int4 expansion compiled in the background in %.0f s (used where faster: %s)",
+                 time.perf_counter() - start, "; ".join(figures))
     except Exception as e:  # noqa: BLE001 - any compiler failure: the eager passes go on
         log.info("compiling the int4 expansion failed (%s); prefill keeps the eager passes",
                  (str(e).strip().splitlines() or [type(e).__name__])[0][:300])
     except _Stopped:
         pass
+
+
+def _expansion_seconds(fn: Callable, layer: WeightOnlyLinear) -> tuple[float, float]:
+    """Median seconds of the eager passes and of `fn` expanding the first scratch chunk of
+    `layer` (alternating; not yet published, so dequantize runs the eager passes)."""
+    n = min(layer.chunk_rows(), layer.out_features)
+    rows = slice(0, n)
+    if isinstance(layer, SplitInt4Linear):
+        out = _buffer((n, layer.in_features), layer.dtype)
+        codes = layer.qweight[:n // layer.block]
+        fused = functools.partial(layer._fused, codes, rows, out, fn)
+    else:
+        fused = functools.partial(layer.expanded_by, fn, 0, n)
+    eager = functools.partial(layer.dequantize, _buffer((n, layer.in_features), layer.dtype), rows, True, False)
+    with torch.inference_mode():
+        return tuple(_alternate_medians([eager, fused], repeat=5))
 
 
 def _expands_alike(fn: Callable, split: bool, dtype: torch.dtype, scales: torch.dtype, group: int) -> bool:

@@ -285,8 +285,8 @@ class WeightOnlyLinear(nn.Module):
         """(first row, W[rows]) for consecutive row chunks of at most SCRATCH_BYTES each, all
         dequantized into the same scratch buffer: a prefill's extra memory is one chunk (plus
         oneDNN's copy of it), not the whole layer (0.5 GB at CogVLM-17B's MLP)."""
-        N, K = self.out_features, self.in_features
-        step = max(64, SCRATCH_BYTES // (K * self.dtype.itemsize) // 64 * 64)
+        N, step = self.out_features, self.chunk_rows()
+        K = self.in_features
         for r0 in range(0, N, step):
             n = min(step, N - r0)
             w = self.expanded_by(FusedExpand.kernel_fn, r0, n) if self.bits == 4 and scaled and not offset \
@@ -294,6 +294,10 @@ class WeightOnlyLinear(nn.Module):
             if w is None:
                 w = self.dequantize(_buffer((n, K), self.dtype, 0, self.qweight.device), slice(r0, r0 + n), scaled, offset)
             yield r0, w
+
+    def chunk_rows(self) -> int:
+        """Output rows per dequantized chunk (dequantized_chunks): at most SCRATCH_BYTES of weight."""
+        return max(64, SCRATCH_BYTES // (self.in_features * self.dtype.itemsize) // 64 * 64)
 
     def expanded_by(self, fn: Optional[Callable], r0: int, n: int, strict: bool = True) -> Optional[torch.Tensor]:
         """int4 rows r0..r0+n of the weight, scaled, without the zeros, into the scratch: the bytes
@@ -303,18 +307,13 @@ class WeightOnlyLinear(nn.Module):
         b, K, g = int4_row_block(), self.in_features, self.group
         if fn is None or not b or n % b:
             return None
-        try:
-            # every view made in inference mode, whatever the caller's: dynamo guards on their kind
-            with torch.compiler.set_stance("fail_on_recompile" if strict else "default"), torch.inference_mode():
-                codes = _transposed_bytes(self.qweight[r0:r0 + n], b, _buffer((n // b, b // 2, K), torch.uint8, 1))
-                out = _buffer((n, K), self.dtype, 0, self.qweight.device)
-                fn(codes.view(n // b, b // 2, K // g, g), self.scales[:, r0:r0 + n], out.view(n // b, 2, b // 2, K // g, g))
-        except Exception:  # noqa: BLE001 - a shape or mode the graph does not take: eager passes
-            if not strict:
-                raise
-            log.debug("int4 expansion: eager passes for %d x %d", n, K, exc_info=True)
-            return None
-        return out
+
+        def args() -> tuple:
+            codes = _transposed_bytes(self.qweight[r0:r0 + n], b, _buffer((n // b, b // 2, K), torch.uint8, 1))
+            out = _buffer((n, K), self.dtype, 0, self.qweight.device)
+            return codes.view(n // b, b // 2, K // g, g), self.scales[:, r0:r0 + n], out.view(n // b, 2, b // 2, K // g, g)
+        called = _compiled_call(fn, args, strict)
+        return None if called is None else called[2].view(n, K)
 
     def group_zeros(self, rows: slice) -> torch.Tensor:
         """int4: the per-group zeros of output rows `rows`, K/G,n."""
@@ -387,6 +386,24 @@ def expand_kernel_int4(codes: torch.Tensor, scales: torch.Tensor, out: torch.Ten
     out.copy_(q.to(out.dtype) * scales[..., 0].t().reshape(B, 2, h, G, 1))
 
 
+def _compiled_call(fn: Callable, args: Callable[[], tuple], strict: bool = True) -> Optional[tuple]:
+    """fn(*args()), the arguments made in inference mode whatever the caller's (dynamo guards on
+    the grad mode and on the kind of each view: one graph serves every caller), under
+    fail_on_recompile where strict (a graph never compiles in the caller's thread; not strict:
+    it compiles, as the background probe does). The arguments, or None where the graph would
+    compile again: the caller then runs the eager passes."""
+    try:
+        with torch.compiler.set_stance("fail_on_recompile" if strict else "default"), torch.inference_mode():
+            made = args()
+            fn(*made)
+    except Exception:  # noqa: BLE001 - a shape, dtype or view the graph does not take
+        if not strict:
+            raise
+        log.debug("int4 expansion: eager passes for this product", exc_info=True)
+        return None
+    return made
+
+
 class FusedExpand:
     """The compiled expand_split_int4 (fn) and expand_kernel_int4 (kernel_fn), once
     compile.expand_int4_in_background has built and checked them (None until then, or where they
@@ -454,17 +471,8 @@ class SplitInt4Linear(WeightOnlyLinear):
         if fn is None:
             return False
         B, h, G, g = codes.shape[0], self.block // 2, self.in_features // self.group, self.group
-        try:
-            # one graph: always in inference mode (dynamo guards on the grad mode; the writes into
-            # `out` need no autograd), never compiled again in the caller's thread
-            with torch.compiler.set_stance("fail_on_recompile" if strict else "default"), torch.inference_mode():
-                fn(codes.view(B, h, G, g), self.scales[rows].view(B, 2, h, G, 1), out.view(B, 2, h, G, g))
-        except Exception:  # noqa: BLE001 - a shape or mode the graph does not take: eager passes
-            if not strict:
-                raise
-            log.debug("int4 expansion: eager passes for a %s weight", tuple(out.shape), exc_info=True)
-            return False
-        return True
+        return _compiled_call(fn, lambda: (codes.view(B, h, G, g), self.scales[rows].view(B, 2, h, G, 1),
+                                           out.view(B, 2, h, G, g)), strict) is not None
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int4 split by rows for prefill, {self.dtype}"

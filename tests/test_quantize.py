@@ -331,12 +331,15 @@ def test_int4_inference_loads_split_the_prefill_layers_and_answer_alike(ckpt, to
     assert not any(isinstance(m, SplitInt4Linear) for m in trained.modules())
 
 
-def test_int4_layers_expand_in_one_compiled_pass_with_the_eager_bits(ckpt, tokenizer, image_file, monkeypatch):
+@pytest.mark.parametrize("faster,dtype", [("compiled", torch.float32), ("compiled", torch.bfloat16),
+                                          ("eager", torch.float32)])
+def test_int4_layers_expand_in_one_compiled_pass_with_the_eager_bits(ckpt, tokenizer, image_file, monkeypatch, faster,
+                                                                      dtype):
     """Where a C++ compiler exists, an inference load compiles the int4 expansions in the
     background (one graph each, dynamic shapes): the split layers' and, for products of more
-    than KERNEL_ROWS rows, the kernel-layout layers'. Once ready, every such product of a
-    prefill runs them (no shape compiles again) and the logits are those of the eager passes to
-    the bit."""
+    than KERNEL_ROWS rows, the kernel-layout layers'. Timed faster than the eager passes here
+    (injected), every such product of a prefill runs them once ready (no shape compiles again)
+    and the logits are those of the eager passes to the bit; timed slower, neither is used."""
     import models.compile as mc
     import models.quantize as mq
     if mc.compiler_missing():
@@ -346,10 +349,14 @@ def test_int4_layers_expand_in_one_compiled_pass_with_the_eager_bits(ckpt, token
     monkeypatch.setattr(mq.FusedExpand, "kernel_fn", None)
     started, start = [], mc.expand_int4_in_background
     monkeypatch.setattr(mc, "expand_int4_in_background", lambda m: started.append(start(m)) or started[-1])
-    model, cfg = load_model(str(ckpt), LoadOptions(dtype=torch.float32, quant=QuantConfig(bits=4, vision_bits=4)))
+    monkeypatch.setattr(mc, "_expansion_seconds", lambda fn, layer: (1.0, 0.5) if faster == "compiled" else (0.5, 1.0))
+    model, cfg = load_model(str(ckpt), LoadOptions(dtype=dtype, quant=QuantConfig(bits=4, vision_bits=4)))
     assert len(started) == 1 and started[0] is not None
     started[0].join(300)
     fused = {k: getattr(mq.FusedExpand, k) for k in ("fn", "kernel_fn")}
+    if faster == "eager":
+        assert not any(fused.values())
+        return
     assert all(fused.values())
     calls = {k: [] for k in fused}
     for k, fn in fused.items():
