@@ -53,6 +53,7 @@ import torch
 from .cogvlm import (Cache, CrossAttention, VisionExpertAttention, decode_attention, fused_single_query_attention,
                      single_query_attention)
 from .generate import forward_one_token
+from .kernels import measure_kernel_rows, rows_class
 from .machine import available_memory, release_free_memory
 from .quantize import (FusedExpand, SplitInt4Linear, WeightOnlyLinear, _buffer, expand_kernel_int4,
                        expand_split_int4)
@@ -251,7 +252,11 @@ def expand_int4_in_background(model) -> Optional[threading.Thread]:
     kinds = sorted({(isinstance(m, SplitInt4Linear), m.dtype, m.scales.dtype, m.group) for m in layers}, key=str)
     largest = {split: max((m for m in layers if isinstance(m, SplitInt4Linear) == split), key=lambda m: m.weight_count)
                for split in {k[0] for k in kinds}}
-    thread = threading.Thread(target=_compile_expand, args=(kinds, largest), name="compile-int4-expansion",
+    # The layers whose kernel_rows were timed against the eager passes (kernels.choose_kernel_rows),
+    # timed again against the compiled one once it is used (not under tensor parallelism: the
+    # ranks would have to agree from this thread).
+    timed = [m for m in layers if m.kernel_rows is not None] if model.runtime.tp_world == 1 else []
+    thread = threading.Thread(target=_compile_expand, args=(kinds, largest, timed), name="compile-int4-expansion",
                               daemon=True)
     thread.start()
     atexit.register(stop_at_exit, thread)
@@ -262,11 +267,13 @@ def expand_int4_in_background(model) -> Optional[threading.Thread]:
 _EXPANSION: Optional[threading.Thread] = None         # the compile of the int4 expansions, once started
 
 
-def _compile_expand(kinds: list, largest: dict) -> None:
+def _compile_expand(kinds: list, largest: dict, timed: list = ()) -> None:
     """The background thread of expand_int4_in_background: per layout, compile on a probe of each
     kind of layer (weight dtype, scales' dtype: an fp32 model's may be bf16,
     WeightOnlyLinear.kernel_in; group), compare with the eager passes, time both on the layout's
-    largest layer (largest: split -> layer) and publish the compiled pass where it is faster here."""
+    largest layer (largest: split -> layer) and publish the compiled pass where it is faster here;
+    then, where the kernel layout's is published, time the rows up to which the few-row kernel
+    stays faster again (kernels.measure_kernel_rows) for the layers `timed`."""
     start, figures = time.perf_counter(), []
     nice_this_thread()
     try:
@@ -281,6 +288,8 @@ def _compile_expand(kinds: list, largest: dict) -> None:
                            f"eager {eager * 1e3:.1f} ms, compiled {fused * 1e3:.1f} ms")
             if fused < eager:
                 setattr(FusedExpand, "fn" if split else "kernel_fn", fn)
+                if not split and timed:
+                    _retime_kernel_rows(list(timed))
         release_free_memory()
         log.info("int4 expansion compiled in the background in %.0f s (used where faster: %s)",
                  time.perf_counter() - start, "; ".join(figures))
@@ -289,6 +298,24 @@ def _compile_expand(kinds: list, largest: dict) -> None:
                  (str(e).strip().splitlines() or [type(e).__name__])[0][:300])
     except _Stopped:
         pass
+
+
+# The few-row kernels' rows timed again against the compiled expansion (_retime_kernel_rows): a
+# class whose kernel runs this much slower than it did at load means the CPU is busy (the decode
+# step compiling beside it, requests): then it tries again RETIME_WAIT_S later, up to RETIME_TRIES times.
+RETIME_BUSY, RETIME_WAIT_S, RETIME_TRIES = 1.3, 30.0, 10
+
+
+def _retime_kernel_rows(layers: list) -> None:
+    """kernels.measure_kernel_rows with the compiled expansion, from the background thread,
+    until every class was timed on a quiet CPU (or the tries run out: the eager figures stay)."""
+    for _ in range(RETIME_TRIES):
+        done = measure_kernel_rows(layers, "fused", busy=RETIME_BUSY)
+        layers = [m for m in layers if rows_class(m) not in done]
+        if not layers:
+            return
+        for _ in range(int(RETIME_WAIT_S)):      # (short sleeps: stop_at_exit's exception gets in)
+            time.sleep(1)
 
 
 def _expansion_seconds(fn: Callable, layer: WeightOnlyLinear) -> tuple[float, float]:

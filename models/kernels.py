@@ -30,7 +30,10 @@ are not exactly an nn.Linear or a WeightOnlyLinear (tensor-parallel pieces) are 
 
 The int8 / int4 layers of an fp32 model also choose, by timing one row of their commonest
 shape, whether PyTorch's one-token kernel gets fp32 or bf16 activations
-(choose_quantized_kernels): the wheel's fp32 weight-only kernels are scalar.
+(choose_quantized_kernels): the wheel's fp32 weight-only kernels are scalar. And every int8 /
+int4 layer that decodes takes PyTorch's kernel up to the row count where, timed on its shape,
+the dequantized weight's GEMM becomes faster (choose_kernel_rows; again against the compiled
+int4 expansion once that is in use, compile.expand_int4_in_background).
 
 Each shape class (dtype, outputs, inputs) is timed per regime: decode (1 row), batch (4 rows:
 batched decoding) and prefill (283 rows, standing in for prompts of 300-1300 rows and the image
@@ -53,10 +56,12 @@ batching app (the server, the evaluation runner) then runs several rows.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +88,11 @@ TYPICAL_PREFILL_ROWS = 800
 TYPICAL_DECODE_STEPS = 150
 FLUSH_MAX_BYTES = 512 << 20  # the read that flushes the caches before each timed call, at most
 BUDGET_S = 4.0              # measuring stops starting new shape classes after this long
-REPEAT = {"decode": 7, "batch": 5, "prefill": 3}     # timed calls per probe (after one warm-up)
+REPEAT = {"decode": 7, "batch": 5, "prefill": 3, "rows": 3}     # timed calls per probe (after one warm-up)
+# The row counts a weight-only layer's two paths are timed at (choose_kernel_rows): both cost about
+# a + b x rows (AMX Xeon: int4 12288x4096, kernel 0.69 ms a row; dequantized 22 ms + 0.07 a row).
+KERNEL_ROW_PROBES = (16, 64)
+MAX_KERNEL_ROWS = 1024      # a crossover extrapolated beyond this is taken as this
 # 2: timings taken with the caches flushed before each call (version 1's were partly from cache:
 # a 2048x2048 bf16 weight read 98 GB/s packed from the AMD EPYC's L3, 15 GB/s from memory).
 # 3: prefill timed on 283 rows, not 256; the packed_many layout.
@@ -167,7 +176,7 @@ def read_cache(path: Path, ident: dict) -> dict:
 def write_cache(path: Path, ident: dict, timings: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")   # (a background thread writes too)
         tmp.write_text(json.dumps({"version": CACHE_VERSION, "machine": ident, "timings": timings}, indent=1))
         os.replace(tmp, path)
     except OSError as e:
@@ -502,4 +511,102 @@ def _time_kernels(layer: WeightOnlyLinear, probes: list, timer: Optional[Callabl
             q.kernel_in(getattr(torch, p.dtype))
         x = torch.randn(1, layer.in_features)
         runs.append(lambda q=q, x=x: q._matmul(x))
+    return (timer or median_seconds)(probes, runs)
+
+
+# ---------------------------------------------------------------------------------------
+# Weight-only layers: up to how many rows PyTorch's kernel beats the dequantized GEMMs
+def choose_kernel_rows(model: nn.Module, remeasure: bool = False, timer: Optional[Callable] = None) -> dict:
+    """Give each int8 / int4 layer that runs PyTorch's weight-only kernel (quantize.WeightOnlyLinear
+    with few_row_kernel) the row count up to which that kernel is faster on this machine than
+    dequantizing the weight for a dense GEMM (`kernel_rows`), timed per shape class at
+    KERNEL_ROW_PROBES rows on one of its own layers (cached with the layouts' timings). Both costs
+    grow linearly with the rows; the crossover of the two lines is taken, at least
+    invariant.ROWS (a decode step of the server's largest batch always runs the kernel) and at
+    most MAX_KERNEL_ROWS. Tensor-parallel ranks take their group leader's. Logs one line.
+    Returns (bits, dtype, out, in) -> rows."""
+    layers = [m for name, m in model.named_modules() if type(m) is WeightOnlyLinear and role(name) == "both"
+              and m.qweight.device.type == "cpu"]       # (prefill-only layers never, the LM head always, take one row)
+    chosen = measure_kernel_rows(layers, "dequantized", remeasure, timer)
+    if model.runtime.tp_world > 1 and chosen:      # split layers: every rank computes alike
+        from .tp import from_group_leader
+        chosen = from_group_leader(chosen)
+        for m in layers:
+            m.kernel_rows = chosen[rows_class(m)]
+    return chosen
+
+
+def rows_class(m: WeightOnlyLinear) -> tuple:
+    return (m.bits, str(m.dtype).replace("torch.", ""), m.out_features, m.in_features)
+
+
+def _rows_probes(m: WeightOnlyLinear, expansion: str) -> list:
+    """Probes of the kernel and of the dequantized path (`expansion`: "dequantized", eager
+    passes; "fused", int4's compiled expansion) at KERNEL_ROW_PROBES rows."""
+    kernel = str(m.kernel_dtype).replace("torch.", "")
+    name = f"int{m.bits}" + (f"g{m.group}" if m.bits == 4 else "")
+    return [Probe(f"{name}-{path}", kernel if path == "kernel" else rows_class(m)[1], m.out_features,
+                  m.in_features, rows, torch.get_num_threads(), "rows")
+            for path in ("kernel", expansion) for rows in KERNEL_ROW_PROBES]
+
+
+def crossover(seconds: list) -> int:
+    """The kernel_rows of a class from its probes' seconds (kernel at KERNEL_ROW_PROBES rows, then
+    the dequantized path at the same): where the two lines meet, within [invariant.ROWS, MAX_KERNEL_ROWS]."""
+    from .invariant import ROWS
+    (r0, r1), (k0, k1, d0, d1) = KERNEL_ROW_PROBES, seconds
+    kernel_slope, dequant_slope = (k1 - k0) / (r1 - r0), (d1 - d0) / (r1 - r0)
+    if kernel_slope <= dequant_slope:              # the kernel never falls behind
+        return MAX_KERNEL_ROWS
+    rows = r0 + ((d0 - k0) / (kernel_slope - dequant_slope))
+    return int(min(MAX_KERNEL_ROWS, max(ROWS, rows)))
+
+
+def measure_kernel_rows(layers: list, expansion: str = "dequantized", remeasure: bool = False,
+                        timer: Optional[Callable] = None, busy: Optional[float] = None) -> dict:
+    """choose_kernel_rows for `layers` (expansion: see _rows_probes). busy: timed beside other
+    work (the background compile of the int4 expansion, which measures again with "fused" once
+    it is used): a class whose kernel now takes more than `busy` times its cached figures keeps
+    its rows, and the cached kernel figures stay. Returns the classes set: key -> rows."""
+    classes = {}                                         # key -> its layers
+    for m in layers:
+        if m.few_row_kernel:
+            classes.setdefault(rows_class(m), []).append(m)
+    path, ident = cache_path(), machine_id()
+    timings, chosen, figures, busy_classes = read_cache(path, ident), {}, [], 0
+    before = dict(timings)
+    for key, members in classes.items():
+        probes = _rows_probes(members[0], expansion)
+        if remeasure:                                    # the compiled expansion's figures are timed again too
+            for p in _rows_probes(members[0], "fused"):
+                timings.pop(p.key, None)
+        seconds = [timings.get(p.key) for p in probes]
+        if remeasure or None in seconds:
+            cached = timings.get(probes[0].key)
+            seconds = [float(t) for t in _time_rows(members[0], probes, timer)]
+            if busy and cached is not None and seconds[0] > busy * cached:
+                busy_classes += 1
+                continue
+            timings.update({p.key: t for p, t in zip(probes, seconds) if not busy or p.key not in timings})
+        chosen[key] = crossover(seconds)
+        for m in members:
+            m.kernel_rows = chosen[key]
+        figures.append(f"int{key[0]} {key[2]}x{key[3]} -> {chosen[key]} rows [kernel / {expansion} ms: "
+                       + ", ".join(f"{r} rows {seconds[i] * 1e3:.1f} / {seconds[i + 2] * 1e3:.1f}"
+                                   for i, r in enumerate(KERNEL_ROW_PROBES)) + "]")
+    if timings != before:
+        write_cache(path, ident, timings)
+    if figures:
+        log.info("weight-only kernels up to the rows where the %s weight's GEMM is faster here (%s): %s",
+                 expansion, "measured" if timings != before else "cached", "; ".join(figures))
+    if busy_classes:
+        log.info("weight-only kernels: %d shape classes timed while the CPU was busy keep their rows", busy_classes)
+    return chosen
+
+
+@torch.inference_mode()
+def _time_rows(layer: WeightOnlyLinear, probes: list, timer: Optional[Callable]) -> list:
+    """Seconds of `layer`'s kernel, then of its dequantized path, at each probe's rows."""
+    runs = [functools.partial(layer._matmul, torch.randn(p.rows, layer.in_features).to(layer.dtype),
+                              p.layout.endswith("-kernel")) for p in probes]
     return (timer or median_seconds)(probes, runs)

@@ -39,8 +39,9 @@ GROUP = 64            # int4 inputs per scale/zero pair (the default)
 # CogVLM-17B) for a larger error (bench/RESULTS.md, quality per scheme).
 GROUPS = (32, 64, 128, 256)
 # Up to this many rows a step runs the weight-only kernel; more rows dequantize the layer and
-# run the dense GEMM (break-even measured on 4096 x 4096 and the mid-size shapes: int8 16-24
-# rows, int4 64-96 rows).
+# run the dense GEMM. The default until kernels.choose_kernel_rows has timed both paths for a
+# layer's shape on the CPU that runs (and under a forced --kernels choice): the break-even first
+# measured (4096 x 4096 and the mid-size shapes, eager dequantization: int8 16-24 rows, int4 64-96).
 KERNEL_ROWS = {8: 16, 4: 80}
 # Largest dequantized weight chunk of a many-row step (the scratch buffer's size).
 SCRATCH_BYTES = 32 << 20
@@ -214,6 +215,7 @@ class _DequantMatmul(torch.autograd.Function):
 class WeightOnlyLinear(nn.Module):
     """int8 (per-row scales) or int4 (per-64 scale + zero) weights, computing in `dtype`."""
     few_row_kernel = True                    # few rows run PyTorch's weight-only kernel
+    kernel_rows: Optional[int] = None        # up to how many (kernels.choose_kernel_rows); None: KERNEL_ROWS
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], bits: int, group: Optional[int] = None):
         super().__init__()
@@ -319,8 +321,13 @@ class WeightOnlyLinear(nn.Module):
         """int4: the per-group zeros of output rows `rows`, K/G,n."""
         return self.scales[:, rows, 1]
 
-    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        if x2.shape[0] <= KERNEL_ROWS[self.bits] and self.few_row_kernel:
+    def takes_kernel(self, rows: int) -> bool:
+        """Whether a product of `rows` rows runs PyTorch's weight-only kernel (else: dequantized GEMMs)."""
+        return self.few_row_kernel and rows <= (self.kernel_rows or KERNEL_ROWS[self.bits])
+
+    def _matmul(self, x2: torch.Tensor, kernel: Optional[bool] = None) -> torch.Tensor:
+        """x2 @ W^T; kernel: force the weight-only kernel (True) or the dequantized GEMMs (False)."""
+        if self.takes_kernel(x2.shape[0]) if kernel is None else kernel:
             xk = x2.to(self.kernel_dtype)
             if self.bits == 8:
                 return torch._weight_int8pack_mm(xk, self.qweight, self.scales).to(x2.dtype)

@@ -724,3 +724,128 @@ def test_the_flags_reach_the_loader():
     assert opts("--cpu_weights", "plain") == (False, "auto", False)     # as before: not measured
     assert opts("--cpu_weights", "packed") == (True, "packed", False)
     assert LoadOptions().pack is False and LoadOptions().kernels == "auto"   # the library default: as before
+
+
+def rows_lines(kernel_per_row: float, dequant_fixed: float, dequant_per_row: float = 1e-4):
+    """A timer for the weight-only kernels' rows probes: the kernel `kernel_per_row` s a row, the
+    dequantized path dequant_fixed + dequant_per_row s a row; every other probe 1 ms. Records
+    the probes it was asked for."""
+    def timer(probes, runs):
+        timer.probes += probes
+        return [(p.rows * kernel_per_row if p.layout.endswith("-kernel") else dequant_fixed + p.rows * dequant_per_row)
+                if p.regime == "rows" else 1e-3 for p in probes]
+    timer.probes = []
+    return timer
+
+
+def test_the_kernel_rows_are_where_the_two_lines_cross():
+    """kernel_rows from the four timings (kernel at 16 and 64 rows, then the dequantized path):
+    where their lines meet, never below a decode batch's rows (invariant.ROWS), at most
+    MAX_KERNEL_ROWS where the kernel never falls behind."""
+    from models.invariant import ROWS
+    assert kernels.KERNEL_ROW_PROBES == (16, 64)
+    assert kernels.crossover([16e-3, 64e-3, 41.6e-3, 46.4e-3]) == 44
+    assert kernels.crossover([16e-3, 64e-3, 10e-3, 12e-3]) == ROWS          # the GEMM wins from the start
+    assert kernels.crossover([16e-3, 20e-3, 41.6e-3, 60e-3]) == kernels.MAX_KERNEL_ROWS   # never behind
+    assert kernels.crossover([1e-3, 4e-3, 100e-3, 101e-3]) == kernels.MAX_KERNEL_ROWS   # beyond the cap
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_weight_only_layers_run_their_kernel_up_to_the_rows_measured_here(bits, cache_dir, monkeypatch):
+    """Each shape class of int8 / int4 layers that decode (not the prefill-only ones, nor the LM
+    head) is timed at 16 and 64 rows through PyTorch's kernel and the dequantized GEMM; its
+    layers run the kernel up to the crossover, the GEMM beyond, and compute the same product
+    either way. Cached: a second load times nothing; --remeasure_kernels times again."""
+    from models.quantize import WeightOnlyLinear, quantize
+    model = quantize(tiny(torch.bfloat16), bits, vision_bits=8)
+    timer = rows_lines(1e-3, 40e-3)                                          # crossing at 44 rows
+    chosen = kernels.choose_kernel_rows(model, timer=timer)
+    timed = {(p.out, p.inp) for p in timer.probes}
+    layers = {name: m for name, m in model.named_modules() if type(m) is WeightOnlyLinear and m.bits == bits}
+    assert set(chosen.values()) == {44} and len(timer.probes) == 4 * len(chosen)
+    for name, m in layers.items():
+        decodes = role(name) == "both"
+        assert (m.kernel_rows == 44) == decodes and ((m.out_features, m.in_features) in timed or not decodes), name
+    m = next(m for name, m in layers.items() if role(name) == "both")
+    name = "_weight_int4pack_mm_for_cpu" if bits == 4 else "_weight_int8pack_mm"
+    real, calls = getattr(torch, name), []
+    monkeypatch.setattr(torch, name, lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    for rows in (44, 45):
+        x = torch.randn(rows, m.in_features).bfloat16()
+        with torch.inference_mode():
+            y = m(x).float()
+        torch.testing.assert_close(y, F.linear(x, m.dequantize()).float(), rtol=2e-2, atol=2e-2)
+    assert calls == [44]                                                     # 45 rows: the dequantized GEMM
+    again = rows_lines(1e-3, 10e-3)
+    assert kernels.choose_kernel_rows(quantize(tiny(torch.bfloat16), bits, vision_bits=8), timer=again) == chosen
+    assert again.probes == []                                                # cached
+    assert set(kernels.choose_kernel_rows(model, remeasure=True, timer=again).values()) == {16}
+    assert json.loads(cache_dir.read_text())["timings"]
+
+
+def test_a_forced_layout_leaves_the_kernel_rows_unmeasured(monkeypatch):
+    from models.quantize import KERNEL_ROWS, QuantConfig, WeightOnlyLinear
+    timer = rows_lines(1e-3, 40e-3)
+    monkeypatch.setattr(kernels, "median_seconds", timer)
+    model, _ = load_model("tiny-cogvlm", LoadOptions(quant=QuantConfig(4), kernels="plain"))
+    layers = [m for m in model.modules() if type(m) is WeightOnlyLinear]
+    assert layers and timer.probes == [] and {m.kernel_rows for m in layers} == {None}
+    assert all(m.takes_kernel(KERNEL_ROWS[m.bits]) and not m.takes_kernel(KERNEL_ROWS[m.bits] + 1) for m in layers)
+    model, _ = load_model("tiny-cogvlm", LoadOptions(quant=QuantConfig(4), pack=True))       # measured
+    assert {p.regime for p in timer.probes} >= {"rows"}
+
+
+def test_tensor_parallel_ranks_take_their_group_leaders_kernel_rows(monkeypatch):
+    from models import tp
+    from models.quantize import WeightOnlyLinear, quantize
+    model = quantize(tiny(), 8)
+    model.runtime.tp_world = 2
+    offered = []
+    monkeypatch.setattr(tp, "from_group_leader", lambda obj: offered.append(obj) or {k: 30 for k in obj})
+    kernels.choose_kernel_rows(model, timer=rows_lines(1e-3, 40e-3))
+    assert offered and set(offered[0].values()) == {44}                     # this rank measured 44...
+    assert {m.kernel_rows for n, m in model.named_modules() if type(m) is WeightOnlyLinear and role(n) == "both"} \
+        == {30}                                                              # ...its leader 30
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_greedy_answers_do_not_depend_on_the_kernel_rows(bits, tmp_path, monkeypatch):
+    """The bundled model quantized, its prompt's text rows through PyTorch's kernel (rows
+    measured up to 1024) or through the dequantized GEMM (from 17 rows): the same greedy answer."""
+    from models.quantize import QuantConfig, WeightOnlyLinear
+    from utils.chat import ImageContext, chat, prepare
+    from utils.chat.tokenizer import Tokenizer
+    from models.generate import GenerationConfig
+    tok = Tokenizer(ROOT / "assets" / "checkpoints" / "tiny-cogvlm" / "tokenizer")
+    question = "Describe the image with boxes, every shape in it and its colour, one by one."
+    answers = []
+    for name, timer in (("kernel", rows_lines(1e-3, 1.0)), ("gemm", rows_lines(1e-3, 0.0))):
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / name))
+        monkeypatch.setattr(kernels, "median_seconds", timer)
+        model, cfg = load_model("tiny-cogvlm", LoadOptions(dtype=torch.float32, quant=QuantConfig(bits), pack=True,
+                                                           compile=False))
+        image = ImageContext(ROOT / "assets" / "scene.png", cfg)
+        assert int((~prepare(model, tok, question, [], image).vision_mask).sum()) > 16
+        assert {m.kernel_rows for n, m in model.named_modules() if type(m) is WeightOnlyLinear and role(n) == "both"} \
+            == {kernels.MAX_KERNEL_ROWS if name == "kernel" else 16}
+        answers.append(chat(model, tok, question, [], image, gen=GenerationConfig(max_new_tokens=40))[0])
+    assert answers[0] == answers[1] and answers[0]
+
+
+def test_timings_taken_while_the_cpu_is_busy_change_nothing(cache_dir):
+    """The background compile of the int4 expansion times the rows again against its compiled
+    pass (busy=...): where the kernel now runs slower than its cached figure by more than that
+    ratio (the CPU shared with a compile or requests), the class keeps its rows and the cache
+    its figures; on a quiet CPU the compiled pass's figures are cached beside the kernel's."""
+    from models.quantize import WeightOnlyLinear, quantize
+    model = quantize(tiny(torch.bfloat16), 4, vision_bits=8)
+    kernels.choose_kernel_rows(model, timer=rows_lines(1e-3, 40e-3))                       # 44 rows
+    layers = [m for m in model.modules() if type(m) is WeightOnlyLinear and m.kernel_rows]
+    cached = json.loads(cache_dir.read_text())["timings"]
+    busy = rows_lines(3e-3, 10e-3)                                           # the kernel 3x slower
+    assert kernels.measure_kernel_rows(layers, "fused", timer=busy, busy=1.3) == {}
+    assert {m.kernel_rows for m in layers} == {44} and json.loads(cache_dir.read_text())["timings"] == cached
+    quiet = rows_lines(1e-3, 10e-3)
+    assert set(kernels.measure_kernel_rows(layers, "fused", timer=quiet, busy=1.3).values()) == {16}
+    now = json.loads(cache_dir.read_text())["timings"]
+    assert {k: v for k, v in now.items() if k in cached} == cached and any("-fused " in k for k in now)

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from models import LoadOptions, QuantConfig, build_model, get_config, load_model, save_sat_checkpoint
+from models import LoadOptions, QuantConfig, build_model, get_config, kernels, load_model, save_sat_checkpoint
 from models.generate import GenerationConfig
 from models.quantize import quantize, weight_bytes
 from utils.chat import ImageContext, chat, prepare
@@ -331,10 +331,24 @@ def test_int4_inference_loads_split_the_prefill_layers_and_answer_alike(ckpt, to
     assert not any(isinstance(m, SplitInt4Linear) for m in trained.modules())
 
 
+def rows_timer(real):
+    """A timer for models.kernels: the weight-only kernels' rows probes from lines (kernel 1 ms a
+    row; dequantized 40 ms + 0.1 ms a row, crossing at 44 rows; compiled expansion 10 ms + 0.1 ms
+    a row, crossing below 16), every other probe timed by `real`."""
+    base = {"kernel": 0.0, "dequantized": 40e-3, "fused": 10e-3}
+
+    def timer(probes, runs):
+        if probes[0].regime != "rows":
+            return real(probes, runs)
+        path = [p.layout.rsplit("-", 1)[1] for p in probes]
+        return [base[x] + p.rows * (1e-3 if x == "kernel" else 1e-4) for x, p in zip(path, probes)]
+    return timer
+
+
 @pytest.mark.parametrize("faster,dtype", [("compiled", torch.float32), ("compiled", torch.bfloat16),
                                           ("eager", torch.float32)])
 def test_int4_layers_expand_in_one_compiled_pass_with_the_eager_bits(ckpt, tokenizer, image_file, monkeypatch, faster,
-                                                                      dtype):
+                                                                      dtype, tmp_path):
     """Where a C++ compiler exists, an inference load compiles the int4 expansions in the
     background (one graph each, dynamic shapes): the split layers' and, for products of more
     than KERNEL_ROWS rows, the kernel-layout layers'. Timed faster than the eager passes here
@@ -350,10 +364,16 @@ def test_int4_layers_expand_in_one_compiled_pass_with_the_eager_bits(ckpt, token
     started, start = [], mc.expand_int4_in_background
     monkeypatch.setattr(mc, "expand_int4_in_background", lambda m: started.append(start(m)) or started[-1])
     monkeypatch.setattr(mc, "_expansion_seconds", lambda fn, layer: (1.0, 0.5) if faster == "compiled" else (0.5, 1.0))
-    model, cfg = load_model(str(ckpt), LoadOptions(dtype=dtype, quant=QuantConfig(bits=4, vision_bits=4)))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))                 # the mock rows timings stay here
+    monkeypatch.setattr(kernels, "median_seconds", rows_timer(kernels.median_seconds))
+    model, cfg = load_model(str(ckpt), LoadOptions(dtype=dtype, quant=QuantConfig(bits=4, vision_bits=4), pack=True))
     assert len(started) == 1 and started[0] is not None
     started[0].join(300)
     fused = {k: getattr(mq.FusedExpand, k) for k in ("fn", "kernel_fn")}
+    # The few-row kernels' rows: timed against the eager passes at load (44), again against the
+    # compiled pass once it is used (16: the floor)
+    rows = {m.kernel_rows for m in model.modules() if type(m) is mq.WeightOnlyLinear and m.bits == 4 and m.kernel_rows}
+    assert rows == ({16} if faster == "compiled" else {44})
     if faster == "eager":
         assert not any(fused.values())
         return
