@@ -9,7 +9,8 @@ PyTorch's int4 kernel layout, and two more copies take the measured layouts: `me
 those int4 layers in the kernel's layout, `measured+split` split by rows as the apps load them
 (quantize.SplitInt4Linear); every copy expands its int4 layers in eager passes, and
 `measured+split+fused` is the split copy again with the expansions compiled (where a C++
-compiler exists), as the apps run it. Times the image encoder + a 283-token prefill; medians over --repeat rounds,
+compiler exists), as the apps run it, and `measured+split+fused+fixed_rows` the same with the
+weight-only kernels taking up to quantize.KERNEL_ROWS rows, not the rows measured here. Times the image encoder + a 283-token prefill; medians over --repeat rounds,
 each against the same process's bf16 / fp32 GEMM (a busy box drifts 2x between processes).
 
   python bench/prefill_layouts.py [--quant 8|4] [--text N] --json bench/results_prefill_layouts.json
@@ -28,10 +29,10 @@ from bench.common import (bench_parser, cpu_start, gemm_dtype, gemm_flops, media
                           random_model, write_cpu_json)
 from bench.decode import MID, make_inputs, prefill_flops, prefill_run  # noqa: E402
 from models import CogVLM  # noqa: E402
-from models.kernels import choose_layouts, role  # noqa: E402
+from models.kernels import choose_kernel_rows, choose_layouts, role  # noqa: E402
 from models.layout import PACKED, apply_layouts, split_prefill_int4  # noqa: E402
 from models.compile import expand_int4_in_background  # noqa: E402
-from models.quantize import FusedExpand, quantize  # noqa: E402
+from models.quantize import FusedExpand, WeightOnlyLinear, quantize  # noqa: E402
 
 VARIANTS = ("plain",) + tuple(PACKED)
 
@@ -41,6 +42,7 @@ def variants(bits: int, dtype: torch.dtype) -> tuple[dict, dict]:
     base = random_model(MID, dtype)
     if bits:
         quantize(base, bits, vision_bits=8)
+        choose_kernel_rows(base)                     # as the apps load it (every copy keeps these rows)
     chosen = choose_layouts(base)
     shared = {n: x for n, x in chosen.items() if role(n) != "prefill"}
     models = {}
@@ -81,7 +83,26 @@ def prefill_runs(models: dict, prompt) -> dict:
         thread.join()
     fused = FusedExpand.fn or FusedExpand.kernel_fn
     return {**{name: with_eager_expansion(fn) for name, fn in fns.items()},
-            **({"measured+split+fused": fns["measured+split"]} if fused else {})}
+            **({"measured+split+fused": fns["measured+split"],
+                "measured+split+fused+fixed_rows": with_fixed_kernel_rows(fns["measured+split"],
+                                                                          models["measured+split"])} if fused else {})}
+
+
+def with_fixed_kernel_rows(run, model):
+    """`run` with `model`'s weight-only layers taking PyTorch's kernel up to quantize.KERNEL_ROWS
+    rows, the constant in use before the rows were measured (kernels.choose_kernel_rows)."""
+    layers = [m for m in model.modules() if isinstance(m, WeightOnlyLinear) and m.kernel_rows]
+
+    def fixed():
+        rows = [m.kernel_rows for m in layers]
+        for m in layers:
+            m.kernel_rows = None
+        try:
+            return run()
+        finally:
+            for m, r in zip(layers, rows):
+                m.kernel_rows = r
+    return fixed
 
 
 def main(argv=None) -> int:

@@ -90,7 +90,7 @@ FLUSH_MAX_BYTES = 512 << 20  # the read that flushes the caches before each time
 BUDGET_S = 4.0              # measuring stops starting new shape classes after this long
 REPEAT = {"decode": 7, "batch": 5, "prefill": 3, "rows": 3}     # timed calls per probe (after one warm-up)
 # The row counts a weight-only layer's two paths are timed at (choose_kernel_rows): both cost about
-# a + b x rows (AMX Xeon: int4 12288x4096, kernel 0.69 ms a row; dequantized 22 ms + 0.07 a row).
+# a + b x rows (AMX Xeon: int4 12288x4096, kernel 0.63 ms a row; compiled expansion + GEMM 22 ms + 0.07 a row).
 KERNEL_ROW_PROBES = (16, 64)
 MAX_KERNEL_ROWS = 1024      # a crossover extrapolated beyond this is taken as this
 # 2: timings taken with the caches flushed before each call (version 1's were partly from cache:
