@@ -336,20 +336,26 @@ def _expansion_seconds(fn: Callable, layer: WeightOnlyLinear) -> tuple[float, fl
 
 def _expands_alike(fn: Callable, split: bool, dtype: torch.dtype, scales: torch.dtype, group: int) -> bool:
     """Whether `fn` (compiling it) expands a probe layer of this layout, dtypes and group as the
-    eager passes do, bit for bit, called as the layers call it (dynamo guards on the bases of
-    views too; blocks, half-blocks and groups of unequal sizes: equal ones would share one
-    dynamic symbol)."""
-    layer = WeightOnlyLinear(torch.randn(3 * 64, 5 * group).to(dtype), None, 4, group)
+    eager passes do, bit for bit, called as the layers call it: first on a chunk of its rows
+    (rows of a larger layer: their scales' strides and offsets are not those of a whole layer,
+    and a graph compiled on a whole one was guarded on that), then on all of them (blocks,
+    half-blocks and groups of unequal sizes, none 2: equal ones would share one dynamic symbol)."""
+    layer = WeightOnlyLinear(torch.randn(4 * 64, 5 * group).to(dtype), None, 4, group)
     if scales != dtype:
         layer.kernel_in(scales)
     probe = SplitInt4Linear(layer) if split else layer
     want = probe.dequantize(offset=False)
-    if not split:
-        return torch.equal(probe.expanded_by(fn, 0, want.shape[0], strict=False), want)
-    got = _buffer(tuple(want.shape), want.dtype).zero_()
-    rows = slice(0, want.shape[0])
-    return probe._fused(probe.qweight[rows.start // probe.block:rows.stop // probe.block], rows, got, fn,
-                        strict=False) and torch.equal(got, want)
+    for rows in (slice(64, 4 * 64), slice(0, 4 * 64)):          # (3 and 4 blocks: 2 is a size in the graph)
+        if not split:
+            got = probe.expanded_by(fn, rows.start, rows.stop - rows.start, strict=False)
+        else:
+            got = _buffer((rows.stop - rows.start, want.shape[1]), want.dtype).zero_()
+            codes = probe.qweight[rows.start // probe.block:rows.stop // probe.block]
+            if not probe._fused(codes, rows, got, fn, strict=False):
+                return False
+        if not torch.equal(got, want[rows]):
+            return False
+    return True
 
 
 def decode_weights(model) -> int:

@@ -313,7 +313,9 @@ class WeightOnlyLinear(nn.Module):
         def args() -> tuple:
             codes = _transposed_bytes(self.qweight[r0:r0 + n], b, _buffer((n // b, b // 2, K), torch.uint8, 1))
             out = _buffer((n, K), self.dtype, 0, self.qweight.device)
-            return codes.view(n // b, b // 2, K // g, g), self.scales[:, r0:r0 + n], out.view(n // b, 2, b // 2, K // g, g)
+            # the chunk's scales contiguous (1/32 of the weights' count): strides and offset alike for every chunk
+            scales = _buffer((K // g, n, 2), self.scales.dtype, 2).copy_(self.scales[:, r0:r0 + n])
+            return codes.view(n // b, b // 2, K // g, g), scales, out.view(n // b, 2, b // 2, K // g, g)
         called = _compiled_call(fn, args, strict)
         return None if called is None else called[2].view(n, K)
 
@@ -402,13 +404,21 @@ def _compiled_call(fn: Callable, args: Callable[[], tuple], strict: bool = True)
     try:
         with torch.compiler.set_stance("fail_on_recompile" if strict else "default"), torch.inference_mode():
             made = args()
-            fn(*made)
+            fn(*(_alias(t) for t in made))
     except Exception:  # noqa: BLE001 - a shape, dtype or view the graph does not take
         if not strict:
             raise
         log.debug("int4 expansion: eager passes for this product", exc_info=True)
         return None
     return made
+
+
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """`t`'s memory as a tensor that is no view: dynamo guards on a view's base too (a layer's
+    chunk of rows is a view of the whole layer's codes, a scratch buffer of the largest layer's),
+    so graphs compiled on a whole probe layer would compile again for every chunked one."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), t.shape,
+                                                               t.stride())
 
 
 class FusedExpand:

@@ -394,3 +394,31 @@ def test_int4_layers_expand_in_one_compiled_pass_with_the_eager_bits(ckpt, token
             monkeypatch.setattr(mq.FusedExpand, k, None)
         b = model(inputs)[0, -1]
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["kernel-layout", "split-by-rows"])
+def test_int4_expansions_compiled_on_the_probe_take_every_chunk_of_a_large_layer(split, monkeypatch):
+    """The compiled expansions, checked on compile's probe layer, take the chunks a large layer
+    is dequantized in (at CogVLM-17B's size 32 MB of weight at a time: views into the layer's
+    codes and scales at an offset, beside the layer's own strides) without compiling again, with
+    the eager passes' bits. Graphs compiled on a whole probe layer had been guarded on its bases,
+    strides and offsets, so at full size most chunks had run the eager passes."""
+    import models.compile as mc
+    import models.quantize as mq
+    if mc.compiler_missing():
+        pytest.skip(mc.compiler_missing())
+    torch.manual_seed(0)
+    fn = torch.compile(mq.expand_split_int4 if split else mq.expand_kernel_int4, dynamic=True, fullgraph=True)
+    assert mc._expands_alike(fn, split, torch.bfloat16, torch.bfloat16, 64)      # compiles, as the thread does
+    layer = mq.WeightOnlyLinear(torch.randn(10 * 64, 320).bfloat16() * 0.02, None, 4)
+    layer = mq.SplitInt4Linear(layer) if split else layer
+    monkeypatch.setattr(mq, "SCRATCH_BYTES", 3 * 64 * 320 * 2)                   # chunks of 192, 192, 192, 64 rows
+    calls = []
+    monkeypatch.setattr(mq.FusedExpand, "fn" if split else "kernel_fn", lambda *a: (fn(*a), calls.append(1)))
+    x = torch.randn(100, 320).bfloat16()
+    with torch.inference_mode():
+        fused = layer._matmul(x, False)
+        chunks = len(calls)
+        monkeypatch.setattr(mq.FusedExpand, "fn" if split else "kernel_fn", None)
+        eager = layer._matmul(x, False)
+    assert chunks == 3 and torch.equal(fused, eager)        # the last chunk of one block: eager (a size of 1)
