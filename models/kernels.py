@@ -70,7 +70,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from .layout import LAYOUTS, PACKED, UPCAST_FROM_ROWS, can_half, can_pack, can_upcast, fp16_exact, relayout, role
+from .layout import (LAYOUTS, PACKED, UPCAST_FROM_ROWS, PackedInt8Linear, PackedLinear, can_half, can_pack, can_upcast,
+                     fp16_exact, relayout, role)
 from .lora import has_adapter
 from .quantize import WeightOnlyLinear
 from .machine import cpu_flags, last_level_cache_bytes
@@ -88,11 +89,15 @@ TYPICAL_PREFILL_ROWS = 800
 TYPICAL_DECODE_STEPS = 150
 FLUSH_MAX_BYTES = 512 << 20  # the read that flushes the caches before each timed call, at most
 BUDGET_S = 4.0              # measuring stops starting new shape classes after this long
-REPEAT = {"decode": 7, "batch": 5, "prefill": 3, "rows": 3}     # timed calls per probe (after one warm-up)
+REPEAT = {"decode": 7, "batch": 5, "prefill": 3, "rows": 3, "long": 3}     # timed calls per probe (after one warm-up)
 # The row counts a weight-only layer's two paths are timed at (choose_kernel_rows): both cost about
 # a + b x rows (AMX Xeon: int4 12288x4096, kernel 0.63 ms a row; compiled expansion + GEMM 22 ms + 0.07 a row).
 KERNEL_ROW_PROBES = (16, 64)
 MAX_KERNEL_ROWS = 1024      # a crossover extrapolated beyond this is taken as this
+# A prefill-only packed layer may run an image's rows in this many GEMM calls (choose_row_pieces),
+# of at least MIN_PIECE_ROWS rows each (CogVLM-17B's 1,226; 224-px models' 257 stay one call).
+ROW_PIECES = (1, 2, 3)
+MIN_PIECE_ROWS = 384
 # 2: timings taken with the caches flushed before each call (version 1's were partly from cache:
 # a 2048x2048 bf16 weight read 98 GB/s packed from the AMD EPYC's L3, 15 GB/s from memory).
 # 3: prefill timed on 283 rows, not 256; the packed_many layout.
@@ -610,3 +615,67 @@ def _time_rows(layer: WeightOnlyLinear, probes: list, timer: Optional[Callable])
     runs = [functools.partial(layer._matmul, torch.randn(p.rows, layer.in_features).to(layer.dtype),
                               p.layout.endswith("-kernel")) for p in probes]
     return (timer or median_seconds)(probes, runs)
+
+
+# ---------------------------------------------------------------------------------------
+# Prefill-only packed layers: an image's rows in one GEMM call or in a few
+def choose_row_pieces(model: nn.Module, rows: Optional[int] = None, remeasure: bool = False,
+                      timer: Optional[Callable] = None, budget: Optional[float] = None) -> dict:
+    """Give each oneDNN-packed layer only prefill runs (layout.PackedLinear, PackedInt8Linear:
+    image encoders, adapter, int8 vision experts) the rows per GEMM call (`row_step`) its shape
+    ran fastest at on this machine for `rows` rows (default: an image's tokens), among the rows
+    in ROW_PIECES calls of at least MIN_PIECE_ROWS each (on the AMX Xeon, CogVLM-17B's image
+    encoder at 1,226 rows: its 1792x15360 layer 0.85 TFLOP/s in one call, 1.39 in two). Timed
+    on one layer of each shape class, largest first, none started after `budget` s (default
+    BUDGET_S; the rest keep one call), cached. Logs one line. Returns (kind, dtype, out, in) -> row_step."""
+    rows = rows or getattr(getattr(model, "config", None), "image_length", 0) + 1
+    counts = [k for k in ROW_PIECES if rows // k >= MIN_PIECE_ROWS]
+    classes = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (PackedLinear, PackedInt8Linear)) and role(name) == "prefill":
+            dtype = getattr(m, "dtype", None) or m.packed.dtype
+            classes.setdefault((type(m).__name__, str(dtype).replace("torch.", ""), m.out_features, m.in_features),
+                               []).append(m)
+    if len(counts) < 2 or not classes:
+        return {}
+    path, ident = cache_path(), machine_id()
+    timings, chosen, figures, skipped = read_cache(path, ident), {}, [], 0
+    before, start = dict(timings), time.perf_counter()
+    for key, members in sorted(classes.items(), key=lambda kv: -len(kv[1]) * kv[0][2] * kv[0][3]):
+        probes = [Probe(f"{key[0]}-pieces{k}", key[1], key[2], key[3], rows, torch.get_num_threads(), "long")
+                  for k in counts]
+        if remeasure or any(p.key not in timings for p in probes):
+            if time.perf_counter() - start > (BUDGET_S if budget is None else budget):
+                skipped += 1
+                continue
+            timings.update({p.key: float(t) for p, t in zip(probes, _time_pieces(members[0], rows, counts, probes,
+                                                                                  timer))})
+        seconds = [timings[p.key] for p in probes]
+        best = counts[seconds.index(min(seconds))]
+        chosen[key] = step = None if best == 1 else -(-rows // best)
+        for m in members:
+            m.row_step = step
+        figures.append(f"{key[0]} {key[2]}x{key[3]} -> {best} call{'s' * (best > 1)} [ms: "
+                       + ", ".join(f"{k} {t * 1e3:.0f}" for k, t in zip(counts, seconds)) + "]")
+    if timings != before:
+        write_cache(path, ident, timings)
+    note = f"; {skipped} shape classes over the {BUDGET_S if budget is None else budget:.0f} s budget: one call " \
+        "until a later load times them" if skipped else ""
+    log.info("prefill-only packed layers, an image's %d rows in the GEMM calls measured fastest here: %s%s", rows,
+             "; ".join(figures), note)
+    return chosen
+
+
+@torch.inference_mode()
+def _time_pieces(layer: nn.Module, rows: int, counts: list, probes: list, timer: Optional[Callable]) -> list:
+    """Seconds of `layer` on `rows` rows in each of `counts` GEMM calls (its row_step put back after)."""
+    dtype = getattr(layer, "dtype", None) or layer.packed.dtype
+    x, kept = torch.randn(rows, layer.in_features).to(dtype), layer.row_step
+
+    def run(k: int):
+        layer.row_step = None if k == 1 else -(-rows // k)
+        layer(x)
+    try:
+        return (timer or median_seconds)(probes, [functools.partial(run, k) for k in counts])
+    finally:
+        layer.row_step = kept

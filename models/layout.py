@@ -46,6 +46,8 @@ class PackedLinear(nn.Module):
     matched it for prefill; on a Xeon with AMX, `packed` ran 257-288 rows at 0.7-0.85 TFLOP/s,
     `packed_many` at 1.7-1.9, row-major F.linear at 1.2-1.35."""
 
+    row_step: Optional[int] = None       # rows per GEMM call where measured faster (kernels.choose_row_pieces)
+
     def __init__(self, lin: nn.Linear, hint: Optional[int] = None):
         super().__init__()
         self.in_features, self.out_features = lin.in_features, lin.out_features
@@ -55,12 +57,26 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]).contiguous(), self.packed,
-                                               self.bias, "none", [], "")
+        x2 = x.reshape(-1, shape[-1]).contiguous()                                     # T,in
+        pieces = row_pieces(x2.shape[0], self.row_step)
+        if len(pieces) == 1:
+            y = torch.ops.mkldnn._linear_pointwise(x2, self.packed, self.bias, "none", [], "")
+        else:
+            y = x2.new_empty(x2.shape[0], self.out_features)                           # T,out
+            for p in pieces:
+                y[p] = torch.ops.mkldnn._linear_pointwise(x2[p], self.packed, self.bias, "none", [], "")
         return y.view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, oneDNN-packed for {self.hint or 'few'} rows"
+
+
+def row_pieces(rows: int, step: Optional[int]) -> list:
+    """The row slices a prefill's GEMM runs in: all at once, or `step` rows at a time (measured
+    faster for some wide layers at an image's 1,226 rows: kernels.choose_row_pieces)."""
+    if not step or rows <= step:
+        return [slice(0, rows)]
+    return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
 
 
 class PackedInt8Linear(nn.Module):
@@ -73,6 +89,8 @@ class PackedInt8Linear(nn.Module):
     is found by packing the codes themselves (-128..127 are exact in bf16 and fp32) and checked
     once per shape by unpacking it. CPU inference only; no decode kernel reads this layout.
     hint: the row count oneDNN lays the weight out for (pack_weight; None: `packed`'s)."""
+
+    row_step: Optional[int] = None       # rows per GEMM call where measured faster (kernels.choose_row_pieces)
 
     def __init__(self, q: WeightOnlyLinear, hint: Optional[int] = None):
         super().__init__()
@@ -89,16 +107,18 @@ class PackedInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()          # T,K
         N = self.out_features
-        y = None if self.rows == N else x2.new_empty(x2.shape[0], N)               # T,N
+        pieces = row_pieces(x2.shape[0], self.row_step)
+        y = None if self.rows == N and len(pieces) == 1 else x2.new_empty(x2.shape[0], N)   # T,N
         with _SCRATCH_LOCK:                        # one scratch per shape in the process
             w, raw = _packed_scratch(self.rows, self.in_features, self.dtype, self.hint)
             for i, r0 in enumerate(range(0, N, self.rows)):
                 raw.copy_(self.codes[i * raw.numel():(i + 1) * raw.numel()])   # int8 -> compute dtype
-                part = torch.ops.mkldnn._linear_pointwise(x2, w, None, "none", [], "")  # T,rows
-                if y is None:                                               # one chunk: no copy
-                    y = part
-                else:
-                    y[:, r0:r0 + self.rows] = part[:, :N - r0]
+                for p in pieces:
+                    part = torch.ops.mkldnn._linear_pointwise(x2[p], w, None, "none", [], "")  # rows of p,chunk
+                    if y is None:                                           # one chunk, one piece: no copy
+                        y = part
+                    else:
+                        y[p, r0:r0 + self.rows] = part[:, :N - r0]
         y.mul_(self.scales)
         if self.bias is not None:
             y.add_(self.bias)

@@ -269,7 +269,7 @@ def prepare_for_inference(model: nn.Module, opts: LoadOptions, layouts: Optional
     machine; a forced layout; without pack (--cpu_weights plain), column-major fp32 where it has
     more outputs than inputs. Compiled: `half` where measured fastest, plain weights elsewhere."""
     from .invariant import make_batch_invariant
-    from .kernels import choose_kernel_rows, choose_quantized_kernels
+    from .kernels import choose_kernel_rows, choose_quantized_kernels, choose_row_pieces
     from .layout import apply_layouts, split_prefill_int4
     cpu = torch.device(opts.device).type == "cpu"
     deterministic, compiled = modes(opts)
@@ -287,6 +287,7 @@ def prepare_for_inference(model: nn.Module, opts: LoadOptions, layouts: Optional
         log.info("int4 layers only prefill runs: codes split by rows, dequantized in fewer passes")
     if cpu and opts.kernels == "auto" and (opts.pack or compiled):
         choose_kernel_rows(model, opts.remeasure_kernels)     # where the few-row kernels stop (timed)
+        choose_row_pieces(model, remeasure=opts.remeasure_kernels)     # an image's rows in one GEMM call or a few
     if cpu and opts.cpu_layout and opts.compile is not False:
         from .compile import expand_int4_in_background
         expand_int4_in_background(model)                  # (where int4 layers hold enough weights)

@@ -849,3 +849,81 @@ def test_timings_taken_while_the_cpu_is_busy_change_nothing(cache_dir):
     assert set(kernels.measure_kernel_rows(layers, "fused", timer=quiet, busy=1.3).values()) == {16}
     now = json.loads(cache_dir.read_text())["timings"]
     assert {k: v for k, v in now.items() if k in cached} == cached and any("-fused " in k for k in now)
+
+
+def pieces_timer(fastest: int):
+    """Rows probes of choose_row_pieces: `fastest` GEMM calls take 1 ms, other counts 2 ms;
+    every other probe 1 ms. Records the probes."""
+    def timer(probes, runs):
+        timer.probes += probes
+        return [(1e-3 if p.layout.endswith(f"-pieces{fastest}") else 2e-3) if p.regime == "long" else 1e-3
+                for p in probes]
+    timer.probes = []
+    return timer
+
+
+@pytest.mark.parametrize("bits", [0, 8])
+def test_prefill_only_packed_layers_run_an_images_rows_in_the_calls_measured_fastest(bits, monkeypatch):
+    """Each shape class of oneDNN-packed layers only prefill runs (bf16, and int8 codes in the
+    packed order) is timed on an image's rows in 1, 2 and 3 GEMM calls; its layers take the
+    fastest (row_step) and compute the same product either way. Fewer rows than two pieces of
+    MIN_PIECE_ROWS: nothing timed. Cached: a second model times nothing."""
+    from models.layout import PackedInt8Linear, PackedLinear
+    from models.quantize import quantize
+    if not can_pack(torch.bfloat16):
+        pytest.skip("oneDNN without bf16")
+
+    def packed_model():
+        model = tiny(torch.bfloat16)
+        if bits:
+            quantize(model, 8, vision_bits=8)
+        apply_layouts(model, choose_layouts(model, "packed_many"))
+        return model
+    model = packed_model()
+    layers = [m for n, m in model.named_modules() if isinstance(m, (PackedLinear, PackedInt8Linear))
+              and role(n) == "prefill"]
+    assert layers and (bits == 0 or any(isinstance(m, PackedInt8Linear) for m in layers))
+    small = pieces_timer(2)
+    assert kernels.choose_row_pieces(model, rows=2 * kernels.MIN_PIECE_ROWS - 1, timer=small) == {}
+    assert small.probes == []
+    rows = 2 * kernels.MIN_PIECE_ROWS + 10
+    timer = pieces_timer(2)
+    chosen = kernels.choose_row_pieces(model, rows=rows, timer=timer)
+    assert set(chosen.values()) == {-(-rows // 2)} and {m.row_step for m in layers} == {-(-rows // 2)}
+    assert {p.layout.rsplit("-", 1)[1] for p in timer.probes} == {"pieces1", "pieces2"}  # 3 calls: under the minimum
+    from models import layout
+    seen, real = [], layout.row_pieces
+    monkeypatch.setattr(layout, "row_pieces", lambda n, step: seen.append(len(real(n, step))) or real(n, step))
+    m = max(layers, key=lambda m: m.out_features * m.in_features)
+    x = torch.randn(rows, m.in_features).bfloat16()
+    with torch.inference_mode():
+        pieces = m(x)
+        m.row_step = None
+        whole = m(x)
+    assert seen == [2, 1]                                                   # two GEMM calls, then one
+    torch.testing.assert_close(pieces, whole, rtol=1e-2, atol=1e-2)
+    again = pieces_timer(1)
+    assert kernels.choose_row_pieces(packed_model(), rows=rows, timer=again) == chosen and again.probes == []
+
+
+def test_greedy_answers_do_not_depend_on_the_row_pieces(monkeypatch, tmp_path):
+    """The bundled model's image encoder (145 rows) in one GEMM call a layer, or in three."""
+    from utils.chat import ImageContext, chat
+    from utils.chat.tokenizer import Tokenizer
+    from models.generate import GenerationConfig
+    from models.layout import PackedInt8Linear, PackedLinear
+    from models.quantize import QuantConfig
+    tok = Tokenizer(ROOT / "assets" / "checkpoints" / "tiny-cogvlm" / "tokenizer")
+    monkeypatch.setattr(kernels, "MIN_PIECE_ROWS", 40)
+    answers = []
+    for fastest in (1, 3):
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / str(fastest)))
+        monkeypatch.setattr(kernels, "median_seconds", pieces_timer(fastest))
+        model, cfg = load_model("tiny-cogvlm", LoadOptions(dtype=torch.bfloat16, quant=QuantConfig(8), pack=True,
+                                                           kernels="auto", compile=False))
+        steps = {m.row_step for n, m in model.named_modules() if isinstance(m, (PackedLinear, PackedInt8Linear))
+                 and role(n) == "prefill"}
+        assert steps == ({None} if fastest == 1 else {-(-(cfg.image_length + 1) // 3)})
+        answers.append(chat(model, tok, "Describe the image with boxes.", [],
+                            ImageContext(ROOT / "assets" / "scene.png", cfg), gen=GenerationConfig(max_new_tokens=40))[0])
+    assert answers[0] == answers[1] and answers[0]
