@@ -94,6 +94,9 @@ REPEAT = {"decode": 7, "batch": 5, "prefill": 3, "rows": 3, "long": 3}     # tim
 # a + b x rows (AMX Xeon: int4 12288x4096, kernel 0.63 ms a row; compiled expansion + GEMM 22 ms + 0.07 a row).
 KERNEL_ROW_PROBES = (16, 64)
 MAX_KERNEL_ROWS = 1024      # a crossover extrapolated beyond this is taken as this
+# ...and below this as this: a decode step of the server's largest batch (invariant.ROWS, which
+# a test holds this to) always runs the kernel (batch-invariant padding assumes one kernel there).
+MIN_KERNEL_ROWS = 16
 # A prefill-only packed layer may run an image's rows in this many GEMM calls (choose_row_pieces),
 # of at least MIN_PIECE_ROWS rows each (CogVLM-17B's 1,226; 224-px models' 257 stay one call).
 ROW_PIECES = (1, 2, 3)
@@ -527,7 +530,7 @@ def choose_kernel_rows(model: nn.Module, remeasure: bool = False, timer: Optiona
     dequantizing the weight for a dense GEMM (`kernel_rows`), timed per shape class at
     KERNEL_ROW_PROBES rows on one of its own layers (cached with the layouts' timings). Both costs
     grow linearly with the rows; the crossover of the two lines is taken, at least
-    invariant.ROWS (a decode step of the server's largest batch always runs the kernel) and at
+    MIN_KERNEL_ROWS (a decode step of the server's largest batch always runs the kernel) and at
     most MAX_KERNEL_ROWS. Tensor-parallel ranks take their group leader's. Logs one line.
     Returns (bits, dtype, out, in) -> rows."""
     layers = [m for name, m in model.named_modules() if type(m) is WeightOnlyLinear and role(name) == "both"
@@ -557,14 +560,13 @@ def _rows_probes(m: WeightOnlyLinear, expansion: str) -> list:
 
 def crossover(seconds: list) -> int:
     """The kernel_rows of a class from its probes' seconds (kernel at KERNEL_ROW_PROBES rows, then
-    the dequantized path at the same): where the two lines meet, within [invariant.ROWS, MAX_KERNEL_ROWS]."""
-    from .invariant import ROWS
+    the dequantized path at the same): where the two lines meet, within [MIN_KERNEL_ROWS, MAX_KERNEL_ROWS]."""
     (r0, r1), (k0, k1, d0, d1) = KERNEL_ROW_PROBES, seconds
     kernel_slope, dequant_slope = (k1 - k0) / (r1 - r0), (d1 - d0) / (r1 - r0)
     if kernel_slope <= dequant_slope:              # the kernel never falls behind
         return MAX_KERNEL_ROWS
     rows = r0 + ((d0 - k0) / (kernel_slope - dequant_slope))
-    return int(min(MAX_KERNEL_ROWS, max(ROWS, rows)))
+    return int(min(MAX_KERNEL_ROWS, max(MIN_KERNEL_ROWS, rows)))
 
 
 def measure_kernel_rows(layers: list, expansion: str = "dequantized", remeasure: bool = False,

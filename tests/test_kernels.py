@@ -743,9 +743,9 @@ def test_the_kernel_rows_are_where_the_two_lines_cross():
     where their lines meet, never below a decode batch's rows (invariant.ROWS), at most
     MAX_KERNEL_ROWS where the kernel never falls behind."""
     from models.invariant import ROWS
-    assert kernels.KERNEL_ROW_PROBES == (16, 64)
+    assert kernels.KERNEL_ROW_PROBES == (16, 64) and kernels.MIN_KERNEL_ROWS >= ROWS
     assert kernels.crossover([16e-3, 64e-3, 41.6e-3, 46.4e-3]) == 44
-    assert kernels.crossover([16e-3, 64e-3, 10e-3, 12e-3]) == ROWS          # the GEMM wins from the start
+    assert kernels.crossover([16e-3, 64e-3, 10e-3, 12e-3]) == kernels.MIN_KERNEL_ROWS   # the GEMM wins from the start
     assert kernels.crossover([16e-3, 20e-3, 41.6e-3, 60e-3]) == kernels.MAX_KERNEL_ROWS   # never behind
     assert kernels.crossover([1e-3, 4e-3, 100e-3, 101e-3]) == kernels.MAX_KERNEL_ROWS   # beyond the cap
 
