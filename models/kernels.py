@@ -635,8 +635,7 @@ def choose_row_pieces(model: nn.Module, rows: Optional[int] = None, remeasure: b
     classes = {}
     for name, m in model.named_modules():
         if isinstance(m, (PackedLinear, PackedInt8Linear)) and role(name) == "prefill":
-            dtype = getattr(m, "dtype", None) or m.packed.dtype
-            classes.setdefault((type(m).__name__, str(dtype).replace("torch.", ""), m.out_features, m.in_features),
+            classes.setdefault((type(m).__name__, str(m.dtype).replace("torch.", ""), m.out_features, m.in_features),
                                []).append(m)
     if len(counts) < 2 or not classes:
         return {}
@@ -671,8 +670,7 @@ def choose_row_pieces(model: nn.Module, rows: Optional[int] = None, remeasure: b
 @torch.inference_mode()
 def _time_pieces(layer: nn.Module, rows: int, counts: list, probes: list, timer: Optional[Callable]) -> list:
     """Seconds of `layer` on `rows` rows in each of `counts` GEMM calls (its row_step put back after)."""
-    dtype = getattr(layer, "dtype", None) or layer.packed.dtype
-    x, kept = torch.randn(rows, layer.in_features).to(dtype), layer.row_step
+    x, kept = torch.randn(rows, layer.in_features).to(layer.dtype), layer.row_step
 
     def run(k: int):
         layer.row_step = None if k == 1 else -(-rows // k)

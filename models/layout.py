@@ -51,7 +51,7 @@ class PackedLinear(nn.Module):
     def __init__(self, lin: nn.Linear, hint: Optional[int] = None):
         super().__init__()
         self.in_features, self.out_features = lin.in_features, lin.out_features
-        self.hint = hint
+        self.hint, self.dtype = hint, lin.weight.dtype
         self.packed = pack_weight(lin.weight.detach(), hint)
         self.bias = lin.bias
 

@@ -808,8 +808,9 @@ def test_tensor_parallel_ranks_take_their_group_leaders_kernel_rows(monkeypatch)
         == {30}                                                              # ...its leader 30
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bits", [4, 8])
-def test_greedy_answers_do_not_depend_on_the_kernel_rows(bits, tmp_path, monkeypatch):
+def test_greedy_answers_do_not_depend_on_the_kernel_rows(bits, dtype, tmp_path, monkeypatch):
     """The bundled model quantized, its prompt's text rows through PyTorch's kernel (rows
     measured up to 1024) or through the dequantized GEMM (from 17 rows): the same greedy answer."""
     from models.quantize import QuantConfig, WeightOnlyLinear
@@ -822,7 +823,7 @@ def test_greedy_answers_do_not_depend_on_the_kernel_rows(bits, tmp_path, monkeyp
     for name, timer in (("kernel", rows_lines(1e-3, 1.0)), ("gemm", rows_lines(1e-3, 0.0))):
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / name))
         monkeypatch.setattr(kernels, "median_seconds", timer)
-        model, cfg = load_model("tiny-cogvlm", LoadOptions(dtype=torch.float32, quant=QuantConfig(bits), pack=True,
+        model, cfg = load_model("tiny-cogvlm", LoadOptions(dtype=dtype, quant=QuantConfig(bits), pack=True,
                                                            compile=False))
         image = ImageContext(ROOT / "assets" / "scene.png", cfg)
         assert int((~prepare(model, tok, question, [], image).vision_mask).sum()) > 16
@@ -870,11 +871,12 @@ def test_prefill_only_packed_layers_run_an_images_rows_in_the_calls_measured_fas
     MIN_PIECE_ROWS: nothing timed. Cached: a second model times nothing."""
     from models.layout import PackedInt8Linear, PackedLinear
     from models.quantize import quantize
-    if not can_pack(torch.bfloat16):
-        pytest.skip("oneDNN without bf16")
+    dtype = torch.bfloat16 if can_pack(torch.bfloat16) else torch.float32
+    if not can_pack(dtype):
+        pytest.skip("PyTorch without oneDNN")
 
     def packed_model():
-        model = tiny(torch.bfloat16)
+        model = tiny(dtype)
         if bits:
             quantize(model, 8, vision_bits=8)
         apply_layouts(model, choose_layouts(model, "packed_many"))
@@ -895,7 +897,7 @@ def test_prefill_only_packed_layers_run_an_images_rows_in_the_calls_measured_fas
     seen, real = [], layout.row_pieces
     monkeypatch.setattr(layout, "row_pieces", lambda n, step: seen.append(len(real(n, step))) or real(n, step))
     m = max(layers, key=lambda m: m.out_features * m.in_features)
-    x = torch.randn(rows, m.in_features).bfloat16()
+    x = torch.randn(rows, m.in_features).to(dtype)
     with torch.inference_mode():
         pieces = m(x)
         m.row_step = None
@@ -913,14 +915,17 @@ def test_greedy_answers_do_not_depend_on_the_row_pieces(monkeypatch, tmp_path):
     from models.generate import GenerationConfig
     from models.layout import PackedInt8Linear, PackedLinear
     from models.quantize import QuantConfig
+    dtype = torch.bfloat16 if can_pack(torch.bfloat16) else torch.float32     # auto's dtype, where oneDNN packs it
+    if not can_pack(dtype):
+        pytest.skip("PyTorch without oneDNN")
     tok = Tokenizer(ROOT / "assets" / "checkpoints" / "tiny-cogvlm" / "tokenizer")
     monkeypatch.setattr(kernels, "MIN_PIECE_ROWS", 40)
     answers = []
     for fastest in (1, 3):
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / str(fastest)))
         monkeypatch.setattr(kernels, "median_seconds", pieces_timer(fastest))
-        model, cfg = load_model("tiny-cogvlm", LoadOptions(dtype=torch.bfloat16, quant=QuantConfig(8), pack=True,
-                                                           kernels="auto", compile=False))
+        model, cfg = load_model("tiny-cogvlm", LoadOptions(dtype=dtype, quant=QuantConfig(8), pack=True,
+                                                           compile=False))
         steps = {m.row_step for n, m in model.named_modules() if isinstance(m, (PackedLinear, PackedInt8Linear))
                  and role(n) == "prefill"}
         assert steps == ({None} if fastest == 1 else {-(-(cfg.image_length + 1) // 3)})
